@@ -1,0 +1,13 @@
+"""evtrace: host launch lanes and device execution lanes on one clock, for ui.perfetto.dev."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import record
+from .regions import region
+from .session import Session
+
+load = Session.load
+
+__all__ = ["Session", "__version__", "load", "record", "region"]

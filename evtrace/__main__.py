@@ -1,0 +1,3 @@
+from evtrace.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""``record``: start a session, run, resolve, write the trace, print one line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from . import recorder as _rec
+from .clock import Clock
+from .device import Backend, cuda_backend
+from .session import Session
+
+F = TypeVar("F", bound=Callable[..., Any])
+_said_no_cuda = False
+
+
+def default_path() -> Path:
+    return Path(time.strftime("evtrace-%Y%m%d-%H%M%S.json.gz"))
+
+
+def output_problem(path: Path) -> str | None:
+    """Why a trace cannot be written to ``path``, or None if it can."""
+    if path.is_dir():
+        return f"output path {path} is a directory"
+    if path.suffix not in (".json", ".gz"):
+        return f"output path {path} must end in .json or .json.gz"
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f"output directory {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"output directory {parent} is not writable"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"output file {path} is not writable"
+    return None
+
+
+class record:
+    """Record a session: ``with evtrace.record(): ...`` or ``@evtrace.record()``.
+
+    On exit it resolves the outstanding device events (one synchronize), writes the trace
+    (default ``evtrace-YYYYmmdd-HHMMSS.json.gz``; ``.json`` for plain JSON) and prints where.
+    The finished :class:`Session` is then ``.session``.
+
+    Options: ``device`` (None: CUDA when available; False: host lanes only), ``anchor_interval``
+    (seconds between clock anchors), ``pool_size`` (pre-created events per GPU), ``quiet``
+    (no line printed), and, for tests and other devices, ``backend`` and ``clock``.
+    """
+
+    session: Session | None
+    path: Path | None
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        device: bool | None = None,
+        anchor_interval: float = 1.0,
+        pool_size: int = 256,
+        quiet: bool = False,
+        backend: Backend | None = None,
+        clock: Clock = time.perf_counter_ns,
+    ) -> None:
+        self._path = Path(path) if path is not None else None
+        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, backend=backend, clock=clock)
+        self.device, self.quiet, self._backend, self._clock = device, quiet, backend, clock
+        self.anchor_interval, self.pool_size = anchor_interval, pool_size
+        self.session = None
+        self.path = None
+        self._recorder: _rec.Recorder | None = None
+
+    def __enter__(self) -> record:
+        global _said_no_cuda
+        self.path = self._path or default_path()
+        problem = output_problem(self.path)
+        if problem:
+            raise ValueError(f"evtrace: {problem}")
+        backend = self._backend
+        if backend is None and self.device is not False:
+            backend = cuda_backend()
+            if backend is None and not _said_no_cuda and not self.quiet:
+                _said_no_cuda = True
+                print("evtrace: no CUDA device; recording host lanes only", file=sys.stderr)
+        self._recorder = _rec.Recorder(backend, self._clock, anchor_interval_s=self.anchor_interval, pool_size=self.pool_size)
+        self._recorder.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._recorder is not None and self.path is not None
+        self.session = self._recorder.stop()
+        self._recorder = None
+        try:
+            self.session.save(self.path)
+        except OSError as e:  # the session is still in memory: .session.save(elsewhere)
+            print(f"evtrace: could not write {self.path}: {e.strerror or e}", file=sys.stderr)
+            return
+        if not self.quiet:
+            print(describe(self.session, self.path), file=sys.stderr)
+
+    def __call__(self, fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            with record(self._path, **self._opts):  # type: ignore[arg-type]
+                return fn(*a, **k)
+
+        return wrapper  # type: ignore[return-value]
+
+
+def describe(s: Session, path: Path) -> str:
+    """The one line printed after a session: where, how much, how to open it."""
+    extra = ""
+    lost = int(s.meta.get("dropped_device_spans", 0)) + int(s.meta.get("split_device_spans", 0))
+    if lost:
+        extra += f", {lost} device spans lost"
+    clamped = int(s.meta.get("clamped_device_spans", 0))
+    if clamped:
+        extra += f", {clamped} clamped to their launch"
+    return f"evtrace: wrote {path} ({len(s)} regions, {s.device_spans} device spans{extra}); open it in https://ui.perfetto.dev or run: evtrace summary {path}"

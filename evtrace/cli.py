@@ -1,0 +1,149 @@
+"""Command line: a thin shell over the library.
+
+    evtrace [run] [-o PATH] script.py [args...]
+    evtrace [run] [-o PATH] -m module [args...]
+    evtrace summary TRACE [--skip N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import runpy
+import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from . import __version__
+from .api import default_path, output_problem, record
+from .export.chrome import TraceError
+from .session import Session
+
+COMMANDS = ("run", "summary")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        self.exit(2, f"evtrace: error: {message}\n")
+
+
+class UsageError(Exception):
+    """Bad input found before anything ran: one line, exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="evtrace", description="Host and device timelines on one clock, for ui.perfetto.dev.")
+    p.add_argument("--version", action="version", version=f"evtrace {__version__}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    run = sub.add_parser("run", help="run a script or module under evtrace (the default command)")
+    run.add_argument("-o", "--output", type=Path, help="trace path (.json.gz or .json); default evtrace-<time>.json.gz")
+    run.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
+    run.add_argument("--no-cuda", action="store_true", help="record host lanes only")
+    run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)")
+    summ = sub.add_parser("summary", help="print a table per region name")
+    summ.add_argument("trace", type=Path)
+    summ.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version"):
+        args.insert(0, "run")
+    ns = _parser().parse_args(args)
+    try:
+        if ns.command == "summary":
+            return _summary(ns)
+        if ns.command == "run":
+            return _run(ns)
+    except UsageError as e:
+        print(f"evtrace: error: {e}", file=sys.stderr)
+        return 2
+    _parser().print_usage(sys.stderr)
+    return 2
+
+
+def _summary(ns: argparse.Namespace) -> int:
+    if ns.skip < 0:
+        raise UsageError("--skip must be 0 or more")
+    try:
+        session = Session.load(ns.trace)
+    except TraceError as e:
+        raise UsageError(str(e)) from None
+    print(session.summary(skip=ns.skip))
+    return 0
+
+
+def _run(ns: argparse.Namespace) -> int:
+    out = ns.output or default_path()
+    problem = output_problem(out)
+    if problem:
+        raise UsageError(problem)
+    if ns.module:
+        target_args = ns.target
+        try:
+            spec = importlib.util.find_spec(ns.module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            raise UsageError(f"no module named {ns.module}")
+    else:
+        if not ns.target:
+            raise UsageError("no script given: evtrace [run] [-o PATH] script.py [args...]")
+        script, target_args = Path(ns.target[0]), ns.target[1:]
+        if script.is_dir():
+            raise UsageError(f"{script} is a directory, not a script")
+        if not script.is_file():
+            raise UsageError(f"no such script: {script}")
+
+    saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    code = 0
+    failure: BaseException | None = None
+    rec = record(out, device=False if ns.no_cuda else None)
+    rec.__enter__()
+    try:
+        if ns.module:
+            sys.argv = [ns.module, *target_args]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [str(script), *target_args]
+            sys.path[0] = str(script.resolve().parent)
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        code = _exit_code(e)
+    except KeyboardInterrupt:
+        rec.__exit__(None, None, None)
+        raise
+    except BaseException as e:  # the user's exception: shown after the trace is written
+        failure, code = e, 1
+    finally:
+        sys.argv = saved_argv
+        if saved_path0 is not None:
+            sys.path[0] = saved_path0
+    rec.__exit__(None, None, None)
+    if failure is not None:
+        traceback.print_exception(type(failure), failure, _user_frames(failure.__traceback__))
+    return code
+
+
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None:
+        return 0
+    if isinstance(e.code, int):
+        return e.code
+    print(e.code, file=sys.stderr)
+    return 1
+
+
+def _user_frames(tb):  # type: ignore[no-untyped-def]
+    """Drop evtrace's and runpy's frames from the top of a traceback."""
+    here = str(Path(__file__).parent)
+    while tb is not None:
+        f = tb.tb_frame.f_code.co_filename
+        if not (f.startswith(here) or f == runpy.__file__ or f == "<frozen runpy>"):
+            break
+        tb = tb.tb_next
+    return tb

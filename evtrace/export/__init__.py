@@ -1,0 +1,1 @@
+"""Exporters: each reads a finished Session (or a saved trace) and renders it."""

@@ -1,0 +1,75 @@
+"""`evtrace summary`: one row per region name, units chosen by magnitude."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..session import Session
+
+COLUMNS = ("region", "count", "host p50", "host p95", "device p50", "device p95", "launch→start p50", "device busy")
+
+
+def fmt_ns(ns: float) -> str:
+    """812 ns, 12.3 µs, 4.56 ms, 1.23 s: three significant digits, unit by magnitude."""
+    if ns != ns:  # NaN: nothing measured
+        return "-"
+    a = abs(ns)
+    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
+        if a >= scale:
+            v = ns / scale
+            return f"{v:.3g} {unit}" if abs(v) < 1000 else f"{v:.0f} {unit}"
+    return f"{ns:.0f} ns"
+
+
+def busy_ns(start: np.ndarray, end: np.ndarray) -> int:
+    """Length of the union of [start, end) intervals."""
+    if len(start) == 0:
+        return 0
+    o = np.argsort(start, kind="stable")
+    s, e = start[o], np.maximum.accumulate(end[o])
+    gaps = np.maximum(s[1:] - e[:-1], 0)
+    return int(e[-1] - s[0] - gaps.sum())
+
+
+def rows(s: Session, skip: int = 0) -> list[tuple[str, int, float, float, float, float, float, int]]:
+    """Per name: count, host p50/p95, device p50/p95, launch→start p50 (ns), device busy (ns)."""
+    r = s.regions
+    out = []
+    nan = float("nan")
+    for ix, name in enumerate(s.names):
+        g = r[r["name"] == ix]
+        g = g[np.argsort(g["host_start"], kind="stable")][skip:]
+        if len(g) == 0:
+            continue
+        host = g["host_end"] - g["host_start"]
+        dv = g[g["device"] >= 0]
+        dev = dv["dev_end"] - dv["dev_start"]
+        lead = dv["dev_start"] - dv["host_start"]
+        pct = lambda x, q: float(np.percentile(x, q)) if len(x) else nan  # noqa: E731
+        busy = sum(busy_ns(dv["dev_start"][dv["device"] == d], dv["dev_end"][dv["device"] == d]) for d in np.unique(dv["device"]))
+        out.append((name, len(g), pct(host, 50), pct(host, 95), pct(dev, 50), pct(dev, 95), pct(lead, 50), busy))
+    out.sort(key=lambda t: (-t[7], -t[1] * t[2] if t[2] == t[2] else 0, t[0]))
+    return out
+
+
+def summary(s: Session, skip: int = 0) -> str:
+    table = [COLUMNS]
+    for name, n, hp50, hp95, dp50, dp95, lead, busy in rows(s, skip):
+        has_dev = dp50 == dp50
+        table.append((name, str(n), fmt_ns(hp50), fmt_ns(hp95), fmt_ns(dp50), fmt_ns(dp95), fmt_ns(lead), fmt_ns(busy) if has_dev else "-"))
+    widths = [max(len(row[c]) for row in table) for c in range(len(COLUMNS))]
+    lines = []
+    for k, row in enumerate(table):
+        cells = [row[0].ljust(widths[0])] + [row[c].rjust(widths[c]) for c in range(1, len(COLUMNS))]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    dur = s.meta.get("duration_ns")
+    head = f"{len(s)} regions, {s.device_spans} device spans"
+    if isinstance(dur, (int, float)):
+        head += f", {fmt_ns(dur)} recorded"
+    if skip:
+        head += f"; first {skip} of each name skipped"
+    if len(table) == 1:
+        lines.append("(no regions)")
+    return head + "\n" + "\n".join(lines)

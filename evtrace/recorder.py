@@ -1,0 +1,383 @@
+"""The live recorder: the hot path, lazy event resolution, anchors. ``stop()`` returns a Session.
+
+Hot path (``enter``/``exit``, once per region boundary): a host stamp, at most one pooled
+event recorded on the current stream, and one tuple appended. Nothing else: no dicts, no
+formatting, no ``elapsed_time`` and never a ``synchronize``. A device synchronize costs single
+to double-digit µs *and* stalls the host until the device drains, which destroys the very
+overlap being measured; events are instead resolved with ``query()`` by a background thread
+and recycled into the pool. The only synchronize is the one in ``stop()``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from . import clock as _clock
+from .device import Backend, Event
+from .session import REGION_DTYPE, Session, Stream, Thread
+
+# while recording, device times are float64 ms since the device's first anchor
+_LIVE_DTYPE = np.dtype([(n, np.float64 if n.startswith("dev_") else t) for n, (t, _) in REGION_DTYPE.fields.items()])
+
+#: the recorder regions report to; None when no session is active
+_active: Recorder | None = None
+
+
+class Recorder:
+    """One recording session. Not reusable: start it, run, stop it once."""
+
+    def __init__(
+        self,
+        backend: Backend | None,
+        clock: _clock.Clock = time.perf_counter_ns,
+        *,
+        anchor_interval_s: float = 1.0,
+        poll_s: float = 0.01,
+        pool_size: int = 256,
+        max_events: int = 1 << 16,
+        anchor_tries: int = 5,
+        background: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.anchor_interval_ns = int(anchor_interval_s * 1e9)
+        self.poll_s = poll_s
+        self.pool_size = pool_size
+        self.max_events = max_events
+        self.anchor_tries = anchor_tries
+        self.background = background
+        ndev = len(backend.devices) if backend else 0
+        # shared with the hot path (list.append / pop / len / slicing are atomic under the GIL)
+        self._done: list[tuple[Any, ...]] = []
+        self._pools: list[list[Event]] = [[] for _ in range(ndev)]
+        self._tls = threading.local()  # .ix: this thread's index into _thread_info
+        self._thread_info: list[Thread] = []
+        self._lock = threading.Lock()  # thread registry and pool growth only, never per region
+        # resolver-owned
+        self._created = [0] * ndev
+        self._waiting: dict[tuple[int, int], deque[tuple[Any, ...]]] = {}
+        self._ref: list[tuple[Event, float] | None] = [None] * ndev
+        self._anchor_pending: list[deque[tuple[int, int, Event]]] = [deque() for _ in range(ndev)]
+        self._anchors: list[list[tuple[int, int, float]]] = [[] for _ in range(ndev)]
+        self._last_anchor = 0
+        self._finished: list[tuple[Any, ...]] = []
+        self._chunks: list[np.ndarray] = []
+        self._names: dict[str, int] = {}
+        self._streams: dict[tuple[int, int], int] = {}
+        self._args: dict[int, dict[str, Any]] = {}
+        self._count = 0
+        self.dropped_device = 0  # regions that lost their device span: the event pool was dry
+        self.split_device = 0  # regions whose two events ended up on different devices
+        self.resolver_errors: list[str] = []
+        self._stop_flag = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.origin_ns = 0
+        self.wall_origin_ns = 0
+        if backend is None:
+            self.enter, self.exit = self._enter_host, self._exit_host
+        else:
+            self.enter, self.exit = self._enter_device, self._exit_device
+
+    # ---- hot path -------------------------------------------------------------------------
+    def _new_thread(self) -> int:
+        # thread-local, not get_ident(): idents are reused once a thread ends
+        with self._lock:
+            ix = self._tls.ix = len(self._thread_info)
+            self._thread_info.append(Thread(threading.get_native_id(), threading.current_thread().name))
+        return ix
+
+    def _enter_host(self, name: str, args: Any) -> tuple[Any, ...]:
+        try:
+            ix = self._tls.ix
+        except AttributeError:
+            ix = self._new_thread()
+        return (name, args, ix, self.clock())
+
+    def _exit_host(self, tok: tuple[Any, ...]) -> None:
+        self._done.append((*tok, self.clock()))
+
+    def _enter_device(self, name: str, args: Any) -> tuple[Any, ...]:
+        try:
+            ix = self._tls.ix
+        except AttributeError:
+            ix = self._new_thread()
+        d, s = self.backend.current()  # type: ignore[union-attr]
+        pool = self._pools[d]
+        ev = pool.pop() if pool else self._grow(d)
+        h0 = self.clock()
+        if ev is not None:
+            self.backend.record(ev, d, s)  # type: ignore[union-attr]
+        return (name, args, ix, h0, d, s, ev)
+
+    def _exit_device(self, tok: tuple[Any, ...]) -> None:
+        d, s = self.backend.current()  # type: ignore[union-attr]
+        pool = self._pools[d]
+        ev = pool.pop() if pool else self._grow(d)
+        if ev is not None:
+            self.backend.record(ev, d, s)  # type: ignore[union-attr]
+        name, args, ix, h0, d0, s0, ev0 = tok
+        self._done.append((name, args, ix, h0, self.clock(), d0, s0, ev0, d, s, ev))
+
+    def _grow(self, device: int) -> Event | None:
+        """The pool is dry: add events up to ``max_events``, then drop device spans (counted)."""
+        with self._lock:
+            n = min(64, self.max_events - self._created[device])
+            if n <= 0:
+                self.dropped_device += 1
+                return None
+            self._created[device] += n
+        evs = [self.backend.new_event(device) for _ in range(n)]  # type: ignore[union-attr]
+        self._pools[device].extend(evs[1:])
+        return evs[0]
+
+    # ---- session lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        global _active
+        if _active is not None:
+            raise RuntimeError("an evtrace session is already recording; sessions do not nest")
+        if self.backend is not None:
+            for d in range(len(self.backend.devices)):
+                self._created[d] = self.pool_size
+                self._pools[d].extend(self.backend.new_event(d) for _ in range(self.pool_size))
+        t0 = time.time_ns()
+        self.origin_ns = self.clock()
+        self.wall_origin_ns = (t0 + time.time_ns()) // 2
+        if self.backend is not None:
+            self._anchor_all()
+            self._resolve_anchors()
+        _active = self
+        if self.background:
+            self._thread = threading.Thread(target=self._run, name="evtrace-resolver", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop_flag.wait(self.poll_s):
+            try:
+                self.poll()
+            except Exception as e:  # never take the user's program down; report at the end
+                if len(self.resolver_errors) < 10:
+                    self.resolver_errors.append(f"{type(e).__name__}: {e}")
+
+    def stop(self) -> Session:
+        """Resolve everything (one synchronize per device, here only) and build the Session."""
+        global _active
+        if _active is self:
+            _active = None
+        end_ns = self.clock()
+        self._stop_flag.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.backend is not None:
+            self._anchor_all()
+            for d in range(len(self.backend.devices)):
+                self.backend.synchronize(d)
+        self.poll(final=True)
+        return self._session(end_ns)
+
+    # ---- resolver (background thread, or poll() by hand) --------------------------------------
+    def poll(self, final: bool = False) -> None:
+        """One resolver step: take a due anchor, resolve finished events, compact storage."""
+        b = self.backend
+        if b is not None and self.clock() - self._last_anchor >= self.anchor_interval_ns:
+            self._anchor_all()
+        n = len(self._done)
+        batch = self._done[:n]
+        del self._done[:n]
+        if b is None:
+            self._finished.extend(batch)
+        else:
+            self._resolve_anchors()
+            nan = float("nan")
+            for rec in batch:
+                if rec[7] is None or rec[10] is None:
+                    self._recycle(rec[5], rec[7])
+                    self._recycle(rec[8], rec[10])
+                    self._finished.append((*rec[:5], -1, 0, nan, nan))
+                else:
+                    key = (rec[8], rec[9])
+                    q = self._waiting.get(key)
+                    if q is None:
+                        q = self._waiting[key] = deque()
+                    q.append(rec)
+            for q in self._waiting.values():
+                while q:
+                    rec = q[0]
+                    if not (b.query(rec[10]) and b.query(rec[7])):
+                        break  # later events on this stream are not done either
+                    if self._ref[rec[5]] is None:
+                        break  # its device's first anchor has not resolved yet
+                    q.popleft()
+                    self._finish_device(rec)
+        if final or len(self._finished) >= 16384:
+            self._compact()
+
+    def _finish_device(self, rec: tuple[Any, ...]) -> None:
+        name, args, ix, h0, h1, d0, s0, ev0, d1, _s1, ev1 = rec
+        if d0 != d1:
+            self.split_device += 1
+            self._finished.append((name, args, ix, h0, h1, -1, 0, float("nan"), float("nan")))
+        else:
+            ref_ev, ref_ms = self._ref[d0]  # type: ignore[misc]
+            b = self.backend
+            t0 = ref_ms + b.elapsed_ms(ref_ev, ev0)  # type: ignore[union-attr]
+            t1 = ref_ms + b.elapsed_ms(ref_ev, ev1)  # type: ignore[union-attr]
+            self._finished.append((name, args, ix, h0, h1, d0, s0, t0, t1))
+        self._recycle(d0, ev0)
+        self._recycle(d1, ev1)
+
+    def _recycle(self, device: int, ev: Event | None) -> None:
+        if ev is not None:
+            self._pools[device].append(ev)
+
+    def _anchor_all(self) -> None:
+        """Anchor each device: the tightest of a few host-bracketed records on its idle side stream."""
+        b = self.backend
+        assert b is not None
+        for d in range(len(b.devices)):
+            side = b.side_stream(d)
+            best: tuple[int, int, Event] | None = None
+            for _ in range(self.anchor_tries):
+                pool = self._pools[d]
+                ev = pool.pop() if pool else b.new_event(d)
+                lo = self.clock()
+                b.record(ev, d, side)
+                hi = self.clock()
+                if best is None or hi - lo < best[1] - best[0]:
+                    if best is not None:
+                        self._pools[d].append(best[2])
+                    best = (lo, hi, ev)
+                else:
+                    self._pools[d].append(ev)
+            self._anchor_pending[d].append(best)  # type: ignore[arg-type]
+        self._last_anchor = self.clock()
+
+    def _resolve_anchors(self) -> None:
+        """Chain completed anchors: each one's device time is the previous one's plus a short elapsed."""
+        b = self.backend
+        assert b is not None
+        for d, pending in enumerate(self._anchor_pending):
+            while pending and b.query(pending[0][2]):
+                lo, hi, ev = pending.popleft()
+                ref = self._ref[d]
+                ms = 0.0 if ref is None else ref[1] + b.elapsed_ms(ref[0], ev)
+                if ref is not None:
+                    self._pools[d].append(ref[0])
+                self._ref[d] = (ev, ms)
+                self._anchors[d].append((lo, hi, ms))
+
+    def _compact(self) -> None:
+        """Move finished tuples into a packed numpy chunk (~46 B per region)."""
+        rows = self._finished
+        if not rows:
+            return
+        self._finished = []
+        names, stream_idx = self._names, self._streams
+        chunk = np.empty(len(rows), dtype=_LIVE_DTYPE)
+        cols = list(zip(*rows))
+        chunk["name"] = [names.setdefault(n, len(names)) for n in cols[0]]
+        chunk["thread"] = cols[2]
+        chunk["host_start"] = cols[3]
+        chunk["host_end"] = cols[4]
+        if len(cols) > 5:
+            chunk["device"] = cols[5]
+            chunk["stream"] = [
+                stream_idx.setdefault((d, s), len(stream_idx)) if d >= 0 else -1
+                for d, s in zip(cols[5], cols[6])
+            ]
+            chunk["dev_start"] = cols[7]
+            chunk["dev_end"] = cols[8]
+        else:
+            chunk["device"] = -1
+            chunk["stream"] = -1
+            chunk["dev_start"] = chunk["dev_end"] = np.nan
+        base = self._count
+        for i, a in enumerate(cols[1]):
+            if a:
+                self._args[base + i] = a
+        self._count += len(rows)
+        self._chunks.append(chunk)
+
+    def _session(self, end_ns: int) -> Session:
+        from .meta import environment
+
+        live = np.concatenate(self._chunks) if self._chunks else np.empty(0, _LIVE_DTYPE)
+        o = self.origin_ns
+        regions = np.zeros(len(live), REGION_DTYPE)
+        for f in ("name", "thread", "device", "stream"):
+            regions[f] = live[f]
+        regions["host_start"] = live["host_start"] - o
+        regions["host_end"] = live["host_end"] - o
+        devices = list(self.backend.devices) if self.backend else []
+        align: dict[str, Any] = {}
+        clamped = 0
+        for d in range(len(devices)):
+            rows = regions["device"] == d
+            a = self._anchors[d]
+            if not a:
+                continue
+            lo, hi, ms = (np.array(c) for c in zip(*a))
+            fit = _clock.fit(lo, hi, ms)
+            t0 = fit.to_host(live["dev_start"][rows]) - o
+            t1 = fit.to_host(live["dev_end"][rows]) - o
+            s0, s1 = np.rint(t0).astype(np.int64), np.rint(t1).astype(np.int64)
+            # a device span never starts at or before its host launch (physically impossible)
+            h0 = regions["host_start"][rows]
+            early = s0 <= h0
+            clamped_d = int(early.sum())
+            s0 = np.where(early, h0 + 1, s0)
+            s1 = np.maximum(s1, s0)
+            regions["dev_start"][rows] = s0
+            regions["dev_end"][rows] = s1
+            clamped += clamped_d
+            align[str(d)] = {
+                "anchors": fit.anchors,
+                "anchors_rejected": fit.rejected,
+                "drift_ppm": f"{fit.drift_ppm:.3f}",
+                "residual_us_median": f"{fit.residual_us[0]:.3f}",
+                "residual_us_max": f"{fit.residual_us[1]:.3f}",
+                "clamped_spans": clamped_d,
+            }
+        nodev = regions["device"] < 0
+        streams = [Stream(d, self.backend.stream_label(d, s)) for (d, s) in self._streams]  # type: ignore[union-attr]
+        meta: dict[str, Any] = environment(devices)
+        meta.update(
+            argv=list(sys.argv),
+            regions=int(len(regions)),
+            device_spans=int((~nodev).sum()),
+            dropped_device_spans=self.dropped_device,
+            split_device_spans=self.split_device,
+            clamped_device_spans=clamped,
+            alignment=align,
+            duration_ns=end_ns - o,
+        )
+        if self.resolver_errors:
+            meta["resolver_errors"] = self.resolver_errors
+        names = list(self._names)
+        return Session(
+            regions=regions,
+            names=names,
+            threads=list(self._thread_info),
+            devices=devices,
+            streams=streams,
+            args=self._args,
+            meta=meta,
+            pid=os.getpid(),
+            wall_origin_ns=self.wall_origin_ns,
+        )
+
+
+def _forget_in_child() -> None:
+    """A forked child (e.g. a DataLoader worker) does not record into its parent's session."""
+    global _active
+    _active = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

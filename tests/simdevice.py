@@ -1,0 +1,106 @@
+"""A deterministic stand-in for the GPU and the host clock, for driving the real recorder.
+
+The simulated device has its own clock, ``dev = (host - offset) * (1 + drift_ppm/1e6)``,
+streams that execute queued kernels in order, and events that are stamped when their stream
+reaches them. Tests check that the alignment recovers the host time of every device stamp.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from evtrace.device import DeviceInfo
+
+SIDE = 999  # the anchor stream of every simulated device
+
+
+class FakeClock:
+    """Host clock in ns: starts at a random time, advances ``step`` per read."""
+
+    def __init__(self, step: int = 1000, seed: int = 0) -> None:
+        self.now = random.Random(seed).randrange(10**12, 10**13)
+        self.step = step
+
+    def __call__(self) -> int:
+        t = self.now
+        self.now += self.step
+        return t
+
+    def advance(self, ns: int) -> None:
+        self.now += int(ns)
+
+
+@dataclass
+class SimEvent:
+    stamp: float | None = None  # device ns; None until recorded
+    truth_host: float | None = None  # host ns at which the device stamped it
+
+
+class SimBackend:
+    def __init__(self, clock: FakeClock, ndev: int = 1, offset_ns: int = 123_456_789, drift_ppm: float = 20.0, latency_ns: int = 0) -> None:
+        self.clock = clock
+        self.devices = [DeviceInfo(i, f"Sim GPU {i}") for i in range(ndev)]
+        self.offset = offset_ns
+        self.rate = 1 + drift_ppm * 1e-6
+        self.latency = latency_ns
+        self.skew = 0.0  # extra stamp delay on work streams only (negative: a model error)
+        self.busy: dict[tuple[int, int], float] = {}  # (device, stream) -> device ns when idle
+        self.device = 0
+        self.stream = 0
+        self.created = 0
+        self.records = 0
+        self.syncs = 0
+        self.stamps: list[SimEvent] = []  # every record, in order (ground truth)
+
+    # ---- the seam ----
+    def current(self) -> tuple[int, int]:
+        return self.device, self.stream
+
+    def dev_now(self) -> float:
+        return (self.clock.now - self.offset) * self.rate
+
+    def to_host(self, dev: float) -> float:
+        return dev / self.rate + self.offset
+
+    def new_event(self, device: int) -> SimEvent:
+        self.created += 1
+        return SimEvent()
+
+    def record(self, ev: SimEvent, device: int, stream: int) -> None:
+        self.records += 1
+        start = self.dev_now() + self.latency
+        if stream != SIDE:
+            start = max(start + self.skew, self.busy.get((device, stream), 0.0))
+        ev.stamp = start
+        ev.truth_host = self.to_host(start)
+        self.stamps.append(SimEvent(start, ev.truth_host))
+
+    def query(self, ev: SimEvent) -> bool:
+        assert ev.stamp is not None, "query of an event never recorded"
+        return self.dev_now() >= ev.stamp
+
+    def elapsed_ms(self, a: SimEvent, b: SimEvent) -> float:
+        assert a.stamp is not None and b.stamp is not None
+        assert self.query(a) and self.query(b), "elapsed_time of an unfinished event"
+        return float(np.float32((b.stamp - a.stamp) / 1e6))  # CUDA gives float32 ms
+
+    def synchronize(self, device: int) -> None:
+        self.syncs += 1
+        last = max([v for (d, _), v in self.busy.items() if d == device] + [self.dev_now()])
+        self.clock.now = max(self.clock.now, int(self.to_host(last)) + 1)
+
+    def side_stream(self, device: int) -> int:
+        return SIDE
+
+    def stream_label(self, device: int, stream: int) -> str:
+        return "default stream" if stream == 0 else f"stream {stream}"
+
+    # ---- test helpers ----
+    def launch(self, ns: float, stream: int | None = None) -> None:
+        """Queue a kernel of ``ns`` device time on a stream (default: the current one)."""
+        key = (self.device, self.stream if stream is None else stream)
+        start = max(self.dev_now() + self.latency, self.busy.get(key, 0.0))
+        self.busy[key] = start + ns

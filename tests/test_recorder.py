@@ -1,0 +1,122 @@
+"""The recorder through the device seam: lazy resolution, pooling, threads, no sync."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+import evtrace
+from evtrace.recorder import Recorder
+
+from .simdevice import SIDE, FakeClock, SimBackend
+
+
+def test_no_synchronize_on_the_region_path() -> None:
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    rec = Recorder(sim, clk, background=False)
+    rec.start()
+    for _ in range(1000):
+        tok = rec.enter("r", None)
+        sim.launch(10_000)
+        rec.exit(tok)
+        if _ % 100 == 0:
+            rec.poll()
+    assert sim.syncs == 0
+    rec.stop()
+    assert sim.syncs == 1
+
+
+def test_events_are_recycled_not_created_per_region() -> None:
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    rec = Recorder(sim, clk, pool_size=64, background=False)
+    rec.start()
+    for i in range(10_000):
+        tok = rec.enter("r", None)
+        rec.exit(tok)
+        if i % 10 == 0:
+            clk.advance(1_000_000)
+            rec.poll()
+    s = rec.stop()
+    assert sim.created == 64  # the pre-created pool was enough
+    assert s.device_spans == 10_000
+
+
+def test_a_dry_pool_drops_device_spans_counts_them_and_never_syncs(tmp_path: Path) -> None:
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    rec = Recorder(sim, clk, pool_size=16, max_events=32, background=False)
+    rec.start()
+    sim.launch(10**12)  # the device is 1000 s behind: nothing resolves
+    for _ in range(100):
+        tok = rec.enter("r", None)
+        rec.exit(tok)
+        rec.poll()
+    assert sim.syncs == 0
+    s = rec.stop()
+    assert len(s) == 100
+    assert s.meta["dropped_device_spans"] > 0
+    assert s.device_spans + s.meta["dropped_device_spans"] >= 100 - 16
+    assert s.device_spans < 100
+    s.save(tmp_path / "dry.json")
+
+
+def test_anchors_go_on_the_idle_side_stream_and_are_periodic() -> None:
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    sim.launch(50_000_000)  # the main stream is busy for 50 ms
+    rec = Recorder(sim, clk, anchor_interval_s=0.01, background=False)
+    rec.start()
+    for _ in range(10):
+        clk.advance(5_000_000)
+        rec.poll()
+    s = rec.stop()
+    assert s.meta["alignment"]["0"]["anchors"] >= 5
+    # the side stream ignores the busy main stream: anchors resolve at once
+    assert sim.busy.get((0, SIDE)) is None
+
+
+def test_background_resolver_with_real_threads(tmp_path: Path) -> None:
+    """8 host threads × 4 streams, a real resolver thread: every span on its own lane."""
+    clk = FakeClock(step=100)
+    sim = SimBackend(clk)
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        for i in range(200):
+            with lock:  # the sim is not thread-safe; the recorder must be
+                sim.stream = (k + i) % 4
+                tok = rec.enter(f"t{k}", None)
+                sim.launch(1000)
+                rec.exit(tok)
+
+    rec = Recorder(sim, clk, poll_s=0.001)
+    rec.start()
+    ts = [threading.Thread(target=work, args=(k,), name=f"worker-{k}") for k in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    s = rec.stop()
+    assert len(s) == 1600 and s.device_spans == 1600
+    names = {t.name for t in s.threads}
+    assert names == {f"worker-{k}" for k in range(8)}
+    for k in range(8):
+        rows = s.regions[s.regions["name"] == s.names.index(f"t{k}")]
+        assert len(set(rows["thread"].tolist())) == 1  # one host lane per thread
+        assert s.threads[rows["thread"][0]].name == f"worker-{k}"
+    assert len(s.streams) == 4
+    s.save(tmp_path / "threads.json.gz")
+
+
+def test_no_cuda_records_host_lanes_only(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    with evtrace.record(tmp_path / "host.json", device=False) as r:
+        with evtrace.region("a"):
+            with evtrace.region("b"):
+                pass
+    s = r.session
+    assert s is not None and len(s) == 2 and s.device_spans == 0 and s.devices == []
+    assert np.all(s.regions["device"] == -1)
