@@ -98,6 +98,7 @@ class record:
             print(f"evtrace: could not write {self.path}: {e.strerror or e}", file=sys.stderr)
             return
         if not self.quiet:
+            sys.stdout.flush()  # keep the script's own output first
             print(describe(self.session, self.path), file=sys.stderr)
 
     def __call__(self, fn: F) -> F:

@@ -83,6 +83,7 @@ def _run(ns: argparse.Namespace) -> int:
         raise UsageError(problem)
     if ns.module:
         target_args = ns.target
+        sys.path[0] = os.getcwd()  # as python -m does, also when started as the evtrace script
         try:
             spec = importlib.util.find_spec(ns.module)
         except (ImportError, ValueError):
@@ -98,7 +99,7 @@ def _run(ns: argparse.Namespace) -> int:
         if not script.is_file():
             raise UsageError(f"no such script: {script}")
 
-    saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    saved_argv, saved_path0 = sys.argv[:], sys.path[0]
     code = 0
     failure: BaseException | None = None
     rec = record(out, device=False if ns.no_cuda else None)
@@ -106,7 +107,6 @@ def _run(ns: argparse.Namespace) -> int:
     try:
         if ns.module:
             sys.argv = [ns.module, *target_args]
-            sys.path[0] = os.getcwd()
             runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
         else:
             sys.argv = [str(script), *target_args]
@@ -121,8 +121,7 @@ def _run(ns: argparse.Namespace) -> int:
         failure, code = e, 1
     finally:
         sys.argv = saved_argv
-        if saved_path0 is not None:
-            sys.path[0] = saved_path0
+        sys.path[0] = saved_path0
     rec.__exit__(None, None, None)
     if failure is not None:
         traceback.print_exception(type(failure), failure, _user_frames(failure.__traceback__))

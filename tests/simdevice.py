@@ -8,6 +8,7 @@ reaches them. Tests check that the alignment recovers the host time of every dev
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,15 +19,21 @@ SIDE = 999  # the anchor stream of every simulated device
 
 
 class FakeClock:
-    """Host clock in ns: starts at a random time, advances ``step`` per read."""
+    """Host clock in ns: starts at a random time, advances ``step`` per read.
+
+    Only reads from the thread that made it advance time, so that a background resolver
+    polling on its own schedule cannot make a session's timestamps vary from run to run.
+    """
 
     def __init__(self, step: int = 1000, seed: int = 0) -> None:
         self.now = random.Random(seed).randrange(10**12, 10**13)
         self.step = step
+        self.owner = threading.get_ident()
 
     def __call__(self) -> int:
         t = self.now
-        self.now += self.step
+        if self.owner is None or threading.get_ident() == self.owner:
+            self.now += self.step
         return t
 
     def advance(self, ns: int) -> None:

@@ -82,6 +82,7 @@ def test_anchors_go_on_the_idle_side_stream_and_are_periodic() -> None:
 def test_background_resolver_with_real_threads(tmp_path: Path) -> None:
     """8 host threads × 4 streams, a real resolver thread: every span on its own lane."""
     clk = FakeClock(step=100)
+    clk.owner = None  # type: ignore[assignment]  # every thread's reads advance time
     sim = SimBackend(clk)
     lock = threading.Lock()
 

@@ -1,0 +1,154 @@
+"""The real CUDA path, on a card. Orderings and invariants, not numbers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evtrace
+from evtrace.export.chrome import load_json
+
+from ..checker import problems
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spin(ms: float) -> None:
+    """A kernel that keeps the current stream busy for about ``ms``."""
+    torch.cuda._sleep(int(ms * 2e6))  # ~2 GHz SM clock
+
+
+@pytest.fixture
+def no_sync(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every synchronize the program makes while the fixture is active."""
+    calls: list[str] = []
+    for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize")):
+        orig = getattr(owner, name)
+
+        def wrapped(*a, _orig=orig, _n=name, **k):  # type: ignore[no-untyped-def]
+            calls.append(_n)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(owner, name, wrapped)
+    return calls
+
+
+def test_spans_order_nest_and_never_precede_their_launch(tmp_path: Path, no_sync: list[str]) -> None:
+    torch.cuda.synchronize()
+    no_sync.clear()
+    with evtrace.record(tmp_path / "t.json.gz", quiet=True) as r:
+        for i in range(20):
+            with evtrace.region("outer"):
+                spin(0.2)
+                with evtrace.region("inner"):
+                    spin(0.3)
+                spin(0.1)
+        assert no_sync == []  # nothing on the region path synchronizes
+    s = r.session
+    assert s is not None and s.device_spans == 40 == len(s)
+    reg = s.regions
+    assert (reg["dev_start"] > reg["host_start"]).all()
+    assert (reg["dev_end"] >= reg["dev_start"]).all()
+    outer = reg[reg["name"] == s.names.index("outer")]
+    inner = reg[reg["name"] == s.names.index("inner")]
+    # nested on the host, nested on the device
+    assert (inner["dev_start"] >= outer["dev_start"]).all() and (inner["dev_end"] <= outer["dev_end"]).all()
+    # one stream: spans never go backwards
+    o = np.argsort(outer["host_start"])
+    assert (np.diff(outer["dev_start"][o]) > 0).all()
+    assert (outer["dev_start"][o][1:] >= outer["dev_end"][o][:-1]).all()
+    # the kernels take ~0.6 ms each step; the host only launched them
+    assert np.median(outer["dev_end"] - outer["dev_start"]) > 500_000
+    assert s.meta["gpus"] == [torch.cuda.get_device_name(0)]
+    print("alignment", s.meta["alignment"])
+    assert problems(load_json(tmp_path / "t.json.gz")) == []
+
+
+def test_the_host_runs_ahead_of_the_device(tmp_path: Path) -> None:
+    with evtrace.record(tmp_path / "ahead.json", quiet=True) as r:
+        for _ in range(5):
+            with evtrace.region("queued"):
+                spin(20)
+    s = r.session
+    assert s is not None
+    q = s.regions
+    host = q["host_end"] - q["host_start"]
+    dev = q["dev_end"] - q["dev_start"]
+    assert (host < 2_000_000).all() and (dev > 10_000_000).all()
+    # the launch→start delay grows as the queue deepens
+    delay = q["dev_start"] - q["host_start"]
+    assert (np.diff(delay) > 0).all()
+
+
+def test_regions_on_two_streams_get_two_lanes(tmp_path: Path) -> None:
+    side = torch.cuda.Stream()
+    with evtrace.record(tmp_path / "two.json", quiet=True) as r:
+        for _ in range(5):
+            with evtrace.region("main"):
+                spin(1)
+            with torch.cuda.stream(side):
+                with evtrace.region("side"):
+                    spin(1)
+    s = r.session
+    assert s is not None and len(s.streams) == 2
+    assert [st.label for st in s.streams][0] == "default stream"
+    main = s.regions[s.regions["name"] == s.names.index("main")]
+    other = s.regions[s.regions["name"] == s.names.index("side")]
+    assert set(main["stream"].tolist()) != set(other["stream"].tolist())
+    # the two streams really ran side by side
+    assert (other["dev_start"] < main["dev_end"]).any()
+    assert problems(load_json(tmp_path / "two.json")) == []
+
+
+def test_the_pool_recycles_events(tmp_path: Path) -> None:
+    with evtrace.record(tmp_path / "many.json.gz", quiet=True, pool_size=64) as r:
+        for i in range(20_000):
+            with evtrace.region("tiny"):
+                pass
+    s = r.session
+    assert s is not None and s.device_spans + s.meta["dropped_device_spans"] == 20_000
+    assert s.meta["dropped_device_spans"] == 0
+
+
+def test_anchors_drift_and_residual_are_recorded(tmp_path: Path) -> None:
+    import time
+
+    with evtrace.record(tmp_path / "long.json", quiet=True, anchor_interval=0.2) as r:
+        t_end = time.perf_counter() + 3
+        while time.perf_counter() < t_end:
+            with evtrace.region("step"):
+                spin(5)
+            time.sleep(0.005)
+    a = r.session.meta["alignment"]["0"]  # type: ignore[union-attr]
+    print("alignment over 3 s:", a)
+    assert a["anchors"] >= 10
+    assert abs(float(a["drift_ppm"])) < 200
+    assert float(a["residual_us_median"]) < 5
+
+
+def test_sample_two_models_on_the_gpu(tmp_path: Path) -> None:
+    out = tmp_path / "two_models.json.gz"
+    p = subprocess.run([sys.executable, "-m", "evtrace", "-o", str(out), str(ROOT / "samples" / "two_models.py")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    doc = load_json(out)
+    assert problems(doc) == []
+    s = evtrace.load(out)
+    assert s.device_spans == len(s) == 200
+    reg = s.regions
+    ix = {n: s.names.index(n) for n in s.names}
+    # events mode: the host runs cpu_task while model1 still executes on the device
+    steps = reg[reg["name"] == ix["step (events)"]]
+    m1 = reg[reg["name"] == ix["model1"]]
+    cpu = reg[reg["name"] == ix["cpu_task"]]
+    assert len(steps) == 20
+    m1_ev, cpu_ev = m1[-20:], cpu[-20:]  # the second half of the run: no synchronize
+    assert (cpu_ev["host_start"] < m1_ev["dev_end"]).sum() >= 15
+    m1_sync, cpu_sync = m1[:20], cpu[:20]  # with synchronize the host waits first
+    assert (cpu_sync["host_start"] >= m1_sync["dev_end"] - 20_000).all()  # within alignment error
+    print(s.summary(skip=5))

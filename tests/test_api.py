@@ -1,0 +1,128 @@
+"""The public surface: record and region in all their forms."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+import evtrace
+from evtrace import recorder
+
+
+def test_public_names_are_pinned() -> None:
+    assert evtrace.__all__ == ["Session", "__version__", "load", "record", "region"]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", evtrace.__version__)
+    assert (Path(evtrace.__file__).parent / "py.typed").exists()
+
+
+def test_region_is_a_no_op_without_a_session() -> None:
+    assert recorder._active is None
+
+    @evtrace.region
+    def f(x: int) -> int:
+        return x + 1
+
+    with evtrace.region("idle"):
+        assert f(1) == 2
+
+
+def test_three_forms_of_region_and_nesting(tmp_path: Path) -> None:
+    @evtrace.region
+    def bare() -> str:
+        return "bare"
+
+    @evtrace.region("named", k=1)
+    def named() -> str:
+        return "named"
+
+    @evtrace.region()
+    async def coro() -> int:
+        await asyncio.sleep(0)
+        return 3
+
+    with evtrace.record(tmp_path / "a.json", device=False, quiet=True) as r:
+        with evtrace.region("outer"):
+            assert bare() == "bare"
+            assert named() == "named"
+            assert asyncio.run(coro()) == 3
+    s = r.session
+    assert s is not None
+    got = sorted(s.names)
+    assert got == sorted(["outer", "named", "test_three_forms_of_region_and_nesting.<locals>.bare", "test_three_forms_of_region_and_nesting.<locals>.coro"])
+    outer = s.regions[s.names.index("outer")]
+    inner = s.regions[s.regions["name"] != s.names.index("outer")]
+    assert (inner["host_start"] >= outer["host_start"]).all() and (inner["host_end"] <= outer["host_end"]).all()
+    assert s.args[int((s.regions["name"] == s.names.index("named")).nonzero()[0][0])] == {"k": 1}
+
+
+def test_region_misuse_gives_a_hint() -> None:
+    with pytest.raises(TypeError, match=r"takes a name \(str\) or a function"):
+        evtrace.region(42)  # type: ignore[call-overload]
+
+
+def test_record_as_decorator_and_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "d.json.gz"
+
+    @evtrace.record(out, device=False)
+    def job() -> int:
+        with evtrace.region("work"):
+            return 5
+
+    assert job() == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"evtrace: wrote {out} (1 regions, 0 device spans)")
+    assert "ui.perfetto.dev" in err[-1] and "evtrace summary" in err[-1]
+    assert evtrace.load(out).names == ["work"]
+
+
+def test_default_path_is_timestamped_in_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with evtrace.record(device=False, quiet=True) as r:
+        pass
+    assert r.path is not None and re.fullmatch(r"evtrace-\d{8}-\d{6}\.json\.gz", str(r.path))
+    assert (tmp_path / r.path).exists()
+
+
+def test_sessions_do_not_nest(tmp_path: Path) -> None:
+    with evtrace.record(tmp_path / "a.json", device=False, quiet=True):
+        with pytest.raises(RuntimeError, match="already recording"):
+            with evtrace.record(tmp_path / "b.json", device=False, quiet=True):
+                pass
+    assert recorder._active is None
+
+
+def test_bad_output_path_is_refused_before_recording(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        with evtrace.record(tmp_path / "missing" / "t.json", device=False):
+            pass
+    with pytest.raises(ValueError, match="must end in .json"):
+        with evtrace.record(tmp_path / "t.txt", device=False):
+            pass
+
+
+def test_trace_is_written_when_the_body_raises(tmp_path: Path) -> None:
+    with pytest.raises(ZeroDivisionError):
+        with evtrace.record(tmp_path / "e.json", device=False, quiet=True):
+            with evtrace.region("boom"):
+                1 / 0
+    assert evtrace.load(tmp_path / "e.json").names == ["boom"]
+
+
+def test_threads_get_their_own_named_lanes(tmp_path: Path) -> None:
+    def work() -> None:
+        with evtrace.region("in thread"):
+            pass
+
+    with evtrace.record(tmp_path / "t.json", device=False, quiet=True) as r:
+        with evtrace.region("main"):
+            t = threading.Thread(target=work, name="loader")
+            t.start()
+            t.join()
+    s = r.session
+    assert s is not None
+    assert [t.name for t in s.threads] == ["MainThread", "loader"]
+    assert len({t.tid for t in s.threads}) == 2

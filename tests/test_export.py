@@ -1,0 +1,175 @@
+"""What a saved trace holds: lanes, nesting, flows, overlap lanes, metadata; and a golden file."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+import evtrace
+from evtrace.export.chrome import DEVICE_PID, load_json, sublanes
+
+from .checker import problems
+from .simdevice import FakeClock, SimBackend
+
+GOLDEN = Path(__file__).parent / "golden" / "sim_session.json"
+
+
+def sim_session(path: Path, seed: int = 0) -> tuple[evtrace.Session, dict]:
+    """A small fake-clock session: two threads' worth of nesting, two streams, a kernel each."""
+    clk = FakeClock(seed=seed)
+    sim = SimBackend(clk, drift_ppm=20.0)
+    with evtrace.record(path, backend=sim, clock=clk, quiet=True) as r:
+        for i in range(3):
+            with evtrace.region("step", i=i):
+                with evtrace.region("forward"):
+                    sim.launch(40_000)
+                sim.stream = 7
+                with evtrace.region("copy"):
+                    sim.launch(10_000)
+                sim.stream = 0
+                clk.advance(20_000)
+    assert r.session is not None
+    return r.session, load_json(path)
+
+
+def lanes(doc: dict) -> dict[tuple[int, int], str]:
+    return {(e["pid"], e["tid"]): e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+
+
+def procs(doc: dict) -> dict[int, tuple[str, int]]:
+    names = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"}
+    sort = {e["pid"]: e["args"]["sort_index"] for e in doc["traceEvents"] if e["name"] == "process_sort_index"}
+    return {p: (names[p], sort[p]) for p in names}
+
+
+def xs(doc: dict, cat: str) -> list[dict]:
+    return [e for e in doc["traceEvents"] if e["ph"] == "X" and e["cat"] == cat]
+
+
+def test_host_and_device_lanes_flows_and_args(tmp_path: Path) -> None:
+    s, doc = sim_session(tmp_path / "t.json")
+    assert problems(doc) == []
+    p = procs(doc)
+    assert p[os.getpid()] == ("host", 0)
+    assert p[DEVICE_PID] == ("GPU 0 · Sim GPU 0", 1)
+    assert sorted(lanes(doc).values()) == ["MainThread", "default stream", "stream 7"]
+    host, dev = xs(doc, "region"), xs(doc, "device")
+    assert len(host) == len(dev) == 9
+    # every host span flows to its device span, which starts strictly later
+    by_id = {e["bind_id"]: e for e in dev}
+    for h in host:
+        d = by_id[h["bind_id"]]
+        assert h["flow_out"] is True and d["flow_in"] is True
+        assert d["ts"] > h["ts"] and d["name"] == h["name"]
+        assert set(h["args"]) >= {"host_dur_us", "device_dur_us", "launch_delay_us"}
+        assert h["args"]["launch_delay_us"] == pytest.approx(d["ts"] - h["ts"], abs=1e-3)
+    copies = [e for e in dev if e["name"] == "copy"]
+    assert {lanes(doc)[(e["pid"], e["tid"])] for e in copies} == {"stream 7"}
+    assert [e["args"]["i"] for e in host if e["name"] == "step"] == [0, 1, 2]
+
+
+def test_nested_regions_nest_on_the_device_too(tmp_path: Path) -> None:
+    _, doc = sim_session(tmp_path / "t.json")
+    dev = xs(doc, "device")
+    steps = [e for e in dev if e["name"] == "step"]
+    fwd = [e for e in dev if e["name"] == "forward"]
+    for st, fw in zip(steps, fwd):
+        assert st["tid"] == fw["tid"]
+        assert st["ts"] <= fw["ts"] and fw["ts"] + fw["dur"] <= st["ts"] + st["dur"]
+
+
+def test_metadata_has_provenance_and_alignment_but_no_environment(tmp_path: Path) -> None:
+    _, doc = sim_session(tmp_path / "t.json")
+    m = doc["metadata"]
+    for k in ("evtrace", "python", "torch", "argv", "gpus", "alignment.0.anchors", "alignment.0.drift_ppm", "alignment.0.residual_us_median", "regions", "device_spans"):
+        assert k in m, k
+    assert isinstance(doc["baseTimeNanoseconds"], int)
+    text = orjson.dumps(doc).decode()
+    for var in ("PATH", "HOME"):
+        if os.environ.get(var):
+            assert os.environ[var] not in text
+
+
+def test_gzip_by_suffix_and_round_trip(tmp_path: Path) -> None:
+    s, _ = sim_session(tmp_path / "t.json.gz")
+    raw = (tmp_path / "t.json.gz").read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and gzip.decompress(raw)[:2] == b'{"'
+    back = evtrace.load(tmp_path / "t.json.gz")
+    assert back.names == s.names and len(back) == len(s)
+    for f in ("host_start", "host_end", "dev_start", "dev_end", "device", "stream", "thread", "name"):
+        assert np.array_equal(back.regions[f], s.regions[f]), f
+    assert back.summary() == s.summary()
+    assert back.args == s.args
+
+
+def test_crossing_spans_move_to_an_overlap_lane(tmp_path: Path) -> None:
+    clk = FakeClock()
+    with evtrace.record(tmp_path / "o.json", device=False, clock=clk, quiet=True) as r:
+        a = evtrace.region("a")
+        b = evtrace.region("b")
+        a.__enter__()
+        b.__enter__()
+        a.__exit__(None, None, None)  # a ends inside b: they cross
+        b.__exit__(None, None, None)
+    doc = load_json(tmp_path / "o.json")
+    assert problems(doc) == []
+    names = lanes(doc)
+    assert sorted(names.values()) == ["MainThread", "MainThread (overlap)"]
+    assert len(xs(doc, "region")) == 2  # nothing dropped
+    back = evtrace.load(tmp_path / "o.json")
+    assert back.regions["thread"].tolist() == [0, 0]
+
+
+def test_sublanes() -> None:
+    s = np.array([0, 10, 20, 5, 30])
+    e = np.array([100, 50, 30, 15, 40])
+    # by start: 0-100 holds 5-15; 10-50 crosses 5-15 and moves; 20-30, 30-40 (touching: siblings) stay
+    assert sublanes(s, e).tolist() == [0, 1, 0, 0, 0]
+    assert sublanes(np.array([0, 5]), np.array([5, 10])).tolist() == [0, 0]
+
+
+def test_hostile_names_and_args_still_make_valid_json(tmp_path: Path) -> None:
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    weird = 'q"uo\nte \\ ünï 🚀 \ud800'
+    with evtrace.record(tmp_path / "h.json", device=False, quiet=True):
+        with evtrace.region(weird, nan=float("nan"), inf=float("inf"), big=2**80, obj=Opaque(), nested={"k": [1, float("nan")]}):
+            pass
+    raw = (tmp_path / "h.json").read_bytes()
+    assert b"NaN" not in raw and b"Infinity" not in raw
+    doc = load_json(tmp_path / "h.json")
+    (h,) = xs(doc, "region")
+    assert h["name"].startswith('q"uo\nte \\ ünï 🚀')
+    assert h["args"]["big"] == repr(2**80) and h["args"]["obj"] == "<opaque>"
+    assert h["args"]["nan"] is None and h["args"]["inf"] is None
+
+
+def normalised(doc: dict) -> dict:
+    """Golden comparison: the pid, versions and argv vary from machine to machine."""
+    pid = doc["metadata"]["evtrace.pid"]
+    for e in doc["traceEvents"]:
+        if e["pid"] == pid:
+            e["pid"] = 1
+        if e["ph"] == "M" and e["name"] == "thread_name" and e["pid"] == 1:
+            e["tid"] = 1
+        elif e["pid"] == 1:
+            e["tid"] = 1
+    keep = {k: v for k, v in doc["metadata"].items() if k.startswith(("alignment", "regions", "device_spans", "dropped", "split", "clamped", "duration", "evtrace.streams", "evtrace.devices", "evtrace.overlap", "gpus"))}
+    return {"traceEvents": doc["traceEvents"], "metadata": keep}
+
+
+def test_golden(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Regenerate deliberately with EVTRACE_ACCEPT=1 pytest tests/test_export.py::test_golden."""
+    _, doc = sim_session(tmp_path / "g.json")
+    got = normalised(doc)
+    if os.environ.get("EVTRACE_ACCEPT"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_bytes(orjson.dumps(got, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+    assert got == orjson.loads(GOLDEN.read_bytes())
