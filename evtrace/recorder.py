@@ -80,6 +80,7 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self.origin_ns = 0
         self.wall_origin_ns = 0
+        self.enter_host, self.exit_host = self._enter_host, self._exit_host
         if backend is None:
             self.enter, self.exit = self._enter_host, self._exit_host
         else:
@@ -196,7 +197,9 @@ class Recorder:
             self._resolve_anchors()
             nan = float("nan")
             for rec in batch:
-                if rec[7] is None or rec[10] is None:
+                if len(rec) == 5:  # a host-only region
+                    self._finished.append((*rec, -1, 0, nan, nan))
+                elif rec[7] is None or rec[10] is None:
                     self._recycle(rec[5], rec[7])
                     self._recycle(rec[8], rec[10])
                     self._finished.append((*rec[:5], -1, 0, nan, nan))

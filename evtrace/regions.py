@@ -14,12 +14,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Region:
     """A named span. Near-free when no session is recording."""
 
-    __slots__ = ("name", "args", "_open")
+    __slots__ = ("name", "args", "host_only", "_open")
 
-    def __init__(self, name: str | None, args: dict[str, Any] | None) -> None:
+    def __init__(self, name: str | None, args: dict[str, Any] | None, host_only: bool = False) -> None:
         self.name = name
         self.args = args or None
-        self._open: list[Any] = []  # (recorder, token) per enter; None when nothing recorded
+        self.host_only = host_only
+        self._open: list[Any] = []  # (exit, token) per enter; None when nothing recorded
 
     def __enter__(self) -> Region:
         rec = _rec._active
@@ -28,19 +29,23 @@ class Region:
         else:
             if self.name is None:
                 raise TypeError('region() needs a name when used with "with": with evtrace.region("step"): ...')
-            self._open.append((rec, rec.enter(self.name, self.args)))
+            if self.host_only:
+                self._open.append((rec.exit_host, rec.enter_host(self.name, self.args)))
+            else:
+                self._open.append((rec.exit, rec.enter(self.name, self.args)))
         return self
 
     def __exit__(self, *exc: object) -> None:
         t = self._open.pop() if self._open else None
         if t is not None:
-            t[0].exit(t[1])
+            t[0](t[1])
 
     def __call__(self, fn: F) -> F:
         if not callable(fn):
             raise TypeError(f"@region decorates a function, not {type(fn).__name__}")
         name = self.name or getattr(fn, "__qualname__", None) or repr(fn)
         args = self.args
+        host_only = self.host_only
         wrapper: Callable[..., Any]
         if inspect.iscoroutinefunction(fn):
 
@@ -48,11 +53,12 @@ class Region:
                 rec = _rec._active
                 if rec is None:
                     return await fn(*a, **k)
-                tok = rec.enter(name, args)
+                enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
+                tok = enter(name, args)
                 try:
                     return await fn(*a, **k)
                 finally:
-                    rec.exit(tok)
+                    exit(tok)
 
         else:
 
@@ -60,11 +66,12 @@ class Region:
                 rec = _rec._active
                 if rec is None:
                     return fn(*a, **k)
-                tok = rec.enter(name, args)
+                enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
+                tok = enter(name, args)
                 try:
                     return fn(*a, **k)
                 finally:
-                    rec.exit(tok)
+                    exit(tok)
 
         return functools.wraps(fn)(wrapper)  # type: ignore[return-value]
 
@@ -73,19 +80,22 @@ class Region:
 
 
 @overload
-def region(name: str, /, **args: Any) -> Region: ...
+def region(name: str, /, *, host_only: bool = False, **args: Any) -> Region: ...
 @overload
 def region(fn: F, /) -> F: ...
 @overload
-def region(**args: Any) -> Region: ...
-def region(name_or_fn: Any = None, /, **args: Any) -> Any:
+def region(*, host_only: bool = False, **args: Any) -> Region: ...
+def region(name_or_fn: Any = None, /, *, host_only: bool = False, **args: Any) -> Any:
     """A span on the host lane of this thread and, with CUDA, on the current stream.
 
     ``with region("step", batch=3): ...``, ``@region`` (named after the function) or
     ``@region("load")``. Keyword args become slice args in the trace.
+
+    ``host_only=True`` records no device span: for host work such as a CPU task, whose
+    event pair would only show the stream idling (or waiting behind earlier work).
     """
     if name_or_fn is None or isinstance(name_or_fn, str):
-        return Region(name_or_fn, args)
-    if callable(name_or_fn) and not args:
+        return Region(name_or_fn, args, host_only)
+    if callable(name_or_fn) and not args and not host_only:
         return Region(None, None)(name_or_fn)
     raise TypeError(f"region() takes a name (str) or a function, not {type(name_or_fn).__name__}; " 'use with evtrace.region("name") or @evtrace.region')

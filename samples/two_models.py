@@ -34,7 +34,7 @@ def main() -> None:
                         y = model1(x)
                         if mode == "sync":
                             sync(dev)
-                    with evtrace.region("cpu_task"):
+                    with evtrace.region("cpu_task", host_only=True):
                         cpu_task(rng)
                     with evtrace.region("model2"):
                         model2(y)

@@ -121,3 +121,16 @@ def test_no_cuda_records_host_lanes_only(tmp_path: Path, capsys) -> None:  # typ
     s = r.session
     assert s is not None and len(s) == 2 and s.device_spans == 0 and s.devices == []
     assert np.all(s.regions["device"] == -1)
+
+
+def test_host_only_regions_get_no_device_span(tmp_path: Path) -> None:
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    with evtrace.record(tmp_path / "mixed.json", backend=sim, clock=clk, quiet=True) as r:
+        with evtrace.region("gpu"):
+            sim.launch(10_000)
+        with evtrace.region("cpu", host_only=True):
+            clk.advance(5000)
+    s = r.session
+    assert s is not None and len(s) == 2 and s.device_spans == 1
+    assert s.regions["device"][s.names.index("cpu")] == -1
