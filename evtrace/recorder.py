@@ -28,6 +28,25 @@ _LIVE_DTYPE = np.dtype([(n, np.float64 if n.startswith("dev_") else t) for n, (t
 
 #: the recorder regions report to; None when no session is active
 _active: Recorder | None = None
+_NEVER = -(1 << 62)
+
+
+class _ThreadState:
+    """Per thread: its lane, and its last mark, which the next boundary may share.
+
+    Two boundaries on one stream with less than ``share_ns`` of host time between them (the
+    end of one region and the start of the next, or the ends of a child and its parent) cannot
+    have a kernel launched between them, so one event serves both: half the records in a
+    module tree.
+    """
+
+    __slots__ = ("ix", "last_m", "last_d", "last_s", "last_t")
+
+    def __init__(self, ix: int) -> None:
+        self.ix = ix
+        self.last_m: list[Any] | None = None
+        self.last_d = self.last_s = -1
+        self.last_t = _NEVER
 
 
 class Recorder:
@@ -43,6 +62,7 @@ class Recorder:
         pool_size: int = 256,
         max_events: int = 1 << 16,
         anchor_tries: int = 5,
+        share_ns: int = 1500,
         background: bool = True,
     ) -> None:
         self.backend = backend
@@ -57,7 +77,7 @@ class Recorder:
         # shared with the hot path (list.append / pop / len / slicing are atomic under the GIL)
         self._done: list[tuple[Any, ...]] = []
         self._pools: list[list[Event]] = [[] for _ in range(ndev)]
-        self._tls = threading.local()  # .ix: this thread's index into _thread_info
+        self._tls = threading.local()  # .t: this thread's _ThreadState
         self._thread_info: list[Thread] = []
         self._lock = threading.Lock()  # thread registry and pool growth only, never per region
         # resolver-owned
@@ -80,51 +100,66 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self.origin_ns = 0
         self.wall_origin_ns = 0
+        self.share_ns = share_ns
         self.enter_host, self.exit_host = self._enter_host, self._exit_host
         if backend is None:
             self.enter, self.exit = self._enter_host, self._exit_host
         else:
+            self._current, self._record = backend.current, backend.record
             self.enter, self.exit = self._enter_device, self._exit_device
 
     # ---- hot path -------------------------------------------------------------------------
-    def _new_thread(self) -> int:
+    def _new_thread(self) -> _ThreadState:
         # thread-local, not get_ident(): idents are reused once a thread ends
         with self._lock:
-            ix = self._tls.ix = len(self._thread_info)
+            t = self._tls.t = _ThreadState(len(self._thread_info))
             self._thread_info.append(Thread(threading.get_native_id(), threading.current_thread().name))
-        return ix
+        return t
 
     def _enter_host(self, name: str, args: Any) -> tuple[Any, ...]:
         try:
-            ix = self._tls.ix
+            ix = self._tls.t.ix
         except AttributeError:
-            ix = self._new_thread()
+            ix = self._new_thread().ix
         return (name, args, ix, self.clock())
 
     def _exit_host(self, tok: tuple[Any, ...]) -> None:
         self._done.append((*tok, self.clock()))
 
+    def _mark(self, d: int, s: int) -> list[Any] | None:
+        """Record a pooled event on stream ``s``: a mark ``[event, device ms once resolved]``."""
+        pool = self._pools[d]
+        ev = pool.pop() if pool else self._grow(d)
+        if ev is None:
+            return None
+        self._record(ev, d, s)
+        return [ev, None]
+
     def _enter_device(self, name: str, args: Any) -> tuple[Any, ...]:
         try:
-            ix = self._tls.ix
+            t = self._tls.t
         except AttributeError:
-            ix = self._new_thread()
-        d, s = self.backend.current()  # type: ignore[union-attr]
-        pool = self._pools[d]
-        ev = pool.pop() if pool else self._grow(d)
+            t = self._new_thread()
+        d, s = self._current()
         h0 = self.clock()
-        if ev is not None:
-            self.backend.record(ev, d, s)  # type: ignore[union-attr]
-        return (name, args, ix, h0, d, s, ev)
+        if h0 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d:
+            m = t.last_m  # nothing can have been launched since that mark: it serves again
+        else:
+            m = self._mark(d, s)
+            t.last_t = _NEVER
+        return (name, args, t.ix, h0, d, s, m)
 
     def _exit_device(self, tok: tuple[Any, ...]) -> None:
-        d, s = self.backend.current()  # type: ignore[union-attr]
-        pool = self._pools[d]
-        ev = pool.pop() if pool else self._grow(d)
-        if ev is not None:
-            self.backend.record(ev, d, s)  # type: ignore[union-attr]
-        name, args, ix, h0, d0, s0, ev0 = tok
-        self._done.append((name, args, ix, h0, self.clock(), d0, s0, ev0, d, s, ev))
+        t = self._tls.t
+        d, s = self._current()
+        h1 = self.clock()
+        if not (h1 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d):
+            t.last_m = self._mark(d, s)
+            t.last_d, t.last_s = d, s
+            h1 = self.clock()
+        t.last_t = h1
+        name, args, ix, h0, d0, s0, m0 = tok
+        self._done.append((name, args, ix, h0, h1, d0, s0, m0, d, s, t.last_m))
 
     def _grow(self, device: int) -> Event | None:
         """The pool is dry: add events up to ``max_events``, then drop device spans (counted)."""
@@ -199,9 +234,9 @@ class Recorder:
             for rec in batch:
                 if len(rec) == 5:  # a host-only region
                     self._finished.append((*rec, -1, 0, nan, nan))
-                elif rec[7] is None or rec[10] is None:
-                    self._recycle(rec[5], rec[7])
-                    self._recycle(rec[8], rec[10])
+                elif rec[7] is None or rec[10] is None:  # the pool was dry at one end
+                    self._release(rec[5], rec[7])
+                    self._release(rec[8], rec[10])
                     self._finished.append((*rec[:5], -1, 0, nan, nan))
                 else:
                     key = (rec[8], rec[9])
@@ -212,32 +247,41 @@ class Recorder:
             for q in self._waiting.values():
                 while q:
                     rec = q[0]
-                    if not (b.query(rec[10]) and b.query(rec[7])):
-                        break  # later events on this stream are not done either
-                    if self._ref[rec[5]] is None:
-                        break  # its device's first anchor has not resolved yet
+                    m0, m1 = rec[7], rec[10]
+                    if not ((m1[1] is not None or b.query(m1[0])) and (m0[1] is not None or b.query(m0[0]))):
+                        break  # later marks on this stream are not done either
+                    if self._ref[rec[5]] is None or self._ref[rec[8]] is None:
+                        break  # that device's first anchor has not resolved yet
                     q.popleft()
                     self._finish_device(rec)
         if final or len(self._finished) >= 16384:
             self._compact()
 
     def _finish_device(self, rec: tuple[Any, ...]) -> None:
-        name, args, ix, h0, h1, d0, s0, ev0, d1, _s1, ev1 = rec
+        name, args, ix, h0, h1, d0, s0, m0, d1, _s1, m1 = rec
+        t0 = self._resolve(d0, m0)
+        t1 = self._resolve(d1, m1)
         if d0 != d1:
             self.split_device += 1
             self._finished.append((name, args, ix, h0, h1, -1, 0, float("nan"), float("nan")))
         else:
-            ref_ev, ref_ms = self._ref[d0]  # type: ignore[misc]
-            b = self.backend
-            t0 = ref_ms + b.elapsed_ms(ref_ev, ev0)  # type: ignore[union-attr]
-            t1 = ref_ms + b.elapsed_ms(ref_ev, ev1)  # type: ignore[union-attr]
             self._finished.append((name, args, ix, h0, h1, d0, s0, t0, t1))
-        self._recycle(d0, ev0)
-        self._recycle(d1, ev1)
 
-    def _recycle(self, device: int, ev: Event | None) -> None:
-        if ev is not None:
-            self._pools[device].append(ev)
+    def _resolve(self, device: int, m: list[Any]) -> float:
+        """A finished mark's device ms, against the latest anchor (a short, float32-safe elapsed)."""
+        if m[1] is None:
+            ref_ev, ref_ms = self._ref[device]  # type: ignore[misc]
+            m[1] = ref_ms + self.backend.elapsed_ms(ref_ev, m[0])  # type: ignore[union-attr]
+            self._pools[device].append(m[0])
+            m[0] = None
+        return float(m[1])
+
+    def _release(self, device: int, m: list[Any] | None) -> None:
+        """Give back a mark's event without resolving it (once, even if the mark is shared)."""
+        if m is not None and m[1] is None and m[0] is not None:
+            self._pools[device].append(m[0])
+            m[0] = None
+            m[1] = float("nan")
 
     def _anchor_all(self) -> None:
         """Anchor each device: the tightest of a few host-bracketed records on its idle side stream."""

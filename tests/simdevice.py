@@ -106,8 +106,12 @@ class SimBackend:
         return "default stream" if stream == 0 else f"stream {stream}"
 
     # ---- test helpers ----
-    def launch(self, ns: float, stream: int | None = None) -> None:
-        """Queue a kernel of ``ns`` device time on a stream (default: the current one)."""
+    def launch(self, ns: float, stream: int | None = None, host_ns: int = 5000) -> None:
+        """Queue a kernel of ``ns`` device time on a stream (default: the current one).
+
+        The launch itself takes ``host_ns`` of host time, as a real one does (5 µs or more).
+        """
+        self.clock.advance(host_ns)
         key = (self.device, self.stream if stream is None else stream)
         start = max(self.dev_now() + self.latency, self.busy.get(key, 0.0))
         self.busy[key] = start + ns

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import evtrace
 from evtrace.recorder import Recorder
@@ -134,3 +135,39 @@ def test_host_only_regions_get_no_device_span(tmp_path: Path) -> None:
     s = r.session
     assert s is not None and len(s) == 2 and s.device_spans == 1
     assert s.regions["device"][s.names.index("cpu")] == -1
+
+
+def test_adjacent_boundaries_share_one_event_and_stay_exact(tmp_path: Path) -> None:
+    """Siblings back to back share the boundary event; a launch in between prevents it."""
+    clk = FakeClock(step=200)
+    sim = SimBackend(clk)
+    rec = Recorder(sim, clk, background=False)
+    rec.start()
+    n0 = sim.records
+    tok_p = rec.enter("parent", None)
+    for _ in range(10):
+        tok = rec.enter("leaf", None)
+        sim.launch(30_000)
+        rec.exit(tok)
+    rec.exit(tok_p)
+    shared_records = sim.records - n0
+    tok = rec.enter("after", None)
+    rec.exit(tok)
+    sim.launch(50_000)  # a kernel between two regions: no sharing across it
+    tok = rec.enter("gap", None)
+    sim.launch(10_000)
+    rec.exit(tok)
+    s = rec.stop()
+    # parent enter, first leaf enter, 10 leaf exits; each later leaf and the parent's exit share
+    assert shared_records == 12
+    r = s.regions
+    leaf = r[r["name"] == s.names.index("leaf")]
+    assert (np.diff(leaf["dev_start"]) > 0).all()
+    assert (leaf["dev_start"][1:] == leaf["dev_end"][:-1]).all()  # one shared boundary
+    # back to back on a busy stream each leaf is its kernel; the first also holds its launch
+    assert np.allclose((leaf["dev_end"] - leaf["dev_start"])[1:], 30_000, atol=100)
+    assert leaf["dev_end"][0] - leaf["dev_start"][0] == pytest.approx(35_000, abs=1000)
+    parent = r[r["name"] == s.names.index("parent")][0]
+    assert parent["dev_start"] <= leaf["dev_start"][0] and parent["dev_end"] == leaf["dev_end"][-1]
+    gap = r[r["name"] == s.names.index("gap")][0]
+    assert gap["dev_end"] - gap["dev_start"] == pytest.approx(10_000, abs=100)  # the 50 µs kernel is not in it
