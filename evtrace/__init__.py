@@ -5,9 +5,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import record
+from .hooks import instrument
 from .regions import region
 from .session import Session
 
 load = Session.load
 
-__all__ = ["Session", "__version__", "load", "record", "region"]
+__all__ = ["Session", "__version__", "instrument", "load", "record", "region"]

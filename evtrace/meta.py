@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import sys
 from typing import Any
 
 from .device import DeviceInfo
@@ -27,13 +28,10 @@ def environment(devices: list[DeviceInfo]) -> dict[str, Any]:
     from . import __version__
 
     out: dict[str, Any] = {"evtrace": __version__, "python": platform.python_version()}
-    try:
-        import torch
-
-        out["torch"] = torch.__version__
-        out["cuda"] = torch.version.cuda
-    except Exception:
-        pass
+    torch = sys.modules.get("torch")  # only if the program uses it: importing it here costs ~1 s
+    if torch is not None:
+        out["torch"] = getattr(torch, "__version__", None)
+        out["cuda"] = getattr(getattr(torch, "version", None), "cuda", None)
     if devices:
         out["driver"] = _driver_version()
         out["gpus"] = [d.name for d in devices]

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from array import array
 from collections import deque
 from typing import Any
 
@@ -28,6 +29,22 @@ _LIVE_DTYPE = np.dtype([(n, np.float64 if n.startswith("dev_") else t) for n, (t
 
 #: the recorder regions report to; None when no session is active
 _active: Recorder | None = None
+#: region names, interned once per process: the hot path stores only their int keys
+_NAMES: list[str] = []
+_NAME_KEYS: dict[str, int] = {}
+_names_lock = threading.Lock()
+
+
+def name_key(name: str) -> int:
+    """The int key of a region name (interned on first use, never on the hot path)."""
+    k = _NAME_KEYS.get(name)
+    if k is None:
+        with _names_lock:
+            k = _NAME_KEYS.get(name)
+            if k is None:
+                k = _NAME_KEYS[name] = len(_NAMES)
+                _NAMES.append(name)
+    return k
 _NEVER = -(1 << 62)
 
 
@@ -75,7 +92,8 @@ class Recorder:
         self.background = background
         ndev = len(backend.devices) if backend else 0
         # shared with the hot path (list.append / pop / len / slicing are atomic under the GIL)
-        self._done: list[tuple[Any, ...]] = []
+        self._done: list[tuple[Any, ...]] = []  # finished regions with device marks or args
+        self._host: array[int] = array("q")  # finished host-only regions: key, thread, start, end
         self._pools: list[list[Event]] = [[] for _ in range(ndev)]
         self._tls = threading.local()  # .t: this thread's _ThreadState
         self._thread_info: list[Thread] = []
@@ -89,7 +107,6 @@ class Recorder:
         self._last_anchor = 0
         self._finished: list[tuple[Any, ...]] = []
         self._chunks: list[np.ndarray] = []
-        self._names: dict[str, int] = {}
         self._streams: dict[tuple[int, int], int] = {}
         self._args: dict[int, dict[str, Any]] = {}
         self._count = 0
@@ -116,7 +133,7 @@ class Recorder:
             self._thread_info.append(Thread(threading.get_native_id(), threading.current_thread().name))
         return t
 
-    def _enter_host(self, name: str, args: Any) -> tuple[Any, ...]:
+    def _enter_host(self, name: int, args: Any) -> tuple[Any, ...]:
         try:
             ix = self._tls.t.ix
         except AttributeError:
@@ -124,7 +141,10 @@ class Recorder:
         return (name, args, ix, self.clock())
 
     def _exit_host(self, tok: tuple[Any, ...]) -> None:
-        self._done.append((*tok, self.clock()))
+        if tok[1] is None:  # one C call appends the whole row, so threads never interleave
+            self._host.extend((tok[0], tok[2], tok[3], self.clock()))
+        else:
+            self._done.append((*tok, self.clock()))
 
     def _mark(self, d: int, s: int) -> list[Any] | None:
         """Record a pooled event on stream ``s``: a mark ``[event, device ms once resolved]``."""
@@ -135,7 +155,7 @@ class Recorder:
         self._record(ev, d, s)
         return [ev, None]
 
-    def _enter_device(self, name: str, args: Any) -> tuple[Any, ...]:
+    def _enter_device(self, name: int, args: Any) -> tuple[Any, ...]:
         try:
             t = self._tls.t
         except AttributeError:
@@ -223,6 +243,11 @@ class Recorder:
         b = self.backend
         if b is not None and self.clock() - self._last_anchor >= self.anchor_interval_ns:
             self._anchor_all()
+        n = len(self._host)
+        if n:
+            rows = np.frombuffer(self._host[:n], dtype=np.int64).reshape(-1, 4)
+            del self._host[:n]  # only the copied prefix: rows appended meanwhile stay
+            self._add_chunk(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3])
         n = len(self._done)
         batch = self._done[:n]
         del self._done[:n]
@@ -320,44 +345,43 @@ class Recorder:
                 self._anchors[d].append((lo, hi, ms))
 
     def _compact(self) -> None:
-        """Move finished tuples into a packed numpy chunk (~46 B per region)."""
+        """Move finished tuples into packed numpy chunks (46 B per region)."""
         rows = self._finished
         if not rows:
             return
         self._finished = []
-        names, stream_idx = self._names, self._streams
-        chunk = np.empty(len(rows), dtype=_LIVE_DTYPE)
         cols = list(zip(*rows))
-        chunk["name"] = [names.setdefault(n, len(names)) for n in cols[0]]
-        chunk["thread"] = cols[2]
-        chunk["host_start"] = cols[3]
-        chunk["host_end"] = cols[4]
-        if len(cols) > 5:
-            chunk["device"] = cols[5]
-            chunk["stream"] = [
-                stream_idx.setdefault((d, s), len(stream_idx)) if d >= 0 else -1
-                for d, s in zip(cols[5], cols[6])
-            ]
-            chunk["dev_start"] = cols[7]
-            chunk["dev_end"] = cols[8]
-        else:
-            chunk["device"] = -1
-            chunk["stream"] = -1
-            chunk["dev_start"] = chunk["dev_end"] = np.nan
         base = self._count
         for i, a in enumerate(cols[1]):
             if a:
                 self._args[base + i] = a
-        self._count += len(rows)
+        if len(cols) > 5:
+            stream_idx = self._streams
+            streams = [stream_idx.setdefault((d, s), len(stream_idx)) if d >= 0 else -1 for d, s in zip(cols[5], cols[6])]
+            self._add_chunk(cols[0], cols[2], cols[3], cols[4], cols[5], streams, cols[7], cols[8])
+        else:
+            self._add_chunk(cols[0], cols[2], cols[3], cols[4])
+
+    def _add_chunk(self, name: Any, thread: Any, h0: Any, h1: Any, dev: Any = -1, stream: Any = -1, t0: Any = np.nan, t1: Any = np.nan) -> None:
+        chunk = np.empty(len(h0), dtype=_LIVE_DTYPE)
+        chunk["name"], chunk["thread"], chunk["host_start"], chunk["host_end"] = name, thread, h0, h1
+        chunk["device"], chunk["stream"], chunk["dev_start"], chunk["dev_end"] = dev, stream, t0, t1
+        self._count += len(chunk)
         self._chunks.append(chunk)
 
     def _session(self, end_ns: int) -> Session:
         from .meta import environment
 
         live = np.concatenate(self._chunks) if self._chunks else np.empty(0, _LIVE_DTYPE)
+        order = np.argsort(live["host_start"], kind="stable")  # regions in the order they began
+        live = live[order]
+        new_index = np.empty_like(order)
+        new_index[order] = np.arange(len(order))
+        args = {int(new_index[i]): a for i, a in self._args.items()}
         o = self.origin_ns
         regions = np.zeros(len(live), REGION_DTYPE)
-        for f in ("name", "thread", "device", "stream"):
+        keys, regions["name"] = np.unique(live["name"], return_inverse=True)  # global name keys -> 0..n-1
+        for f in ("thread", "device", "stream"):
             regions[f] = live[f]
         regions["host_start"] = live["host_start"] - o
         regions["host_end"] = live["host_end"] - o
@@ -406,14 +430,14 @@ class Recorder:
         )
         if self.resolver_errors:
             meta["resolver_errors"] = self.resolver_errors
-        names = list(self._names)
+        names = [_NAMES[k] for k in keys.tolist()]
         return Session(
             regions=regions,
             names=names,
             threads=list(self._thread_info),
             devices=devices,
             streams=streams,
-            args=self._args,
+            args=args,
             meta=meta,
             pid=os.getpid(),
             wall_origin_ns=self.wall_origin_ns,

@@ -14,10 +14,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Region:
     """A named span. Near-free when no session is recording."""
 
-    __slots__ = ("name", "args", "host_only", "_open")
+    __slots__ = ("name", "key", "args", "host_only", "_open")
 
     def __init__(self, name: str | None, args: dict[str, Any] | None, host_only: bool = False) -> None:
         self.name = name
+        self.key = -1 if name is None else _rec.name_key(name)
         self.args = args or None
         self.host_only = host_only
         self._open: list[Any] = []  # (exit, token) per enter; None when nothing recorded
@@ -30,9 +31,9 @@ class Region:
             if self.name is None:
                 raise TypeError('region() needs a name when used with "with": with evtrace.region("step"): ...')
             if self.host_only:
-                self._open.append((rec.exit_host, rec.enter_host(self.name, self.args)))
+                self._open.append((rec.exit_host, rec.enter_host(self.key, self.args)))
             else:
-                self._open.append((rec.exit, rec.enter(self.name, self.args)))
+                self._open.append((rec.exit, rec.enter(self.key, self.args)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -43,7 +44,7 @@ class Region:
     def __call__(self, fn: F) -> F:
         if not callable(fn):
             raise TypeError(f"@region decorates a function, not {type(fn).__name__}")
-        name = self.name or getattr(fn, "__qualname__", None) or repr(fn)
+        name = _rec.name_key(self.name or getattr(fn, "__qualname__", None) or repr(fn))
         args = self.args
         host_only = self.host_only
         wrapper: Callable[..., Any]

@@ -7,7 +7,7 @@ import pytest
 
 import evtrace
 from evtrace import clock
-from evtrace.recorder import Recorder
+from evtrace.recorder import Recorder, name_key
 
 from .simdevice import FakeClock, SimBackend
 
@@ -70,7 +70,7 @@ def run_sim(seconds: int, drift_ppm: float, offset_ns: int = 987_654_321, anchor
     truth = []
     for i in range(seconds * 10):
         n0 = len(sim.stamps)
-        tok = rec.enter("step", None)
+        tok = rec.enter(name_key("step"), None)
         sim.launch(2_000_000)
         rec.exit(tok)
         truth.append((sim.stamps[n0].truth_host, sim.stamps[-1].truth_host))

@@ -14,7 +14,7 @@ from evtrace import recorder
 
 
 def test_public_names_are_pinned() -> None:
-    assert evtrace.__all__ == ["Session", "__version__", "load", "record", "region"]
+    assert evtrace.__all__ == ["Session", "__version__", "instrument", "load", "record", "region"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", evtrace.__version__)
     assert (Path(evtrace.__file__).parent / "py.typed").exists()
 
@@ -53,7 +53,7 @@ def test_three_forms_of_region_and_nesting(tmp_path: Path) -> None:
     assert s is not None
     got = sorted(s.names)
     assert got == sorted(["outer", "named", "test_three_forms_of_region_and_nesting.<locals>.bare", "test_three_forms_of_region_and_nesting.<locals>.coro"])
-    outer = s.regions[s.names.index("outer")]
+    outer = s.regions[s.regions["name"] == s.names.index("outer")][0]
     inner = s.regions[s.regions["name"] != s.names.index("outer")]
     assert (inner["host_start"] >= outer["host_start"]).all() and (inner["host_end"] <= outer["host_end"]).all()
     assert s.args[int((s.regions["name"] == s.names.index("named")).nonzero()[0][0])] == {"k": 1}

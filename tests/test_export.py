@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import torch  # noqa: F401  (the metadata names the torch the program uses)
 
 import evtrace
 from evtrace.export.chrome import DEVICE_PID, load_json, sublanes

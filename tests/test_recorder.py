@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import evtrace
-from evtrace.recorder import Recorder
+from evtrace.recorder import Recorder, name_key
 
 from .simdevice import SIDE, FakeClock, SimBackend
 
@@ -20,7 +20,7 @@ def test_no_synchronize_on_the_region_path() -> None:
     rec = Recorder(sim, clk, background=False)
     rec.start()
     for _ in range(1000):
-        tok = rec.enter("r", None)
+        tok = rec.enter(name_key("r"), None)
         sim.launch(10_000)
         rec.exit(tok)
         if _ % 100 == 0:
@@ -36,7 +36,7 @@ def test_events_are_recycled_not_created_per_region() -> None:
     rec = Recorder(sim, clk, pool_size=64, background=False)
     rec.start()
     for i in range(10_000):
-        tok = rec.enter("r", None)
+        tok = rec.enter(name_key("r"), None)
         rec.exit(tok)
         if i % 10 == 0:
             clk.advance(1_000_000)
@@ -53,7 +53,7 @@ def test_a_dry_pool_drops_device_spans_counts_them_and_never_syncs(tmp_path: Pat
     rec.start()
     sim.launch(10**12)  # the device is 1000 s behind: nothing resolves
     for _ in range(100):
-        tok = rec.enter("r", None)
+        tok = rec.enter(name_key("r"), None)
         rec.exit(tok)
         rec.poll()
     assert sim.syncs == 0
@@ -91,7 +91,7 @@ def test_background_resolver_with_real_threads(tmp_path: Path) -> None:
         for i in range(200):
             with lock:  # the sim is not thread-safe; the recorder must be
                 sim.stream = (k + i) % 4
-                tok = rec.enter(f"t{k}", None)
+                tok = rec.enter(name_key(f"t{k}"), None)
                 sim.launch(1000)
                 rec.exit(tok)
 
@@ -144,17 +144,17 @@ def test_adjacent_boundaries_share_one_event_and_stay_exact(tmp_path: Path) -> N
     rec = Recorder(sim, clk, background=False)
     rec.start()
     n0 = sim.records
-    tok_p = rec.enter("parent", None)
+    tok_p = rec.enter(name_key("parent"), None)
     for _ in range(10):
-        tok = rec.enter("leaf", None)
+        tok = rec.enter(name_key("leaf"), None)
         sim.launch(30_000)
         rec.exit(tok)
     rec.exit(tok_p)
     shared_records = sim.records - n0
-    tok = rec.enter("after", None)
+    tok = rec.enter(name_key("after"), None)
     rec.exit(tok)
     sim.launch(50_000)  # a kernel between two regions: no sharing across it
-    tok = rec.enter("gap", None)
+    tok = rec.enter(name_key("gap"), None)
     sim.launch(10_000)
     rec.exit(tok)
     s = rec.stop()

@@ -12,7 +12,7 @@ import gzip
 import os
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import orjson
@@ -60,10 +60,6 @@ def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return out
 
 
-def _us(ns: int) -> float:
-    return ns / 1000
-
-
 def _text(s: str) -> str:
     """Strings orjson can write: lone surrogates become '?'."""
     try:
@@ -104,23 +100,23 @@ def _flat(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def trace_events(s: Session) -> tuple[list[dict[str, Any]], list[list[int]]]:
-    """The events of a session, and the overlap lanes as [extra tid, original tid] pairs."""
-    r = s.regions
-    names = [_text(n) for n in s.names]
-    pid = s.pid
-    events: list[dict[str, Any]] = []
-    overlap: list[list[int]] = []
-    next_extra = OVERLAP_TID
+class _Lanes:
+    """Where each region's host and device slice goes, with crossing spans split off."""
 
-    # lanes: (pid, tid) for every region's host and device span, with crossings split off
-    host_tid = np.array([t.tid for t in s.threads] or [0], dtype=np.int64)[r["thread"]]
-    has_dev = r["device"] >= 0
-    dev_pid = DEVICE_PID + r["device"].astype(np.int64)
-    dev_tid = 1 + r["stream"].astype(np.int64)
+    def __init__(self, s: Session) -> None:
+        r = s.regions
+        self.overlap: list[list[int]] = []  # [extra tid, original tid]
+        self._next = OVERLAP_TID
+        host_tid = np.array([t.tid for t in s.threads] or [0], dtype=np.int64)[r["thread"]]
+        self.host_tid, self.host_extra = self._split(r["thread"], host_tid, r["host_start"], r["host_end"])
+        self.has_dev = r["device"] >= 0
+        rows = np.nonzero(self.has_dev)[0]
+        self.dev_pid = DEVICE_PID + r["device"].astype(np.int64)
+        self.dev_tid = 1 + r["stream"].astype(np.int64)
+        tids, self.dev_extra = self._split(r["stream"][rows], self.dev_tid[rows], r["dev_start"][rows], r["dev_end"][rows])
+        self.dev_tid[rows] = tids
 
-    def split(lane_ids: np.ndarray, base_tid: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
-        nonlocal next_extra
+    def _split(self, lane_ids: np.ndarray, base_tid: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
         tid = base_tid.copy()
         extras: dict[tuple[int, int], int] = {}
         for lane in np.unique(lane_ids):
@@ -128,89 +124,115 @@ def trace_events(s: Session) -> tuple[list[dict[str, Any]], list[list[int]]]:
             sub = sublanes(start[rows], end[rows])
             for k in np.unique(sub[sub > 0]).tolist():
                 orig = int(base_tid[rows[0]])
-                extras[(orig, k)] = next_extra
-                overlap.append([next_extra, orig])
-                tid[rows[sub == k]] = next_extra
-                next_extra += 1
+                extras[(orig, k)] = self._next
+                self.overlap.append([self._next, orig])
+                tid[rows[sub == k]] = self._next
+                self._next += 1
         return tid, extras
 
-    h_tid, h_extra = split(r["thread"], host_tid, r["host_start"], r["host_end"])
-    dev_rows = np.nonzero(has_dev)[0]
-    d_lane = r["stream"][dev_rows]
-    d_tid_rows, d_extra = split(d_lane, dev_tid[dev_rows], r["dev_start"][dev_rows], r["dev_end"][dev_rows])
-    d_tid = dev_tid.copy()
-    d_tid[dev_rows] = d_tid_rows
 
-    # M events: host first, then GPU 0, 1, ...; threads in order of first appearance
-    for i, t in enumerate(s.threads):
-        events += _lane_meta(pid, t.tid, "host", 0, _text(t.name), i * 100)
-        for (orig, k), extra in h_extra.items():
-            if orig == t.tid:
+def _meta_events(s: Session, lanes: _Lanes) -> list[dict[str, Any]]:
+    """All four M events for every lane: host first, then GPU 0, 1, ...; extra lanes after theirs."""
+    events: list[dict[str, Any]] = []
+
+    def extra(found: dict[tuple[int, int], int], orig: int, pid: int, pname: str, psort: int, tname: str, tsort: int) -> None:
+        for (o, k), tid in found.items():
+            if o == orig:
                 suffix = " (overlap)" if k == 1 else f" (overlap {k})"
-                events += _lane_meta(pid, extra, "host", 0, _text(t.name) + suffix, i * 100 + k)
+                events.extend(_lane_meta(pid, tid, pname, psort, tname + suffix, tsort + k))
+
+    for i, t in enumerate(s.threads):
+        events += _lane_meta(s.pid, t.tid, "host", 0, _text(t.name), i * 100)
+        extra(lanes.host_extra, t.tid, s.pid, "host", 0, _text(t.name), i * 100)
     order = sorted(range(len(s.streams)), key=lambda j: (s.streams[j].label != "default stream", j))
     for rank, j in enumerate(order):
         st = s.streams[j]
-        dpid = DEVICE_PID + st.device
-        pname = f"GPU {st.device} · {s.devices[st.device].name}"
-        events += _lane_meta(dpid, j + 1, pname, 1 + st.device, st.label, rank * 100)
-        for (orig, k), extra in d_extra.items():
-            if orig == j + 1:
-                suffix = " (overlap)" if k == 1 else f" (overlap {k})"
-                events += _lane_meta(dpid, extra, pname, 1 + st.device, st.label + suffix, rank * 100 + k)
-
-    # X events and v2 flows (host span -> device span)
-    h0, h1 = r["host_start"].tolist(), r["host_end"].tolist()
-    d0, d1 = r["dev_start"].tolist(), r["dev_end"].tolist()
-    name_ix, dev_l = r["name"].tolist(), has_dev.tolist()
-    htid, dtid, dpid_l = h_tid.tolist(), d_tid.tolist(), dev_pid.tolist()
-    for i in range(len(r)):
-        args: dict[str, Any] = {}
-        user = s.args.get(i)
-        if user:
-            args.update((_text(str(k)), _value(v)) for k, v in user.items())
-        args["region"] = i
-        args["host_dur_us"] = _us(h1[i] - h0[i])
-        name = names[name_ix[i]]
-        host = {"ph": "X", "cat": "region", "name": name, "pid": pid, "tid": htid[i], "ts": _us(h0[i]), "dur": _us(h1[i] - h0[i]), "args": args}
-        events.append(host)
-        if dev_l[i]:
-            args["device_dur_us"] = _us(d1[i] - d0[i])
-            args["launch_delay_us"] = _us(d0[i] - h0[i])
-            host["bind_id"] = i + 1
-            host["flow_out"] = True
-            events.append(
-                {"ph": "X", "cat": "device", "name": name, "pid": dpid_l[i], "tid": dtid[i], "ts": _us(d0[i]), "dur": _us(d1[i] - d0[i]), "bind_id": i + 1, "flow_in": True, "args": args}
-            )
-    return events, overlap
+        pid, pname = DEVICE_PID + st.device, _text(f"GPU {st.device} · {s.devices[st.device].name}")
+        events += _lane_meta(pid, j + 1, pname, 1 + st.device, _text(st.label), rank * 100)
+        extra(lanes.dev_extra, j + 1, pid, pname, 1 + st.device, _text(st.label), rank * 100)
+    return events
 
 
-def dumps(s: Session) -> bytes:
-    events, overlap = trace_events(s)
+_HOST = '{"ph":"X","cat":"region","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"args":{%s"region":%d,"host_dur_us":%.3f}}'
+_HOST_FLOW = '{"ph":"X","cat":"region","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"bind_id":%d,"flow_out":true,"args":{%s}}'
+_DEV = '{"ph":"X","cat":"device","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"bind_id":%d,"flow_in":true,"args":{%s}}'
+_DEV_ARGS = '%s"region":%d,"host_dur_us":%.3f,"device_dur_us":%.3f,"launch_delay_us":%.3f'
+CHUNK = 65536
+
+
+def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
+    """The X events, as JSON text in chunks, formatted from integer ns without one dict per event.
+
+    Names and user args go through orjson once each; ``%.3f`` of ns/1000 is exact to the ns.
+    """
+    r = s.regions
+    names = [orjson.dumps(_text(n)).decode() for n in s.names]
+    user = {i: orjson.dumps({_text(str(k)): _value(v) for k, v in a.items()}).decode()[1:-1] + "," for i, a in s.args.items() if a}
+    pid = s.pid
+    for lo in range(0, len(r), CHUNK):
+        hi = min(lo + CHUNK, len(r))
+        c = r[lo:hi]
+        name = [names[k] for k in c["name"].tolist()]
+        h0 = (c["host_start"] / 1000).tolist()
+        hd = ((c["host_end"] - c["host_start"]) / 1000).tolist()
+        d0 = (c["dev_start"] / 1000).tolist()
+        dd = ((c["dev_end"] - c["dev_start"]) / 1000).tolist()
+        lead = ((c["dev_start"] - c["host_start"]) / 1000).tolist()
+        htid = lanes.host_tid[lo:hi].tolist()
+        dpid, dtid = lanes.dev_pid[lo:hi].tolist(), lanes.dev_tid[lo:hi].tolist()
+        out = []
+        for j, dev in enumerate(lanes.has_dev[lo:hi].tolist()):
+            i = lo + j
+            u = user.get(i, "")
+            if dev:
+                a = _DEV_ARGS % (u, i, hd[j], dd[j], lead[j])
+                out.append(_HOST_FLOW % (name[j], pid, htid[j], h0[j], hd[j], i + 1, a))
+                out.append(_DEV % (name[j], dpid[j], dtid[j], d0[j], dd[j], i + 1, a))
+            else:
+                out.append(_HOST % (name[j], pid, htid[j], h0[j], hd[j], u, i, hd[j]))
+        yield ",".join(out)
+
+
+def _chunks(s: Session) -> Iterator[bytes]:
+    """The whole document, streamed: M events, X events, then the metadata."""
+    lanes = _Lanes(s)
     meta = _flat(s.meta)
     meta.update(
         {
             "evtrace.format": FORMAT,
             "evtrace.pid": s.pid,
             "evtrace.wall_origin_ns": s.wall_origin_ns,
-            "evtrace.overlap_lanes": overlap,
-            "evtrace.streams": [[st.device, st.label] for st in s.streams],
-            "evtrace.devices": [[d.index, d.name] for d in s.devices],
+            "evtrace.overlap_lanes": lanes.overlap,
+            "evtrace.streams": [[st.device, _text(st.label)] for st in s.streams],
+            "evtrace.devices": [[d.index, _text(d.name)] for d in s.devices],
         }
     )
-    doc = {"traceEvents": events, "displayTimeUnit": "ms", "baseTimeNanoseconds": s.wall_origin_ns, "metadata": meta}
-    return orjson.dumps(doc, default=lambda o: _text(repr(o)))
+    head = orjson.dumps(_meta_events(s, lanes))[1:-1]
+    yield b'{"traceEvents":[' + head
+    sep = b"," if head else b""
+    for text in _slices(s, lanes):
+        if text:
+            yield sep + text.encode()
+            sep = b","
+    tail = {"displayTimeUnit": "ms", "baseTimeNanoseconds": s.wall_origin_ns, "metadata": meta}
+    yield b"]," + orjson.dumps(tail, default=lambda o: _text(repr(o)))[1:]
+
+
+def dumps(s: Session) -> bytes:
+    return b"".join(_chunks(s))
 
 
 def write(s: Session, path: Path) -> Path:
-    """Write atomically (temp file, then rename). gzip when the name ends in ``.gz``."""
-    data = dumps(s)
-    if path.suffix == ".gz":
-        data = gzip.compress(data, compresslevel=3, mtime=0)
+    """Stream to a temp file, then rename: a killed writer never leaves a half file under ``path``.
+    gzip when the name ends in ``.gz``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, "wb") as raw:
+            f: Any = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0) if path.suffix == ".gz" else raw
+            for chunk in _chunks(s):
+                f.write(chunk)
+            if f is not raw:
+                f.close()
         os.replace(tmp, path)
     finally:
         if tmp.exists():

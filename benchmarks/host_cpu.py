@@ -1,0 +1,127 @@
+"""Host-only figures, for the 2-core CPU machine: P1b (region cost) and P5 (1M regions).
+
+    python benchmarks/host_cpu.py [--regions 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+import tracemalloc
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import alternate, emit, machine, stat  # noqa: E402
+
+import evtrace  # noqa: E402
+from evtrace import recorder  # noqa: E402
+
+
+def p1b(n: int = 200_000, trials: int = 9) -> None:
+    reg = evtrace.region("r")
+
+    @evtrace.region("f")
+    def f() -> None:
+        pass
+
+    def plain() -> None:
+        pass
+
+    def loop_bare() -> float:
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            pass
+        return (time.perf_counter_ns() - t) / n
+
+    def loop_region() -> float:
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            with reg:
+                pass
+        return (time.perf_counter_ns() - t) / n
+
+    def loop_fn_bare() -> float:
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            plain()
+        return (time.perf_counter_ns() - t) / n
+
+    def loop_fn_region() -> float:
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            f()
+        return (time.perf_counter_ns() - t) / n
+
+    def loop_clock() -> float:
+        pc = time.perf_counter_ns
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            pc()
+        return (time.perf_counter_ns() - t) / n
+
+    variants = {"bare": loop_bare, "with region": loop_region, "call": loop_fn_bare, "@region call": loop_fn_region, "perf_counter_ns": loop_clock}
+    off = alternate(variants, trials)
+    emit("P1b_no_session_ns", {k: stat(v) for k, v in off.items()})
+
+    def in_session(fn):  # type: ignore[no-untyped-def]
+        def run() -> float:
+            with evtrace.record(os.path.join(tempfile.gettempdir(), "p1b.json"), device=False, quiet=True):
+                return fn()
+
+        return run
+
+    on = alternate({"bare": loop_bare, "with region": in_session(loop_region), "@region call": in_session(loop_fn_region), "call": loop_fn_bare}, trials)
+    emit("P1b_host_session_ns", {k: stat(v) for k, v in on.items()})
+
+
+def p5(n: int) -> None:
+    """Record n host-only regions and export them to .json.gz; then memory per region while
+    recording (a second run under tracemalloc, which slows recording, so it is not timed)."""
+    path = os.path.join(tempfile.gettempdir(), "p5.json.gz")
+    reg = evtrace.region("step")
+
+    def record(trace_memory: bool) -> tuple[recorder.Recorder, float, float]:
+        gc.collect()
+        if trace_memory:
+            tracemalloc.start()
+        rec = recorder.Recorder(None, poll_s=0.01)
+        rec.start()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with reg:
+                pass
+        t_rec = time.perf_counter() - t0
+        rec.poll(final=True)
+        mem = 0.0
+        if trace_memory:
+            mem = tracemalloc.get_traced_memory()[0] / n
+            tracemalloc.stop()
+        return rec, t_rec, mem
+
+    rec, t_rec, _ = record(False)
+    t0 = time.perf_counter()
+    s = rec.stop()
+    t_stop = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s.save(path)
+    t_save = time.perf_counter() - t0
+    size = os.path.getsize(path)
+    del s, rec
+    rec, _, mem = record(True)
+    rec.stop()
+    emit("P5", {"regions": n, "record_s": t_rec, "stop_s": t_stop, "export_s": t_save, "bytes_per_region_recording": mem, "gz_bytes": size, "gz_bytes_per_region": size / n})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--regions", type=int, default=1_000_000)
+    ap.add_argument("--only", choices=["p1b", "p5"])
+    a = ap.parse_args()
+    emit("machine", machine() | {"cores": str(os.cpu_count())})
+    if a.only in (None, "p1b"):
+        p1b()
+    if a.only in (None, "p5"):
+        p5(a.regions)
