@@ -59,7 +59,7 @@ class record:
         *,
         device: bool | None = None,
         anchor_interval: float = 1.0,
-        pool_size: int = 256,
+        pool_size: int = 1024,
         quiet: bool = False,
         backend: Backend | None = None,
         clock: Clock = time.perf_counter_ns,

@@ -76,7 +76,7 @@ class Recorder:
         *,
         anchor_interval_s: float = 1.0,
         poll_s: float = 0.01,
-        pool_size: int = 256,
+        pool_size: int = 1024,
         max_events: int = 1 << 16,
         anchor_tries: int = 5,
         share_ns: int = 1500,
@@ -184,7 +184,7 @@ class Recorder:
     def _grow(self, device: int) -> Event | None:
         """The pool is dry: add events up to ``max_events``, then drop device spans (counted)."""
         with self._lock:
-            n = min(64, self.max_events - self._created[device])
+            n = min(256, self.max_events - self._created[device])
             if n <= 0:
                 self.dropped_device += 1
                 return None

@@ -1,0 +1,429 @@
+"""GPU figures for BENCHMARKS.md, each measured side by side with its alternatives in one run.
+
+    python benchmarks/gpu.py all                 # P1, P1b, P2, P3, P4 (60 s), anchors: ~4 min
+    python benchmarks/gpu.py p4 --seconds 600    # the 10-minute alignment run
+
+Every figure alternates its variants trial by trial and reports medians with min/max.
+Lines starting with RESULT are JSON; the last lines are a readable table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "samples"))
+from common import alternate, emit, machine, ratio_stats, stat  # noqa: E402
+
+import evtrace  # noqa: E402
+from evtrace import clock as evclock  # noqa: E402
+from evtrace import recorder  # noqa: E402
+
+TMP = tempfile.gettempdir()
+dev = torch.device("cuda:0")
+
+
+def session(**kw: Any) -> evtrace.record:
+    return evtrace.record(os.path.join(TMP, "bench.json.gz"), quiet=True, **kw)
+
+
+def per_iter(n: int, body: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter_ns()
+    for _ in range(n):
+        body()
+    el = time.perf_counter_ns() - t
+    torch.cuda.synchronize()
+    return el / n
+
+
+# ---- P1: one region around a tiny kernel ------------------------------------------------------
+def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
+    x = torch.zeros(1, device=dev)
+    s = torch.cuda.current_stream()
+    e1, e2 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e1.record(s), e2.record(s)
+    reg = evtrace.region("tiny")
+    rt = ctypes.CDLL("libcudart.so." + torch.version.cuda.split(".")[0])  # type: ignore[union-attr]
+    rec_raw = rt.cudaEventRecord
+    rec_raw.argtypes, rec_raw.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    h1, h2, sp = ctypes.c_void_p(e1.cuda_event), ctypes.c_void_p(e2.cuda_event), ctypes.c_void_p(s.cuda_stream)
+
+    def bare() -> float:
+        return per_iter(n, lambda: x.add_(1))
+
+    def naive() -> float:
+        def body() -> None:
+            e1.record()
+            x.add_(1)
+            e2.record()
+
+        return per_iter(n, body)
+
+    def with_stream() -> float:
+        def body() -> None:
+            e1.record(s)
+            x.add_(1)
+            e2.record(s)
+
+        return per_iter(n, body)
+
+    def raw() -> float:
+        def body() -> None:
+            rec_raw(h1, sp)
+            x.add_(1)
+            rec_raw(h2, sp)
+
+        return per_iter(n, body)
+
+    def in_session(share: bool) -> Callable[[], float]:
+        def run() -> float:
+            def body() -> None:
+                with reg:
+                    x.add_(1)
+
+            r = session()
+            with r:
+                if not share:
+                    recorder._active.share_ns = 0  # type: ignore[union-attr]
+                v = per_iter(n, body)
+            assert r.session is not None and r.session.meta["dropped_device_spans"] == 0
+            return v
+
+        return run
+
+    res = alternate({"bare": bare, "region": in_session(True), "region, no sharing": in_session(False), "Event.record() x2": naive, "Event.record(stream) x2": with_stream, "raw cudaEventRecord x2": raw}, trials)
+    out = {k: stat([v - b for v, b in zip(vals, res["bare"])]) for k, vals in res.items() if k != "bare"}
+    out["bare loop (kernel launch)"] = stat(res["bare"])
+    emit("P1_ns_over_bare", out)
+    return out
+
+
+# ---- P1b: no session, and a host-only session, on this machine's CPU ---------------------------
+def p1b(n: int = 200_000, trials: int = 7) -> dict[str, Any]:
+    reg = evtrace.region("r")
+
+    def loop(body: Callable[[], Any]) -> float:
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            body()
+        return (time.perf_counter_ns() - t) / n
+
+    def empty() -> None:
+        pass
+
+    def region_body() -> None:
+        with reg:
+            pass
+
+    def host_session() -> float:
+        with evtrace.record(os.path.join(TMP, "p1b.json"), device=False, quiet=True):
+            return loop(region_body)
+
+    res = alternate({"call": lambda: loop(empty), "no session": lambda: loop(region_body), "host-only session": host_session}, trials)
+    out = {k: stat([v - b for v, b in zip(res[k], res["call"])]) for k in ("no session", "host-only session")}
+    emit("P1b_ns_over_empty_call", out)
+    return out
+
+
+# ---- P2: launch-bound model, every module traced ----------------------------------------------
+def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(48):
+        layers += [nn.Linear(256, 256), nn.GELU()]
+    model = nn.Sequential(*layers).to(dev).eval()
+    x = torch.randn(8, 256, device=dev)
+
+    def timed() -> float:
+        with torch.no_grad():
+            for _ in range(3):
+                model(x)
+            return per_iter(fwd, lambda: model(x))
+
+    def evtrace_all(share: bool) -> Callable[[], float]:
+        def run() -> float:
+            with evtrace.instrument(model) as ins, session():
+                assert len(ins) == 97
+                if not share:
+                    recorder._active.share_ns = 0  # type: ignore[union-attr]
+                return timed()
+
+        return run
+
+    def noop_hooks() -> float:
+        hs = []
+        for m in model.modules():
+            hs.append(m.register_forward_pre_hook(lambda m, a: None))
+            hs.append(m.register_forward_hook(lambda m, a, o: None))
+        try:
+            return timed()
+        finally:
+            for h in hs:
+                h.remove()
+
+    def profiler() -> float:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts):
+            return timed()
+
+    res = alternate({"untraced": timed, "evtrace, every module": evtrace_all(True), "evtrace, event pair per module": evtrace_all(False), "no-op module hooks": noop_hooks, "torch.profiler": profiler}, trials)
+    out = {k: ratio_stats(v, res["untraced"]) for k, v in res.items() if k != "untraced"}
+    out["untraced forward µs"] = stat([v / 1000 for v in res["untraced"]])
+    emit("P2_ratio", out)
+    return out
+
+
+# ---- P3: the seed article's pipeline -----------------------------------------------------------
+def p3(iters: int = 10, trials: int = 21) -> dict[str, Any]:
+    from models import Model1, Model2, cpu_task
+
+    torch.manual_seed(0)
+    m1, m2 = Model1().to(dev).eval(), Model2().to(dev).eval()
+    x = torch.randn(32, 3, 224, 224, device=dev)
+
+    def pipeline(mode: str) -> float:
+        rng = np.random.default_rng(0)  # the same CPU task in every variant
+        torch.cuda.synchronize()
+        t = time.perf_counter_ns()
+        with torch.inference_mode():
+            for _ in range(iters):
+                if mode == "traced":
+                    with evtrace.region("step"):
+                        with evtrace.region("model1"):
+                            y = m1(x)
+                        with evtrace.region("cpu_task", host_only=True):
+                            cpu_task(rng)
+                        with evtrace.region("model2"):
+                            m2(y)
+                else:
+                    y = m1(x)
+                    if mode == "sync":
+                        torch.cuda.synchronize()
+                    cpu_task(rng)
+                    m2(y)
+                    if mode == "sync":
+                        torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return (time.perf_counter_ns() - t) / iters
+
+    def traced() -> float:
+        with evtrace.instrument(m1, depth=2), evtrace.instrument(m2, depth=2), session():
+            return pipeline("traced")
+
+    def profiler() -> float:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts):
+            return pipeline("plain")
+
+    pipeline("plain")
+    res = alternate({"untraced": lambda: pipeline("plain"), "evtrace": traced, "sync timing": lambda: pipeline("sync"), "torch.profiler": profiler}, trials)
+    out = {k: ratio_stats(v, res["untraced"]) for k, v in res.items() if k != "untraced"}
+    out["untraced step ms"] = stat([v / 1e6 for v in res["untraced"]])
+    emit("P3_ratio", out)
+    return out
+
+
+# ---- P4: alignment against CUPTI --------------------------------------------------------------
+def wall_to_perf() -> tuple[float, float]:
+    """(perf_counter ns, time_ns) at one instant: the tightest of many brackets."""
+    best = None
+    for _ in range(2000):
+        a = time.perf_counter_ns()
+        w = time.time_ns()
+        b = time.perf_counter_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, (a + b) / 2, w)
+    assert best is not None
+    return best[1], float(best[2])
+
+
+def spin(us: float) -> None:
+    torch.cuda._sleep(int(us * 1980))  # ~1.98 GHz
+
+
+def p4(seconds: float) -> dict[str, Any]:
+    """Regions that each hold one kernel, in busy and idle phases, traced by evtrace and by the
+    profiler (CUPTI) at once. Error = evtrace's device end - CUPTI's kernel end, both on
+    perf_counter (CUPTI's wall-clock ns mapped through a tight time_ns bracket at each end)."""
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    p_start = wall_to_perf()
+    prof = torch.profiler.profile(activities=acts)
+    r = session_keep()
+    probes: list[tuple[int, int]] = []
+    with prof, r:
+        t_end = time.perf_counter() + seconds
+        phase = 0
+        while time.perf_counter() < t_end:
+            busy = phase % 2 == 0
+            ph_end = min(time.perf_counter() + 2.5, t_end)
+            while time.perf_counter() < ph_end:
+                with evtrace.region("k"):
+                    spin(500 if busy else 50)
+                time.sleep(0.0005 if busy else 0.02)
+                if len(probes) < 200 and not busy:
+                    a = time.perf_counter_ns()
+                    with torch.profiler.record_function("probe"):
+                        pass
+                    probes.append((a, time.perf_counter_ns()))
+            phase += 1
+        torch.cuda.synchronize()
+    p_end = wall_to_perf()
+    s = r.session
+    assert s is not None
+    path = os.path.join(TMP, "p4_prof.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        doc = json.load(f)
+    base = float(doc.get("baseTimeNanoseconds", 0))
+    evs = doc["traceEvents"]
+
+    def wall(ev: dict[str, Any], end: bool) -> float:
+        t = float(ev["ts"]) + (float(ev.get("dur", 0)) if end else 0.0)
+        return base + t * 1000 if t < 1e12 else t * 1000  # relative to base, or epoch µs
+
+    # wall-clock ns -> perf_counter ns, linear between the two brackets
+    slope = (p_end[0] - p_start[0]) / (p_end[1] - p_start[1])
+    to_perf = lambda w: p_start[0] + (w - p_start[1]) * slope  # noqa: E731
+    kernels = sorted((e for e in evs if e.get("cat") == "kernel" and "spin" in e.get("name", "")), key=lambda e: e["ts"])
+    k_end = np.array([to_perf(wall(e, True)) for e in kernels]) - r._recorder_origin  # type: ignore[attr-defined]
+    assert s.meta["dropped_device_spans"] == 0 and s.device_spans == len(s)
+    reg = s.regions
+    order = np.argsort(reg["host_start"], kind="stable")
+    d_end = reg["dev_end"][order].astype(float)
+    n = min(len(k_end), len(d_end))
+    err_us = (d_end[:n] - k_end[:n]) / 1000
+    probe_ev = sorted((e for e in evs if e.get("name") == "probe"), key=lambda e: e["ts"])
+    probe_err = [to_perf(wall(e, False)) - (a) for e, (a, b) in zip(probe_ev, probes)]
+    # a single anchor (the first), as a one-shot calibration would do
+    a = r._anchors  # type: ignore[attr-defined]
+    single = evclock.fit(a[0][:1], a[1][:1], a[2][:1])
+    d_single = single.to_host(r._dev_ms_end[order]) - r._recorder_origin  # type: ignore[attr-defined]
+    err_single = (d_single[:n] - k_end[:n]) / 1000
+    al = s.meta["alignment"]["0"]
+    out = {
+        "seconds": seconds,
+        "regions": int(len(reg)),
+        "kernels": len(kernels),
+        "matched": n,
+        "median_us": float(np.median(err_us)),
+        "median_abs_us": float(np.median(np.abs(err_us))),
+        "p95_abs_us": float(np.percentile(np.abs(err_us), 95)),
+        "p5_us": float(np.percentile(err_us, 5)),
+        "max_abs_us": float(np.max(np.abs(err_us))),
+        "single_anchor_abs_us_at_end": float(np.abs(err_single[-50:]).mean()),
+        "probe_cpu_offset_us_median": float(np.median(probe_err) / 1000) if probe_err else None,
+        "anchors": al["anchors"],
+        "drift_ppm": al["drift_ppm"],
+        "residual_us_median": al["residual_us_median"],
+        "residual_us_max": al["residual_us_max"],
+        "clamped": s.meta["clamped_device_spans"],
+    }
+    emit(f"P4_{int(seconds)}s", out)
+    return out
+
+
+class _KeepAnchors(evtrace.record):
+    """A record() that also keeps the raw anchors and device ms, for the single-anchor comparison."""
+
+    def __exit__(self, *exc: object) -> None:
+        rec = self._recorder
+        assert rec is not None
+        self._recorder_origin = rec.origin_ns
+        orig = rec._session
+
+        def grab(end_ns: int):  # type: ignore[no-untyped-def]
+            live = np.concatenate(rec._chunks)
+            live = live[np.argsort(live["host_start"], kind="stable")]
+            self._dev_ms_end = live["dev_end"].copy()
+            lo, hi, ms = (np.array(c, dtype=float) for c in zip(*rec._anchors[0]))
+            self._anchors = (lo, hi, ms)
+            return orig(end_ns)
+
+        rec._session = grab  # type: ignore[method-assign]
+        super().__exit__(*exc)
+
+
+def session_keep(**kw: Any) -> _KeepAnchors:
+    return _KeepAnchors(os.path.join(TMP, "bench.json.gz"), quiet=True, **kw)
+
+
+# ---- anchors: cost, promptness under load, float32 --------------------------------------------
+def anchors() -> dict[str, Any]:
+    be = evtrace.device.cuda_backend()
+    assert be is not None
+    rec = recorder.Recorder(be, background=False)
+    rec.start()
+    costs = []
+    for _ in range(50):
+        t = time.perf_counter_ns()
+        rec._anchor_all()
+        costs.append((time.perf_counter_ns() - t) / 1000)
+        rec._resolve_anchors()
+    torch.cuda.synchronize()
+    rec._resolve_anchors()
+    n_idle = len(rec._anchors[0])
+    time.sleep(0.05)
+    rec._anchor_all()
+    # saturate the main stream with ~100 ms of queued work, then anchor on the side stream
+    spin(100_000)
+    busy_from = len(rec._anchor_pending[0]) + len(rec._anchors[0])
+    for _ in range(10):
+        time.sleep(0.005)
+        rec._anchor_all()
+    torch.cuda.synchronize()
+    time.sleep(0.05)
+    rec._anchor_all()
+    torch.cuda.synchronize()
+    rec._resolve_anchors()
+    lo, hi, ms = (np.array(c, dtype=float) for c in zip(*rec._anchors[0]))
+    idle = np.r_[np.arange(n_idle, n_idle + 1), np.arange(len(ms) - 1, len(ms))]
+    fit = evclock.fit(lo[idle], hi[idle], ms[idle])
+    busy = np.arange(busy_from, busy_from + 10)
+    err = (fit.to_host(ms[busy]) - (lo[busy] + hi[busy]) / 2) / 1000
+    rec.stop()
+    ulp = {f"{x:g} ms": float(np.spacing(np.float32(x)) * 1000) for x in (1e3, 1e4, 1e6)}
+    out = {"anchor_cost_us": stat(costs), "interval_s": 1.0, "saturated_anchor_err_us": {"min": float(err.min()), "max": float(err.max()), "median": float(np.median(err))}, "float32_ulp_us_at": ulp}
+    emit("anchors", out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["all", "p1", "p1b", "p2", "p3", "p4", "anchors"])
+    ap.add_argument("--seconds", type=float, default=60)
+    a = ap.parse_args()
+    emit("machine", machine())
+    table: dict[str, Any] = {}
+    if a.what in ("all", "p1"):
+        table["P1"] = p1()
+    if a.what in ("all", "p1b"):
+        table["P1b"] = p1b()
+    if a.what in ("all", "p2"):
+        table["P2"] = p2()
+    if a.what in ("all", "p3"):
+        table["P3"] = p3()
+    if a.what in ("all", "anchors"):
+        table["anchors"] = anchors()
+    if a.what in ("all", "p4"):
+        table["P4"] = p4(a.seconds)
+    gc.collect()
+    for k, v in table.items():
+        print(k, json.dumps(v, indent=None, default=str)[:2000])
+
+
+if __name__ == "__main__":
+    main()
