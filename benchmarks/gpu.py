@@ -31,6 +31,7 @@ from common import alternate, emit, machine, ratio_stats, stat  # noqa: E402
 import evtrace  # noqa: E402
 from evtrace import clock as evclock  # noqa: E402
 from evtrace import recorder  # noqa: E402
+from evtrace.device import CudaBackend  # noqa: E402
 
 TMP = tempfile.gettempdir()
 dev = torch.device("cuda:0")
@@ -89,13 +90,13 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
 
         return per_iter(n, body)
 
-    def in_session(share: bool) -> Callable[[], float]:
-        def run() -> float:
-            def body() -> None:
-                with reg:
-                    x.add_(1)
+    def body() -> None:
+        with reg:
+            x.add_(1)
 
-            r = session()
+    def in_session(share: bool = True, raw_events: bool = True) -> Callable[[], float]:
+        def run() -> float:
+            r = session(backend=CudaBackend(raw=raw_events))
             with r:
                 if not share:
                     recorder._active.share_ns = 0  # type: ignore[union-attr]
@@ -105,7 +106,25 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
 
         return run
 
-    res = alternate({"bare": bare, "region": in_session(True), "region, no sharing": in_session(False), "Event.record() x2": naive, "Event.record(stream) x2": with_stream, "raw cudaEventRecord x2": raw}, trials)
+    def no_resolver() -> float:
+        rec = recorder.Recorder(CudaBackend(), background=False)
+        rec.start()
+        try:
+            return per_iter(n, body)
+        finally:
+            rec.stop()
+
+    variants = {
+        "bare": bare,
+        "region": in_session(),
+        "region, no sharing": in_session(share=False),
+        "region, torch events": in_session(raw_events=False),
+        "region, resolver off (hot path only)": no_resolver,
+        "Event.record() x2": naive,
+        "Event.record(stream) x2": with_stream,
+        "raw cudaEventRecord x2": raw,
+    }
+    res = alternate(variants, trials)
     out = {k: stat([v - b for v, b in zip(vals, res["bare"])]) for k, vals in res.items() if k != "bare"}
     out["bare loop (kernel launch)"] = stat(res["bare"])
     emit("P1_ns_over_bare", out)
@@ -154,9 +173,9 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
                 model(x)
             return per_iter(fwd, lambda: model(x))
 
-    def evtrace_all(share: bool) -> Callable[[], float]:
+    def evtrace_all(share: bool, raw_events: bool = True) -> Callable[[], float]:
         def run() -> float:
-            with evtrace.instrument(model) as ins, session():
+            with evtrace.instrument(model) as ins, session(backend=CudaBackend(raw=raw_events)):
                 assert len(ins) == 97
                 if not share:
                     recorder._active.share_ns = 0  # type: ignore[union-attr]
@@ -180,7 +199,17 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
         with torch.profiler.profile(activities=acts):
             return timed()
 
-    res = alternate({"untraced": timed, "evtrace, every module": evtrace_all(True), "evtrace, event pair per module": evtrace_all(False), "no-op module hooks": noop_hooks, "torch.profiler": profiler}, trials)
+    res = alternate(
+        {
+            "untraced": timed,
+            "evtrace, every module": evtrace_all(True),
+            "evtrace, event pair per module": evtrace_all(False),
+            "evtrace, torch events": evtrace_all(True, raw_events=False),
+            "no-op module hooks": noop_hooks,
+            "torch.profiler": profiler,
+        },
+        trials,
+    )
     out = {k: ratio_stats(v, res["untraced"]) for k, v in res.items() if k != "untraced"}
     out["untraced forward µs"] = stat([v / 1000 for v in res["untraced"]])
     emit("P2_ratio", out)
@@ -363,9 +392,7 @@ def session_keep(**kw: Any) -> _KeepAnchors:
 
 # ---- anchors: cost, promptness under load, float32 --------------------------------------------
 def anchors() -> dict[str, Any]:
-    be = evtrace.device.cuda_backend()
-    assert be is not None
-    rec = recorder.Recorder(be, background=False)
+    rec = recorder.Recorder(CudaBackend(), background=False)
     rec.start()
     costs = []
     for _ in range(50):

@@ -9,6 +9,7 @@ Off the hot path (resolver thread, session start/stop): everything else.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -29,27 +30,70 @@ class Backend(Protocol):
     current: Callable[[], tuple[int, int]]
 
     def new_event(self, device: int) -> Event: ...
-    def record(self, event: Event, device: int, stream: int) -> None: ...
+    def record(self, event: Event, device: int, stream: int) -> bool: ...  # False: not recorded
     def query(self, event: Event) -> bool: ...
     def elapsed_ms(self, start: Event, end: Event) -> float: ...
     def synchronize(self, device: int) -> None: ...
     def side_stream(self, device: int) -> int: ...
     def stream_label(self, device: int, stream: int) -> str: ...
+    def close(self) -> None: ...
+
+
+class _Cudart:
+    """The few CUDA runtime calls evtrace needs, straight through ctypes.
+
+    ``PyDLL`` keeps the GIL held during each (short, non-blocking) call: releasing it, as
+    ``CDLL`` and torch's own bindings do, lets a busy background thread take it and stall the
+    caller for up to the switch interval.
+    """
+
+    NOT_READY = 600  # cudaErrorNotReady
+
+    def __init__(self, lib: ctypes.PyDLL) -> None:
+        vp = ctypes.c_void_p
+        self.lib = lib
+        self.create = lib.cudaEventCreateWithFlags
+        self.create.argtypes, self.create.restype = [ctypes.POINTER(vp), ctypes.c_uint], ctypes.c_int
+        self.record = lib.cudaEventRecord
+        self.record.argtypes, self.record.restype = [vp, vp], ctypes.c_int
+        self.query = lib.cudaEventQuery
+        self.query.argtypes, self.query.restype = [vp], ctypes.c_int
+        self.elapsed = lib.cudaEventElapsedTime
+        self.elapsed.argtypes, self.elapsed.restype = [ctypes.POINTER(ctypes.c_float), vp, vp], ctypes.c_int
+        self.destroy = lib.cudaEventDestroy
+        self.destroy.argtypes, self.destroy.restype = [vp], ctypes.c_int
+        self.last_error = lib.cudaGetLastError
+        self.last_error.restype = ctypes.c_int
+        self.set_device = lib.cudaSetDevice
+        self.set_device.argtypes, self.set_device.restype = [ctypes.c_int], ctypes.c_int
+
+    @classmethod
+    def load(cls, cuda_version: str | None) -> _Cudart | None:
+        """The runtime torch already loaded (found by soname), or None."""
+        if not cuda_version:
+            return None
+        try:
+            return cls(ctypes.PyDLL(f"libcudart.so.{cuda_version.split('.')[0]}"))
+        except (OSError, AttributeError):
+            return None
 
 
 class CudaBackend:
-    """CUDA through torch, shaped by what the calls cost (measured on an H100):
+    """CUDA through torch for streams and devices, and raw runtime calls for events.
+
+    Shaped by what the calls cost (measured on an H100 here):
 
     - ``torch.cuda.current_stream()`` builds a Python ``Stream`` (~10 µs); the raw handle from
-      ``torch._C._cuda_getCurrentRawStream`` costs ~0.2 µs, so streams are cached by handle.
-    - ``Event.record()`` without a stream pays that lookup again; the base-class
-      ``record(event, stream)`` is ~3 µs.
-    - A new ``torch.cuda.Event`` creates its CUDA event on first record (+4 µs), so
-      ``new_event`` records once on the side stream before the event is handed out.
+      ``torch._C._cuda_getCurrentRawStream`` costs ~0.2 µs.
+    - ``torch.cuda.Event.record(stream)`` costs ~3 µs and releases the GIL; a raw
+      ``cudaEventRecord`` ~2.5 µs. A new torch Event creates its CUDA event only on first
+      record (+4 µs); raw events are created up front, off the hot path.
     - ``_cuda_getDevice`` costs ~0.4 µs: skipped when only one device is visible.
+
+    Without a loadable ``libcudart`` (a static build), torch's Event objects are used instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, raw: bool = True) -> None:
         import torch
 
         self._torch = torch
@@ -58,13 +102,20 @@ class CudaBackend:
         self.devices = [DeviceInfo(i, torch.cuda.get_device_name(i)) for i in range(n)]
         self._raw_stream = torch._C._cuda_getCurrentRawStream
         self._get_device = torch._C._cuda_getDevice
-        self._base_record = torch._C._CudaEventBase.record
-        self._streams: dict[int, Any] = {}  # raw handle -> torch Stream
-        self._labels: dict[tuple[int, int], str] = {}
+        self._labels: dict[Any, str] = {}  # raw stream handle (or (device, handle)) -> lane name
         self._side = {i: torch.cuda.Stream(device=i) for i in range(n)}
-        for i, s in self._side.items():
-            self._remember(i, s, "evtrace anchors")
+        for i, st in self._side.items():
+            self._labels[st.cuda_stream] = "evtrace anchors"
         self.current = self._current_single if n == 1 else self._current_multi
+        self._rt = _Cudart.load(torch.version.cuda) if raw else None
+        self._created: list[int] = []
+        if self._rt is not None:
+            self.record = self._record_raw
+        else:
+            self._base_record = torch._C._CudaEventBase.record
+            self._streams: dict[int, Any] = {}
+            self.record = self._record_torch  # type: ignore[method-assign]
+        self.raw_events = self._rt is not None
 
     def _current_single(self) -> tuple[int, int]:
         return 0, self._raw_stream(0)
@@ -73,47 +124,90 @@ class CudaBackend:
         d = self._get_device()
         return d, self._raw_stream(d)
 
-    def _remember(self, device: int, stream: Any, label: str | None = None) -> None:
-        key = stream.cuda_stream
-        self._streams[key] = stream
-        if label is None:
-            label = "default stream" if key == 0 else f"stream {stream.stream_id}"
-        self._labels[(device, key)] = label
+    # ---- raw runtime events -------------------------------------------------------------------
+    def _record_raw(self, event: Event, device: int, stream: int) -> bool:
+        if stream not in self._labels:
+            self._learn(device, stream)
+        if self._rt.record(event, stream) == 0:  # type: ignore[union-attr]
+            return True
+        self._rt.last_error()  # type: ignore[union-attr]  # never leave an error for torch to find
+        return False
 
+    def new_event(self, device: int) -> Event:
+        if self._rt is None:
+            ev = self._torch.cuda.Event(enable_timing=True)
+            self._base_record(ev, self._side[device])  # create the CUDA event now, not on the hot path
+            return ev
+        h = ctypes.c_void_p()
+        with self._torch.cuda.device(device):
+            rc = self._rt.create(ctypes.byref(h), 0)
+        if rc != 0:
+            self._rt.last_error()
+            raise RuntimeError(f"cudaEventCreateWithFlags failed with CUDA error {rc}")
+        self._created.append(int(h.value or 0))
+        return int(h.value or 0)
+
+    def query(self, event: Event) -> bool:
+        if self._rt is None:
+            return bool(event.query())
+        rc = self._rt.query(event)
+        if rc == 0:
+            return True
+        self._rt.last_error()
+        if rc == _Cudart.NOT_READY:
+            return False
+        raise RuntimeError(f"cudaEventQuery failed with CUDA error {rc}")
+
+    def elapsed_ms(self, start: Event, end: Event) -> float:
+        if self._rt is None:
+            return float(start.elapsed_time(end))  # signed; float32 inside CUDA
+        out = ctypes.c_float()
+        rc = self._rt.elapsed(ctypes.byref(out), start, end)
+        if rc != 0:
+            self._rt.last_error()
+            raise RuntimeError(f"cudaEventElapsedTime failed with CUDA error {rc}")
+        return out.value
+
+    # ---- torch events (fallback) -----------------------------------------------------------
     def _stream(self, device: int, key: int) -> Any:
         s = self._streams.get(key)
         if s is None:  # first sight of this stream: pay for the Python object once
+            self._learn(device, key)
             s = self._torch.cuda.current_stream(device)
             if s.cuda_stream != key:
                 s = self._torch.cuda.ExternalStream(key, device=device)
-            self._remember(device, s)
+            self._streams[key] = s
         return s
 
-    def new_event(self, device: int) -> Event:
-        ev = self._torch.cuda.Event(enable_timing=True)
-        self._base_record(ev, self._side[device])  # create the CUDA event now, not on the hot path
-        return ev
-
-    def record(self, event: Event, device: int, stream: int) -> None:
+    def _record_torch(self, event: Event, device: int, stream: int) -> bool:
         s = self._streams.get(stream)
         if s is None:
             s = self._stream(device, stream)
         self._base_record(event, s)
+        return True
 
-    def query(self, event: Event) -> bool:
-        return bool(event.query())
-
-    def elapsed_ms(self, start: Event, end: Event) -> float:
-        return float(start.elapsed_time(end))  # signed; float32 inside CUDA
-
+    # ---- the rest -----------------------------------------------------------------------------
     def synchronize(self, device: int) -> None:
         self._torch.cuda.synchronize(device)
 
     def side_stream(self, device: int) -> int:
         return int(self._side[device].cuda_stream)
 
+    def _learn(self, device: int, stream: int) -> None:
+        """First sight of a stream (it is current right now): name it once, as torch numbers it."""
+        st = self._torch.cuda.current_stream(device)
+        label = f"stream {st.stream_id}" if st.cuda_stream == stream else f"stream {stream:#x}"
+        self._labels[stream] = "default stream" if stream == 0 else label
+
     def stream_label(self, device: int, stream: int) -> str:
-        return self._labels.get((device, stream), f"stream {stream:#x}")
+        return self._labels.get(stream) or self._labels.get((device, stream)) or f"stream {stream:#x}"
+
+    def close(self) -> None:
+        """Destroy the raw events this backend created (all resolved by now)."""
+        if self._rt is not None:
+            for h in self._created:
+                self._rt.destroy(h)
+            self._created.clear()
 
 
 def cuda_backend() -> CudaBackend | None:

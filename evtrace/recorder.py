@@ -112,6 +112,7 @@ class Recorder:
         self._count = 0
         self.dropped_device = 0  # regions that lost their device span: the event pool was dry
         self.split_device = 0  # regions whose two events ended up on different devices
+        self.failed_records = 0  # event records the device refused
         self.resolver_errors: list[str] = []
         self._stop_flag = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,7 +153,10 @@ class Recorder:
         ev = pool.pop() if pool else self._grow(d)
         if ev is None:
             return None
-        self._record(ev, d, s)
+        if not self._record(ev, d, s):  # e.g. a stream being captured into a CUDA graph
+            pool.append(ev)
+            self.failed_records += 1
+            return None
         return [ev, None]
 
     def _enter_device(self, name: int, args: Any) -> tuple[Any, ...]:
@@ -235,7 +239,13 @@ class Recorder:
             for d in range(len(self.backend.devices)):
                 self.backend.synchronize(d)
         self.poll(final=True)
-        return self._session(end_ns)
+        session = self._session(end_ns)
+        if self.backend is not None:
+            # regions still open take no more events: their exits find an empty pool
+            self.max_events = 0
+            self._pools = [[] for _ in self._pools]
+            self.backend.close()
+        return session
 
     # ---- resolver (background thread, or poll() by hand) --------------------------------------
     def poll(self, final: bool = False) -> None:
@@ -270,11 +280,14 @@ class Recorder:
                         q = self._waiting[key] = deque()
                     q.append(rec)
             for q in self._waiting.values():
+                # stream order: once the newest end mark is done, every older one is too
+                tail_done = bool(q) and self._done_mark(q[-1][10])
                 while q:
                     rec = q[0]
-                    m0, m1 = rec[7], rec[10]
-                    if not ((m1[1] is not None or b.query(m1[0])) and (m0[1] is not None or b.query(m0[0]))):
+                    if not (tail_done or self._done_mark(rec[10])):
                         break  # later marks on this stream are not done either
+                    if rec[6] != rec[9] and not self._done_mark(rec[7]):
+                        break  # begun on another stream, which has not got there yet
                     if self._ref[rec[5]] is None or self._ref[rec[8]] is None:
                         break  # that device's first anchor has not resolved yet
                     q.popleft()
@@ -291,6 +304,9 @@ class Recorder:
             self._finished.append((name, args, ix, h0, h1, -1, 0, float("nan"), float("nan")))
         else:
             self._finished.append((name, args, ix, h0, h1, d0, s0, t0, t1))
+
+    def _done_mark(self, m: list[Any]) -> bool:
+        return m[1] is not None or self.backend.query(m[0])  # type: ignore[union-attr]
 
     def _resolve(self, device: int, m: list[Any]) -> float:
         """A finished mark's device ms, against the latest anchor (a short, float32-safe elapsed)."""
@@ -422,7 +438,7 @@ class Recorder:
             argv=list(sys.argv),
             regions=int(len(regions)),
             device_spans=int((~nodev).sum()),
-            dropped_device_spans=self.dropped_device,
+            dropped_device_spans=self.dropped_device + self.failed_records,
             split_device_spans=self.split_device,
             clamped_device_spans=clamped,
             alignment=align,

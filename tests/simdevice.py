@@ -76,7 +76,7 @@ class SimBackend:
         self.created += 1
         return SimEvent()
 
-    def record(self, ev: SimEvent, device: int, stream: int) -> None:
+    def record(self, ev: SimEvent, device: int, stream: int) -> bool:
         self.records += 1
         start = self.dev_now() + self.latency
         if stream != SIDE:
@@ -84,6 +84,7 @@ class SimBackend:
         ev.stamp = start
         ev.truth_host = self.to_host(start)
         self.stamps.append(SimEvent(start, ev.truth_host))
+        return True
 
     def query(self, ev: SimEvent) -> bool:
         assert ev.stamp is not None, "query of an event never recorded"
@@ -104,6 +105,9 @@ class SimBackend:
 
     def stream_label(self, device: int, stream: int) -> str:
         return "default stream" if stream == 0 else f"stream {stream}"
+
+    def close(self) -> None:
+        self.closed = True
 
     # ---- test helpers ----
     def launch(self, ns: float, stream: int | None = None, host_ns: int = 5000) -> None:
