@@ -74,9 +74,9 @@ for rep in range(2):
     e, xx = rec.enter, rec.exit
     k = recorder.name_key("p")
     loop("enter+exit only (no kernel)", lambda: xx(e(k, None)))
-    loop("current() only", be.current)
+    loop("raw_stream() only", lambda: be.raw_stream(0))
     ev = be.new_event(0)
-    loop("record raw only", lambda: be.record(ev, 0, 0))
+    loop("record raw only", lambda: be.record(ev, 0))
     loop("perf_counter_ns", pc)
     rec.stop()
     be = CudaBackend()

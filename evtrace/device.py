@@ -26,11 +26,15 @@ class Backend(Protocol):
     """What a device must offer. No method may block the host except ``synchronize``."""
 
     devices: list[DeviceInfo]
-    #: () -> (device index, stream key). Hot path: must be cheap.
-    current: Callable[[], tuple[int, int]]
+    #: hot path, must be cheap: the current device (asked only with several devices), the
+    #: current stream's handle on a device, and recording an event (returns 0 or an error code)
+    get_device: Callable[[], int]
+    raw_stream: Callable[[int], int]
+    record: Callable[[Event, int], int]
 
+    def learn_stream(self, device: int, stream: int) -> None: ...  # first sight, while current
+    def record_failed(self, code: int) -> None: ...
     def new_event(self, device: int) -> Event: ...
-    def record(self, event: Event, device: int, stream: int) -> bool: ...  # False: not recorded
     def query(self, event: Event) -> bool: ...
     def elapsed_ms(self, start: Event, end: Event) -> float: ...
     def synchronize(self, device: int) -> None: ...
@@ -106,32 +110,34 @@ class CudaBackend:
         self._side = {i: torch.cuda.Stream(device=i) for i in range(n)}
         for i, st in self._side.items():
             self._labels[st.cuda_stream] = "evtrace anchors"
-        self.current = self._current_single if n == 1 else self._current_multi
+            self._streams[st.cuda_stream] = st
+        self.raw_stream, self.get_device = self._raw_stream, self._get_device
         self._rt = _Cudart.load(torch.version.cuda) if raw else None
         self._created: list[int] = []
+        self._streams: dict[int, Any] = {}  # raw handle -> torch Stream (torch events only)
+        self._out = ctypes.c_float()
+        self._outp = ctypes.pointer(self._out)
         if self._rt is not None:
-            self.record = self._record_raw
+            self.record = self._rt.record  # the C function itself: no Python frame on the hot path
         else:
             self._base_record = torch._C._CudaEventBase.record
-            self._streams: dict[int, Any] = {}
-            self.record = self._record_torch  # type: ignore[method-assign]
+            self.record = self._record_torch  # type: ignore[assignment]
         self.raw_events = self._rt is not None
 
-    def _current_single(self) -> tuple[int, int]:
-        return 0, self._raw_stream(0)
+    def learn_stream(self, device: int, stream: int) -> None:
+        """First sight of a stream (it is current right now): name it as torch numbers it."""
+        st = self._torch.cuda.current_stream(device)
+        label = f"stream {st.stream_id}" if st.cuda_stream == stream else f"stream {stream:#x}"
+        self._labels[stream] = "default stream" if stream == 0 else label
+        if self._rt is None:
+            self._streams[stream] = st if st.cuda_stream == stream else self._torch.cuda.ExternalStream(stream, device=device)
 
-    def _current_multi(self) -> tuple[int, int]:
-        d = self._get_device()
-        return d, self._raw_stream(d)
+    def record_failed(self, code: int) -> None:
+        """After a refused record: clear this thread's CUDA error, so that torch never sees it."""
+        if self._rt is not None:
+            self._rt.last_error()
 
     # ---- raw runtime events -------------------------------------------------------------------
-    def _record_raw(self, event: Event, device: int, stream: int) -> bool:
-        if stream not in self._labels:
-            self._learn(device, stream)
-        if self._rt.record(event, stream) == 0:  # type: ignore[union-attr]
-            return True
-        self._rt.last_error()  # type: ignore[union-attr]  # never leave an error for torch to find
-        return False
 
     def new_event(self, device: int) -> Event:
         if self._rt is None:
@@ -161,30 +167,16 @@ class CudaBackend:
     def elapsed_ms(self, start: Event, end: Event) -> float:
         if self._rt is None:
             return float(start.elapsed_time(end))  # signed; float32 inside CUDA
-        out = ctypes.c_float()
-        rc = self._rt.elapsed(ctypes.byref(out), start, end)
+        rc = self._rt.elapsed(self._outp, start, end)  # resolver thread only: one output slot
         if rc != 0:
             self._rt.last_error()
             raise RuntimeError(f"cudaEventElapsedTime failed with CUDA error {rc}")
-        return out.value
+        return self._out.value
 
     # ---- torch events (fallback) -----------------------------------------------------------
-    def _stream(self, device: int, key: int) -> Any:
-        s = self._streams.get(key)
-        if s is None:  # first sight of this stream: pay for the Python object once
-            self._learn(device, key)
-            s = self._torch.cuda.current_stream(device)
-            if s.cuda_stream != key:
-                s = self._torch.cuda.ExternalStream(key, device=device)
-            self._streams[key] = s
-        return s
-
-    def _record_torch(self, event: Event, device: int, stream: int) -> bool:
-        s = self._streams.get(stream)
-        if s is None:
-            s = self._stream(device, stream)
-        self._base_record(event, s)
-        return True
+    def _record_torch(self, event: Event, stream: int) -> int:
+        self._base_record(event, self._streams[stream])
+        return 0
 
     # ---- the rest -----------------------------------------------------------------------------
     def synchronize(self, device: int) -> None:
@@ -192,12 +184,6 @@ class CudaBackend:
 
     def side_stream(self, device: int) -> int:
         return int(self._side[device].cuda_stream)
-
-    def _learn(self, device: int, stream: int) -> None:
-        """First sight of a stream (it is current right now): name it once, as torch numbers it."""
-        st = self._torch.cuda.current_stream(device)
-        label = f"stream {st.stream_id}" if st.cuda_stream == stream else f"stream {stream:#x}"
-        self._labels[stream] = "default stream" if stream == 0 else label
 
     def stream_label(self, device: int, stream: int) -> str:
         return self._labels.get(stream) or self._labels.get((device, stream)) or f"stream {stream:#x}"

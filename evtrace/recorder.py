@@ -123,7 +123,9 @@ class Recorder:
         if backend is None:
             self.enter, self.exit = self._enter_host, self._exit_host
         else:
-            self._current, self._record = backend.current, backend.record
+            self._raw_stream, self._get_device, self._record = backend.raw_stream, backend.get_device, backend.record
+            self._multi = len(backend.devices) > 1
+            self._seen: set[int] = {backend.side_stream(d) for d in range(len(backend.devices))}
             self.enter, self.exit = self._enter_device, self._exit_device
 
     # ---- hot path -------------------------------------------------------------------------
@@ -149,11 +151,16 @@ class Recorder:
 
     def _mark(self, d: int, s: int) -> list[Any] | None:
         """Record a pooled event on stream ``s``: a mark ``[event, device ms once resolved]``."""
+        if s not in self._seen:
+            self._seen.add(s)
+            self.backend.learn_stream(d, s)  # type: ignore[union-attr]
         pool = self._pools[d]
         ev = pool.pop() if pool else self._grow(d)
         if ev is None:
             return None
-        if not self._record(ev, d, s):  # e.g. a stream being captured into a CUDA graph
+        rc = self._record(ev, s)
+        if rc:  # refused: e.g. a stream being captured into a CUDA graph
+            self.backend.record_failed(rc)  # type: ignore[union-attr]
             pool.append(ev)
             self.failed_records += 1
             return None
@@ -164,7 +171,8 @@ class Recorder:
             t = self._tls.t
         except AttributeError:
             t = self._new_thread()
-        d, s = self._current()
+        d = self._get_device() if self._multi else 0
+        s = self._raw_stream(d)
         h0 = self.clock()
         if h0 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d:
             m = t.last_m  # nothing can have been launched since that mark: it serves again
@@ -175,7 +183,8 @@ class Recorder:
 
     def _exit_device(self, tok: tuple[Any, ...]) -> None:
         t = self._tls.t
-        d, s = self._current()
+        d = self._get_device() if self._multi else 0
+        s = self._raw_stream(d)
         h1 = self.clock()
         if not (h1 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d):
             t.last_m = self._mark(d, s)
@@ -297,25 +306,21 @@ class Recorder:
 
     def _finish_device(self, rec: tuple[Any, ...]) -> None:
         name, args, ix, h0, h1, d0, s0, m0, d1, _s1, m1 = rec
-        t0 = self._resolve(d0, m0)
-        t1 = self._resolve(d1, m1)
-        if d0 != d1:
+        elapsed, pools = self.backend.elapsed_ms, self._pools  # type: ignore[union-attr]
+        for d, m in ((d0, m0), (d1, m1)):
+            if m[1] is None:  # against the latest anchor: a short, float32-safe elapsed
+                ref_ev, ref_ms = self._ref[d]  # type: ignore[misc]
+                m[1] = ref_ms + elapsed(ref_ev, m[0])
+                pools[d].append(m[0])
+                m[0] = None
+        if d0 == d1:
+            self._finished.append((name, args, ix, h0, h1, d0, s0, m0[1], m1[1]))
+        else:
             self.split_device += 1
             self._finished.append((name, args, ix, h0, h1, -1, 0, float("nan"), float("nan")))
-        else:
-            self._finished.append((name, args, ix, h0, h1, d0, s0, t0, t1))
 
     def _done_mark(self, m: list[Any]) -> bool:
         return m[1] is not None or self.backend.query(m[0])  # type: ignore[union-attr]
-
-    def _resolve(self, device: int, m: list[Any]) -> float:
-        """A finished mark's device ms, against the latest anchor (a short, float32-safe elapsed)."""
-        if m[1] is None:
-            ref_ev, ref_ms = self._ref[device]  # type: ignore[misc]
-            m[1] = ref_ms + self.backend.elapsed_ms(ref_ev, m[0])  # type: ignore[union-attr]
-            self._pools[device].append(m[0])
-            m[0] = None
-        return float(m[1])
 
     def _release(self, device: int, m: list[Any] | None) -> None:
         """Give back a mark's event without resolving it (once, even if the mark is shared)."""
@@ -335,7 +340,7 @@ class Recorder:
                 pool = self._pools[d]
                 ev = pool.pop() if pool else b.new_event(d)
                 lo = self.clock()
-                b.record(ev, d, side)
+                b.record(ev, side)
                 hi = self.clock()
                 if best is None or hi - lo < best[1] - best[0]:
                     if best is not None:

@@ -61,10 +61,22 @@ class SimBackend:
         self.records = 0
         self.syncs = 0
         self.stamps: list[SimEvent] = []  # every record, in order (ground truth)
+        self.learned: list[tuple[int, int]] = []
+        self.failures: list[int] = []
+        self.refuse = False  # refuse records, as CUDA does on a capturing stream
 
     # ---- the seam ----
-    def current(self) -> tuple[int, int]:
-        return self.device, self.stream
+    def get_device(self) -> int:
+        return self.device
+
+    def raw_stream(self, device: int) -> int:
+        return self.stream
+
+    def learn_stream(self, device: int, stream: int) -> None:
+        self.learned.append((device, stream))
+
+    def record_failed(self, code: int) -> None:
+        self.failures.append(code)
 
     def dev_now(self) -> float:
         return (self.clock.now - self.offset) * self.rate
@@ -76,7 +88,10 @@ class SimBackend:
         self.created += 1
         return SimEvent()
 
-    def record(self, ev: SimEvent, device: int, stream: int) -> bool:
+    def record(self, ev: SimEvent, stream: int) -> int:
+        if self.refuse:
+            return 900  # like cudaErrorStreamCaptureUnsupported
+        device = self.device
         self.records += 1
         start = self.dev_now() + self.latency
         if stream != SIDE:
@@ -84,7 +99,7 @@ class SimBackend:
         ev.stamp = start
         ev.truth_host = self.to_host(start)
         self.stamps.append(SimEvent(start, ev.truth_host))
-        return True
+        return 0
 
     def query(self, ev: SimEvent) -> bool:
         assert ev.stamp is not None, "query of an event never recorded"

@@ -171,3 +171,22 @@ def test_adjacent_boundaries_share_one_event_and_stay_exact(tmp_path: Path) -> N
     assert parent["dev_start"] <= leaf["dev_start"][0] and parent["dev_end"] == leaf["dev_end"][-1]
     gap = r[r["name"] == s.names.index("gap")][0]
     assert gap["dev_end"] - gap["dev_start"] == pytest.approx(10_000, abs=100)  # the 50 µs kernel is not in it
+
+
+def test_refused_records_are_counted_and_cleared(tmp_path: Path) -> None:
+    """A device that refuses event records (e.g. a stream under graph capture) costs device
+    spans, never a crash, and every refusal's error is cleared for the program."""
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    with evtrace.record(tmp_path / "refused.json", backend=sim, clock=clk, quiet=True) as r:
+        with evtrace.region("fine"):
+            sim.launch(1000)
+        sim.refuse = True
+        for _ in range(3):
+            with evtrace.region("captured"):
+                sim.launch(1000)
+        sim.refuse = False
+    s = r.session
+    assert s is not None and len(s) == 4 and s.device_spans == 1
+    assert s.meta["dropped_device_spans"] == 3
+    assert len(sim.failures) >= 3
