@@ -278,24 +278,23 @@ class Recorder:
             for rec in batch:
                 if len(rec) == 5:  # a host-only region
                     self._finished.append((*rec, -1, 0, nan, nan))
-                elif rec[7] is None or rec[10] is None:  # the pool was dry at one end
-                    self._release(rec[5], rec[7])
-                    self._release(rec[8], rec[10])
+                elif rec[7] is None and rec[10] is None:  # no event at either end
                     self._finished.append((*rec[:5], -1, 0, nan, nan))
-                else:
-                    key = (rec[8], rec[9])
+                else:  # queued on the stream of its end mark (its start mark if the end has none)
+                    key = (rec[8], rec[9]) if rec[10] is not None else (rec[5], rec[6])
                     q = self._waiting.get(key)
                     if q is None:
                         q = self._waiting[key] = deque()
                     q.append(rec)
-            for q in self._waiting.values():
-                # stream order: once the newest end mark is done, every older one is too
-                tail_done = bool(q) and self._done_mark(q[-1][10])
-                while q:
+            for (d, _s), q in self._waiting.items():
+                if q and self._ref[d] is not None and self._done_mark(q[-1][10] or q[-1][7]):
+                    self._finish_all(d, q)  # stream order: the newest mark is done, so all are
+                while q:  # what the fast path left: one at a time
                     rec = q[0]
-                    if not (tail_done or self._done_mark(rec[10])):
+                    m0, m1 = rec[7], rec[10]
+                    if not self._done_mark(m1 or m0):
                         break  # later marks on this stream are not done either
-                    if rec[6] != rec[9] and not self._done_mark(rec[7]):
+                    if m0 is not None and m1 is not None and rec[6] != rec[9] and not self._done_mark(m0):
                         break  # begun on another stream, which has not got there yet
                     if self._ref[rec[5]] is None or self._ref[rec[8]] is None:
                         break  # that device's first anchor has not resolved yet
@@ -308,26 +307,40 @@ class Recorder:
         name, args, ix, h0, h1, d0, s0, m0, d1, _s1, m1 = rec
         elapsed, pools = self.backend.elapsed_ms, self._pools  # type: ignore[union-attr]
         for d, m in ((d0, m0), (d1, m1)):
-            if m[1] is None:  # against the latest anchor: a short, float32-safe elapsed
+            if m is not None and m[1] is None:  # against the latest anchor: a short, float32-safe elapsed
                 ref_ev, ref_ms = self._ref[d]  # type: ignore[misc]
                 m[1] = ref_ms + elapsed(ref_ev, m[0])
                 pools[d].append(m[0])
                 m[0] = None
-        if d0 == d1:
+        if m0 is not None and m1 is not None and d0 == d1:
             self._finished.append((name, args, ix, h0, h1, d0, s0, m0[1], m1[1]))
-        else:
-            self.split_device += 1
+        else:  # one end had no event (pool dry or record refused), or two devices
+            self.split_device += m0 is not None and m1 is not None
             self._finished.append((name, args, ix, h0, h1, -1, 0, float("nan"), float("nan")))
+
+    def _finish_all(self, d: int, q: deque[tuple[Any, ...]]) -> None:
+        """Resolve a stream's queue whose marks are all done, stopping at any unusual record
+        (one end without an event, begun on another stream or device) for the slow path."""
+        ref_ev, ref_ms = self._ref[d]  # type: ignore[misc]
+        elapsed, pool, out = self.backend.elapsed_ms, self._pools[d], self._finished  # type: ignore[union-attr]
+        while q:
+            rec = q[0]
+            m0, m1 = rec[7], rec[10]
+            if m0 is None or m1 is None or rec[5] != d or (rec[6] != rec[9] and m0[1] is None):
+                return
+            q.popleft()
+            if m0[1] is None:
+                m0[1] = ref_ms + elapsed(ref_ev, m0[0])
+                pool.append(m0[0])
+                m0[0] = None
+            if m1[1] is None:
+                m1[1] = ref_ms + elapsed(ref_ev, m1[0])
+                pool.append(m1[0])
+                m1[0] = None
+            out.append((rec[0], rec[1], rec[2], rec[3], rec[4], d, rec[6], m0[1], m1[1]))
 
     def _done_mark(self, m: list[Any]) -> bool:
         return m[1] is not None or self.backend.query(m[0])  # type: ignore[union-attr]
-
-    def _release(self, device: int, m: list[Any] | None) -> None:
-        """Give back a mark's event without resolving it (once, even if the mark is shared)."""
-        if m is not None and m[1] is None and m[0] is not None:
-            self._pools[device].append(m[0])
-            m[0] = None
-            m[1] = float("nan")
 
     def _anchor_all(self) -> None:
         """Anchor each device: the tightest of a few host-bracketed records on its idle side stream."""
@@ -373,13 +386,17 @@ class Recorder:
         self._finished = []
         cols = list(zip(*rows))
         base = self._count
-        for i, a in enumerate(cols[1]):
-            if a:
-                self._args[base + i] = a
+        if cols[1].count(None) != len(rows):
+            for i, a in enumerate(cols[1]):
+                if a:
+                    self._args[base + i] = a
         if len(cols) > 5:
-            stream_idx = self._streams
-            streams = [stream_idx.setdefault((d, s), len(stream_idx)) if d >= 0 else -1 for d, s in zip(cols[5], cols[6])]
-            self._add_chunk(cols[0], cols[2], cols[3], cols[4], cols[5], streams, cols[7], cols[8])
+            dev = np.array(cols[5], dtype=np.int64)
+            lane = np.array(cols[6], dtype=np.uint64) * 256 + (dev + 1).astype(np.uint64)  # handles < 2^48
+            keys, inverse = np.unique(lane, return_inverse=True)
+            pairs = [(k % 256 - 1, k // 256) for k in keys.tolist()]
+            ix = np.array([self._streams.setdefault(p, len(self._streams)) if p[0] >= 0 else -1 for p in pairs], dtype=np.int32)
+            self._add_chunk(cols[0], cols[2], cols[3], cols[4], dev, ix[inverse.reshape(-1)], cols[7], cols[8])
         else:
             self._add_chunk(cols[0], cols[2], cols[3], cols[4])
 
