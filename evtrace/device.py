@@ -106,7 +106,8 @@ class CudaBackend:
         self.devices = [DeviceInfo(i, torch.cuda.get_device_name(i)) for i in range(n)]
         self._raw_stream = torch._C._cuda_getCurrentRawStream
         self._get_device = torch._C._cuda_getDevice
-        self._labels: dict[Any, str] = {}  # raw stream handle (or (device, handle)) -> lane name
+        self._labels: dict[Any, str] = {}  # raw stream handle -> lane name
+        self._streams: dict[int, Any] = {}  # raw handle -> torch Stream (for torch events)
         self._side = {i: torch.cuda.Stream(device=i) for i in range(n)}
         for i, st in self._side.items():
             self._labels[st.cuda_stream] = "evtrace anchors"
@@ -114,7 +115,6 @@ class CudaBackend:
         self.raw_stream, self.get_device = self._raw_stream, self._get_device
         self._rt = _Cudart.load(torch.version.cuda) if raw else None
         self._created: list[int] = []
-        self._streams: dict[int, Any] = {}  # raw handle -> torch Stream (torch events only)
         self._out = ctypes.c_float()
         self._outp = ctypes.pointer(self._out)
         if self._rt is not None:
@@ -186,7 +186,7 @@ class CudaBackend:
         return int(self._side[device].cuda_stream)
 
     def stream_label(self, device: int, stream: int) -> str:
-        return self._labels.get(stream) or self._labels.get((device, stream)) or f"stream {stream:#x}"
+        return self._labels.get(stream) or f"stream {stream:#x}"
 
     def close(self) -> None:
         """Destroy the raw events this backend created (all resolved by now)."""
