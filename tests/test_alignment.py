@@ -16,8 +16,8 @@ def anchors(n: int, drift_ppm: float, jitter_ns: float = 0.0, seed: int = 1):
     rng = np.random.default_rng(seed)
     host = 5e12 + np.arange(n) * 1e9  # one anchor a second
     dev_ms = (host - host[0]) * (1 + drift_ppm * 1e-6) / 1e6
-    mid = host + rng.normal(0, jitter_ns, n)
-    return mid - 1000, mid + 1000, dev_ms, host
+    end = host + rng.normal(0, jitter_ns, n)  # the GPU stamps at the end of the host call
+    return end - 2000, end, dev_ms, host
 
 
 @pytest.mark.parametrize("drift", [-25.0, 0.0, 18.0, 25.0])
@@ -86,15 +86,14 @@ def test_session_recovers_offset_and_drift_over_a_minute() -> None:
     a = s.meta["alignment"]["0"]
     assert float(a["drift_ppm"]) == pytest.approx(22.0, abs=0.05)
     assert a["anchors"] >= 60
-    # the anchors' bracket midpoint is half a fake-clock step early: a known, constant bias
-    assert np.abs(err).max() < 1000
+    assert np.abs(err).max() < 100
     assert sim.syncs == 1  # once, at stop
 
 
 def test_long_anchor_gaps_are_still_exact_despite_float32() -> None:
     """elapsed_time is float32 ms: only ever taken against a nearby anchor, so no 61 µs steps."""
     s, err, _ = run_sim(120, drift_ppm=-18.0, anchor_s=1.0)
-    assert np.abs(err).max() < 1000
+    assert np.abs(err).max() < 100
 
 
 def test_device_spans_never_start_before_their_launch(tmp_path) -> None:
