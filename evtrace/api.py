@@ -47,7 +47,8 @@ class record:
 
     Options: ``device`` (None: CUDA when available; False: host lanes only), ``anchor_interval``
     (seconds between clock anchors), ``pool_size`` (pre-created events per GPU), ``quiet``
-    (no line printed), and, for tests and other devices, ``backend`` and ``clock``.
+    (no line printed), ``open`` (serve the trace to ui.perfetto.dev once written), and, for
+    tests and other devices, ``backend`` and ``clock``.
     """
 
     session: Session | None
@@ -61,12 +62,13 @@ class record:
         anchor_interval: float = 1.0,
         pool_size: int = 1024,
         quiet: bool = False,
+        open: bool = False,
         backend: Backend | None = None,
         clock: Clock = time.perf_counter_ns,
     ) -> None:
         self._path = Path(path) if path is not None else None
-        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, backend=backend, clock=clock)
-        self.device, self.quiet, self._backend, self._clock = device, quiet, backend, clock
+        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, backend=backend, clock=clock)
+        self.device, self.quiet, self.open, self._backend, self._clock = device, quiet, open, backend, clock
         self.anchor_interval, self.pool_size = anchor_interval, pool_size
         self.session = None
         self.path = None
@@ -100,6 +102,13 @@ class record:
         if not self.quiet:
             sys.stdout.flush()  # keep the script's own output first
             print(describe(self.session, self.path), file=sys.stderr)
+        if self.open:
+            from .view import serve
+
+            try:
+                serve(self.path)
+            except OSError as e:
+                print(f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}", file=sys.stderr)
 
     def __call__(self, fn: F) -> F:
         @functools.wraps(fn)

@@ -21,7 +21,7 @@ from .api import default_path, output_problem, record
 from .export.chrome import TraceError
 from .session import Session
 
-COMMANDS = ("run", "summary")
+COMMANDS = ("run", "summary", "view")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,10 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", type=Path, help="trace path (.json.gz or .json); default evtrace-<time>.json.gz")
     run.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
     run.add_argument("--no-cuda", action="store_true", help="record host lanes only")
+    run.add_argument("--open", action="store_true", help="open the trace in ui.perfetto.dev when done")
     run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)")
     summ = sub.add_parser("summary", help="print a table per region name")
     summ.add_argument("trace", type=Path)
     summ.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)")
+    view = sub.add_parser("view", help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)")
+    view.add_argument("trace", type=Path)
+    view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
+    view.add_argument("--port", type=int, default=9001, help="the UI only fetches from port 9001; another port is for your own tools")
     return p
 
 
@@ -56,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "summary":
             return _summary(ns)
+        if ns.command == "view":
+            return _view(ns)
         if ns.command == "run":
             return _run(ns)
     except UsageError as e:
@@ -73,6 +80,23 @@ def _summary(ns: argparse.Namespace) -> int:
     except TraceError as e:
         raise UsageError(str(e)) from None
     print(session.summary(skip=ns.skip))
+    return 0
+
+
+def _view(ns: argparse.Namespace) -> int:
+    from .export.chrome import load_json
+    from .view import serve
+
+    try:
+        load_json(ns.trace)  # refuse a corrupt or truncated file before serving it
+    except TraceError as e:
+        raise UsageError(str(e)) from None
+    if not 0 < ns.port < 65536:
+        raise UsageError(f"--port {ns.port} is not a port")
+    try:
+        serve(ns.trace, ns.port, open_browser=not ns.no_browser)
+    except OSError as e:
+        raise UsageError(f"cannot serve on 127.0.0.1:{ns.port}: {e.strerror or e}") from None
     return 0
 
 
@@ -102,7 +126,7 @@ def _run(ns: argparse.Namespace) -> int:
     saved_argv, saved_path0 = sys.argv[:], sys.path[0]
     code = 0
     failure: BaseException | None = None
-    rec = record(out, device=False if ns.no_cuda else None)
+    rec = record(out, device=False if ns.no_cuda else None, open=ns.open)
     rec.__enter__()
     try:
         if ns.module:

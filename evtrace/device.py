@@ -128,7 +128,7 @@ class CudaBackend:
         """First sight of a stream (it is current right now): name it as torch numbers it."""
         st = self._torch.cuda.current_stream(device)
         label = f"stream {st.stream_id}" if st.cuda_stream == stream else f"stream {stream:#x}"
-        self._labels[stream] = "default stream" if stream == 0 else label
+        self._labels[stream] = "stream 0 (default)" if stream == 0 else label
         if self._rt is None:
             self._streams[stream] = st if st.cuda_stream == stream else self._torch.cuda.ExternalStream(stream, device=device)
 

@@ -182,7 +182,10 @@ class Recorder:
         return (name, args, t.ix, h0, d, s, m)
 
     def _exit_device(self, tok: tuple[Any, ...]) -> None:
-        t = self._tls.t
+        try:
+            t = self._tls.t
+        except AttributeError:  # exited on a thread that entered no region
+            t = self._new_thread()
         d = self._get_device() if self._multi else 0
         s = self._raw_stream(d)
         h1 = self.clock()

@@ -57,8 +57,15 @@ def problems(doc: Any) -> list[str]:
                 flows_in[ev["bind_id"]] = ts
             if ("bind_id" in ev) and not isinstance(ev["bind_id"], int):
                 out.append(f"event {k}: bind_id is not an integer")
+        elif ph == "C":
+            args = ev.get("args")
+            ts = _ns(ev.get("ts"))
+            if ts is None or ts < 0:
+                out.append(f"event {k}: counter ts {ev.get('ts')} not a non-negative µs value")
+            if not isinstance(args, dict) or not args or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in args.values()):
+                out.append(f"event {k}: counter args {args!r} are not finite numbers")
         else:
-            out.append(f"event {k}: phase {ph!r} (only X and M are written)")
+            out.append(f"event {k}: phase {ph!r} (only X, M and C are written)")
     for fid, ts_in in flows_in.items():
         if fid not in flows_out:
             out.append(f"flow {fid}: sink without source")

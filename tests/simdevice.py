@@ -119,7 +119,7 @@ class SimBackend:
         return SIDE
 
     def stream_label(self, device: int, stream: int) -> str:
-        return "default stream" if stream == 0 else f"stream {stream}"
+        return "stream 0 (default)" if stream == 0 else f"stream {stream}"
 
     def close(self) -> None:
         self.closed = True

@@ -147,7 +147,7 @@ def test_construction_and_a_session_through_the_backend(backend: Any, tmp_path: 
         torch.current[0] = FakeStream(0, 0)
     s = r.session
     assert s is not None and s.device_spans == 2
-    assert [st.label for st in s.streams] == ["default stream", f"stream {side.stream_id}"]
+    assert [st.label for st in s.streams] == ["stream 0 (default)", f"stream {side.stream_id}"]
     assert s.devices[0].name == "Fake GPU"
 
 

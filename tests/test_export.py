@@ -58,7 +58,7 @@ def test_host_and_device_lanes_flows_and_args(tmp_path: Path) -> None:
     p = procs(doc)
     assert p[os.getpid()] == ("host", 0)
     assert p[DEVICE_PID] == ("GPU 0 · Sim GPU 0", 1)
-    assert sorted(lanes(doc).values()) == ["MainThread", "default stream", "stream 7"]
+    assert sorted(lanes(doc).values()) == ["MainThread", "stream 0 (default)", "stream 7"]
     host, dev = xs(doc, "region"), xs(doc, "device")
     assert len(host) == len(dev) == 9
     # every host span flows to its device span, which starts strictly later
@@ -174,3 +174,77 @@ def test_golden(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_bytes(orjson.dumps(got, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
     assert got == orjson.loads(GOLDEN.read_bytes())
+
+
+def test_counters_show_how_far_the_host_runs_ahead(tmp_path: Path) -> None:
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    with evtrace.record(tmp_path / "c.json", backend=sim, clock=clk, quiet=True):
+        for _ in range(4):  # each step queues 1 ms of work; the host needs a few µs
+            with evtrace.region("step"):
+                with evtrace.region("inner"):
+                    sim.launch(1_000_000)
+    doc = load_json(tmp_path / "c.json")
+    assert problems(doc) == []
+    depth = [e["args"]["regions"] for e in doc["traceEvents"] if e["ph"] == "C" and e["name"] == "regions in flight"]
+    assert max(depth) == 4 and depth[-1] == 0  # only outermost regions count: never 8
+    assert depth[:4] == [1, 2, 3, 4]
+    lead = [e["args"]["us"] for e in doc["traceEvents"] if e["ph"] == "C" and e["name"] == "host lead"]
+    assert len(lead) == 4 and lead == sorted(lead) and lead[-1] > 2000  # the queue deepens
+    assert all(e["pid"] == DEVICE_PID for e in doc["traceEvents"] if e["ph"] == "C")
+
+
+def test_a_region_exited_on_another_thread(tmp_path: Path) -> None:
+    import threading
+
+    with evtrace.record(tmp_path / "x.json", device=False, quiet=True) as r:
+        reg = evtrace.region("handoff")
+        reg.__enter__()
+        with evtrace.region("main work"):
+            pass
+        t = threading.Thread(target=lambda: reg.__exit__(None, None, None), name="closer")
+        t.start()
+        t.join()
+        with evtrace.region("after"):
+            pass
+    s = r.session
+    assert s is not None and len(s) == 3
+    # the span stays on the lane of the thread that entered it
+    assert {s.threads[i].name for i in s.regions["thread"].tolist()} == {"MainThread"}
+    assert problems(load_json(tmp_path / "x.json")) == []
+
+
+def test_two_threads_launching_onto_one_stream(tmp_path: Path) -> None:
+    """Interleaved launches make device spans cross on the stream: the crossing ones move to an
+    overlap lane, and nothing is dropped."""
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    rec = evtrace.recorder.Recorder(sim, clk, background=False)
+    rec.start()
+    k = evtrace.recorder.name_key
+    import threading
+
+    a_tok: list = []
+
+    def thread_b() -> None:  # enters while A's region is open, exits after A's
+        tb = rec.enter(k("B"), None)
+        sim.launch(20_000)
+        a_tok.append(tb)
+
+    ta = rec.enter(k("A"), None)
+    sim.launch(10_000)
+    t = threading.Thread(target=thread_b, name="second")
+    t.start()
+    t.join()
+    sim.launch(10_000)
+    rec.exit(ta)
+    sim.launch(5_000)
+    done = threading.Thread(target=lambda: rec.exit(a_tok[0]), name="second-exit")
+    done.start()
+    done.join()
+    s = rec.stop()
+    s.save(tmp_path / "two.json")
+    doc = load_json(tmp_path / "two.json")
+    assert problems(doc) == []
+    assert len(xs(doc, "device")) == 2
+    assert "stream 0 (default) (overlap)" in lanes(doc).values()

@@ -9,6 +9,7 @@ Times are integer ns since the session origin, written as µs with three decimal
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import zlib
 from pathlib import Path
@@ -144,7 +145,7 @@ def _meta_events(s: Session, lanes: _Lanes) -> list[dict[str, Any]]:
     for i, t in enumerate(s.threads):
         events += _lane_meta(s.pid, t.tid, "host", 0, _text(t.name), i * 100)
         extra(lanes.host_extra, t.tid, s.pid, "host", 0, _text(t.name), i * 100)
-    order = sorted(range(len(s.streams)), key=lambda j: (s.streams[j].label != "default stream", j))
+    order = sorted(range(len(s.streams)), key=lambda j: (not s.streams[j].label.endswith("(default)"), j))
     for rank, j in enumerate(order):
         st = s.streams[j]
         pid, pname = DEVICE_PID + st.device, _text(f"GPU {st.device} · {s.devices[st.device].name}")
@@ -193,6 +194,41 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
         yield ",".join(out)
 
 
+def outermost(s: Session) -> np.ndarray:
+    """Regions not contained in another region of the same thread (closed-open intervals)."""
+    r = s.regions
+    out = np.zeros(len(r), dtype=bool)
+    for th in np.unique(r["thread"]):
+        rows = np.nonzero(r["thread"] == th)[0]
+        o = rows[np.lexsort((-r["host_end"][rows], r["host_start"][rows]))]
+        end = r["host_end"][o]
+        prev_max = np.maximum.accumulate(np.r_[np.iinfo(np.int64).min, end[:-1]])
+        out[o] = end > prev_max
+    return out
+
+
+_IN_FLIGHT = '{"ph":"C","name":"regions in flight","pid":%d,"tid":1,"ts":%.3f,"args":{"regions":%d}}'
+_LEAD = '{"ph":"C","name":"host lead","pid":%d,"tid":1,"ts":%.3f,"args":{"us":%.3f}}'
+
+
+def _counters(s: Session) -> Iterator[str]:
+    """Per GPU: outermost regions launched but not finished on the device (how far the host runs
+    ahead, as a queue depth), and each one's host lead (device start - host launch)."""
+    r = s.regions
+    top = outermost(s)
+    for d in np.unique(r["device"][r["device"] >= 0]).tolist():
+        g = r[top & (r["device"] == d)]
+        pid = DEVICE_PID + d
+        t = np.r_[g["host_start"], g["dev_end"]]
+        step = np.r_[np.ones(len(g), np.int64), -np.ones(len(g), np.int64)]
+        o = np.lexsort((step, t))  # at one instant the finish counts first
+        t, depth = t[o], np.cumsum(step[o])
+        last = np.r_[t[1:] != t[:-1], True]  # one value per instant: the last
+        yield ",".join(_IN_FLIGHT % (pid, ts, n) for ts, n in zip((t[last] / 1000).tolist(), depth[last].tolist()))
+        lead = ((g["dev_start"] - g["host_start"]) / 1000).tolist()
+        yield ",".join(_LEAD % (pid, ts, v) for ts, v in zip((g["host_start"] / 1000).tolist(), lead))
+
+
 def _chunks(s: Session) -> Iterator[bytes]:
     """The whole document, streamed: M events, X events, then the metadata."""
     lanes = _Lanes(s)
@@ -210,7 +246,7 @@ def _chunks(s: Session) -> Iterator[bytes]:
     head = orjson.dumps(_meta_events(s, lanes))[1:-1]
     yield b'{"traceEvents":[' + head
     sep = b"," if head else b""
-    for text in _slices(s, lanes):
+    for text in itertools.chain(_slices(s, lanes), _counters(s)):
         if text:
             yield sep + text.encode()
             sep = b","

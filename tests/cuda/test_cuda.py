@@ -97,7 +97,7 @@ def test_regions_on_two_streams_get_two_lanes(tmp_path: Path) -> None:
                     spin(1)
     s = r.session
     assert s is not None and len(s.streams) == 2
-    assert [st.label for st in s.streams][0] == "default stream"
+    assert [st.label for st in s.streams][0] == "stream 0 (default)"
     main = s.regions[s.regions["name"] == s.names.index("main")]
     other = s.regions[s.regions["name"] == s.names.index("side")]
     assert set(main["stream"].tolist()) != set(other["stream"].tolist())

@@ -1,0 +1,96 @@
+"""`evtrace view` and `--open`: one file on loopback, as Perfetto's deep link expects."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import evtrace
+
+UI = "https://ui.perfetto.dev"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def trace(tmp_path: Path) -> Path:
+    p = tmp_path / "my trace.json.gz"
+    with evtrace.record(p, device=False, quiet=True):
+        with evtrace.region("x"):
+            pass
+    return p
+
+
+def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), b""
+
+
+def test_view_serves_the_one_file_with_cors_then_exits(trace: Path) -> None:
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        url = p.stdout.readline().strip()  # type: ignore[union-attr]
+        assert url == f"{UI}/#!/?url=http://127.0.0.1:{port}/my%20trace.json.gz"
+        base = f"http://127.0.0.1:{port}"
+        for bad in ("/", "/status", "/../my%20trace.json.gz/..", "/etc/passwd", "/%2e%2e/" + trace.parent.name):
+            code, headers, _ = get(base + bad)
+            assert code == 404, bad
+            assert headers["Access-Control-Allow-Origin"] == UI
+        code, headers, body = get(base + "/my%20trace.json.gz")
+        assert code == 200 and body == trace.read_bytes()
+        assert headers["Access-Control-Allow-Origin"] == UI and headers["Cache-Control"] == "no-cache"
+        assert p.wait(timeout=10) == 0  # served once: done
+        assert "only fetches from 127.0.0.1:9001" in p.stderr.read()  # type: ignore[union-attr]
+
+
+def test_view_binds_loopback_only(trace: Path) -> None:
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        p.stdout.readline()  # type: ignore[union-attr]
+        out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if os.path.exists("/usr/bin/ss") or os.path.exists("/bin/ss") else ""
+        if out:
+            lines = [line for line in out.splitlines() if f":{port} " in line]
+            assert lines and all("127.0.0.1:" in line for line in lines), out
+        get(f"http://127.0.0.1:{port}/my%20trace.json.gz")
+        assert p.wait(timeout=10) == 0
+
+
+def test_view_refuses_a_corrupt_trace(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    p = subprocess.run([sys.executable, "-m", "evtrace", "view", str(bad), "--no-browser"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "not a complete gzip file" in p.stderr
+
+
+def test_run_open_hands_the_deep_link_to_the_browser(tmp_path: Path) -> None:
+    """--open: the browser (here a script standing in for the UI) fetches the file from the link."""
+    fetcher = tmp_path / "ui.py"
+    fetcher.write_text(
+        "import sys, urllib.parse, urllib.request\n"
+        "link = urllib.parse.unquote(sys.argv[1].split('url=', 1)[1])\n"
+        "data = urllib.request.urlopen(link, timeout=10).read()\n"
+        "open(sys.argv[2], 'wb').write(data)\n"
+    )
+    (tmp_path / "job.py").write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
+    got = tmp_path / "fetched.bin"
+    env = {**os.environ, "BROWSER": f"{sys.executable} {fetcher} %s {got}", "CUDA_VISIBLE_DEVICES": ""}
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 9001)) == 0:
+            pytest.skip("port 9001 is taken on this machine")
+    p = subprocess.run([sys.executable, "-m", "evtrace", "run", "--open", "-o", "t.json.gz", "job.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert got.read_bytes() == (tmp_path / "t.json.gz").read_bytes()
