@@ -133,7 +133,7 @@ class Recorder:
         # thread-local, not get_ident(): idents are reused once a thread ends
         with self._lock:
             t = self._tls.t = _ThreadState(len(self._thread_info))
-            self._thread_info.append(Thread(threading.get_native_id(), threading.current_thread().name))
+            self._thread_info.append(Thread(threading.get_native_id(), _thread_name()))
         return t
 
     def _enter_host(self, name: int, args: Any) -> tuple[Any, ...]:
@@ -483,6 +483,19 @@ class Recorder:
             pid=os.getpid(),
             wall_origin_ns=self.wall_origin_ns,
         )
+
+
+def _thread_name() -> str:
+    """The thread's Python name; threads torch started for backward are named as such."""
+    th = threading.current_thread()
+    torch = sys.modules.get("torch")
+    if isinstance(th, threading._DummyThread) and torch is not None:  # started outside Python
+        try:
+            if torch._C._current_autograd_node() is not None:
+                return f"autograd thread {threading.get_native_id()}"
+        except (AttributeError, RuntimeError):
+            pass
+    return th.name
 
 
 def _forget_in_child() -> None:

@@ -152,3 +152,22 @@ def test_sample_two_models_on_the_gpu(tmp_path: Path) -> None:
     m1_sync, cpu_sync = m1[:20], cpu[:20]  # with synchronize the host waits first
     assert (cpu_sync["host_start"] >= m1_sync["dev_end"] - 20_000).all()  # within alignment error
     print(s.summary(skip=5))
+
+
+def test_backward_regions_land_on_an_autograd_thread_lane(tmp_path: Path) -> None:
+    x = torch.randn(64, 64, device="cuda", requires_grad=True)
+
+    def hook(g: torch.Tensor) -> torch.Tensor:
+        with evtrace.region("in backward"):
+            return g * 2
+
+    with evtrace.record(tmp_path / "bw.json", quiet=True) as r:
+        y = (x @ x).sum()
+        y.register_hook(hook)
+        y.backward()
+        torch.cuda.synchronize()
+    s = r.session
+    assert s is not None
+    (row,) = s.regions[s.regions["name"] == s.names.index("in backward")]
+    assert s.threads[row["thread"]].name.startswith("autograd thread")
+    assert problems(load_json(tmp_path / "bw.json")) == []
