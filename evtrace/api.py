@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -16,6 +18,23 @@ from .session import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
 _said_no_cuda = False
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM while recording, so the trace is written first."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated("SIGTERM")
+
+
+def _die_by_sigterm() -> None:
+    """After the trace is written: end as SIGTERM would have (exit status 143 from a shell)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # never returns
 
 
 def default_path() -> Path:
@@ -47,8 +66,13 @@ class record:
 
     Options: ``device`` (None: CUDA when available; False: host lanes only), ``anchor_interval``
     (seconds between clock anchors), ``pool_size`` (pre-created events per GPU), ``quiet``
-    (no line printed), ``open`` (serve the trace to ui.perfetto.dev once written), and, for
-    tests and other devices, ``backend`` and ``clock``.
+    (no line printed), ``open`` (serve the trace to ui.perfetto.dev once written),
+    ``max_regions`` (keep at most this many, dropping the oldest, counted; None: no limit),
+    ``redact_argv`` (keep only the script's name of the command line), and, for tests and
+    other devices, ``backend`` and ``clock``.
+
+    SIGTERM while recording (main thread, default handler) writes the trace first, then ends
+    the process as SIGTERM would. Ctrl-C raises KeyboardInterrupt as usual, through ``__exit__``.
     """
 
     session: Session | None
@@ -63,13 +87,16 @@ class record:
         pool_size: int = 1024,
         quiet: bool = False,
         open: bool = False,
+        max_regions: int | None = 4_000_000,
+        redact_argv: bool = False,
         backend: Backend | None = None,
         clock: Clock = time.perf_counter_ns,
     ) -> None:
         self._path = Path(path) if path is not None else None
-        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, backend=backend, clock=clock)
+        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, max_regions=max_regions, redact_argv=redact_argv, backend=backend, clock=clock)
         self.device, self.quiet, self.open, self._backend, self._clock = device, quiet, open, backend, clock
-        self.anchor_interval, self.pool_size = anchor_interval, pool_size
+        self.anchor_interval, self.pool_size, self.max_regions, self.redact_argv = anchor_interval, pool_size, max_regions, redact_argv
+        self._old_sigterm: Any = None
         self.session = None
         self.path = None
         self._recorder: _rec.Recorder | None = None
@@ -86,19 +113,32 @@ class record:
             if backend is None and not _said_no_cuda and not self.quiet:
                 _said_no_cuda = True
                 print("evtrace: no CUDA device; recording host lanes only", file=sys.stderr)
-        self._recorder = _rec.Recorder(backend, self._clock, anchor_interval_s=self.anchor_interval, pool_size=self.pool_size)
+        self._recorder = _rec.Recorder(backend, self._clock, anchor_interval_s=self.anchor_interval, pool_size=self.pool_size, max_regions=self.max_regions)
         self._recorder.start()
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any = None, exc: Any = None, tb: Any = None) -> None:
         assert self._recorder is not None and self.path is not None
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
         self.session = self._recorder.stop()
         self._recorder = None
+        if self.redact_argv:
+            argv = self.session.meta.get("argv") or [""]
+            self.session.meta["argv"] = [Path(str(argv[0])).name] + (["<redacted>"] if len(argv) > 1 else [])
         try:
             self.session.save(self.path)
         except OSError as e:  # the session is still in memory: .session.save(elsewhere)
             print(f"evtrace: could not write {self.path}: {e.strerror or e}", file=sys.stderr)
             return
+        finally:
+            if exc_type is Terminated:
+                if not self.quiet:
+                    print(describe(self.session, self.path), file=sys.stderr)
+                _die_by_sigterm()
         if not self.quiet:
             sys.stdout.flush()  # keep the script's own output first
             print(describe(self.session, self.path), file=sys.stderr)
@@ -125,6 +165,9 @@ def describe(s: Session, path: Path) -> str:
     lost = int(s.meta.get("dropped_device_spans", 0)) + int(s.meta.get("split_device_spans", 0))
     if lost:
         extra += f", {lost} device spans lost"
+    for key, what in (("dropped_regions", "oldest regions dropped (max_regions)"), ("unfinished_regions", "unfinished")):
+        if int(s.meta.get(key, 0)):
+            extra += f", {s.meta[key]} {what}"
     clamped = int(s.meta.get("clamped_device_spans", 0))
     if clamped:
         extra += f", {clamped} clamped to their launch"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from . import __version__
-from .api import default_path, output_problem, record
+from .api import Terminated, default_path, output_problem, record
 from .export.chrome import TraceError
 from .session import Session
 
@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
     run.add_argument("--no-cuda", action="store_true", help="record host lanes only")
     run.add_argument("--open", action="store_true", help="open the trace in ui.perfetto.dev when done")
+    run.add_argument("--max-regions", type=int, default=4_000_000, metavar="N", help="keep the newest N regions, drop (and count) older ones; 0: no limit")
+    run.add_argument("--redact-argv", action="store_true", help="keep only the script's name of the command line in the trace")
     run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)")
     summ = sub.add_parser("summary", help="print a table per region name")
     summ.add_argument("trace", type=Path)
@@ -123,23 +125,27 @@ def _run(ns: argparse.Namespace) -> int:
         if not script.is_file():
             raise UsageError(f"no such script: {script}")
 
+    if ns.max_regions < 0:
+        raise UsageError("--max-regions must be 0 or more")
     saved_argv, saved_path0 = sys.argv[:], sys.path[0]
     code = 0
     failure: BaseException | None = None
-    rec = record(out, device=False if ns.no_cuda else None, open=ns.open)
-    rec.__enter__()
+    rec = record(out, device=False if ns.no_cuda else None, open=ns.open, max_regions=ns.max_regions or None, redact_argv=ns.redact_argv)
+    if ns.module:
+        sys.argv = [ns.module, *target_args]
+    else:
+        sys.argv = [str(script), *target_args]
+        sys.path[0] = str(script.resolve().parent)
+    rec.__enter__()  # after the swap: the trace's argv is the target's
     try:
         if ns.module:
-            sys.argv = [ns.module, *target_args]
             runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
         else:
-            sys.argv = [str(script), *target_args]
-            sys.path[0] = str(script.resolve().parent)
             runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
         code = _exit_code(e)
-    except KeyboardInterrupt:
-        rec.__exit__(None, None, None)
+    except (KeyboardInterrupt, Terminated) as e:  # trace first, then end as the signal would
+        rec.__exit__(type(e), e, e.__traceback__)
         raise
     except BaseException as e:  # the user's exception: shown after the trace is written
         failure, code = e, 1

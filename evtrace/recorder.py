@@ -57,10 +57,11 @@ class _ThreadState:
     module tree.
     """
 
-    __slots__ = ("ix", "last_m", "last_d", "last_s", "last_t")
+    __slots__ = ("ix", "open", "last_m", "last_d", "last_s", "last_t")
 
     def __init__(self, ix: int) -> None:
         self.ix = ix
+        self.open: list[tuple[Any, ...]] = []  # regions entered on this thread, not yet exited
         self.last_m: list[Any] | None = None
         self.last_d = self.last_s = -1
         self.last_t = _NEVER
@@ -78,6 +79,7 @@ class Recorder:
         poll_s: float = 0.01,
         pool_size: int = 1024,
         max_events: int = 1 << 16,
+        max_regions: int | None = 4_000_000,
         anchor_tries: int = 5,
         share_ns: int = 1500,
         background: bool = True,
@@ -88,6 +90,7 @@ class Recorder:
         self.poll_s = poll_s
         self.pool_size = pool_size
         self.max_events = max_events
+        self.max_regions = max_regions
         self.anchor_tries = anchor_tries
         self.background = background
         ndev = len(backend.devices) if backend else 0
@@ -97,6 +100,7 @@ class Recorder:
         self._pools: list[list[Event]] = [[] for _ in range(ndev)]
         self._tls = threading.local()  # .t: this thread's _ThreadState
         self._thread_info: list[Thread] = []
+        self._states: list[_ThreadState] = []  # by thread index: each thread's open regions
         self._lock = threading.Lock()  # thread registry and pool growth only, never per region
         # resolver-owned
         self._created = [0] * ndev
@@ -110,14 +114,19 @@ class Recorder:
         self._streams: dict[tuple[int, int], int] = {}
         self._args: dict[int, dict[str, Any]] = {}
         self._count = 0
+        self._kept = 0
         self.dropped_device = 0  # regions that lost their device span: the event pool was dry
         self.split_device = 0  # regions whose two events ended up on different devices
         self.failed_records = 0  # event records the device refused
+        self.unfinished = 0  # regions still open when the session stopped
+        self.dropped_regions = 0  # oldest regions dropped to keep memory under max_regions
+        self._first_index = 0  # global index of the oldest region kept
         self.resolver_errors: list[str] = []
         self._stop_flag = threading.Event()
         self._thread: threading.Thread | None = None
         self.origin_ns = 0
         self.wall_origin_ns = 0
+        self.argv: list[str] = []
         self.share_ns = share_ns
         self.enter_host, self.exit_host = self._enter_host, self._exit_host
         if backend is None:
@@ -133,17 +142,33 @@ class Recorder:
         # thread-local, not get_ident(): idents are reused once a thread ends
         with self._lock:
             t = self._tls.t = _ThreadState(len(self._thread_info))
+            self._states.append(t)
             self._thread_info.append(Thread(threading.get_native_id(), _thread_name()))
         return t
 
     def _enter_host(self, name: int, args: Any) -> tuple[Any, ...]:
         try:
-            ix = self._tls.t.ix
+            t = self._tls.t
         except AttributeError:
-            ix = self._new_thread().ix
-        return (name, args, ix, self.clock())
+            t = self._new_thread()
+        tok = (name, args, t.ix, self.clock())
+        t.open.append(tok)
+        return tok
+
+    def _closed(self, tok: tuple[Any, ...]) -> None:
+        """Forget an open region (usually the innermost one of the thread that entered it)."""
+        o = self._states[tok[2]].open
+        if o and o[-1] is tok:
+            o.pop()
+        elif tok in o:
+            o.remove(tok)
 
     def _exit_host(self, tok: tuple[Any, ...]) -> None:
+        o = self._states[tok[2]].open
+        if o and o[-1] is tok:
+            o.pop()
+        else:
+            self._closed(tok)
         if tok[1] is None:  # one C call appends the whole row, so threads never interleave
             self._host.extend((tok[0], tok[2], tok[3], self.clock()))
         else:
@@ -179,7 +204,9 @@ class Recorder:
         else:
             m = self._mark(d, s)
             t.last_t = _NEVER
-        return (name, args, t.ix, h0, d, s, m)
+        tok = (name, args, t.ix, h0, d, s, m)
+        t.open.append(tok)
+        return tok
 
     def _exit_device(self, tok: tuple[Any, ...]) -> None:
         try:
@@ -194,6 +221,11 @@ class Recorder:
             t.last_d, t.last_s = d, s
             h1 = self.clock()
         t.last_t = h1
+        o = self._states[tok[2]].open
+        if o and o[-1] is tok:
+            o.pop()
+        else:
+            self._closed(tok)
         name, args, ix, h0, d0, s0, m0 = tok
         self._done.append((name, args, ix, h0, h1, d0, s0, m0, d, s, t.last_m))
 
@@ -221,6 +253,7 @@ class Recorder:
         t0 = time.time_ns()
         self.origin_ns = self.clock()
         self.wall_origin_ns = (t0 + time.time_ns()) // 2
+        self.argv = list(sys.argv)
         if self.backend is not None:
             self._anchor_all()
             self._resolve_anchors()
@@ -250,6 +283,7 @@ class Recorder:
             self._anchor_all()
             for d in range(len(self.backend.devices)):
                 self.backend.synchronize(d)
+        self._close_open(end_ns)
         self.poll(final=True)
         session = self._session(end_ns)
         if self.backend is not None:
@@ -258,6 +292,17 @@ class Recorder:
             self._pools = [[] for _ in self._pools]
             self.backend.close()
         return session
+
+    def _close_open(self, end_ns: int) -> None:
+        """Regions still open at the end keep their host span, closed at the end, marked unfinished."""
+        nan = float("nan")
+        for st in self._states:
+            for tok in list(st.open):
+                args = {**(tok[1] or {}), "unfinished": True}
+                row = (tok[0], args, tok[2], tok[3], max(end_ns, tok[3]))
+                self._finished.append(row if self.backend is None else (*row, -1, 0, nan, nan))
+                self.unfinished += 1
+            st.open.clear()
 
     # ---- resolver (background thread, or poll() by hand) --------------------------------------
     def poll(self, final: bool = False) -> None:
@@ -409,6 +454,15 @@ class Recorder:
         chunk["device"], chunk["stream"], chunk["dev_start"], chunk["dev_end"] = dev, stream, t0, t1
         self._count += len(chunk)
         self._chunks.append(chunk)
+        self._kept += len(chunk)
+        while self.max_regions and len(self._chunks) > 1 and self._kept - len(self._chunks[0]) >= self.max_regions:
+            old = self._chunks.pop(0)  # a ring of chunks: the oldest regions go first
+            self._kept -= len(old)
+            self._first_index += len(old)
+            self.dropped_regions += len(old)
+        if self.dropped_regions and self._args:
+            for i in [i for i in self._args if i < self._first_index]:
+                del self._args[i]
 
     def _session(self, end_ns: int) -> Session:
         from .meta import environment
@@ -418,7 +472,7 @@ class Recorder:
         live = live[order]
         new_index = np.empty_like(order)
         new_index[order] = np.arange(len(order))
-        args = {int(new_index[i]): a for i, a in self._args.items()}
+        args = {int(new_index[i - self._first_index]): a for i, a in self._args.items()}
         o = self.origin_ns
         regions = np.zeros(len(live), REGION_DTYPE)
         keys, regions["name"] = np.unique(live["name"], return_inverse=True)  # global name keys -> 0..n-1
@@ -460,12 +514,14 @@ class Recorder:
         streams = [Stream(d, self.backend.stream_label(d, s)) for (d, s) in self._streams]  # type: ignore[union-attr]
         meta: dict[str, Any] = environment(devices)
         meta.update(
-            argv=list(sys.argv),
+            argv=self.argv,
             regions=int(len(regions)),
             device_spans=int((~nodev).sum()),
             dropped_device_spans=self.dropped_device + self.failed_records,
             split_device_spans=self.split_device,
             clamped_device_spans=clamped,
+            unfinished_regions=self.unfinished,
+            dropped_regions=self.dropped_regions,
             alignment=align,
             duration_ns=end_ns - o,
         )
