@@ -93,11 +93,11 @@ def _flat(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in meta.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(_flat(v, f"{prefix}{_text(str(k))}."))
         elif isinstance(v, float):
             out[prefix + k] = f"{v:.6g}"  # Perfetto turns floats into %g strings anyway
         else:
-            out[prefix + k] = v
+            out[prefix + k] = _value(v)
     return out
 
 
@@ -194,9 +194,8 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
         yield ",".join(out)
 
 
-def outermost(s: Session) -> np.ndarray:
-    """Regions not contained in another region of the same thread (closed-open intervals)."""
-    r = s.regions
+def outermost(r: np.ndarray) -> np.ndarray:
+    """Regions not contained in another of these regions on the same thread."""
     out = np.zeros(len(r), dtype=bool)
     for th in np.unique(r["thread"]):
         rows = np.nonzero(r["thread"] == th)[0]
@@ -214,10 +213,9 @@ _LEAD = '{"ph":"C","name":"host lead","pid":%d,"tid":1,"ts":%.3f,"args":{"us":%.
 def _counters(s: Session) -> Iterator[str]:
     """Per GPU: outermost regions launched but not finished on the device (how far the host runs
     ahead, as a queue depth), and each one's host lead (device start - host launch)."""
-    r = s.regions
-    top = outermost(s)
-    for d in np.unique(r["device"][r["device"] >= 0]).tolist():
-        g = r[top & (r["device"] == d)]
+    for d in np.unique(s.regions["device"][s.regions["device"] >= 0]).tolist():
+        g = s.regions[s.regions["device"] == d]
+        g = g[outermost(g)]  # outermost among the regions with a span on this GPU
         pid = DEVICE_PID + d
         t = np.r_[g["host_start"], g["dev_end"]]
         step = np.r_[np.ones(len(g), np.int64), -np.ones(len(g), np.int64)]
