@@ -40,6 +40,7 @@ class Backend(Protocol):
     def synchronize(self, device: int) -> None: ...
     def side_stream(self, device: int) -> int: ...
     def stream_label(self, device: int, stream: int) -> str: ...
+    def guard_captures(self, began: Callable[[], None], ended: Callable[[], None]) -> Callable[[], None]: ...
     def close(self) -> None: ...
 
 
@@ -187,6 +188,36 @@ class CudaBackend:
 
     def stream_label(self, device: int, stream: int) -> str:
         return self._labels.get(stream) or f"stream {stream:#x}"
+
+    def guard_captures(self, began: Callable[[], None], ended: Callable[[], None]) -> Callable[[], None]:
+        """Call ``began``/``ended`` around every CUDA graph capture torch makes; returns the undo.
+
+        During a capture (torch's default, global mode) an event query from any thread would
+        invalidate it, and events recorded into it are never stamped.
+        """
+        graph = self._torch.cuda.CUDAGraph
+        begin, end = graph.capture_begin, graph.capture_end
+
+        def capture_begin(g: Any, *a: Any, **k: Any) -> Any:
+            began()
+            try:
+                return begin(g, *a, **k)
+            except BaseException:
+                ended()
+                raise
+
+        def capture_end(g: Any, *a: Any, **k: Any) -> Any:
+            try:
+                return end(g, *a, **k)
+            finally:
+                ended()
+
+        graph.capture_begin, graph.capture_end = capture_begin, capture_end
+
+        def undo() -> None:
+            graph.capture_begin, graph.capture_end = begin, end
+
+        return undo
 
     def close(self) -> None:
         """Destroy the raw events this backend created (all resolved by now)."""

@@ -46,6 +46,21 @@ def name_key(name: str) -> int:
                 _NAMES.append(name)
     return k
 _NEVER = -(1 << 62)
+#: CUDA graph captures in progress (torch's CUDAGraph.capture_begin/end, patched while recording)
+_capturing = 0
+#: held by the resolver while it calls CUDA; a capture begins only once it is free
+_cuda_calls = threading.Lock()
+
+
+def capture_began() -> None:
+    global _capturing
+    with _cuda_calls:
+        _capturing += 1
+
+
+def capture_ended() -> None:
+    global _capturing
+    _capturing = max(0, _capturing - 1)
 
 
 class _ThreadState:
@@ -119,6 +134,7 @@ class Recorder:
         self.split_device = 0  # regions whose two events ended up on different devices
         self.failed_records = 0  # event records the device refused
         self.unfinished = 0  # regions still open when the session stopped
+        self.captured = 0  # marks skipped inside CUDA graph captures
         self.dropped_regions = 0  # oldest regions dropped to keep memory under max_regions
         self._first_index = 0  # global index of the oldest region kept
         self.resolver_errors: list[str] = []
@@ -176,6 +192,9 @@ class Recorder:
 
     def _mark(self, d: int, s: int) -> list[Any] | None:
         """Record a pooled event on stream ``s``: a mark ``[event, device ms once resolved]``."""
+        if _capturing:
+            self._in_capture()
+            return None
         if s not in self._seen:
             self._seen.add(s)
             self.backend.learn_stream(d, s)  # type: ignore[union-attr]
@@ -229,6 +248,12 @@ class Recorder:
         name, args, ix, h0, d0, s0, m0 = tok
         self._done.append((name, args, ix, h0, h1, d0, s0, m0, d, s, t.last_m))
 
+    def _in_capture(self) -> None:
+        """Inside a CUDA graph capture no event is recorded: host spans only, said once."""
+        self.captured += 1
+        if self.captured == 1:
+            print("evtrace: regions inside a CUDA graph capture get host spans only; a region around replay() times the replay", file=sys.stderr)
+
     def _grow(self, device: int) -> Event | None:
         """The pool is dry: add events up to ``max_events``, then drop device spans (counted)."""
         with self._lock:
@@ -257,6 +282,7 @@ class Recorder:
         if self.backend is not None:
             self._anchor_all()
             self._resolve_anchors()
+            self._unguard = self.backend.guard_captures(capture_began, capture_ended)
         _active = self
         if self.background:
             self._thread = threading.Thread(target=self._run, name="evtrace-resolver", daemon=True)
@@ -280,6 +306,7 @@ class Recorder:
         if self._thread is not None:
             self._thread.join()
         if self.backend is not None:
+            self._unguard()
             self._anchor_all()
             for d in range(len(self.backend.devices)):
                 self.backend.synchronize(d)
@@ -307,9 +334,6 @@ class Recorder:
     # ---- resolver (background thread, or poll() by hand) --------------------------------------
     def poll(self, final: bool = False) -> None:
         """One resolver step: take a due anchor, resolve finished events, compact storage."""
-        b = self.backend
-        if b is not None and self.clock() - self._last_anchor >= self.anchor_interval_ns:
-            self._anchor_all()
         n = len(self._host)
         if n:
             rows = np.frombuffer(self._host[:n], dtype=np.int64).reshape(-1, 4)
@@ -318,38 +342,49 @@ class Recorder:
         n = len(self._done)
         batch = self._done[:n]
         del self._done[:n]
-        if b is None:
+        if self.backend is None:
             self._finished.extend(batch)
         else:
-            self._resolve_anchors()
-            nan = float("nan")
-            for rec in batch:
-                if len(rec) == 5:  # a host-only region
-                    self._finished.append((*rec, -1, 0, nan, nan))
-                elif rec[7] is None and rec[10] is None:  # no event at either end
-                    self._finished.append((*rec[:5], -1, 0, nan, nan))
-                else:  # queued on the stream of its end mark (its start mark if the end has none)
-                    key = (rec[8], rec[9]) if rec[10] is not None else (rec[5], rec[6])
-                    q = self._waiting.get(key)
-                    if q is None:
-                        q = self._waiting[key] = deque()
-                    q.append(rec)
-            for (d, _s), q in self._waiting.items():
-                if q and self._ref[d] is not None and self._done_mark(q[-1][10] or q[-1][7]):
-                    self._finish_all(d, q)  # stream order: the newest mark is done, so all are
-                while q:  # what the fast path left: one at a time
-                    rec = q[0]
-                    m0, m1 = rec[7], rec[10]
-                    if not self._done_mark(m1 or m0):
-                        break  # later marks on this stream are not done either
-                    if m0 is not None and m1 is not None and rec[6] != rec[9] and not self._done_mark(m0):
-                        break  # begun on another stream, which has not got there yet
-                    if self._ref[rec[5]] is None or self._ref[rec[8]] is None:
-                        break  # that device's first anchor has not resolved yet
-                    q.popleft()
-                    self._finish_device(rec)
+            self._queue(batch)
+            with _cuda_calls:  # a CUDA graph capture waits for this block, and holds the next
+                if not _capturing:  # no CUDA call may run during a capture: it would break it
+                    self._resolve_device()
         if final or len(self._finished) >= 16384:
             self._compact()
+
+    def _queue(self, batch: list[tuple[Any, ...]]) -> None:
+        """Finished regions to their stream's queue (host-only ones straight to storage)."""
+        nan = float("nan")
+        for rec in batch:
+            if len(rec) == 5:  # a host-only region
+                self._finished.append((*rec, -1, 0, nan, nan))
+            elif rec[7] is None and rec[10] is None:  # no event at either end
+                self._finished.append((*rec[:5], -1, 0, nan, nan))
+            else:  # queued on the stream of its end mark (its start mark if the end has none)
+                key = (rec[8], rec[9]) if rec[10] is not None else (rec[5], rec[6])
+                q = self._waiting.get(key)
+                if q is None:
+                    q = self._waiting[key] = deque()
+                q.append(rec)
+
+    def _resolve_device(self) -> None:
+        if self.clock() - self._last_anchor >= self.anchor_interval_ns:
+            self._anchor_all()
+        self._resolve_anchors()
+        for (d, _s), q in self._waiting.items():
+            if q and self._ref[d] is not None and self._done_mark(q[-1][10] or q[-1][7]):
+                self._finish_all(d, q)  # stream order: the newest mark is done, so all are
+            while q:  # what the fast path left: one at a time
+                rec = q[0]
+                m0, m1 = rec[7], rec[10]
+                if not self._done_mark(m1 or m0):
+                    break  # later marks on this stream are not done either
+                if m0 is not None and m1 is not None and rec[6] != rec[9] and not self._done_mark(m0):
+                    break  # begun on another stream, which has not got there yet
+                if self._ref[rec[5]] is None or self._ref[rec[8]] is None:
+                    break  # that device's first anchor has not resolved yet
+                q.popleft()
+                self._finish_device(rec)
 
     def _finish_device(self, rec: tuple[Any, ...]) -> None:
         name, args, ix, h0, h1, d0, s0, m0, d1, _s1, m1 = rec
@@ -521,6 +556,7 @@ class Recorder:
             split_device_spans=self.split_device,
             clamped_device_spans=clamped,
             unfinished_regions=self.unfinished,
+            marks_skipped_in_graph_capture=self.captured,
             dropped_regions=self.dropped_regions,
             alignment=align,
             duration_ns=end_ns - o,

@@ -64,6 +64,8 @@ class SimBackend:
         self.learned: list[tuple[int, int]] = []
         self.failures: list[int] = []
         self.refuse = False  # refuse records, as CUDA does on a capturing stream
+        self.queries = 0
+        self.capture = None
 
     # ---- the seam ----
     def get_device(self) -> int:
@@ -103,6 +105,7 @@ class SimBackend:
 
     def query(self, ev: SimEvent) -> bool:
         assert ev.stamp is not None, "query of an event never recorded"
+        self.queries += 1
         return self.dev_now() >= ev.stamp
 
     def elapsed_ms(self, a: SimEvent, b: SimEvent) -> float:
@@ -123,6 +126,10 @@ class SimBackend:
 
     def close(self) -> None:
         self.closed = True
+
+    def guard_captures(self, began, ended):  # type: ignore[no-untyped-def]
+        self.capture = (began, ended)
+        return lambda: setattr(self, "capture", None)
 
     # ---- test helpers ----
     def launch(self, ns: float, stream: int | None = None, host_ns: int = 5000) -> None:

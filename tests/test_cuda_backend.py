@@ -57,7 +57,15 @@ def fake_torch(clock: list[float]) -> types.ModuleType:
         def __exit__(self, *a: object) -> None:
             pass
 
+    class CUDAGraph:
+        def capture_begin(self) -> None:
+            pass
+
+        def capture_end(self) -> None:
+            pass
+
     cuda: Any = types.SimpleNamespace(
+        CUDAGraph=CUDAGraph,
         init=lambda: None,
         is_available=lambda: True,
         device_count=lambda: 1,

@@ -190,3 +190,37 @@ def test_refused_records_are_counted_and_cleared(tmp_path: Path) -> None:
     assert s is not None and len(s) == 4 and s.device_spans == 1
     assert s.meta["dropped_device_spans"] == 3
     assert len(sim.failures) >= 3
+
+
+def test_graph_capture_gets_host_spans_and_no_cuda_call(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """While a graph is captured nothing is recorded and the resolver makes no CUDA call (in
+    torch's global capture mode either would break the capture); said once."""
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    rec = Recorder(sim, clk, background=False)
+    rec.start()
+    began, ended = sim.capture
+    tok = rec.enter(name_key("before"), None)
+    sim.launch(1000)
+    rec.exit(tok)
+    began()
+    records, queries = sim.records, sim.queries
+    for _ in range(3):
+        tok = rec.enter(name_key("captured"), None)
+        sim.launch(1000)
+        rec.exit(tok)
+        clk.advance(2_000_000_000)  # long enough for an anchor to be due
+        rec.poll()
+    assert (sim.records, sim.queries) == (records, queries)
+    ended()
+    tok = rec.enter(name_key("after"), None)
+    sim.launch(1000)
+    rec.exit(tok)
+    s = rec.stop()
+    assert sim.capture is None  # the patch is undone
+    assert s.meta["marks_skipped_in_graph_capture"] >= 3
+    cap = s.regions[s.regions["name"] == s.names.index("captured")]
+    assert len(cap) == 3 and (cap["device"] == -1).all()
+    assert s.device_spans == 2
+    assert capsys.readouterr().err.count("CUDA graph capture") == 1
+    s.save(tmp_path / "graph.json")

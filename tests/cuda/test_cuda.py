@@ -171,3 +171,96 @@ def test_backward_regions_land_on_an_autograd_thread_lane(tmp_path: Path) -> Non
     (row,) = s.regions[s.regions["name"] == s.names.index("in backward")]
     assert s.threads[row["thread"]].name.startswith("autograd thread")
     assert problems(load_json(tmp_path / "bw.json")) == []
+
+
+def test_graph_capture_is_not_broken_and_replays_are_timed(tmp_path: Path) -> None:
+    static = torch.randn(256, 256, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    with evtrace.record(tmp_path / "graph.json", quiet=True) as r:
+        with evtrace.region("warmup"):
+            out = static @ static
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            with evtrace.region("warmup on side"):
+                out = static @ static
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(g):
+            with evtrace.region("captured"):
+                out = static @ static
+                out = out.relu()
+        for _ in range(3):
+            with evtrace.region("replay"):
+                g.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(out, (static @ static).relu())
+    s = r.session
+    assert s is not None and s.meta["marks_skipped_in_graph_capture"] >= 1
+    reg = s.regions
+    assert (reg["device"][reg["name"] == s.names.index("captured")] == -1).all()
+    replays = reg[reg["name"] == s.names.index("replay")]
+    assert len(replays) == 3 and (replays["device"] == 0).all()
+    assert problems(load_json(tmp_path / "graph.json")) == []
+
+
+def test_eight_threads_four_streams(tmp_path: Path) -> None:
+    import threading
+
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    x = torch.randn(128, 128, device="cuda")
+
+    def work(k: int) -> None:
+        for i in range(50):
+            st = streams[(k + i) % 4]
+            with torch.cuda.stream(st):
+                with evtrace.region(f"t{k}"):
+                    x @ x
+
+    with evtrace.record(tmp_path / "mt.json.gz", quiet=True) as r:
+        ts = [threading.Thread(target=work, args=(k,), name=f"w{k}") for k in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    s = r.session
+    assert s is not None and len(s) == 400
+    assert s.device_spans + s.meta["dropped_device_spans"] == 400
+    assert len({st.label for st in s.streams}) == 4
+    for k in range(8):
+        rows = s.regions[s.regions["name"] == s.names.index(f"t{k}")]
+        assert {s.threads[i].name for i in rows["thread"].tolist()} == {f"w{k}"}
+    assert problems(load_json(tmp_path / "mt.json.gz")) == []
+
+
+def test_a_dry_pool_drops_spans_and_never_syncs(tmp_path: Path, no_sync: list[str]) -> None:
+    from evtrace.device import CudaBackend
+    from evtrace.recorder import Recorder
+
+    rec = Recorder(CudaBackend(), pool_size=16, max_events=48)
+    rec.start()
+    no_sync.clear()
+    spin(300)  # the device is far behind: nothing resolves for a while
+    for _ in range(200):
+        with evtrace.region("queued"):
+            spin(0.01)
+    assert no_sync == []
+    s = rec.stop()
+    assert len(s) == 200 and s.meta["dropped_device_spans"] > 0
+    s.save(tmp_path / "dry.json")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo: "cannot trace time.perf_counter_ns"
+def test_regions_inside_torch_compile(tmp_path: Path) -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with evtrace.region("inside compiled"):
+            y = x.sin()
+        return y * 2
+
+    cf = torch.compile(f, backend="aot_eager")
+    x = torch.randn(64, device="cuda")
+    with evtrace.record(tmp_path / "compiled.json", quiet=True) as r:
+        for _ in range(3):
+            out = cf(x)
+    assert torch.allclose(out, x.sin() * 2)
+    s = r.session
+    assert s is not None and s.names == ["inside compiled"] and len(s) == 3
