@@ -115,13 +115,39 @@ def p5(n: int) -> None:
     emit("P5", {"regions": n, "record_s": t_rec, "stop_s": t_stop, "export_s": t_save, "bytes_per_region_recording": mem, "gz_bytes": size, "gz_bytes_per_region": size / n})
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def stress(n: int, max_regions: int) -> None:
+    """An hour's worth of regions (at ~1 kHz, a few million) under the default ring: flat memory."""
+    rec = recorder.Recorder(None, max_regions=max_regions)
+    rec.start()
+    reg = evtrace.region("step")
+    samples = []
+    step = n // 10
+    t0 = time.perf_counter()
+    for i in range(n):
+        with reg:
+            pass
+        if i % step == step - 1:
+            time.sleep(0.05)  # let the resolver catch up, as it would in a real hour
+            samples.append(round(rss_mb(), 1))
+    t = time.perf_counter() - t0
+    s = rec.stop()
+    emit("stress", {"regions": n, "max_regions": max_regions, "kept": len(s), "dropped": s.meta["dropped_regions"], "rss_mb_every_tenth": samples, "seconds": t})
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--regions", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=["p1b", "p5"])
+    ap.add_argument("--only", choices=["p1b", "p5", "stress"])
     a = ap.parse_args()
     emit("machine", machine() | {"cores": str(os.cpu_count())})
     if a.only in (None, "p1b"):
         p1b()
     if a.only in (None, "p5"):
         p5(a.regions)
+    if a.only in (None, "stress"):
+        stress(8_000_000, 4_000_000)
