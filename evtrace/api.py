@@ -6,6 +6,7 @@ import functools
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,6 +42,15 @@ def default_path() -> Path:
     return Path(time.strftime("evtrace-%Y%m%d-%H%M%S.json.gz"))
 
 
+def _can_create_in(directory: Path) -> bool:
+    """Really try (permissions alone miss read-only mounts, and root passes every access check)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
 def output_problem(path: Path) -> str | None:
     """Why a trace cannot be written to ``path``, or None if it can."""
     if path.is_dir():
@@ -50,7 +60,7 @@ def output_problem(path: Path) -> str | None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         return f"output directory {parent} does not exist"
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
         return f"output directory {parent} is not writable"
     if path.exists() and not os.access(path, os.W_OK):
         return f"output file {path} is not writable"
