@@ -39,7 +39,19 @@ def _die_by_sigterm() -> None:
 
 
 def default_path() -> Path:
-    return Path(time.strftime("evtrace-%Y%m%d-%H%M%S.json.gz"))
+    return rank_path(Path(time.strftime("evtrace-%Y%m%d-%H%M%S.json.gz")))
+
+
+def rank_path(path: Path) -> Path:
+    """Under torchrun each rank writes its own file: ``name-rank3.json.gz``."""
+    from .meta import rank
+
+    rw = rank()
+    if rw is None:
+        return path
+    name = path.name
+    stem, suffix = (name[: -len(".json.gz")], ".json.gz") if name.endswith(".json.gz") else (path.stem, path.suffix)
+    return path.with_name(f"{stem}-rank{rw[0]}{suffix}")
 
 
 def _can_create_in(directory: Path) -> bool:
@@ -113,7 +125,7 @@ class record:
 
     def __enter__(self) -> record:
         global _said_no_cuda
-        self.path = self._path or default_path()
+        self.path = rank_path(self._path) if self._path else default_path()
         problem = output_problem(self.path)
         if problem:
             raise ValueError(f"evtrace: {problem}")

@@ -21,7 +21,7 @@ from .api import Terminated, default_path, output_problem, record
 from .export.chrome import TraceError
 from .session import Session
 
-COMMANDS = ("run", "summary", "view")
+COMMANDS = ("run", "summary", "view", "merge")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,9 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-regions", type=int, default=4_000_000, metavar="N", help="keep the newest N regions, drop (and count) older ones; 0: no limit")
     run.add_argument("--redact-argv", action="store_true", help="keep only the script's name of the command line in the trace")
     run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)")
-    summ = sub.add_parser("summary", help="print a table per region name")
-    summ.add_argument("trace", type=Path)
+    summ = sub.add_parser("summary", help="print a table per region name; with several traces, ranks side by side")
+    summ.add_argument("trace", type=Path, nargs="+")
     summ.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)")
+    merge = sub.add_parser("merge", help="merge per-rank or per-process traces onto one clock")
+    merge.add_argument("traces", type=Path, nargs="+")
+    merge.add_argument("-o", "--output", type=Path, required=True, help="merged trace (.json.gz or .json)")
     view = sub.add_parser("view", help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)")
     view.add_argument("trace", type=Path)
     view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
@@ -65,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _summary(ns)
         if ns.command == "view":
             return _view(ns)
+        if ns.command == "merge":
+            return _merge(ns)
         if ns.command == "run":
             return _run(ns)
     except UsageError as e:
@@ -75,13 +80,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _summary(ns: argparse.Namespace) -> int:
+    from .export.summary import ranks
+
     if ns.skip < 0:
         raise UsageError("--skip must be 0 or more")
     try:
-        session = Session.load(ns.trace)
+        sessions = [Session.load(p) for p in ns.trace]
     except TraceError as e:
         raise UsageError(str(e)) from None
-    print(session.summary(skip=ns.skip))
+    for p, session in zip(ns.trace, sessions):
+        print(f"== {p}" if len(sessions) > 1 else "", end="\n" if len(sessions) > 1 else "")
+        print(session.summary(skip=ns.skip))
+    if len(sessions) > 1:
+        print("\n" + ranks(sessions, [p.name for p in ns.trace]))
+    return 0
+
+
+def _merge(ns: argparse.Namespace) -> int:
+    from .export import merge
+
+    problem = output_problem(ns.output)
+    if problem:
+        raise UsageError(problem)
+    try:
+        doc = merge.merge(ns.traces)
+    except TraceError as e:
+        raise UsageError(str(e)) from None
+    merge.write(doc, ns.output)
+    n = sum(1 for e in doc["traceEvents"] if e.get("cat") == "region")
+    print(f"evtrace: merged {len(ns.traces)} traces ({n} regions) into {ns.output}; {doc['metadata']['merge.method']}", file=sys.stderr)
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import os
 import platform
 import sys
 from typing import Any
@@ -24,10 +26,32 @@ def _driver_version() -> str | None:
         return None
 
 
+def rank() -> tuple[int, int] | None:
+    """(rank, world size) under torchrun or torch.distributed's launch variables, else None."""
+    r, w = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    try:
+        return (int(r), int(w or 1)) if r is not None else None
+    except ValueError:
+        return None
+
+
+def host_id() -> str:
+    """Which machine and boot this is, as a hash: traces with the same id share perf_counter."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{platform.node()}/{boot}".encode()).hexdigest()[:16]
+
+
 def environment(devices: list[DeviceInfo]) -> dict[str, Any]:
     from . import __version__
 
-    out: dict[str, Any] = {"evtrace": __version__, "python": platform.python_version()}
+    out: dict[str, Any] = {"evtrace": __version__, "python": platform.python_version(), "host_id": host_id()}
+    rw = rank()
+    if rw is not None:
+        out["rank"], out["world_size"] = rw
     torch = sys.modules.get("torch")  # only if the program uses it: importing it here costs ~1 s
     if torch is not None:
         out["torch"] = getattr(torch, "__version__", None)

@@ -560,6 +560,7 @@ class Recorder:
             dropped_regions=self.dropped_regions,
             alignment=align,
             duration_ns=end_ns - o,
+            origin_perf_ns=o,
         )
         if self.resolver_errors:
             meta["resolver_errors"] = self.resolver_errors

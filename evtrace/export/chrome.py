@@ -13,7 +13,7 @@ import itertools
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import orjson
@@ -142,13 +142,15 @@ def _meta_events(s: Session, lanes: _Lanes) -> list[dict[str, Any]]:
                 suffix = " (overlap)" if k == 1 else f" (overlap {k})"
                 events.extend(_lane_meta(pid, tid, pname, psort, tname + suffix, tsort + k))
 
+    rank = s.meta.get("rank")
+    prefix = f"rank {rank} · " if isinstance(rank, int) else ""
     for i, t in enumerate(s.threads):
-        events += _lane_meta(s.pid, t.tid, "host", 0, _text(t.name), i * 100)
-        extra(lanes.host_extra, t.tid, s.pid, "host", 0, _text(t.name), i * 100)
+        events += _lane_meta(s.pid, t.tid, prefix + "host", 0, _text(t.name), i * 100)
+        extra(lanes.host_extra, t.tid, s.pid, prefix + "host", 0, _text(t.name), i * 100)
     order = sorted(range(len(s.streams)), key=lambda j: (not s.streams[j].label.endswith("(default)"), j))
     for rank, j in enumerate(order):
         st = s.streams[j]
-        pid, pname = DEVICE_PID + st.device, _text(f"GPU {st.device} · {s.devices[st.device].name}")
+        pid, pname = DEVICE_PID + st.device, _text(f"{prefix}GPU {st.device} · {s.devices[st.device].name}")
         events += _lane_meta(pid, j + 1, pname, 1 + st.device, _text(st.label), rank * 100)
         extra(lanes.dev_extra, j + 1, pid, pname, 1 + st.device, _text(st.label), rank * 100)
     return events
@@ -259,11 +261,16 @@ def dumps(s: Session) -> bytes:
 def write(s: Session, path: Path) -> Path:
     """Stream to a temp file, then rename: a killed writer never leaves a half file under ``path``.
     gzip when the name ends in ``.gz``."""
+    return write_bytes(_chunks(s), path)
+
+
+def write_bytes(chunks: Iterable[bytes] | bytes, path: Path) -> Path:
+    """Write atomically (temp file, then rename), gzip when ``path`` ends in ``.gz``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as raw:
             f: Any = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0) if path.suffix == ".gz" else raw
-            for chunk in _chunks(s):
+            for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
                 f.write(chunk)
             if f is not raw:
                 f.close()

@@ -73,3 +73,19 @@ def summary(s: Session, skip: int = 0) -> str:
     if len(table) == 1:
         lines.append("(no regions)")
     return head + "\n" + "\n".join(lines)
+
+
+def ranks(sessions: list[Session], labels: list[str]) -> str:
+    """Ranks (or processes) side by side: a straggler shows as less device busy time, or more."""
+    head = ("trace", "rank", "regions", "host time", "device busy", "device busy %")
+    table = [head]
+    for label, s in zip(labels, sessions):
+        r = s.regions
+        dur = s.meta.get("duration_ns") or int(r["host_end"].max(initial=0))
+        busy = sum(busy_ns(r["dev_start"][r["device"] == d], r["dev_end"][r["device"] == d]) for d in np.unique(r["device"][r["device"] >= 0]))
+        rank = s.meta.get("rank")
+        table.append((label, str(rank) if rank is not None else "-", str(len(s)), fmt_ns(dur), fmt_ns(busy) if busy else "-", f"{100 * busy / dur:.0f}%" if busy and dur else "-"))
+    widths = [max(len(row[c]) for row in table) for c in range(len(head))]
+    lines = ["  ".join([row[0].ljust(widths[0])] + [row[c].rjust(widths[c]) for c in range(1, len(head))]).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
