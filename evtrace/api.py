@@ -90,8 +90,10 @@ class record:
     (seconds between clock anchors), ``pool_size`` (pre-created events per GPU), ``quiet``
     (no line printed), ``open`` (serve the trace to ui.perfetto.dev once written),
     ``max_regions`` (keep at most this many, dropping the oldest, counted; None: no limit),
-    ``redact_argv`` (keep only the script's name of the command line), and, for tests and
-    other devices, ``backend`` and ``clock``.
+    ``redact_argv`` (keep only the script's name of the command line), ``hooks`` (trace an
+    unmodified program: modules down to ``depth``, filtered by the ``include``/``exclude``
+    regexes, backward, optimizer, data waits and host waits; see ``evtrace.hooks.Hooks``),
+    ``nvtx`` (also emit NVTX ranges), and, for tests and other devices, ``backend`` and ``clock``.
 
     SIGTERM while recording (main thread, default handler) writes the trace first, then ends
     the process as SIGTERM would. Ctrl-C raises KeyboardInterrupt as usual, through ``__exit__``.
@@ -111,11 +113,18 @@ class record:
         open: bool = False,
         max_regions: int | None = 4_000_000,
         redact_argv: bool = False,
+        hooks: bool = False,
+        depth: int | None = 2,
+        include: str | None = None,
+        exclude: str | None = None,
+        nvtx: bool = False,
         backend: Backend | None = None,
         clock: Clock = time.perf_counter_ns,
     ) -> None:
         self._path = Path(path) if path is not None else None
-        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, max_regions=max_regions, redact_argv=redact_argv, backend=backend, clock=clock)
+        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, max_regions=max_regions, redact_argv=redact_argv, hooks=hooks, depth=depth, include=include, exclude=exclude, nvtx=nvtx, backend=backend, clock=clock)
+        self.hooks, self.depth, self.include, self.exclude, self.nvtx = hooks, depth, include, exclude, nvtx
+        self._hooks: Any = None
         self.device, self.quiet, self.open, self._backend, self._clock = device, quiet, open, backend, clock
         self.anchor_interval, self.pool_size, self.max_regions, self.redact_argv = anchor_interval, pool_size, max_regions, redact_argv
         self._old_sigterm: Any = None
@@ -137,12 +146,23 @@ class record:
                 print("evtrace: no CUDA device; recording host lanes only", file=sys.stderr)
         self._recorder = _rec.Recorder(backend, self._clock, anchor_interval_s=self.anchor_interval, pool_size=self.pool_size, max_regions=self.max_regions)
         self._recorder.start()
+        if self.nvtx and backend is not None:
+            from .hooks import add_nvtx
+
+            add_nvtx(self._recorder)
+        if self.hooks:
+            from .hooks import Hooks
+
+            self._hooks = Hooks(self.depth, self.include, self.exclude)
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
         return self
 
     def __exit__(self, exc_type: Any = None, exc: Any = None, tb: Any = None) -> None:
         assert self._recorder is not None and self.path is not None
+        if self._hooks is not None:  # first: nothing evtrace does from here on is traced
+            self._hooks.remove()
+            self._hooks = None
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import runpy
 import sys
 import traceback
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--open", action="store_true", help="open the trace in ui.perfetto.dev when done")
     run.add_argument("--max-regions", type=int, default=4_000_000, metavar="N", help="keep the newest N regions, drop (and count) older ones; 0: no limit")
     run.add_argument("--redact-argv", action="store_true", help="keep only the script's name of the command line in the trace")
+    run.add_argument("--no-hooks", action="store_true", help="trace only explicit evtrace regions: no modules, backward, optimizer, data or wait spans")
+    run.add_argument("--depth", type=int, default=2, metavar="N", help="trace modules down to depth N below each top-level module (default 2)")
+    run.add_argument("--include", metavar="REGEX", help="trace only modules whose path matches")
+    run.add_argument("--exclude", metavar="REGEX", help="do not trace modules whose path matches")
+    run.add_argument("--nvtx", action="store_true", help="also emit every region as an NVTX range, for Nsight Systems")
     run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)")
     summ = sub.add_parser("summary", help="print a table per region name; with several traces, ranks side by side")
     summ.add_argument("trace", type=Path, nargs="+")
@@ -154,10 +160,28 @@ def _run(ns: argparse.Namespace) -> int:
 
     if ns.max_regions < 0:
         raise UsageError("--max-regions must be 0 or more")
+    if ns.depth < 0:
+        raise UsageError("--depth must be 0 or more")
+    for flag, rx in (("--include", ns.include), ("--exclude", ns.exclude)):
+        try:
+            re.compile(rx or "")
+        except re.error as e:
+            raise UsageError(f"{flag} {rx!r} is not a regular expression: {e}") from None
     saved_argv, saved_path0 = sys.argv[:], sys.path[0]
     code = 0
     failure: BaseException | None = None
-    rec = record(out, device=False if ns.no_cuda else None, open=ns.open, max_regions=ns.max_regions or None, redact_argv=ns.redact_argv)
+    rec = record(
+        out,
+        device=False if ns.no_cuda else None,
+        open=ns.open,
+        max_regions=ns.max_regions or None,
+        redact_argv=ns.redact_argv,
+        hooks=not ns.no_hooks,
+        depth=ns.depth,
+        include=ns.include,
+        exclude=ns.exclude,
+        nvtx=ns.nvtx,
+    )
     if ns.module:
         sys.argv = [ns.module, *target_args]
     else:

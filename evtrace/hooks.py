@@ -1,4 +1,4 @@
-"""Instrumentation of unmodified code: nn.Module forward spans (more to come).
+"""Instrumentation of unmodified code: module forward spans, backward, optimizer, data, waits.
 
 Modules are wrapped by replacing ``forward`` on the *instance* with a small callable, not by
 ``register_forward_hook``: any hook sends every call through ``nn.Module``'s slow path, which
@@ -9,8 +9,12 @@ an ordinary one; ``remove()`` restores the instance exactly.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+import threading
 import types
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import recorder as _rec
@@ -128,3 +132,188 @@ def instrument(model: torch.nn.Module, *, depth: int | None = None, include: str
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"instrument() takes an nn.Module, not {type(model).__name__}")
     return Instrumentation(select(model, depth, include, exclude))
+
+
+class _Patches:
+    """Attribute patches that undo themselves in reverse order."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def set(self, owner: Any, name: str, value: Any) -> None:
+        self._undo.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def undo(self) -> None:
+        for owner, name, old in reversed(self._undo):
+            if old is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
+        self._undo.clear()
+
+
+def _call_site(depth: int = 2) -> str:
+    f = sys._getframe(depth)
+    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
+
+
+def _host_region(name: str) -> Any:
+    from .regions import Region
+
+    return Region(name, None, host_only=True)
+
+
+class Hooks:
+    """Everything an unmodified training or inference script gets under ``python -m evtrace``:
+
+    - module forward spans, for each top-level module as it is first called, down to ``depth``;
+    - ``backward`` around ``torch.autograd.backward`` (and so ``loss.backward()``);
+    - ``optimizer.step (AdamW)`` and ``optimizer.zero_grad``, from torch's global optimizer hooks;
+    - ``data wait`` while a DataLoader iterator produces the next batch (host only);
+    - ``wait <what> <file:line>`` where the host blocks on the device: ``torch.cuda.synchronize``,
+      ``Event``/``Stream.synchronize``, and ``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``
+      of CUDA tensors (host only, named by call site).
+
+    ``remove()`` restores every patched attribute and removes every module wrapper.
+    """
+
+    def __init__(self, depth: int | None = 2, include: str | None = None, exclude: str | None = None) -> None:
+        import torch
+
+        _bind_torch()
+        self.depth, self.include, self.exclude = depth, include, exclude
+        self._patches = _Patches()
+        self._roots: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._instrumented: list[Instrumentation] = []
+        self._local = threading.local()
+        self._handles: list[Any] = []
+        for part in (self._install_modules, self._install_backward, self._install_optimizer, self._install_data, self._install_waits):
+            try:
+                part(torch)
+            except Exception as e:  # a torch without that API: the rest still works
+                print(f"evtrace: warning: {part.__name__[9:]} hooks unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+
+    def _install_modules(self, torch: Any) -> None:
+        module = torch.nn.Module
+        call = module.__call__
+        hooks, local = self, self._local
+
+        def __call__(mod: Any, *a: Any, **k: Any) -> Any:
+            depth = getattr(local, "depth", 0)
+            if depth == 0 and mod not in hooks._roots and not _is_compiling():
+                hooks._adopt(mod)
+            local.depth = depth + 1
+            try:
+                return call(mod, *a, **k)
+            finally:
+                local.depth = depth
+
+        self._patches.set(module, "__call__", __call__)
+
+    def _adopt(self, root: Any) -> None:
+        """A module called at the top level: trace it and its submodules down to the depth."""
+        self._roots.add(root)
+        self._instrumented.append(Instrumentation(select(root, self.depth, self.include, self.exclude)))
+
+    def _install_backward(self, torch: Any) -> None:
+        from .regions import Region
+
+        backward = torch.autograd.backward
+        region = Region("backward", None)  # on the device too: the caller's stream orders it
+
+        def traced_backward(*a: Any, **k: Any) -> Any:
+            with region:
+                return backward(*a, **k)
+
+        self._patches.set(torch.autograd, "backward", traced_backward)
+
+    def _install_optimizer(self, torch: Any) -> None:
+        from .regions import Region
+
+        opt = torch.optim.Optimizer
+        open_steps = self._local
+
+        def pre(o: Any, args: Any, kwargs: Any) -> None:
+            r = Region(f"optimizer.step ({type(o).__name__})", None)
+            r.__enter__()
+            open_steps.__dict__.setdefault("steps", []).append(r)
+
+        def post(o: Any, args: Any, kwargs: Any) -> None:
+            steps = open_steps.__dict__.get("steps")
+            if steps:
+                steps.pop().__exit__(None, None, None)
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._handles += [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        zero_grad = opt.zero_grad
+        region = Region("optimizer.zero_grad", None)
+
+        def traced_zero_grad(o: Any, *a: Any, **k: Any) -> Any:
+            with region:
+                return zero_grad(o, *a, **k)
+
+        self._patches.set(opt, "zero_grad", traced_zero_grad)
+
+    def _install_data(self, torch: Any) -> None:
+        from torch.utils.data.dataloader import _BaseDataLoaderIter as it
+
+        nxt = it.__next__
+        region = _host_region("data wait")
+
+        def traced_next(self_: Any) -> Any:
+            with region:
+                return nxt(self_)
+
+        self._patches.set(it, "__next__", traced_next)
+
+    def _install_waits(self, torch: Any) -> None:
+        def waiting(owner: Any, name: str, label: str, only_cuda: bool) -> None:
+            fn = getattr(owner, name)
+
+            def traced(*a: Any, **k: Any) -> Any:
+                if only_cuda and not (a and getattr(a[0], "is_cuda", False)):
+                    return fn(*a, **k)
+                if _rec._active is None:
+                    return fn(*a, **k)
+                with _host_region(f"wait {label} {_call_site()}"):
+                    return fn(*a, **k)
+
+            self._patches.set(owner, name, traced)
+
+        waiting(torch.cuda, "synchronize", "synchronize", False)
+        waiting(torch.cuda.Event, "synchronize", "Event.synchronize", False)
+        waiting(torch.cuda.Stream, "synchronize", "Stream.synchronize", False)
+        for method in ("item", "cpu", "tolist", "numpy"):
+            waiting(torch.Tensor, method, f".{method}()", True)
+
+    def remove(self) -> None:
+        self._patches.undo()
+        for h in self._handles:
+            h.remove()
+        for ins in self._instrumented:
+            ins.remove()
+        self._instrumented.clear()
+
+
+def add_nvtx(rec: Any) -> None:
+    """Also emit every region as an NVTX range (torch.cuda.nvtx), for Nsight Systems."""
+    import torch
+
+    push, pop = torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+    names = _rec._NAMES
+
+    def wrap(enter: Any, exit: Any) -> tuple[Any, Any]:
+        def nvtx_enter(key: int, args: Any) -> Any:
+            push(names[key])
+            return enter(key, args)
+
+        def nvtx_exit(tok: Any) -> None:
+            exit(tok)
+            pop()
+
+        return nvtx_enter, nvtx_exit
+
+    rec.enter, rec.exit = wrap(rec.enter, rec.exit)
+    rec.enter_host, rec.exit_host = wrap(rec.enter_host, rec.exit_host)

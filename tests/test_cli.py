@@ -34,7 +34,7 @@ def test_the_console_script_is_installed() -> None:
 
 
 def test_sample_writes_a_trace_with_host_lanes(cli: list[str], tmp_path: Path) -> None:
-    p = run(cli, "-o", tmp_path / "s.json.gz", ROOT / "samples" / "two_models.py", "--iters", "3", cwd=tmp_path)
+    p = run(cli, "--no-hooks", "-o", tmp_path / "s.json.gz", ROOT / "samples" / "two_models.py", "--iters", "3", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "done:" in p.stdout
     last = p.stderr.strip().splitlines()[-1]

@@ -52,4 +52,4 @@ def test_workers_under_evtrace(tmp_path: Path, ctx: str) -> None:
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[0, 1, 4, 9, 16, 25, 36, 49] [0, 2, 4, 6]"
     s = evtrace.load(tmp_path / "w.json")
-    assert set(s.names) == {"load", "pool"}  # workers do not record into the parent's session
+    assert set(s.names) == {"load", "pool", "data wait"}  # workers do not record into the parent's session

@@ -264,3 +264,35 @@ def test_regions_inside_torch_compile(tmp_path: Path) -> None:
     assert torch.allclose(out, x.sin() * 2)
     s = r.session
     assert s is not None and s.names == ["inside compiled"] and len(s) == 3
+
+
+PROC = """
+import sys, torch, evtrace
+x = torch.randn(512, 512, device="cuda")
+side = torch.cuda.Stream()
+for i in range(30):
+    with evtrace.region("work"):
+        x = (x @ x).tanh()
+    if sys.argv[1] == "2":
+        with torch.cuda.stream(side):
+            with evtrace.region("side work"):
+                (x @ x).relu()
+torch.cuda.synchronize()
+"""
+
+
+def test_two_processes_on_one_gpu_then_merge(tmp_path: Path) -> None:
+    (tmp_path / "proc.py").write_text(PROC)
+    procs = [subprocess.Popen([sys.executable, "-m", "evtrace", "-o", f"p{k}.json.gz", "proc.py", str(k + 1)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    out = subprocess.run([sys.executable, "-m", "evtrace", "merge", "p0.json.gz", "p1.json.gz", "-o", "all.json.gz"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = load_json(tmp_path / "all.json.gz")
+    assert problems(doc) == []
+    names = sorted(e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name")
+    assert names == [f"trace {k} · {n}" for k in (0, 1) for n in (f"GPU 0 · {torch.cuda.get_device_name(0)}", "host")]
+    lanes = {(e["pid"], e["args"]["name"]) for e in doc["traceEvents"] if e["name"] == "thread_name"}
+    assert sum(1 for _, n in lanes if n.startswith("stream")) == 3  # 1 stream in one, 2 in the other
+    assert sum(1 for e in doc["traceEvents"] if e.get("cat") == "region") == 90
