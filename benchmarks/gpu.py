@@ -266,6 +266,39 @@ def p3(iters: int = 10, trials: int = 21) -> dict[str, Any]:
     return out
 
 
+# ---- P6: the CLI defaults on a realistic training step ----------------------------------------
+def p6(steps: int = 10, trials: int = 9) -> dict[str, Any]:
+    """A small transformer's training step (AdamW, .item() each step), untraced vs traced the way
+    `python -m evtrace` does by default (modules to depth 2, backward, optimizer, waits)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, batch_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=4).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(16, 128, 256, device=dev)
+
+    def train() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter_ns()
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            loss.item()
+        torch.cuda.synchronize()
+        return (time.perf_counter_ns() - t) / steps
+
+    def traced() -> float:
+        with session(hooks=True):
+            return train()
+
+    train()
+    res = alternate({"untraced": train, "evtrace CLI defaults": traced}, trials)
+    out = {"evtrace CLI defaults": ratio_stats(res["evtrace CLI defaults"], res["untraced"]), "untraced step ms": stat([v / 1e6 for v in res["untraced"]])}
+    emit("P6_ratio", out)
+    return out
+
+
 # ---- P4: alignment against CUPTI --------------------------------------------------------------
 def wall_to_perf() -> tuple[float, float]:
     """(perf_counter ns, time_ns) at one instant: the tightest of many brackets."""
@@ -452,7 +485,7 @@ def anchors() -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["all", "p1", "p1b", "p2", "p3", "p4", "anchors"])
+    ap.add_argument("what", choices=["all", "p1", "p1b", "p2", "p3", "p4", "p6", "anchors"])
     ap.add_argument("--seconds", type=float, default=60)
     a = ap.parse_args()
     emit("machine", machine())
@@ -465,6 +498,8 @@ def main() -> None:
         table["P2"] = p2()
     if a.what in ("all", "p3"):
         table["P3"] = p3()
+    if a.what in ("all", "p6"):
+        table["P6"] = p6()
     if a.what in ("all", "anchors"):
         table["anchors"] = anchors()
     if a.what in ("all", "p4"):

@@ -248,3 +248,13 @@ def test_two_threads_launching_onto_one_stream(tmp_path: Path) -> None:
     assert problems(doc) == []
     assert len(xs(doc, "device")) == 2
     assert "stream 0 (default) (overlap)" in lanes(doc).values()
+
+
+def test_summary_counts_host_waits(tmp_path: Path) -> None:
+    clk = FakeClock()
+    with evtrace.record(tmp_path / "w.json", device=False, clock=clk, quiet=True) as r:
+        for _ in range(3):
+            with evtrace.region("wait .item() train.py:9", host_only=True):
+                clk.advance(2_000_000)
+    assert r.session is not None
+    assert r.session.summary().splitlines()[-1] == "host waits on the device: 3, 6 ms in all"

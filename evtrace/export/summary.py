@@ -72,6 +72,10 @@ def summary(s: Session, skip: int = 0) -> str:
         head += f"; first {skip} of each name skipped"
     if len(table) == 1:
         lines.append("(no regions)")
+    waits = np.isin(s.regions["name"], [i for i, n in enumerate(s.names) if n.startswith("wait ")])
+    if waits.any():
+        w = s.regions[waits]
+        lines.append(f"host waits on the device: {len(w)}, {fmt_ns(int((w['host_end'] - w['host_start']).sum()))} in all")
     return head + "\n" + "\n".join(lines)
 
 
