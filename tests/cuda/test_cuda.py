@@ -134,7 +134,7 @@ def test_anchors_drift_and_residual_are_recorded(tmp_path: Path) -> None:
 
 def test_sample_two_models_on_the_gpu(tmp_path: Path) -> None:
     out = tmp_path / "two_models.json.gz"
-    p = subprocess.run([sys.executable, "-m", "evtrace", "-o", str(out), str(ROOT / "samples" / "two_models.py")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "evtrace", "--no-hooks", "-o", str(out), str(ROOT / "samples" / "two_models.py")], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     doc = load_json(out)
     assert problems(doc) == []
@@ -283,7 +283,7 @@ torch.cuda.synchronize()
 
 def test_two_processes_on_one_gpu_then_merge(tmp_path: Path) -> None:
     (tmp_path / "proc.py").write_text(PROC)
-    procs = [subprocess.Popen([sys.executable, "-m", "evtrace", "-o", f"p{k}.json.gz", "proc.py", str(k + 1)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "evtrace", "--no-hooks", "-o", f"p{k}.json.gz", "proc.py", str(k + 1)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
@@ -291,7 +291,7 @@ def test_two_processes_on_one_gpu_then_merge(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     doc = load_json(tmp_path / "all.json.gz")
     assert problems(doc) == []
-    names = sorted(e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name")
+    names = sorted({e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"})
     assert names == [f"trace {k} · {n}" for k in (0, 1) for n in (f"GPU 0 · {torch.cuda.get_device_name(0)}", "host")]
     lanes = {(e["pid"], e["args"]["name"]) for e in doc["traceEvents"] if e["name"] == "thread_name"}
     assert sum(1 for _, n in lanes if n.startswith("stream")) == 3  # 1 stream in one, 2 in the other
