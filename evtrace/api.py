@@ -93,7 +93,8 @@ class record:
     ``redact_argv`` (keep only the script's name of the command line), ``hooks`` (trace an
     unmodified program: modules down to ``depth``, filtered by the ``include``/``exclude``
     regexes, backward, optimizer, data waits and host waits; see ``evtrace.hooks.Hooks``),
-    ``nvtx`` (also emit NVTX ranges), and, for tests and other devices, ``backend`` and ``clock``.
+    ``nvtx`` (also emit NVTX ranges), ``report`` (also write ``<name>.md`` and ``<name>.svg``
+    beside the trace), and, for tests and other devices, ``backend`` and ``clock``.
 
     SIGTERM while recording (main thread, default handler) writes the trace first, then ends
     the process as SIGTERM would. Ctrl-C raises KeyboardInterrupt as usual, through ``__exit__``.
@@ -118,11 +119,13 @@ class record:
         include: str | None = None,
         exclude: str | None = None,
         nvtx: bool = False,
+        report: bool = False,
         backend: Backend | None = None,
         clock: Clock = time.perf_counter_ns,
     ) -> None:
         self._path = Path(path) if path is not None else None
-        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, max_regions=max_regions, redact_argv=redact_argv, hooks=hooks, depth=depth, include=include, exclude=exclude, nvtx=nvtx, backend=backend, clock=clock)
+        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, max_regions=max_regions, redact_argv=redact_argv, hooks=hooks, depth=depth, include=include, exclude=exclude, nvtx=nvtx, report=report, backend=backend, clock=clock)
+        self.report = report
         self.hooks, self.depth, self.include, self.exclude, self.nvtx = hooks, depth, include, exclude, nvtx
         self._hooks: Any = None
         self.device, self.quiet, self.open, self._backend, self._clock = device, quiet, open, backend, clock
@@ -184,6 +187,8 @@ class record:
         if not self.quiet:
             sys.stdout.flush()  # keep the script's own output first
             print(describe(self.session, self.path), file=sys.stderr)
+        if self.report:
+            self._write_report()
         if self.open:
             from .view import serve
 
@@ -191,6 +196,23 @@ class record:
                 serve(self.path)
             except OSError as e:
                 print(f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}", file=sys.stderr)
+
+    def _write_report(self) -> None:
+        """The markdown report and the SVG timeline, beside the trace."""
+        from .export.render import render
+        from .export.report import report
+
+        assert self.session is not None and self.path is not None
+        stem = self.path.name.removesuffix(".gz").removesuffix(".json")
+        md, svg = self.path.with_name(stem + ".md"), self.path.with_name(stem + ".svg")
+        try:
+            md.write_text(report(self.session, self.path), encoding="utf-8")
+            svg.write_text(render(self.session), encoding="utf-8")
+        except (OSError, ValueError) as e:
+            print(f"evtrace: could not write the report: {e}", file=sys.stderr)
+            return
+        if not self.quiet:
+            print(f"evtrace: wrote {md} and {svg}", file=sys.stderr)
 
     def __call__(self, fn: F) -> F:
         @functools.wraps(fn)

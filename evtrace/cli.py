@@ -22,7 +22,7 @@ from .api import Terminated, default_path, output_problem, record
 from .export.chrome import TraceError
 from .session import Session
 
-COMMANDS = ("run", "summary", "view", "merge")
+COMMANDS = ("run", "summary", "view", "merge", "report", "render")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,10 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--include", metavar="REGEX", help="trace only modules whose path matches")
     run.add_argument("--exclude", metavar="REGEX", help="do not trace modules whose path matches")
     run.add_argument("--nvtx", action="store_true", help="also emit every region as an NVTX range, for Nsight Systems")
+    run.add_argument("--report", action="store_true", help="also write a markdown report and an SVG timeline beside the trace")
     run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)")
     summ = sub.add_parser("summary", help="print a table per region name; with several traces, ranks side by side")
     summ.add_argument("trace", type=Path, nargs="+")
     summ.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)")
+    rep = sub.add_parser("report", help="one screen of GitHub markdown for a bug report")
+    rep.add_argument("trace", type=Path)
+    rep.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
+    ren = sub.add_parser("render", help="a static SVG timeline (GitHub shows it inline)")
+    ren.add_argument("trace", type=Path)
+    ren.add_argument("-o", "--output", type=Path, required=True)
+    ren.add_argument("--window", metavar="START:END", help="times since the start, e.g. 1.5:2.5 (ms) or 200us:3ms; default: one representative step")
+    ren.add_argument("--lanes", metavar="REGEX", help="only lanes whose name matches, e.g. 'GPU|MainThread'")
     merge = sub.add_parser("merge", help="merge per-rank or per-process traces onto one clock")
     merge.add_argument("traces", type=Path, nargs="+")
     merge.add_argument("-o", "--output", type=Path, required=True, help="merged trace (.json.gz or .json)")
@@ -76,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _view(ns)
         if ns.command == "merge":
             return _merge(ns)
+        if ns.command == "report":
+            return _report(ns)
+        if ns.command == "render":
+            return _render(ns)
         if ns.command == "run":
             return _run(ns)
     except UsageError as e:
@@ -99,6 +112,64 @@ def _summary(ns: argparse.Namespace) -> int:
         print(session.summary(skip=ns.skip))
     if len(sessions) > 1:
         print("\n" + ranks(sessions, [p.name for p in ns.trace]))
+    return 0
+
+
+_UNITS = {"ns": 1, "us": 1e3, "µs": 1e3, "ms": 1e6, "s": 1e9}
+
+
+def _time(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+(?:e-?[0-9]+)?)\s*(ns|us|µs|ms|s)?\s*", text)
+    if not m:
+        raise UsageError(f"{text!r} is not a time (e.g. 1.5, 200us, 3ms)")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "ms"])
+
+
+def _load(path: Path) -> Session:
+    try:
+        return Session.load(path)
+    except TraceError as e:
+        raise UsageError(str(e)) from None
+
+
+def _writable(path: Path | None) -> None:
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path}")
+
+
+def _report(ns: argparse.Namespace) -> int:
+    from .export.report import report
+
+    _writable(ns.output)
+    text = report(_load(ns.trace), ns.trace)
+    if ns.output:
+        ns.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _render(ns: argparse.Namespace) -> int:
+    from .export.render import render
+
+    _writable(ns.output)
+    window = None
+    if ns.window:
+        if ":" not in ns.window:
+            raise UsageError("--window takes START:END")
+        a, b = ns.window.split(":", 1)
+        window = (_time(a), _time(b))
+        if window[1] <= window[0]:
+            raise UsageError("--window ends before it starts")
+    if ns.lanes:
+        try:
+            re.compile(ns.lanes)
+        except re.error as e:
+            raise UsageError(f"--lanes {ns.lanes!r} is not a regular expression: {e}") from None
+    ns.output.write_text(render(_load(ns.trace), window, ns.lanes), encoding="utf-8")
     return 0
 
 
@@ -181,6 +252,7 @@ def _run(ns: argparse.Namespace) -> int:
         include=ns.include,
         exclude=ns.exclude,
         nvtx=ns.nvtx,
+        report=ns.report,
     )
     if ns.module:
         sys.argv = [ns.module, *target_args]
