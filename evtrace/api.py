@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 from . import recorder as _rec
 from .clock import Clock
@@ -141,9 +141,9 @@ class record:
         problem = output_problem(self.path)
         if problem:
             raise ValueError(f"evtrace: {problem}")
-        backend = self._backend
+        backend: Backend | None = self._backend
         if backend is None and self.device is not False:
-            backend = cuda_backend()
+            backend = cast("Backend | None", cuda_backend())
             if backend is None and not _said_no_cuda and not self.quiet:
                 _said_no_cuda = True
                 print("evtrace: no CUDA device; recording host lanes only", file=sys.stderr)

@@ -212,10 +212,12 @@ class CudaBackend:
             finally:
                 ended()
 
-        graph.capture_begin, graph.capture_end = capture_begin, capture_end
+        setattr(graph, "capture_begin", capture_begin)
+        setattr(graph, "capture_end", capture_end)
 
         def undo() -> None:
-            graph.capture_begin, graph.capture_end = begin, end
+            setattr(graph, "capture_begin", begin)
+            setattr(graph, "capture_end", end)
 
         return undo
 

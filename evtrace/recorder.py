@@ -25,7 +25,7 @@ from .device import Backend, Event
 from .session import REGION_DTYPE, Session, Stream, Thread
 
 # while recording, device times are float64 ms since the device's first anchor
-_LIVE_DTYPE = np.dtype([(n, np.float64 if n.startswith("dev_") else t) for n, (t, _) in REGION_DTYPE.fields.items()])
+_LIVE_DTYPE = np.dtype([(n, np.float64 if n.startswith("dev_") else REGION_DTYPE[n]) for n in REGION_DTYPE.names or ()])
 
 #: the recorder regions report to; None when no session is active
 _active: Recorder | None = None

@@ -32,7 +32,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         if not isinstance(meta, dict) or meta.get("evtrace.format") != FORMAT:
             raise TraceError(f"{p} is not an evtrace trace (format {FORMAT})")
         docs.append((p, doc, meta))
-    docs.sort(key=lambda t: (t[2].get("rank") if isinstance(t[2].get("rank"), int) else 1 << 30))
+    docs.sort(key=lambda t: int(t[2]["rank"]) if isinstance(t[2].get("rank"), int) else 1 << 30)
     hosts = {m.get("host_id") for _, _, m in docs}
     same_host = len(hosts) == 1 and None not in hosts and all("origin_perf_ns" in m for _, _, m in docs)
     if same_host:

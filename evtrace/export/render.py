@@ -103,10 +103,10 @@ def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None 
         fill = "#f4f4f4" if k % 2 == 0 else "#ffffff"
         out.append(f'<rect x="0" y="{y}" width="{WIDTH}" height="{h}" fill="{fill}"/>')
         out.append(f'<text x="6" y="{y + 15}" fill="#333">{escape(name[:30])}</text>')
-    for t in _ticks(t0, t1):
-        xx = x(t)
+    for tick in _ticks(t0, t1):
+        xx = x(tick)
         out.append(f'<line x1="{xx:.1f}" y1="{TOP - 4}" x2="{xx:.1f}" y2="{height - 26}" stroke="#ddd"/>')
-        out.append(f'<text x="{xx:.1f}" y="{TOP - 8}" text-anchor="middle" fill="#555">{escape(fmt_ns(t))}</text>')
+        out.append(f'<text x="{xx:.1f}" y="{TOP - 8}" text-anchor="middle" fill="#555">{escape(fmt_ns(tick))}</text>')
     where: dict[tuple[int, int], tuple[int, float, float]] = {}  # (region, host or device) -> lane, x, y
     for (lane, a, b, i), d in zip(slices, depth):
         name = s.names[int(r["name"][i])]
