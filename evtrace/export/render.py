@@ -52,20 +52,19 @@ def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None 
         raise ValueError("the window ends before it starts")
     r = s.regions
     lane_rx = re.compile(lanes) if lanes else None
-    # lanes: host threads, then (device, stream)
+    # lanes: host threads, then (device, stream); each kept if it matches ``lanes``
     lane_names: list[str] = []
-    host_lane = {}
-    for i, t in enumerate(s.threads):
-        name = f"host · {t.name}"
-        if lane_rx is None or lane_rx.search(name):
-            host_lane[i] = len(lane_names)
-            lane_names.append(name)
-    dev_lane = {}
-    for j, st in enumerate(s.streams):
-        name = f"GPU {st.device} · {st.label}"
-        if lane_rx is None or lane_rx.search(name):
-            dev_lane[j] = len(lane_names)
-            lane_names.append(name)
+
+    def keep(names: list[str]) -> dict[int, int]:
+        kept = {}
+        for j, name in enumerate(names):
+            if lane_rx is None or lane_rx.search(name):
+                kept[j] = len(lane_names)
+                lane_names.append(name)
+        return kept
+
+    host_lane = keep([f"host · {t.name}" for t in s.threads])
+    dev_lane = keep([f"GPU {st.device} · {st.label}" for st in s.streams])
     visible = np.nonzero((r["host_end"] >= t0) & (r["host_start"] <= t1) | ((r["device"] >= 0) & (r["dev_end"] >= t0) & (r["dev_start"] <= t1)))[0][:MAX_SLICES]
     # every visible slice: (lane, start, end, region); nested slices get a row each within a lane
     slices: list[tuple[int, int, int, int]] = []
