@@ -124,12 +124,9 @@ class record:
         clock: Clock = time.perf_counter_ns,
     ) -> None:
         self._path = Path(path) if path is not None else None
-        self._opts = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, max_regions=max_regions, redact_argv=redact_argv, hooks=hooks, depth=depth, include=include, exclude=exclude, nvtx=nvtx, report=report, backend=backend, clock=clock)
-        self.report = report
-        self.hooks, self.depth, self.include, self.exclude, self.nvtx = hooks, depth, include, exclude, nvtx
+        self._opts: dict[str, Any] = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, max_regions=max_regions, redact_argv=redact_argv, hooks=hooks, depth=depth, include=include, exclude=exclude, nvtx=nvtx, report=report, backend=backend, clock=clock)
+        self.quiet, self.open, self.report, self.redact_argv = quiet, open, report, redact_argv
         self._hooks: Any = None
-        self.device, self.quiet, self.open, self._backend, self._clock = device, quiet, open, backend, clock
-        self.anchor_interval, self.pool_size, self.max_regions, self.redact_argv = anchor_interval, pool_size, max_regions, redact_argv
         self._old_sigterm: Any = None
         self.session = None
         self.path = None
@@ -141,22 +138,23 @@ class record:
         problem = output_problem(self.path)
         if problem:
             raise ValueError(f"evtrace: {problem}")
-        backend: Backend | None = self._backend
-        if backend is None and self.device is not False:
+        o = self._opts
+        backend: Backend | None = o["backend"]
+        if backend is None and o["device"] is not False:
             backend = cast("Backend | None", cuda_backend())
             if backend is None and not _said_no_cuda and not self.quiet:
                 _said_no_cuda = True
                 print("evtrace: no CUDA device; recording host lanes only", file=sys.stderr)
-        self._recorder = _rec.Recorder(backend, self._clock, anchor_interval_s=self.anchor_interval, pool_size=self.pool_size, max_regions=self.max_regions)
+        self._recorder = _rec.Recorder(backend, o["clock"], anchor_interval_s=o["anchor_interval"], pool_size=o["pool_size"], max_regions=o["max_regions"])
         self._recorder.start()
-        if self.nvtx and backend is not None:
+        if o["nvtx"] and backend is not None:
             from .hooks import add_nvtx
 
             add_nvtx(self._recorder)
-        if self.hooks:
+        if o["hooks"]:
             from .hooks import Hooks
 
-            self._hooks = Hooks(self.depth, self.include, self.exclude)
+            self._hooks = Hooks(o["depth"], o["include"], o["exclude"])
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
         return self
