@@ -28,3 +28,19 @@ def test_regions_and_instrumented_modules_inside_torch_compile(tmp_path: Path) -
     s = r.session
     assert s is not None
     assert s.names.count("inside") == 1 and len(s.regions[s.regions["name"] == s.names.index("inside")]) == 3
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_hooks_with_a_compiled_model(tmp_path: Path) -> None:
+    """The compiled model is one span (dynamo is not split); its inside is skipped, never broken."""
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    cm = torch.compile(m, backend="eager")
+    x = torch.randn(4, 8)
+    ref = m(x)
+    with evtrace.record(tmp_path / "h.json", device=False, quiet=True, hooks=True) as r:
+        for _ in range(3):
+            y = cm(x)
+            y.sum().backward()
+    assert torch.allclose(y, ref)
+    s = r.session
+    assert s is not None and set(s.names) == {"OptimizedModule", "backward"}
