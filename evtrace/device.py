@@ -69,8 +69,6 @@ class _Cudart:
         self.destroy.argtypes, self.destroy.restype = [vp], ctypes.c_int
         self.last_error = lib.cudaGetLastError
         self.last_error.restype = ctypes.c_int
-        self.set_device = lib.cudaSetDevice
-        self.set_device.argtypes, self.set_device.restype = [ctypes.c_int], ctypes.c_int
 
     @classmethod
     def load(cls, cuda_version: str | None) -> _Cudart | None:

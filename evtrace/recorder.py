@@ -172,11 +172,10 @@ class Recorder:
         return tok
 
     def _closed(self, tok: tuple[Any, ...]) -> None:
-        """Forget an open region (usually the innermost one of the thread that entered it)."""
+        """Forget an open region that is not the innermost of its thread (the exits inline the
+        common case: popping the innermost)."""
         o = self._states[tok[2]].open
-        if o and o[-1] is tok:
-            o.pop()
-        elif tok in o:
+        if tok in o:
             o.remove(tok)
 
     def _exit_host(self, tok: tuple[Any, ...]) -> None:

@@ -126,9 +126,6 @@ class FakeCudart:
         self.errors_cleared += 1
         return 0
 
-    def set_device(self, d: int) -> int:
-        return 0
-
 
 @pytest.fixture(params=["raw", "torch events"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
