@@ -485,25 +485,12 @@ def anchors() -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["all", "p1", "p1b", "p2", "p3", "p4", "p6", "anchors"])
+    figures: dict[str, Callable[[], dict[str, Any]]] = {"P1": p1, "P1b": p1b, "P2": p2, "P3": p3, "P6": p6, "anchors": anchors, "P4": lambda: p4(a.seconds)}
+    ap.add_argument("what", choices=["all", *(k.lower() for k in figures)])
     ap.add_argument("--seconds", type=float, default=60)
     a = ap.parse_args()
     emit("machine", machine())
-    table: dict[str, Any] = {}
-    if a.what in ("all", "p1"):
-        table["P1"] = p1()
-    if a.what in ("all", "p1b"):
-        table["P1b"] = p1b()
-    if a.what in ("all", "p2"):
-        table["P2"] = p2()
-    if a.what in ("all", "p3"):
-        table["P3"] = p3()
-    if a.what in ("all", "p6"):
-        table["P6"] = p6()
-    if a.what in ("all", "anchors"):
-        table["anchors"] = anchors()
-    if a.what in ("all", "p4"):
-        table["P4"] = p4(a.seconds)
+    table = {k: run() for k, run in figures.items() if a.what in ("all", k.lower())}
     gc.collect()
     for k, v in table.items():
         print(k, json.dumps(v, indent=None, default=str)[:2000])

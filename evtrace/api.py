@@ -63,11 +63,11 @@ def _can_create_in(directory: Path) -> bool:
         return False
 
 
-def output_problem(path: Path) -> str | None:
-    """Why a trace cannot be written to ``path``, or None if it can."""
+def output_problem(path: Path, suffixes: tuple[str, ...] | None = (".json", ".gz")) -> str | None:
+    """Why ``path`` cannot be written (a trace by default: ``.json`` or ``.json.gz``), or None."""
     if path.is_dir():
         return f"output path {path} is a directory"
-    if path.suffix not in (".json", ".gz"):
+    if suffixes is not None and path.suffix not in suffixes:
         return f"output path {path} must end in .json or .json.gz"
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():

@@ -133,11 +133,9 @@ def _load(path: Path) -> Session:
 
 
 def _writable(path: Path | None) -> None:
-    if path is None:
-        return
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {path}")
+    problem = None if path is None else output_problem(path, suffixes=None)
+    if problem:
+        raise UsageError(problem)
 
 
 def _report(ns: argparse.Namespace) -> int:

@@ -387,13 +387,10 @@ class Recorder:
 
     def _finish_device(self, rec: tuple[Any, ...]) -> None:
         name, args, ix, h0, h1, d0, s0, m0, d1, _s1, m1 = rec
-        elapsed, pools = self.backend.elapsed_ms, self._pools  # type: ignore[union-attr]
-        for d, m in ((d0, m0), (d1, m1)):
-            if m is not None and m[1] is None:  # against the latest anchor: a short, float32-safe elapsed
-                ref_ev, ref_ms = self._ref[d]  # type: ignore[misc]
-                m[1] = ref_ms + elapsed(ref_ev, m[0])
-                pools[d].append(m[0])
-                m[0] = None
+        if m0 is not None:
+            self._stamp(d0, m0)
+        if m1 is not None:
+            self._stamp(d1, m1)
         if m0 is not None and m1 is not None and d0 == d1:
             self._finished.append((name, args, ix, h0, h1, d0, s0, m0[1], m1[1]))
         else:  # one end had no event (pool dry or record refused), or two devices
@@ -403,23 +400,25 @@ class Recorder:
     def _finish_all(self, d: int, q: deque[tuple[Any, ...]]) -> None:
         """Resolve a stream's queue whose marks are all done, stopping at any unusual record
         (one end without an event, begun on another stream or device) for the slow path."""
-        ref_ev, ref_ms = self._ref[d]  # type: ignore[misc]
-        elapsed, pool, out = self.backend.elapsed_ms, self._pools[d], self._finished  # type: ignore[union-attr]
+        stamp, out = self._stamp, self._finished
         while q:
             rec = q[0]
             m0, m1 = rec[7], rec[10]
             if m0 is None or m1 is None or rec[5] != d or (rec[6] != rec[9] and m0[1] is None):
                 return
             q.popleft()
-            if m0[1] is None:
-                m0[1] = ref_ms + elapsed(ref_ev, m0[0])
-                pool.append(m0[0])
-                m0[0] = None
-            if m1[1] is None:
-                m1[1] = ref_ms + elapsed(ref_ev, m1[0])
-                pool.append(m1[0])
-                m1[0] = None
+            stamp(d, m0)
+            stamp(d, m1)
             out.append((rec[0], rec[1], rec[2], rec[3], rec[4], d, rec[6], m0[1], m1[1]))
+
+    def _stamp(self, d: int, m: list[Any]) -> None:
+        """Give a done mark its device ms, against the latest anchor (a short, float32-safe
+        elapsed), and return its event to the pool. Once: a mark may be shared."""
+        if m[1] is None:
+            ref_ev, ref_ms = self._ref[d]  # type: ignore[misc]
+            m[1] = ref_ms + self.backend.elapsed_ms(ref_ev, m[0])  # type: ignore[union-attr]
+            self._pools[d].append(m[0])
+            m[0] = None
 
     def _done_mark(self, m: list[Any]) -> bool:
         return m[1] is not None or self.backend.query(m[0])  # type: ignore[union-attr]
