@@ -1,9 +1,14 @@
-"""Where a region's time goes on the GPU machine: hot path vs resolver vs GIL hand-offs."""
+"""Where a region's time goes on the GPU machine: hot path, each resolver step, the primitives.
+
+    python benchmarks/diag_hotpath.py
+
+A diagnostic, not a figure for BENCHMARKS.md: one loop per line, ns per iteration.
+"""
 
 from __future__ import annotations
 
-import sys
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -14,29 +19,18 @@ from evtrace.device import CudaBackend
 n = 20000
 x = torch.zeros(1, device="cuda")
 reg = evtrace.region("tiny")
-be = CudaBackend()
 pc = time.perf_counter_ns
 
 
-def loop(label: str, body, rec=None) -> None:  # type: ignore[no-untyped-def]
-    stats = {"polls": 0, "poll_ns": 0}
-    if rec is not None:
-        orig = rec.poll
-
-        def timed(final: bool = False) -> None:
-            t = pc()
-            orig(final)
-            stats["polls"] += 1
-            stats["poll_ns"] += pc() - t
-
-        rec.poll = timed
+def loop(label: str, body: Callable[[], Any]) -> float:
     torch.cuda.synchronize()
     t = pc()
     for _ in range(n):
         body()
     el = (pc() - t) / n
     torch.cuda.synchronize()
-    print(f"{label:45s} {el:8.0f} ns/iter  polls={stats['polls']} poll ns/iter={stats['poll_ns'] / n:.0f}", flush=True)
+    print(f"{label:45s} {el:8.0f} ns/iter", flush=True)
+    return el
 
 
 def with_region() -> None:
@@ -44,39 +38,70 @@ def with_region() -> None:
         x.add_(1)
 
 
-for rep in range(2):
-    loop("bare", lambda: x.add_(1))
-    rec = recorder.Recorder(be, pool_size=30000, background=False)
-    rec.start()
-    loop("region, no resolver, big pool", with_region, None)
+def resolver_steps(rec: recorder.Recorder) -> None:
+    """Time one poll's steps over everything the loop left (the resolver was off)."""
+    torch.cuda.synchronize()
+    parts = {}
     t = pc()
-    rec.poll(final=True)
-    print(f"   one poll for all: {(pc() - t) / n:.0f} ns/region", flush=True)
-    rec.stop()
-    be = CudaBackend()
-    rec = recorder.Recorder(be)
-    rec.start()
-    loop("region, resolver thread", with_region, rec)
-    rec.stop()
-    be = CudaBackend()
-    for sw in (0.0005, 0.05):
-        old = sys.getswitchinterval()
-        sys.setswitchinterval(sw)
-        rec = recorder.Recorder(be)
+    batch = rec._done[:]
+    del rec._done[:]
+    rec._queue(batch)
+    parts["queue"] = pc() - t
+    t = pc()
+    with recorder._cuda_calls:
+        rec._resolve_device()
+    parts["resolve"] = pc() - t
+    t = pc()
+    rec._compact()
+    parts["compact"] = pc() - t
+    print("   resolver per region: " + ", ".join(f"{k} {v / n:.0f} ns" for k, v in parts.items()), flush=True)
+
+
+def p2_marks() -> None:
+    """How many marks the P2 model's forward takes (97 modules)."""
+    layers: list[torch.nn.Module] = []
+    for _ in range(48):
+        layers += [torch.nn.Linear(256, 256), torch.nn.GELU()]
+    model = torch.nn.Sequential(*layers).cuda().eval()
+    xin = torch.randn(8, 256, device="cuda")
+    with torch.no_grad(), evtrace.instrument(model):
+        rec = recorder.Recorder(CudaBackend(), pool_size=5000, background=False)
         rec.start()
-        loop(f"region, resolver thread, switch {sw}", with_region, rec)
+        for _ in range(20):
+            model(xin)
+        marks = {id(r[0][6]) for r in rec._done} | {id(r[4]) for r in rec._done}
+        print(f"P2 forward: share window {rec.share_ns} ns, {len(rec._done) / 20:.0f} regions, {len(marks) / 20:.1f} marks per forward", flush=True)
         rec.stop()
-        sys.setswitchinterval(old)
-        be = CudaBackend()
-    # pieces
-    rec = recorder.Recorder(be, pool_size=30000, background=False)
+
+
+p2_marks()
+for rep in range(3):
+    bare = loop("bare", lambda: x.add_(1))
+    rec = recorder.Recorder(CudaBackend(), pool_size=n + 100, background=False)
+    rec.start()
+    loop("region, resolver off (hot path only)", with_region)
+    marks = {id(r[0][6]) for r in rec._done} | {id(r[4]) for r in rec._done}
+    print(f"   share window {rec.share_ns} ns: {len(rec._done)} regions, {len(marks)} distinct marks", flush=True)
+    resolver_steps(rec)
+    rec.stop()
+    rec = recorder.Recorder(CudaBackend())
+    rec.start()
+    loop("region, resolver thread", with_region)
+    rec.stop()
+    be = CudaBackend()
+    rec = recorder.Recorder(be, pool_size=n + 100, background=False)
     rec.start()
     e, xx = rec.enter, rec.exit
     k = recorder.name_key("p")
     loop("enter+exit only (no kernel)", lambda: xx(e(k, None)))
-    loop("raw_stream() only", lambda: be.raw_stream(0))
-    ev = be.new_event(0)
-    loop("record raw only", lambda: be.record(ev, 0))
-    loop("perf_counter_ns", pc)
     rec.stop()
     be = CudaBackend()
+    loop("raw_stream() only", lambda: be.raw_stream(0))
+    ev, ev2 = be.new_event(0), be.new_event(0)
+    loop("record raw only", lambda: be.record(ev, 0))
+    be.record(ev2, 0)
+    torch.cuda.synchronize()
+    loop("elapsed_ms only", lambda: be.elapsed_ms(ev, ev2))
+    loop("query only", lambda: be.query(ev))
+    loop("perf_counter_ns", pc)
+    be.close()

@@ -94,9 +94,9 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
         with reg:
             x.add_(1)
 
-    def in_session(share: bool = True, raw_events: bool = True) -> Callable[[], float]:
+    def in_session(share: bool = True, raw_events: bool = True, off_gil: bool = False) -> Callable[[], float]:
         def run() -> float:
-            r = session(backend=CudaBackend(raw=raw_events))
+            r = session(backend=CudaBackend(raw=raw_events, off_gil=off_gil))
             with r:
                 if not share:
                     recorder._active.share_ns = 0  # type: ignore[union-attr]
@@ -107,7 +107,7 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
         return run
 
     def no_resolver() -> float:
-        rec = recorder.Recorder(CudaBackend(), background=False)
+        rec = recorder.Recorder(CudaBackend(), background=False, pool_size=n + 100)
         rec.start()
         try:
             return per_iter(n, body)
@@ -118,6 +118,7 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
         "bare": bare,
         "region": in_session(),
         "region, no sharing": in_session(share=False),
+        "region, resolver's CUDA calls off the GIL": in_session(off_gil=True),
         "region, torch events": in_session(raw_events=False),
         "region, resolver off (hot path only)": no_resolver,
         "Event.record() x2": naive,
@@ -173,9 +174,9 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
                 model(x)
             return per_iter(fwd, lambda: model(x))
 
-    def evtrace_all(share: bool, raw_events: bool = True) -> Callable[[], float]:
+    def evtrace_all(share: bool, raw_events: bool = True, off_gil: bool = False) -> Callable[[], float]:
         def run() -> float:
-            with evtrace.instrument(model) as ins, session(backend=CudaBackend(raw=raw_events)):
+            with evtrace.instrument(model) as ins, session(backend=CudaBackend(raw=raw_events, off_gil=off_gil)):
                 assert len(ins) == 97
                 if not share:
                     recorder._active.share_ns = 0  # type: ignore[union-attr]
@@ -204,6 +205,7 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
             "untraced": timed,
             "evtrace, every module": evtrace_all(True),
             "evtrace, event pair per module": evtrace_all(False),
+            "evtrace, resolver's CUDA calls off the GIL": evtrace_all(True, off_gil=True),
             "evtrace, torch events": evtrace_all(True, raw_events=False),
             "no-op module hooks": noop_hooks,
             "torch.profiler": profiler,

@@ -10,6 +10,7 @@ Off the hot path (resolver thread, session start/stop): everything else.
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -32,6 +33,7 @@ class Backend(Protocol):
     raw_stream: Callable[[int], int]
     record: Callable[[Event, int], int]
 
+    def launch_ns(self, device: int) -> int: ...  # host time of the cheapest launch, measured
     def learn_stream(self, device: int, stream: int) -> None: ...  # first sight, while current
     def record_failed(self, code: int) -> None: ...
     def new_event(self, device: int) -> Event: ...
@@ -54,16 +56,18 @@ class _Cudart:
 
     NOT_READY = 600  # cudaErrorNotReady
 
-    def __init__(self, lib: ctypes.PyDLL) -> None:
+    def __init__(self, lib: ctypes.PyDLL, off_gil: ctypes.CDLL | None = None) -> None:
         vp = ctypes.c_void_p
         self.lib = lib
         self.create = lib.cudaEventCreateWithFlags
         self.create.argtypes, self.create.restype = [ctypes.POINTER(vp), ctypes.c_uint], ctypes.c_int
         self.record = lib.cudaEventRecord
         self.record.argtypes, self.record.restype = [vp, vp], ctypes.c_int
-        self.query = lib.cudaEventQuery
+        # the resolver's calls (1-2 µs each on a VM) may run without the GIL, beside the host
+        res = lib if off_gil is None else off_gil
+        self.query = res.cudaEventQuery
         self.query.argtypes, self.query.restype = [vp], ctypes.c_int
-        self.elapsed = lib.cudaEventElapsedTime
+        self.elapsed = res.cudaEventElapsedTime
         self.elapsed.argtypes, self.elapsed.restype = [ctypes.POINTER(ctypes.c_float), vp, vp], ctypes.c_int
         self.destroy = lib.cudaEventDestroy
         self.destroy.argtypes, self.destroy.restype = [vp], ctypes.c_int
@@ -71,12 +75,13 @@ class _Cudart:
         self.last_error.restype = ctypes.c_int
 
     @classmethod
-    def load(cls, cuda_version: str | None) -> _Cudart | None:
+    def load(cls, cuda_version: str | None, off_gil: bool = False) -> _Cudart | None:
         """The runtime torch already loaded (found by soname), or None."""
         if not cuda_version:
             return None
+        name = f"libcudart.so.{cuda_version.split('.')[0]}"
         try:
-            return cls(ctypes.PyDLL(f"libcudart.so.{cuda_version.split('.')[0]}"))
+            return cls(ctypes.PyDLL(name), ctypes.CDLL(name) if off_gil else None)
         except (OSError, AttributeError):
             return None
 
@@ -96,7 +101,7 @@ class CudaBackend:
     Without a loadable ``libcudart`` (a static build), torch's Event objects are used instead.
     """
 
-    def __init__(self, raw: bool = True) -> None:
+    def __init__(self, raw: bool = True, off_gil: bool = False) -> None:
         import torch
 
         self._torch = torch
@@ -112,7 +117,7 @@ class CudaBackend:
             self._labels[st.cuda_stream] = "evtrace anchors"
             self._streams[st.cuda_stream] = st
         self.raw_stream, self.get_device = self._raw_stream, self._get_device
-        self._rt = _Cudart.load(torch.version.cuda) if raw else None
+        self._rt = _Cudart.load(torch.version.cuda, off_gil) if raw else None
         self._created: list[int] = []
         self._out = ctypes.c_float()
         self._outp = ctypes.pointer(self._out)
@@ -135,6 +140,20 @@ class CudaBackend:
         """After a refused record: clear this thread's CUDA error, so that torch never sees it."""
         if self._rt is not None:
             self._rt.last_error()
+
+    def launch_ns(self, device: int) -> int:
+        """The host time of the cheapest kernel launch torch makes here: the fastest of 20
+        one-element fills on the idle side stream (noise only makes a try slower)."""
+        torch = self._torch
+        with torch.cuda.stream(self._side[device]):
+            t = torch.empty(1, device=device)
+            best = 1 << 62
+            for _ in range(20):
+                t0 = time.perf_counter_ns()
+                t.fill_(0)
+                best = min(best, time.perf_counter_ns() - t0)
+            self._side[device].synchronize()  # anchors on this stream must not wait behind these
+        return best
 
     # ---- raw runtime events -------------------------------------------------------------------
 

@@ -66,10 +66,10 @@ def capture_ended() -> None:
 class _ThreadState:
     """Per thread: its lane, and its last mark, which the next boundary may share.
 
-    Two boundaries on one stream with less than ``share_ns`` of host time between them (the
-    end of one region and the start of the next, or the ends of a child and its parent) cannot
-    have a kernel launched between them, so one event serves both: half the records in a
-    module tree.
+    Two boundaries on one stream with less host time between them (the end of one region and
+    the start of the next, or the ends of a child and its parent) than the cheapest kernel
+    launch measured at the session's start cannot have a kernel launched between them, so one
+    event serves both: half the records in a module tree.
     """
 
     __slots__ = ("ix", "open", "last_m", "last_d", "last_s", "last_t")
@@ -96,7 +96,7 @@ class Recorder:
         max_events: int = 1 << 16,
         max_regions: int | None = 4_000_000,
         anchor_tries: int = 5,
-        share_ns: int = 1500,
+        share_ns: int | None = None,
         background: bool = True,
     ) -> None:
         self.backend = backend
@@ -143,7 +143,7 @@ class Recorder:
         self.origin_ns = 0
         self.wall_origin_ns = 0
         self.argv: list[str] = []
-        self.share_ns = share_ns
+        self.share_ns = -1 if share_ns is None else share_ns  # measured in start() unless given
         self.enter_host, self.exit_host = self._enter_host, self._exit_host
         if backend is None:
             self.enter, self.exit = self._enter_host, self._exit_host
@@ -187,7 +187,7 @@ class Recorder:
         if tok[1] is None:  # one C call appends the whole row, so threads never interleave
             self._host.extend((tok[0], tok[2], tok[3], self.clock()))
         else:
-            self._done.append((*tok, self.clock()))
+            self._done.append((tok, self.clock()))
 
     def _mark(self, d: int, s: int) -> list[Any] | None:
         """Record a pooled event on stream ``s``: a mark ``[event, device ms once resolved]``."""
@@ -210,18 +210,19 @@ class Recorder:
         return [ev, None]
 
     def _enter_device(self, name: int, args: Any) -> tuple[Any, ...]:
+        h0 = self.clock()  # first: the gap to the last mark must be as short as it really was
         try:
             t = self._tls.t
         except AttributeError:
             t = self._new_thread()
         d = self._get_device() if self._multi else 0
         s = self._raw_stream(d)
-        h0 = self.clock()
         if h0 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d:
             m = t.last_m  # nothing can have been launched since that mark: it serves again
-        else:
-            m = self._mark(d, s)
-            t.last_t = _NEVER
+        else:  # a new mark, which a child entered right away may share
+            m = t.last_m = self._mark(d, s)
+            t.last_d, t.last_s = d, s
+            t.last_t = self.clock()
         tok = (name, args, t.ix, h0, d, s, m)
         t.open.append(tok)
         return tok
@@ -234,8 +235,10 @@ class Recorder:
         d = self._get_device() if self._multi else 0
         s = self._raw_stream(d)
         h1 = self.clock()
-        if not (h1 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d):
-            t.last_m = self._mark(d, s)
+        if h1 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d:
+            m = t.last_m
+        else:
+            m = t.last_m = self._mark(d, s)
             t.last_d, t.last_s = d, s
             h1 = self.clock()
         t.last_t = h1
@@ -244,8 +247,7 @@ class Recorder:
             o.pop()
         else:
             self._closed(tok)
-        name, args, ix, h0, d0, s0, m0 = tok
-        self._done.append((name, args, ix, h0, h1, d0, s0, m0, d, s, t.last_m))
+        self._done.append((tok, h1, d, s, m))
 
     def _in_capture(self) -> None:
         """Inside a CUDA graph capture no event is recorded: host spans only, said once."""
@@ -271,6 +273,8 @@ class Recorder:
         if _active is not None:
             raise RuntimeError("an evtrace session is already recording; sessions do not nest")
         if self.backend is not None:
+            if self.share_ns < 0:
+                self.share_ns = min(self.backend.launch_ns(d) for d in range(len(self.backend.devices)))
             for d in range(len(self.backend.devices)):
                 self._created[d] = self.pool_size
                 self._pools[d].extend(self.backend.new_event(d) for _ in range(self.pool_size))
@@ -341,8 +345,8 @@ class Recorder:
         n = len(self._done)
         batch = self._done[:n]
         del self._done[:n]
-        if self.backend is None:
-            self._finished.extend(batch)
+        if self.backend is None:  # host-only regions with args
+            self._finished.extend((*tok, h1) for tok, h1 in batch)
         else:
             self._queue(batch)
             with _cuda_calls:  # a CUDA graph capture waits for this block, and holds the next
@@ -352,15 +356,21 @@ class Recorder:
             self._compact()
 
     def _queue(self, batch: list[tuple[Any, ...]]) -> None:
-        """Finished regions to their stream's queue (host-only ones straight to storage)."""
+        """Finished regions to the queue of their end mark's stream (host-only ones to storage).
+
+        A record is ``(token, host end)`` for a host-only region, else ``(token, host end,
+        device, stream, end mark)`` with the token ``(name, args, thread, host start, device,
+        stream, start mark)``.
+        """
         nan = float("nan")
         for rec in batch:
-            if len(rec) == 5:  # a host-only region
-                self._finished.append((*rec, -1, 0, nan, nan))
-            elif rec[7] is None and rec[10] is None:  # no event at either end
-                self._finished.append((*rec[:5], -1, 0, nan, nan))
+            tok = rec[0]
+            if len(rec) == 2:  # host-only
+                self._finished.append((*tok, rec[1], -1, 0, nan, nan))
+            elif rec[4] is None and tok[6] is None:  # no event at either end
+                self._finished.append((*tok[:4], rec[1], -1, 0, nan, nan))
             else:  # queued on the stream of its end mark (its start mark if the end has none)
-                key = (rec[8], rec[9]) if rec[10] is not None else (rec[5], rec[6])
+                key = (rec[2], rec[3]) if rec[4] is not None else (tok[4], tok[5])
                 q = self._waiting.get(key)
                 if q is None:
                     q = self._waiting[key] = deque()
@@ -370,23 +380,24 @@ class Recorder:
         if self.clock() - self._last_anchor >= self.anchor_interval_ns:
             self._anchor_all()
         self._resolve_anchors()
-        for (d, _s), q in self._waiting.items():
-            if q and self._ref[d] is not None and self._done_mark(q[-1][10] or q[-1][7]):
-                self._finish_all(d, q)  # stream order: the newest mark is done, so all are
+        for key, q in self._waiting.items():
+            d = key[0]
+            if q and self._ref[d] is not None and self._done_mark(q[-1][4] or q[-1][0][6]):
+                self._finish_all(key, q)  # stream order: the newest mark is done, so all are
             while q:  # what the fast path left: one at a time
-                rec = q[0]
-                m0, m1 = rec[7], rec[10]
+                tok, h1, d1, s1, m1 = rec = q[0]
+                m0 = tok[6]
                 if not self._done_mark(m1 or m0):
                     break  # later marks on this stream are not done either
-                if m0 is not None and m1 is not None and rec[6] != rec[9] and not self._done_mark(m0):
+                if m0 is not None and m1 is not None and tok[5] != s1 and not self._done_mark(m0):
                     break  # begun on another stream, which has not got there yet
-                if self._ref[rec[5]] is None or self._ref[rec[8]] is None:
+                if self._ref[tok[4]] is None or self._ref[d1] is None:
                     break  # that device's first anchor has not resolved yet
                 q.popleft()
                 self._finish_device(rec)
 
     def _finish_device(self, rec: tuple[Any, ...]) -> None:
-        name, args, ix, h0, h1, d0, s0, m0, d1, _s1, m1 = rec
+        (name, args, ix, h0, d0, s0, m0), h1, d1, _s1, m1 = rec
         if m0 is not None:
             self._stamp(d0, m0)
         if m1 is not None:
@@ -397,19 +408,44 @@ class Recorder:
             self.split_device += m0 is not None and m1 is not None
             self._finished.append((name, args, ix, h0, h1, -1, 0, float("nan"), float("nan")))
 
-    def _finish_all(self, d: int, q: deque[tuple[Any, ...]]) -> None:
-        """Resolve a stream's queue whose marks are all done, stopping at any unusual record
-        (one end without an event, begun on another stream or device) for the slow path."""
-        stamp, out = self._stamp, self._finished
+    def _finish_all(self, key: tuple[int, int], q: deque[tuple[Any, ...]]) -> None:
+        """Resolve a stream's queue whose marks are all done, straight into a storage chunk.
+
+        Stops at any unusual record (args, one end without an event, begun on another stream
+        or device) and leaves it to the slow path. This loop is the resolver's cost per region.
+        """
+        d, s = key
+        ref_ev, ref_ms = self._ref[d]  # type: ignore[misc]
+        elapsed, pool = self.backend.elapsed_ms, self._pools[d]  # type: ignore[union-attr]
+        names: list[int] = []
+        threads: list[int] = []
+        h0s: list[int] = []
+        h1s: list[int] = []
+        t0s: list[float] = []
+        t1s: list[float] = []
         while q:
-            rec = q[0]
-            m0, m1 = rec[7], rec[10]
-            if m0 is None or m1 is None or rec[5] != d or (rec[6] != rec[9] and m0[1] is None):
-                return
+            tok, h1, _d1, s1, m1 = q[0]
+            name, args, ix, h0, d0, s0, m0 = tok
+            if m0 is None or m1 is None or args is not None or d0 != d or s0 != s:
+                break
             q.popleft()
-            stamp(d, m0)
-            stamp(d, m1)
-            out.append((rec[0], rec[1], rec[2], rec[3], rec[4], d, rec[6], m0[1], m1[1]))
+            if m0[1] is None:
+                m0[1] = ref_ms + elapsed(ref_ev, m0[0])
+                pool.append(m0[0])
+                m0[0] = None
+            if m1[1] is None:
+                m1[1] = ref_ms + elapsed(ref_ev, m1[0])
+                pool.append(m1[0])
+                m1[0] = None
+            names.append(name)
+            threads.append(ix)
+            h0s.append(h0)
+            h1s.append(h1)
+            t0s.append(m0[1])
+            t1s.append(m1[1])
+        if names:
+            sx = self._streams.setdefault(key, len(self._streams))
+            self._add_chunk(names, threads, h0s, h1s, d, sx, t0s, t1s)
 
     def _stamp(self, d: int, m: list[Any]) -> None:
         """Give a done mark its device ms, against the latest anchor (a short, float32-safe
@@ -526,10 +562,12 @@ class Recorder:
             t0 = fit.to_host(live["dev_start"][rows]) - o
             t1 = fit.to_host(live["dev_end"][rows]) - o
             s0, s1 = np.rint(t0).astype(np.int64), np.rint(t1).astype(np.int64)
-            # a device span never starts at or before its host launch (physically impossible)
+            # a device span never starts at or before its host launch (physically impossible).
+            # A start mark shared with the boundary just before (less than share_ns of host time
+            # earlier) may legitimately be stamped before it: moved, but only beyond counted.
             h0 = regions["host_start"][rows]
             early = s0 <= h0
-            clamped_d = int(early.sum())
+            clamped_d = int((s0 < h0 - 2 * self.share_ns).sum())
             s0 = np.where(early, h0 + 1, s0)
             s1 = np.maximum(s1, s0)
             regions["dev_start"][rows] = s0
@@ -556,6 +594,7 @@ class Recorder:
             unfinished_regions=self.unfinished,
             marks_skipped_in_graph_capture=self.captured,
             dropped_regions=self.dropped_regions,
+            share_window_ns=max(self.share_ns, 0),
             alignment=align,
             duration_ns=end_ns - o,
             origin_perf_ns=o,

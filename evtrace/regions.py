@@ -36,7 +36,7 @@ class Region:
                 self._open.append((rec.exit, rec.enter(self.key, self.args)))
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, typ: object, value: object, tb: object) -> None:
         t = self._open.pop() if self._open else None
         if t is not None:
             t[0](t[1])

@@ -74,6 +74,9 @@ class SimBackend:
     def raw_stream(self, device: int) -> int:
         return self.stream
 
+    def launch_ns(self, device: int) -> int:
+        return 5000  # what launch() takes by default
+
     def learn_stream(self, device: int, stream: int) -> None:
         self.learned.append((device, stream))
 

@@ -27,6 +27,9 @@ class FakeStream:
         self.stream_id = next(self.ids) if handle != 0 else 0
         self.cuda_stream = handle if handle is not None else 0x1000 + self.stream_id
 
+    def synchronize(self) -> None:
+        pass
+
 
 class FakeEvent:
     def __init__(self, enable_timing: bool = False) -> None:
@@ -76,8 +79,10 @@ def fake_torch(clock: list[float]) -> types.ModuleType:
         Event=FakeEvent,
         synchronize=lambda d=None: None,
         device=_Dev,
+        stream=_Dev,
     )
     t.cuda = cuda
+    t.empty = lambda *a, **k: types.SimpleNamespace(fill_=lambda v: None)  # type: ignore[attr-defined]
     t.version = types.SimpleNamespace(cuda="13.0")  # type: ignore[attr-defined]
     t._C = types.SimpleNamespace(  # type: ignore[attr-defined]
         _cuda_getCurrentRawStream=lambda d: current[d].cuda_stream,
@@ -133,7 +138,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     torch = fake_torch(clock)
     monkeypatch.setitem(sys.modules, "torch", torch)
     rt = FakeCudart(clock)
-    monkeypatch.setattr(dev._Cudart, "load", classmethod(lambda cls, v: rt if request.param == "raw" else None))
+    monkeypatch.setattr(dev._Cudart, "load", classmethod(lambda cls, v, off_gil=False: rt if request.param == "raw" else None))
     b = dev.CudaBackend()
     b.fake_torch, b.fake_rt = torch, rt
     return b
