@@ -23,15 +23,134 @@ if TYPE_CHECKING:
     import torch
 
 _MISSING = object()
-_is_compiling: Callable[[], bool] = lambda: False  # noqa: E731  (torch's, once instrument() runs)
+# torch's, bound once instrument() runs
+_is_compiling: Callable[[], bool] = lambda: False  # noqa: E731
+_grad_enabled: Callable[[], bool] = lambda: False  # noqa: E731
+_Tensor: Any = None
+_queue_callback: Callable[[Callable[[], None]], None] | None = None
 
 
 def _bind_torch() -> None:
     """Import torch only when instrumenting, so that `evtrace summary` starts fast."""
-    global _is_compiling
+    global _is_compiling, _grad_enabled, _Tensor, _queue_callback
     import torch
 
     _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _is_compiling)
+    _grad_enabled, _Tensor = torch.is_grad_enabled, torch.Tensor
+    _queue_callback = getattr(torch.autograd.Variable._execution_engine, "queue_callback", None)
+
+
+# ---- per-module backward spans --------------------------------------------------------------
+# A module's backward begins when the gradient of one of its outputs reaches the autograd node
+# that made that output, and ends once the gradients of its inputs are complete: when the node
+# that made each input is about to run. Both are pre-hooks on nodes, so they run on the thread
+# autograd runs them on, with the node's stream current, and die with the graph. A module whose
+# inputs carry no gradient (the first layer) ends when the backward pass does.
+
+_META = "evtrace"  # our entry in a node's metadata dict
+_open_backward: list[_BackwardSpan] = []  # begun and not yet ended, in the order they began
+_sweep_queued = False
+
+
+class _BackwardSpan:
+    __slots__ = ("key", "rec", "tok", "ends")
+
+    def __init__(self, key: int, rec: Any, ends: int) -> None:
+        self.key, self.rec, self.tok, self.ends = key, rec, None, ends
+
+    def begin(self) -> None:
+        global _sweep_queued
+        if self.tok is not None or self.ends < 0 or _rec._active is not self.rec:
+            return  # begun already (another output), over, or its session ended
+        self.tok = self.rec.enter(self.key, None)
+        _open_backward.append(self)
+        if not _sweep_queued and _queue_callback is not None:
+            try:
+                _queue_callback(_sweep)  # runs when this backward pass is over
+                _sweep_queued = True
+            except RuntimeError:  # not inside a backward pass after all: the session's end closes it
+                pass
+
+    def end_one(self) -> None:
+        self.ends -= 1
+        if self.ends == 0:
+            self.close()
+
+    def close(self) -> None:
+        tok, self.tok, self.ends = self.tok, None, -1
+        if tok is not None:
+            _open_backward.remove(self)
+            if _rec._active is self.rec:
+                self.rec.exit(tok)
+
+
+def _sweep() -> None:
+    """The backward pass is over: end what is still open, innermost first."""
+    global _sweep_queued
+    _sweep_queued = False
+    for span in reversed(list(_open_backward)):
+        span.close()
+
+
+class _NodeHooks:
+    """The one pre-hook evtrace puts on an autograd node. Ends run first, in the order the
+    modules returned (inner first); then begins, in reverse (outer first): spans nest."""
+
+    __slots__ = ("ends", "begins")
+
+    def __init__(self) -> None:
+        self.ends: list[_BackwardSpan] = []
+        self.begins: list[_BackwardSpan] = []
+
+    def __call__(self, grad_outputs: Any) -> None:
+        for span in self.ends:
+            span.end_one()
+        for span in reversed(self.begins):
+            span.begin()
+
+
+def _node_hooks(node: Any) -> _NodeHooks:
+    md = node.metadata
+    h = md.get(_META)
+    if h is None:
+        h = md[_META] = _NodeHooks()
+        node.register_prehook(h)
+    return h
+
+
+def _grad_nodes(obj: Any, out: dict[int, Any], depth: int = 0) -> None:
+    """The autograd nodes that made the tensors in ``obj`` (a tensor, or a tuple, list or dict
+    of them, two levels deep); leaves and tensors without grad have none."""
+    if isinstance(obj, _Tensor):
+        if obj.requires_grad:
+            node = obj.grad_fn
+            if node is not None:
+                out[id(node)] = node
+    elif depth < 2 and isinstance(obj, (tuple, list)):
+        for o in obj:
+            _grad_nodes(o, out, depth + 1)
+    elif depth < 2 and isinstance(obj, dict):
+        for o in obj.values():
+            _grad_nodes(o, out, depth + 1)
+
+
+def _watch_backward(rec: Any, key: int, args: Any, kwargs: Any, result: Any) -> None:
+    """After a forward with grad enabled: hook the backward span of this call."""
+    outs: dict[int, Any] = {}
+    _grad_nodes(result, outs)
+    if not outs:
+        return
+    ins: dict[int, Any] = {}
+    _grad_nodes(args, ins, 1)
+    if kwargs:
+        _grad_nodes(kwargs, ins, 1)
+    if outs.keys() & ins.keys():
+        return  # an output is an input (an identity): no span of its own
+    span = _BackwardSpan(key, rec, len(ins))
+    for node in ins.values():
+        _node_hooks(node).ends.append(span)
+    for node in outs.values():
+        _node_hooks(node).begins.append(span)
 
 
 def _plain_forward(module: torch.nn.Module) -> Any:  # noqa: F821
@@ -40,16 +159,18 @@ def _plain_forward(module: torch.nn.Module) -> Any:  # noqa: F821
 
 
 class _Forward:
-    """``module.forward`` as a region named after the module's path. A no-op without a session,
-    and while torch.compile traces (the compiled graph is not split, its modules are not traced)."""
+    """``module.forward`` as a region named after the module's path, and with grad enabled its
+    backward as a region named ``<path> (backward)``. A no-op without a session, and while
+    torch.compile traces (the compiled graph is not split, its modules are not traced)."""
 
-    __slots__ = ("fn", "name", "key", "module", "__weakref__")
+    __slots__ = ("fn", "name", "key", "bkey", "module", "__weakref__")
 
-    def __init__(self, module: torch.nn.Module, fn: Any, name: str) -> None:
+    def __init__(self, module: torch.nn.Module, fn: Any, name: str, backward: bool = True) -> None:
         self.module = module
         self.fn = fn
         self.name = name
         self.key = _rec.name_key(name)
+        self.bkey = _rec.name_key(f"{name} (backward)") if backward else -1
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rec = _rec._active
@@ -57,9 +178,12 @@ class _Forward:
             return self.fn(*args, **kwargs)
         tok = rec.enter(self.key, None)
         try:
-            return self.fn(*args, **kwargs)
+            result = self.fn(*args, **kwargs)
         finally:
             rec.exit(tok)
+        if self.bkey >= 0 and _grad_enabled():
+            _watch_backward(rec, self.bkey, args, kwargs, result)
+        return result
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_plain_forward, (self.module,))
@@ -92,14 +216,14 @@ def select(model: torch.nn.Module, depth: int | None = None, include: str | None
 class Instrumentation:
     """What ``instrument`` changed; ``remove()`` (or leaving the ``with`` block) undoes it."""
 
-    def __init__(self, modules: Iterable[tuple[str, torch.nn.Module]]) -> None:
+    def __init__(self, modules: Iterable[tuple[str, torch.nn.Module]], backward: bool = True) -> None:
         self._saved: list[tuple[torch.nn.Module, Any]] = []
         for name, m in modules:
             if isinstance(m.__dict__.get("forward"), _Forward):
                 continue  # already traced by another instrumentation
             prev = m.__dict__.get("forward", _MISSING)
             fn = prev if prev is not _MISSING else m.forward
-            m.__dict__["forward"] = _Forward(m, fn, name)
+            m.__dict__["forward"] = _Forward(m, fn, name, backward)
             self._saved.append((m, prev))
 
     def __len__(self) -> int:
@@ -120,18 +244,20 @@ class Instrumentation:
         self.remove()
 
 
-def instrument(model: torch.nn.Module, *, depth: int | None = None, include: str | None = None, exclude: str | None = None) -> Instrumentation:
+def instrument(model: torch.nn.Module, *, depth: int | None = None, include: str | None = None, exclude: str | None = None, backward: bool = True) -> Instrumentation:
     """Trace ``model``'s forward, and its submodules' down to ``depth`` (None: all of them).
 
     Each module call becomes a region named by its path (``encoder.layers.3.attn``), on the host
-    and on the current stream. Undo with ``.remove()`` or use it as a context manager.
+    and on the current stream. With ``backward`` (and grad enabled), its backward becomes a
+    region ``encoder.layers.3.attn (backward)`` on the thread and stream autograd runs it on.
+    Undo with ``.remove()`` or use it as a context manager.
     """
     import torch
 
     _bind_torch()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"instrument() takes an nn.Module, not {type(model).__name__}")
-    return Instrumentation(select(model, depth, include, exclude))
+    return Instrumentation(select(model, depth, include, exclude), backward)
 
 
 class _Patches:

@@ -32,7 +32,8 @@ def test_regions_and_instrumented_modules_inside_torch_compile(tmp_path: Path) -
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_cli_hooks_with_a_compiled_model(tmp_path: Path) -> None:
-    """The compiled model is one span (dynamo is not split); its inside is skipped, never broken."""
+    """The compiled model is one span, forward and backward (dynamo is not split); its inside is
+    skipped, never broken."""
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     cm = torch.compile(m, backend="eager")
     x = torch.randn(4, 8)
@@ -43,4 +44,4 @@ def test_cli_hooks_with_a_compiled_model(tmp_path: Path) -> None:
             y.sum().backward()
     assert torch.allclose(y, ref)
     s = r.session
-    assert s is not None and set(s.names) == {"OptimizedModule", "backward"}
+    assert s is not None and set(s.names) == {"OptimizedModule", "OptimizedModule (backward)", "backward"}

@@ -91,3 +91,40 @@ def test_outputs_grads_state_dict_and_pickle_are_unchanged(tmp_path: Path) -> No
 def test_instrument_refuses_what_is_not_a_module() -> None:
     with pytest.raises(TypeError, match="takes an nn.Module"):
         evtrace.instrument(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_backward_spans_per_module_nest_in_reverse_order(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), Block(), nn.Identity(), Block())
+    x = torch.randn(4, 8)
+    with evtrace.instrument(net), evtrace.record(tmp_path / "b.json", device=False, quiet=True) as r:
+        for _ in range(2):
+            net(x).sum().backward()
+        with torch.no_grad():
+            net(x)  # no graph: no backward spans
+    s = r.session
+    assert s is not None
+    reg = s.regions
+    bw = {n: reg[reg["name"] == s.names.index(n)] for n in s.names if n.endswith(" (backward)")}
+    # every module that made a gradient, twice; the identity passes its input through: no span
+    assert all(len(v) == 2 for v in bw.values())
+    assert "2 (backward)" not in bw and {"Sequential (backward)", "0 (backward)", "3.mlp.2 (backward)"} <= set(bw)
+    for step in range(2):
+        span = {n: (int(v[step]["host_start"]), int(v[step]["host_end"])) for n, v in bw.items()}
+        root = span.pop("Sequential (backward)")
+        assert all(root[0] <= a and b <= root[1] for a, b in span.values())
+        assert span["3 (backward)"][1] <= span["1 (backward)"][0]  # the last block's backward runs first
+        assert span["1 (backward)"][1] <= span["0 (backward)"][0]  # the first layer's last
+        for blk in ("1", "3"):  # a block holds its submodules' backward spans, mlp.2 first
+            a, b = span[f"{blk} (backward)"]
+            inner = [span[f"{blk}.{m} (backward)"] for m in ("mlp.2", "mlp.1", "mlp.0", "attn")]
+            assert all(a <= i0 and i1 <= b for i0, i1 in inner)
+            assert all(p[1] <= q[0] for p, q in zip(inner, inner[1:]))
+    s.save(tmp_path / "b.json")  # the checker (conftest) verifies nesting on each lane
+
+
+def test_backward_spans_can_be_left_out(tmp_path: Path) -> None:
+    net = Block()
+    with evtrace.instrument(net, backward=False), evtrace.record(tmp_path / "n.json", device=False, quiet=True) as r:
+        net(torch.randn(2, 8)).sum().backward()
+    assert r.session is not None and not any(n.endswith("(backward)") for n in r.session.names)

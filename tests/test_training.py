@@ -100,20 +100,31 @@ def test_training_step_is_traced_without_changing_it(tmp_path: Path, script: Pat
     count = {n: int((s.regions["name"] == s.names.index(n)).sum()) for n in names}
     assert count["optimizer.step (AdamW)"] == count["backward"] == count["Net"] == 8
     assert count["data wait"] >= 8
-    assert {t.name for t in s.threads} == {"MainThread"}  # backward, too, is entered by the caller
+    # each traced module's backward, as a span of its own on the thread autograd ran it on
+    module_bw = ["Net (backward)", "layers.0 (backward)", "layers.1 (backward)", "head (backward)"]
+    assert all(count[n] == 8 for n in module_bw) and "layers.0.attn (backward)" not in names
+    r = s.regions
+    rows = {n: r[r["name"] == s.names.index(n)] for n in ["backward", *module_bw]}
+    lanes = {s.threads[i].name for n in module_bw for i in rows[n]["thread"]}
+    assert lanes == ({"MainThread"} if not on_gpu else {n for n in lanes if n.startswith("autograd thread")}) and len(lanes) == 1
+    for step in range(8):  # inside the step's backward, innermost last to begin, in reverse layer order
+        b, net, l0, l1, head = (rows[n][step] for n in ["backward", *module_bw])
+        assert b["host_start"] <= net["host_start"] <= head["host_start"] < l1["host_start"] < l0["host_start"]
+        assert head["host_end"] <= l1["host_start"] and l1["host_end"] <= l0["host_start"]
+        assert l0["host_end"] <= net["host_end"] <= b["host_end"]
     if on_gpu:  # forward and backward execute on the device, on the default stream
-        for n in ("Net", "backward", "optimizer.step (AdamW)"):
-            assert (s.regions["device"][s.regions["name"] == s.names.index(n)] == 0).all()
+        for n in ("Net", "backward", "optimizer.step (AdamW)", *module_bw):
+            assert (rows.get(n, r[r["name"] == s.names.index(n)])["device"] == 0).all()
 
 
 def test_depth_include_exclude_and_no_hooks(tmp_path: Path, script: Path) -> None:
     r = run(tmp_path, "-m", "evtrace", "--depth", "0", "-o", "d0.json", "train.py")
     assert r.returncode == 0, r.stderr
-    assert {n for n in evtrace.load(tmp_path / "d0.json").names if not n.startswith(("wait", "data", "optimizer", "backward"))} == {"Net", "MSELoss"}
+    assert {n for n in evtrace.load(tmp_path / "d0.json").names if not n.startswith(("wait", "data", "optimizer", "backward"))} == {"Net", "MSELoss", "Net (backward)", "MSELoss (backward)"}
     r = run(tmp_path, "-m", "evtrace", "--depth", "9", "--include", r"attn|^Net$", "--exclude", "layers.1", "-o", "inc.json", "train.py")
     assert r.returncode == 0, r.stderr
     mods = {n for n in evtrace.load(tmp_path / "inc.json").names if not n.startswith(("wait", "data", "optimizer", "backward"))}
-    assert mods == {"Net", "layers.0.attn"}
+    assert mods == {"Net", "layers.0.attn", "Net (backward)", "layers.0.attn (backward)"}
     r = run(tmp_path, "-m", "evtrace", "--no-hooks", "-o", "none.json", "train.py")
     assert r.returncode == 0, r.stderr
     assert len(evtrace.load(tmp_path / "none.json")) == 0
