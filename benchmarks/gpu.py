@@ -294,9 +294,25 @@ def p6(steps: int = 10, trials: int = 9) -> dict[str, Any]:
         with session(hooks=True):
             return train()
 
+    def modules(backward: bool) -> Callable[[], float]:
+        def run() -> float:
+            with evtrace.instrument(model, depth=2, backward=backward), session():
+                return train()
+
+        return run
+
     train()
-    res = alternate({"untraced": train, "evtrace CLI defaults": traced}, trials)
-    out = {"evtrace CLI defaults": ratio_stats(res["evtrace CLI defaults"], res["untraced"]), "untraced step ms": stat([v / 1e6 for v in res["untraced"]])}
+    res = alternate(
+        {
+            "untraced": train,
+            "evtrace CLI defaults": traced,
+            "modules to depth 2, forward only": modules(False),
+            "modules to depth 2, forward and backward": modules(True),
+        },
+        trials,
+    )
+    out = {k: ratio_stats(v, res["untraced"]) for k, v in res.items() if k != "untraced"}
+    out["untraced step ms"] = stat([v / 1e6 for v in res["untraced"]])
     emit("P6_ratio", out)
     return out
 
