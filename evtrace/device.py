@@ -10,7 +10,6 @@ Off the hot path (resolver thread, session start/stop): everything else.
 from __future__ import annotations
 
 import ctypes
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -33,7 +32,6 @@ class Backend(Protocol):
     raw_stream: Callable[[int], int]
     record: Callable[[Event, int], int]
 
-    def launch_ns(self, device: int) -> int: ...  # host time of the cheapest launch, measured
     def learn_stream(self, device: int, stream: int) -> None: ...  # first sight, while current
     def record_failed(self, code: int) -> None: ...
     def new_event(self, device: int) -> Event: ...
@@ -140,20 +138,6 @@ class CudaBackend:
         """After a refused record: clear this thread's CUDA error, so that torch never sees it."""
         if self._rt is not None:
             self._rt.last_error()
-
-    def launch_ns(self, device: int) -> int:
-        """The host time of the cheapest kernel launch torch makes here: the fastest of 20
-        one-element fills (noise only makes a try slower), on a stream of their own that
-        nothing waits for."""
-        torch = self._torch
-        with torch.cuda.stream(torch.cuda.Stream(device=device)):
-            t = torch.empty(1, device=device)
-            best = 1 << 62
-            for _ in range(20):
-                t0 = time.perf_counter_ns()
-                t.fill_(0)
-                best = min(best, time.perf_counter_ns() - t0)
-        return best
 
     # ---- raw runtime events -------------------------------------------------------------------
 

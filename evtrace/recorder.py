@@ -66,10 +66,10 @@ def capture_ended() -> None:
 class _ThreadState:
     """Per thread: its lane, and its last mark, which the next boundary may share.
 
-    Two boundaries on one stream with less host time between them (the end of one region and
-    the start of the next, or the ends of a child and its parent) than the cheapest kernel
-    launch measured at the session's start cannot have a kernel launched between them, so one
-    event serves both: half the records in a module tree.
+    Two boundaries on one stream (the end of one region and the start of the next, the ends of
+    a child and its parent, a parent's start and its first child's) with less host time
+    between them than one event record takes (the tightest of the first anchor's tries) cannot
+    have had a kernel launched between them: one event serves both.
     """
 
     __slots__ = ("ix", "open", "last_m", "last_d", "last_s", "last_t")
@@ -273,8 +273,6 @@ class Recorder:
         if _active is not None:
             raise RuntimeError("an evtrace session is already recording; sessions do not nest")
         if self.backend is not None:
-            if self.share_ns < 0:
-                self.share_ns = min(self.backend.launch_ns(d) for d in range(len(self.backend.devices)))
             for d in range(len(self.backend.devices)):
                 self._created[d] = self.pool_size
                 self._pools[d].extend(self.backend.new_event(d) for _ in range(self.pool_size))
@@ -284,6 +282,8 @@ class Recorder:
         self.argv = list(sys.argv)
         if self.backend is not None:
             self._anchor_all()
+            if self.share_ns < 0:  # a launch takes at least as long as a record
+                self.share_ns = min(p[-1][1] - p[-1][0] for p in self._anchor_pending)
             self._resolve_anchors()
             self._unguard = self.backend.guard_captures(capture_began, capture_ended)
         _active = self

@@ -47,8 +47,9 @@ class SimEvent:
 
 
 class SimBackend:
-    def __init__(self, clock: FakeClock, ndev: int = 1, offset_ns: int = 123_456_789, drift_ppm: float = 20.0, latency_ns: int = 0) -> None:
+    def __init__(self, clock: FakeClock, ndev: int = 1, offset_ns: int = 123_456_789, drift_ppm: float = 20.0, latency_ns: int = 0, record_ns: int = 2000) -> None:
         self.clock = clock
+        self.record_ns = record_ns
         self.devices = [DeviceInfo(i, f"Sim GPU {i}") for i in range(ndev)]
         self.offset = offset_ns
         self.rate = 1 + drift_ppm * 1e-6
@@ -74,9 +75,6 @@ class SimBackend:
     def raw_stream(self, device: int) -> int:
         return self.stream
 
-    def launch_ns(self, device: int) -> int:
-        return 5000  # what launch() takes by default
-
     def learn_stream(self, device: int, stream: int) -> None:
         self.learned.append((device, stream))
 
@@ -96,6 +94,8 @@ class SimBackend:
     def record(self, ev: SimEvent, stream: int) -> int:
         if self.refuse:
             return 900  # like cudaErrorStreamCaptureUnsupported
+        if self.clock.owner == threading.get_ident():
+            self.clock.advance(self.record_ns)  # a record takes host time, as a real one does
         device = self.device
         self.records += 1
         start = self.dev_now() + self.latency

@@ -27,9 +27,6 @@ class FakeStream:
         self.stream_id = next(self.ids) if handle != 0 else 0
         self.cuda_stream = handle if handle is not None else 0x1000 + self.stream_id
 
-    def synchronize(self) -> None:
-        pass
-
 
 class FakeEvent:
     def __init__(self, enable_timing: bool = False) -> None:
@@ -79,10 +76,8 @@ def fake_torch(clock: list[float]) -> types.ModuleType:
         Event=FakeEvent,
         synchronize=lambda d=None: None,
         device=_Dev,
-        stream=_Dev,
     )
     t.cuda = cuda
-    t.empty = lambda *a, **k: types.SimpleNamespace(fill_=lambda v: None)  # type: ignore[attr-defined]
     t.version = types.SimpleNamespace(cuda="13.0")  # type: ignore[attr-defined]
     t._C = types.SimpleNamespace(  # type: ignore[attr-defined]
         _cuda_getCurrentRawStream=lambda d: current[d].cuda_stream,

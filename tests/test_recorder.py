@@ -226,3 +226,21 @@ def test_graph_capture_gets_host_spans_and_no_cuda_call(tmp_path: Path, capsys) 
     assert s.device_spans == 2
     assert capsys.readouterr().err.count("CUDA graph capture") == 1
     s.save(tmp_path / "graph.json")
+
+
+def test_a_launch_as_fast_as_a_record_is_never_shared_across() -> None:
+    """The share window is one record's host time: a kernel launched faster than the old fixed
+    window still gets its own boundary, so a region's span never collapses onto its start."""
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    rec = Recorder(sim, clk, background=False)
+    rec.start()
+    assert 0 < rec.share_ns <= sim.record_ns + clk.step  # measured by the first anchor's tries
+    for _ in range(20):
+        tok = rec.enter(name_key("k"), None)
+        sim.launch(500_000, host_ns=sim.record_ns)  # a kernel launched in one record's time
+        rec.exit(tok)
+        clk.advance(600_000)
+    s = rec.stop()
+    dur = s.regions["dev_end"] - s.regions["dev_start"]
+    assert np.allclose(dur, 500_000, atol=3000)
