@@ -436,7 +436,7 @@ def p4(seconds: float) -> dict[str, Any]:
         "over_100us": int((np.abs(err_us) > 100).sum()),
         # the worst few: where in the run, and how long evtrace's span and CUPTI's kernel were
         "worst": [
-            {"i": int(i), "of": n, "err_us": round(float(err_us[i]), 1), "at_s": round(float(reg["host_start"][order][i]) / 1e9, 3), "span_us": round(float(d_end[i] - reg["dev_start"][order][i]) / 1e3, 1), "kernel_us": round(float(kernels[i]["dur"]), 1)}
+            {"i": int(i), "of": n, "err_us": round(float(err_us[i]), 1), "at_s": round(float(reg["host_start"][order][i]) / 1e9, 3), "span_us": round(float(d_end[i] - reg["dev_start"][order][i]) / 1e3, 1), "kernel_us": round(float(kernels[i]["dur"]), 1), "host_us": round(float(reg["host_end"][order][i] - reg["host_start"][order][i]) / 1e3, 1)}
             for i in np.argsort(-np.abs(err_us))[:5]
         ],
     }
