@@ -293,7 +293,8 @@ def _host_region(name: str) -> Any:
 class Hooks:
     """Everything an unmodified training or inference script gets under ``python -m evtrace``:
 
-    - module forward spans, for each top-level module as it is first called, down to ``depth``;
+    - module forward spans, for each top-level module as it is first called, down to ``depth``,
+      and each module's backward span (``<path> (backward)``) on the thread autograd runs it on;
     - ``backward`` around ``torch.autograd.backward`` (and so ``loss.backward()``);
     - ``optimizer.step (AdamW)`` and ``optimizer.zero_grad``, from torch's global optimizer hooks;
     - ``data wait`` while a DataLoader iterator produces the next batch (host only);
