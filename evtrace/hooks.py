@@ -53,16 +53,20 @@ _sweep_queued = False
 
 
 class _BackwardSpan:
-    __slots__ = ("key", "rec", "tok", "ends")
+    """One module call's backward: begun by the first of its outputs' gradients, ended by the
+    last of its inputs'. Each backward pass through the graph (``retain_graph``) begins it anew."""
 
-    def __init__(self, key: int, rec: Any, ends: int) -> None:
-        self.key, self.rec, self.tok, self.ends = key, rec, None, ends
+    __slots__ = ("key", "rec", "tok", "inputs", "left")
+
+    def __init__(self, key: int, rec: Any, inputs: int) -> None:
+        self.key, self.rec, self.tok, self.inputs, self.left = key, rec, None, inputs, inputs
 
     def begin(self) -> None:
         global _sweep_queued
-        if self.tok is not None or self.ends < 0 or _rec._active is not self.rec:
-            return  # begun already (another output), over, or its session ended
+        if self.tok is not None or _rec._active is not self.rec:
+            return  # begun already (another output), or its session ended
         self.tok = self.rec.enter(self.key, None)
+        self.left = self.inputs
         _open_backward.append(self)
         if not _sweep_queued and _queue_callback is not None:
             try:
@@ -72,12 +76,13 @@ class _BackwardSpan:
                 pass
 
     def end_one(self) -> None:
-        self.ends -= 1
-        if self.ends == 0:
-            self.close()
+        if self.tok is not None:  # else its outputs got no gradient: it never began
+            self.left -= 1
+            if self.left == 0:
+                self.close()
 
     def close(self) -> None:
-        tok, self.tok, self.ends = self.tok, None, -1
+        tok, self.tok = self.tok, None
         if tok is not None:
             _open_backward.remove(self)
             if _rec._active is self.rec:

@@ -128,3 +128,17 @@ def test_backward_spans_can_be_left_out(tmp_path: Path) -> None:
     with evtrace.instrument(net, backward=False), evtrace.record(tmp_path / "n.json", device=False, quiet=True) as r:
         net(torch.randn(2, 8)).sum().backward()
     assert r.session is not None and not any(n.endswith("(backward)") for n in r.session.names)
+
+
+def test_each_backward_pass_through_a_retained_graph_gets_its_spans(tmp_path: Path) -> None:
+    net = Block()
+    with evtrace.instrument(net), evtrace.record(tmp_path / "r.json", device=False, quiet=True) as r:
+        loss = net(torch.randn(2, 8)).sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    s = r.session
+    assert s is not None
+    reg = s.regions
+    for n in ("Block (backward)", "attn (backward)", "mlp (backward)"):
+        spans = reg[reg["name"] == s.names.index(n)]
+        assert len(spans) == 2 and spans["host_end"][0] <= spans["host_start"][1]
