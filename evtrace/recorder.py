@@ -46,6 +46,8 @@ def name_key(name: str) -> int:
                 _NAMES.append(name)
     return k
 _NEVER = -(1 << 62)
+#: finished regions are packed into numpy chunks of at least this many (a long run keeps few chunks)
+_CHUNK = 16384
 #: CUDA graph captures in progress (torch's CUDAGraph.capture_begin/end, patched while recording)
 _capturing = 0
 #: held by the resolver while it calls CUDA; a capture begins only once it is free
@@ -106,6 +108,7 @@ class Recorder:
         self.pool_size = pool_size
         self.max_events = max_events
         self.max_regions = max_regions
+        self._chunk = min(_CHUNK, max(1, max_regions // 8)) if max_regions else _CHUNK  # the ring drops by chunks
         self.anchor_tries = anchor_tries
         self.background = background
         ndev = len(backend.devices) if backend else 0
@@ -125,7 +128,9 @@ class Recorder:
         self._anchors: list[list[tuple[int, int, float]]] = [[] for _ in range(ndev)]
         self._last_anchor = 0
         self._finished: list[tuple[Any, ...]] = []
-        self._chunks: list[np.ndarray] = []
+        self._chunks: deque[np.ndarray] = deque()
+        # resolved by the fast path, as columns: name, thread, host start/end, device, stream, device ms
+        self._cols: tuple[list[Any], ...] = tuple([] for _ in range(8))
         self._streams: dict[tuple[int, int], int] = {}
         self._args: dict[int, dict[str, Any]] = {}
         self._count = 0
@@ -338,7 +343,7 @@ class Recorder:
     def poll(self, final: bool = False) -> None:
         """One resolver step: take a due anchor, resolve finished events, compact storage."""
         n = len(self._host)
-        if n:
+        if n >= 4 * self._chunk or (final and n):
             rows = np.frombuffer(self._host[:n], dtype=np.int64).reshape(-1, 4)
             del self._host[:n]  # only the copied prefix: rows appended meanwhile stay
             self._add_chunk(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3])
@@ -352,7 +357,7 @@ class Recorder:
             with _cuda_calls:  # a CUDA graph capture waits for this block, and holds the next
                 if not _capturing:  # no CUDA call may run during a capture: it would break it
                     self._resolve_device()
-        if final or len(self._finished) >= 16384:
+        if final or len(self._finished) + len(self._cols[0]) >= self._chunk:
             self._compact()
 
     def _queue(self, batch: list[tuple[Any, ...]]) -> None:
@@ -409,7 +414,7 @@ class Recorder:
             self._finished.append((name, args, ix, h0, h1, -1, 0, float("nan"), float("nan")))
 
     def _finish_all(self, key: tuple[int, int], q: deque[tuple[Any, ...]]) -> None:
-        """Resolve a stream's queue whose marks are all done, straight into a storage chunk.
+        """Resolve a stream's queue whose marks are all done, straight into storage columns.
 
         Stops at any unusual record (args, one end without an event, begun on another stream
         or device) and leaves it to the slow path. This loop is the resolver's cost per region.
@@ -417,12 +422,8 @@ class Recorder:
         d, s = key
         ref_ev, ref_ms = self._ref[d]  # type: ignore[misc]
         elapsed, pool = self.backend.elapsed_ms, self._pools[d]  # type: ignore[union-attr]
-        names: list[int] = []
-        threads: list[int] = []
-        h0s: list[int] = []
-        h1s: list[int] = []
-        t0s: list[float] = []
-        t1s: list[float] = []
+        names, threads, h0s, h1s, devs, streams, t0s, t1s = self._cols
+        k = len(names)
         while q:
             tok, h1, _d1, s1, m1 = q[0]
             name, args, ix, h0, d0, s0, m0 = tok
@@ -443,9 +444,10 @@ class Recorder:
             h1s.append(h1)
             t0s.append(m0[1])
             t1s.append(m1[1])
-        if names:
-            sx = self._streams.setdefault(key, len(self._streams))
-            self._add_chunk(names, threads, h0s, h1s, d, sx, t0s, t1s)
+        k = len(names) - k
+        if k:
+            devs.extend([d] * k)
+            streams.extend([self._streams.setdefault(key, len(self._streams))] * k)
 
     def _stamp(self, d: int, m: list[Any]) -> None:
         """Give a done mark its device ms, against the latest anchor (a short, float32-safe
@@ -496,7 +498,10 @@ class Recorder:
                 self._anchors[d].append((lo, hi, ms))
 
     def _compact(self) -> None:
-        """Move finished tuples into packed numpy chunks (46 B per region)."""
+        """Move finished regions into packed numpy chunks (46 B per region)."""
+        if self._cols[0]:
+            cols, self._cols = self._cols, tuple([] for _ in range(8))
+            self._add_chunk(*cols)
         rows = self._finished
         if not rows:
             return
@@ -525,7 +530,7 @@ class Recorder:
         self._chunks.append(chunk)
         self._kept += len(chunk)
         while self.max_regions and len(self._chunks) > 1 and self._kept - len(self._chunks[0]) >= self.max_regions:
-            old = self._chunks.pop(0)  # a ring of chunks: the oldest regions go first
+            old = self._chunks.popleft()  # a ring of chunks: the oldest regions go first
             self._kept -= len(old)
             self._first_index += len(old)
             self.dropped_regions += len(old)

@@ -244,3 +244,24 @@ def test_a_launch_as_fast_as_a_record_is_never_shared_across() -> None:
     s = rec.stop()
     dur = s.regions["dev_end"] - s.regions["dev_start"]
     assert np.allclose(dur, 500_000, atol=3000)
+
+
+def test_a_long_run_of_short_polls_packs_regions_into_few_chunks() -> None:
+    """The resolver polls every 10 ms; storage must not become one small array per poll (a
+    two-hour run would hold hundreds of thousands of them)."""
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    rec = Recorder(sim, clk, background=False)
+    rec.start()
+    for i in range(40_000):
+        tok = rec.enter(name_key("k"), None)
+        sim.launch(1000)
+        rec.exit(tok)
+        h = rec.enter_host(name_key("h"), None)
+        rec.exit_host(h)
+        if i % 10 == 0:
+            clk.advance(1_000_000)
+            rec.poll()
+    assert len(rec._chunks) <= 80_000 // 16384
+    s = rec.stop()
+    assert len(s) == 80_000 and s.device_spans == 40_000
