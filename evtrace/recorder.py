@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-from array import array
 from collections import deque
 from typing import Any
 
@@ -114,7 +113,7 @@ class Recorder:
         ndev = len(backend.devices) if backend else 0
         # shared with the hot path (list.append / pop / len / slicing are atomic under the GIL)
         self._done: list[tuple[Any, ...]] = []  # finished regions with device marks or args
-        self._host: array[int] = array("q")  # finished host-only regions: key, thread, start, end
+        self._host: list[int] = []  # finished host-only regions, flat: key, thread, start, end
         self._pools: list[list[Event]] = [[] for _ in range(ndev)]
         self._tls = threading.local()  # .t: this thread's _ThreadState
         self._thread_info: list[Thread] = []
@@ -190,7 +189,7 @@ class Recorder:
         else:
             self._closed(tok)
         if tok[1] is None:  # one C call appends the whole row, so threads never interleave
-            self._host.extend((tok[0], tok[2], tok[3], self.clock()))
+            self._host += (tok[0], tok[2], tok[3], self.clock())
         else:
             self._done.append((tok, self.clock()))
 
@@ -344,7 +343,7 @@ class Recorder:
         """One resolver step: take a due anchor, resolve finished events, compact storage."""
         n = len(self._host)
         if n >= 4 * self._chunk or (final and n):
-            rows = np.frombuffer(self._host[:n], dtype=np.int64).reshape(-1, 4)
+            rows = np.array(self._host[:n], dtype=np.int64).reshape(-1, 4)
             del self._host[:n]  # only the copied prefix: rows appended meanwhile stay
             self._add_chunk(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3])
         n = len(self._done)
