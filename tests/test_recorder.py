@@ -14,15 +14,25 @@ from evtrace.recorder import Recorder, name_key
 from .simdevice import SIDE, FakeClock, SimBackend
 
 
-def test_no_synchronize_on_the_region_path() -> None:
-    clk = FakeClock()
+def started(clk: FakeClock | None = None, **kw: object) -> tuple[FakeClock, SimBackend, Recorder]:
+    """A recorder on a simulated device, started, resolving only when polled."""
+    clk = clk or FakeClock()
     sim = SimBackend(clk)
-    rec = Recorder(sim, clk, background=False)
+    rec = Recorder(sim, clk, background=False, **kw)  # type: ignore[arg-type]
     rec.start()
+    return clk, sim, rec
+
+
+def region_around_kernel(rec: Recorder, sim: SimBackend, ns: float, name: str = "r") -> None:
+    tok = rec.enter(name_key(name), None)
+    sim.launch(ns)
+    rec.exit(tok)
+
+
+def test_no_synchronize_on_the_region_path() -> None:
+    _, sim, rec = started()
     for _ in range(1000):
-        tok = rec.enter(name_key("r"), None)
-        sim.launch(10_000)
-        rec.exit(tok)
+        region_around_kernel(rec, sim, 10_000)
         if _ % 100 == 0:
             rec.poll()
     assert sim.syncs == 0
@@ -31,10 +41,7 @@ def test_no_synchronize_on_the_region_path() -> None:
 
 
 def test_events_are_recycled_not_created_per_region() -> None:
-    clk = FakeClock()
-    sim = SimBackend(clk)
-    rec = Recorder(sim, clk, pool_size=64, background=False)
-    rec.start()
+    clk, sim, rec = started(pool_size=64)
     for i in range(10_000):
         tok = rec.enter(name_key("r"), None)
         rec.exit(tok)
@@ -47,10 +54,7 @@ def test_events_are_recycled_not_created_per_region() -> None:
 
 
 def test_a_dry_pool_drops_device_spans_counts_them_and_never_syncs(tmp_path: Path) -> None:
-    clk = FakeClock()
-    sim = SimBackend(clk)
-    rec = Recorder(sim, clk, pool_size=16, max_events=32, background=False)
-    rec.start()
+    _, sim, rec = started(pool_size=16, max_events=32)
     sim.launch(10**12)  # the device is 1000 s behind: nothing resolves
     for _ in range(100):
         tok = rec.enter(name_key("r"), None)
@@ -140,10 +144,7 @@ def test_host_only_regions_get_no_device_span(tmp_path: Path) -> None:
 
 def test_adjacent_boundaries_share_one_event_and_stay_exact(tmp_path: Path) -> None:
     """Siblings back to back share the boundary event; a launch in between prevents it."""
-    clk = FakeClock(step=200)
-    sim = SimBackend(clk)
-    rec = Recorder(sim, clk, background=False)
-    rec.start()
+    _, sim, rec = started(FakeClock(step=200))
     n0 = sim.records
     tok_p = rec.enter(name_key("parent"), None)
     for _ in range(10):
@@ -197,10 +198,7 @@ def test_refused_records_are_counted_and_cleared(tmp_path: Path) -> None:
 def test_graph_capture_gets_host_spans_and_no_cuda_call(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """While a graph is captured nothing is recorded and the resolver makes no CUDA call (in
     torch's global capture mode either would break the capture); said once."""
-    clk = FakeClock()
-    sim = SimBackend(clk)
-    rec = Recorder(sim, clk, background=False)
-    rec.start()
+    clk, sim, rec = started()
     began, ended = sim.capture
     tok = rec.enter(name_key("before"), None)
     sim.launch(1000)
@@ -231,10 +229,7 @@ def test_graph_capture_gets_host_spans_and_no_cuda_call(tmp_path: Path, capsys) 
 def test_a_launch_as_fast_as_a_record_is_never_shared_across() -> None:
     """The share window is one record's host time: a kernel launched faster than the old fixed
     window still gets its own boundary, so a region's span never collapses onto its start."""
-    clk = FakeClock()
-    sim = SimBackend(clk)
-    rec = Recorder(sim, clk, background=False)
-    rec.start()
+    clk, sim, rec = started()
     assert 0 < rec.share_ns <= sim.record_ns + clk.step  # measured by the first anchor's tries
     for _ in range(20):
         tok = rec.enter(name_key("k"), None)
@@ -249,14 +244,9 @@ def test_a_launch_as_fast_as_a_record_is_never_shared_across() -> None:
 def test_a_long_run_of_short_polls_packs_regions_into_few_chunks() -> None:
     """The resolver polls every 10 ms; storage must not become one small array per poll (a
     two-hour run would hold hundreds of thousands of them)."""
-    clk = FakeClock()
-    sim = SimBackend(clk)
-    rec = Recorder(sim, clk, background=False)
-    rec.start()
+    clk, sim, rec = started()
     for i in range(40_000):
-        tok = rec.enter(name_key("k"), None)
-        sim.launch(1000)
-        rec.exit(tok)
+        region_around_kernel(rec, sim, 1000)
         h = rec.enter_host(name_key("h"), None)
         rec.exit_host(h)
         if i % 10 == 0:
