@@ -27,19 +27,19 @@ class Region:
         rec = _rec._active
         if rec is None:
             self._open.append(None)
+        elif self.key < 0:
+            raise TypeError('region() needs a name when used with "with": with evtrace.region("step"): ...')
+        elif self.host_only:
+            self._open.append((rec.exit_host, rec.enter_host(self.key, self.args)))
         else:
-            if self.name is None:
-                raise TypeError('region() needs a name when used with "with": with evtrace.region("step"): ...')
-            if self.host_only:
-                self._open.append((rec.exit_host, rec.enter_host(self.key, self.args)))
-            else:
-                self._open.append((rec.exit, rec.enter(self.key, self.args)))
+            self._open.append((rec.exit, rec.enter(self.key, self.args)))
         return self
 
     def __exit__(self, typ: object, value: object, tb: object) -> None:
-        t = self._open.pop() if self._open else None
-        if t is not None:
-            t[0](t[1])
+        if self._open:
+            t = self._open.pop()
+            if t is not None:
+                t[0](t[1])
 
     def __call__(self, fn: F) -> F:
         if not callable(fn):
