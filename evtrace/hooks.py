@@ -58,14 +58,16 @@ class _BackwardSpan:
 
     __slots__ = ("key", "rec", "tok", "inputs", "left")
 
-    def __init__(self, key: int, rec: Any, inputs: int) -> None:
-        self.key, self.rec, self.tok, self.inputs, self.left = key, rec, None, inputs, inputs
+    def __init__(self, key: int, rec: _rec.Recorder, inputs: int) -> None:
+        self.key, self.rec, self.inputs, self.left = key, rec, inputs, inputs
+        self.tok: tuple[Any, ...] | None = None
 
     def begin(self) -> None:
         global _sweep_queued
-        if self.tok is not None or _rec._active is not self.rec:
+        rec = self.rec
+        if self.tok is not None or _rec._active is not rec:
             return  # begun already (another output), or its session ended
-        self.tok = self.rec.enter(self.key, None)
+        self.tok = rec.enter(self.key, None)
         self.left = self.inputs
         _open_backward.append(self)
         if not _sweep_queued and _queue_callback is not None:

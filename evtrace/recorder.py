@@ -499,8 +499,8 @@ class Recorder:
     def _compact(self) -> None:
         """Move finished regions into packed numpy chunks (46 B per region)."""
         if self._cols[0]:
-            cols, self._cols = self._cols, tuple([] for _ in range(8))
-            self._add_chunk(*cols)
+            fast, self._cols = self._cols, tuple([] for _ in range(8))
+            self._add_chunk(*fast)
         rows = self._finished
         if not rows:
             return
