@@ -41,6 +41,14 @@ def session(**kw: Any) -> evtrace.record:
     return evtrace.record(os.path.join(TMP, "bench.json.gz"), quiet=True, **kw)
 
 
+def against_untraced(figure: str, res: dict[str, list[float]], label: str, scale: float) -> dict[str, Any]:
+    """Each variant's per-trial ratio to "untraced", and the untraced figure itself (÷ scale)."""
+    out = {k: ratio_stats(v, res["untraced"]) for k, v in res.items() if k != "untraced"}
+    out[label] = stat([v / scale for v in res["untraced"]])
+    emit(figure, out)
+    return out
+
+
 def per_iter(n: int, body: Callable[[], None]) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter_ns()
@@ -212,10 +220,7 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
         },
         trials,
     )
-    out = {k: ratio_stats(v, res["untraced"]) for k, v in res.items() if k != "untraced"}
-    out["untraced forward µs"] = stat([v / 1000 for v in res["untraced"]])
-    emit("P2_ratio", out)
-    return out
+    return against_untraced("P2_ratio", res, "untraced forward µs", 1000)
 
 
 # ---- P3: the seed article's pipeline -----------------------------------------------------------
@@ -262,10 +267,7 @@ def p3(iters: int = 10, trials: int = 21) -> dict[str, Any]:
 
     pipeline("plain")
     res = alternate({"untraced": lambda: pipeline("plain"), "evtrace": traced, "sync timing": lambda: pipeline("sync"), "torch.profiler": profiler}, trials)
-    out = {k: ratio_stats(v, res["untraced"]) for k, v in res.items() if k != "untraced"}
-    out["untraced step ms"] = stat([v / 1e6 for v in res["untraced"]])
-    emit("P3_ratio", out)
-    return out
+    return against_untraced("P3_ratio", res, "untraced step ms", 1e6)
 
 
 # ---- P6: the CLI defaults on a realistic training step ----------------------------------------
@@ -311,10 +313,7 @@ def p6(steps: int = 10, trials: int = 9) -> dict[str, Any]:
         },
         trials,
     )
-    out = {k: ratio_stats(v, res["untraced"]) for k, v in res.items() if k != "untraced"}
-    out["untraced step ms"] = stat([v / 1e6 for v in res["untraced"]])
-    emit("P6_ratio", out)
-    return out
+    return against_untraced("P6_ratio", res, "untraced step ms", 1e6)
 
 
 # ---- P4: alignment against CUPTI --------------------------------------------------------------

@@ -61,7 +61,7 @@ class _Cudart:
         self.create.argtypes, self.create.restype = [ctypes.POINTER(vp), ctypes.c_uint], ctypes.c_int
         self.record = lib.cudaEventRecord
         self.record.argtypes, self.record.restype = [vp, vp], ctypes.c_int
-        # the resolver's calls (1-2 µs each on a VM) may run without the GIL, beside the host
+        # off_gil: the resolver's calls without the GIL; measured no faster (BENCHMARKS.md), kept for that comparison
         res = lib if off_gil is None else off_gil
         self.query = res.cudaEventQuery
         self.query.argtypes, self.query.restype = [vp], ctypes.c_int
