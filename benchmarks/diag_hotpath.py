@@ -1,12 +1,13 @@
 """Where a region's time goes on the GPU machine: hot path, each resolver step, the primitives.
 
-    python benchmarks/diag_hotpath.py
+    python benchmarks/diag_hotpath.py [marks]    # marks: only count the P2 forward's marks
 
 A diagnostic, not a figure for BENCHMARKS.md: one loop per line, ns per iteration.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
@@ -75,6 +76,8 @@ def p2_marks() -> None:
 
 
 p2_marks()
+if sys.argv[1:] == ["marks"]:
+    sys.exit()
 for rep in range(3):
     bare = loop("bare", lambda: x.add_(1))
     rec = recorder.Recorder(CudaBackend(), pool_size=n + 100, background=False)

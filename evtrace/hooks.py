@@ -28,16 +28,22 @@ _is_compiling: Callable[[], bool] = lambda: False  # noqa: E731
 _grad_enabled: Callable[[], bool] = lambda: False  # noqa: E731
 _Tensor: Any = None
 _queue_callback: Callable[[Callable[[], None]], None] | None = None
+_sequential_forward: Any = None
+_global_hooks: tuple[dict[Any, Any], ...] = ()  # torch's global module hooks, any kind
 
 
 def _bind_torch() -> None:
     """Import torch only when instrumenting, so that `evtrace summary` starts fast."""
-    global _is_compiling, _grad_enabled, _Tensor, _queue_callback
+    global _is_compiling, _grad_enabled, _Tensor, _queue_callback, _sequential_forward, _global_hooks
     import torch
+    import torch.nn.modules.module as tm
 
     _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _is_compiling)
     _grad_enabled, _Tensor = torch.is_grad_enabled, torch.Tensor
     _queue_callback = getattr(torch.autograd.Variable._execution_engine, "queue_callback", None)
+    _sequential_forward = torch.nn.Sequential.forward
+    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks")
+    _global_hooks = tuple(getattr(tm, n, {}) for n in names)
 
 
 # ---- per-module backward spans --------------------------------------------------------------
@@ -199,6 +205,40 @@ class _Forward:
         return f"<evtrace forward of {self.name}>"
 
 
+def _sequential(seq: torch.nn.Module) -> Callable[[Any], Any]:  # noqa: F821
+    """``nn.Sequential.forward`` as torch runs it, telling the recorder which boundaries are
+    adjacent. Between the container's start, its children and its end nothing runs but this
+    loop, so a child that nn.Module calls straight (an evtrace forward, no hooks, not compiled:
+    its first and last boundaries are the first and last things it does) shares its start with
+    the boundary before it, and the container's end shares the last child's end: one event per
+    boundary instead of two per child."""
+
+    def forward(input: Any) -> Any:
+        rec = _rec._active
+        if rec is None or _is_compiling() or any(_global_hooks):
+            for module in seq:
+                input = module(input)
+            return input
+        t, always = rec.thread_state(), _rec.ALWAYS
+        prev = True  # the last boundary is the container's own start
+        for module in seq:
+            d = module.__dict__  # nn.Module's own test for calling forward straight, inlined
+            plain = (
+                type(d.get("forward")) is _Forward
+                and d.get("_compiled_call_impl") is None
+                and not (d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"] or d["_backward_hooks"])
+            )
+            if prev and plain:
+                t.last_t = always  # the child's start shares the last mark
+            input = module(input)
+            prev = plain
+        if prev:
+            t.last_t = always  # the container's end shares the last child's
+        return input
+
+    return forward
+
+
 def select(model: torch.nn.Module, depth: int | None = None, include: str | None = None, exclude: str | None = None) -> list[tuple[str, torch.nn.Module]]:
     """The (path, module) pairs to trace: the root is depth 0, its children depth 1, and so on.
 
@@ -230,6 +270,8 @@ class Instrumentation:
                 continue  # already traced by another instrumentation
             prev = m.__dict__.get("forward", _MISSING)
             fn = prev if prev is not _MISSING else m.forward
+            if prev is _MISSING and type(m).forward is _sequential_forward:
+                fn = _sequential(m)
             m.__dict__["forward"] = _Forward(m, fn, name, backward)
             self._saved.append((m, prev))
 

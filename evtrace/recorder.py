@@ -45,6 +45,9 @@ def name_key(name: str) -> int:
                 _NAMES.append(name)
     return k
 _NEVER = -(1 << 62)
+#: a last_t that the next boundary is always within: set by a caller that knows nothing has been
+#: launched on its thread since its last boundary, nor will be before the next (hooks._sequential)
+ALWAYS = 1 << 62
 #: finished regions are packed into numpy chunks of at least this many (a long run keeps few chunks)
 _CHUNK = 16384
 #: CUDA graph captures in progress (torch's CUDAGraph.capture_begin/end, patched while recording)
@@ -70,7 +73,8 @@ class _ThreadState:
     Two boundaries on one stream (the end of one region and the start of the next, the ends of
     a child and its parent, a parent's start and its first child's) with less host time
     between them than one event record takes (the tightest of the first anchor's tries) cannot
-    have had a kernel launched between them: one event serves both.
+    have had a kernel launched between them: one event serves both. ``last_t`` is the host
+    time up to which nothing is known to have been launched since ``last_m``.
     """
 
     __slots__ = ("ix", "open", "last_m", "last_d", "last_s", "last_t")
@@ -223,6 +227,7 @@ class Recorder:
         s = self._raw_stream(d)
         if h0 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d:
             m = t.last_m  # nothing can have been launched since that mark: it serves again
+            t.last_t = h0
         else:  # a new mark, which a child entered right away may share
             m = t.last_m = self._mark(d, s)
             t.last_d, t.last_s = d, s
@@ -252,6 +257,13 @@ class Recorder:
         else:
             self._closed(tok)
         self._done.append((tok, h1, d, s, m))
+
+    def thread_state(self) -> _ThreadState:
+        """This thread's state (its lane, open regions and last mark)."""
+        try:
+            return self._tls.t  # type: ignore[no-any-return]
+        except AttributeError:
+            return self._new_thread()
 
     def _in_capture(self) -> None:
         """Inside a CUDA graph capture no event is recorded: host spans only, said once."""
@@ -556,6 +568,7 @@ class Recorder:
         devices = list(self.backend.devices) if self.backend else []
         align: dict[str, Any] = {}
         clamped = 0
+        before = _boundary_before(regions)
         for d in range(len(devices)):
             rows = regions["device"] == d
             a = self._anchors[d]
@@ -567,11 +580,12 @@ class Recorder:
             t1 = fit.to_host(live["dev_end"][rows]) - o
             s0, s1 = np.rint(t0).astype(np.int64), np.rint(t1).astype(np.int64)
             # a device span never starts at or before its host launch (physically impossible).
-            # A start mark shared with the boundary just before (less than share_ns of host time
-            # earlier) may legitimately be stamped before it: moved, but only beyond counted.
+            # A start mark shared with an earlier boundary may legitimately be stamped before
+            # it, as early as that boundary: moved, but counted only if earlier still.
             h0 = regions["host_start"][rows]
             early = s0 <= h0
-            clamped_d = int((s0 < h0 - 2 * self.share_ns).sum())
+            made = np.where(_shared_starts(live["dev_start"][rows], live["dev_end"][rows]), before[rows], h0)
+            clamped_d = int((s0 < made - 2 * self.share_ns).sum())
             s0 = np.where(early, h0 + 1, s0)
             s1 = np.maximum(s1, s0)
             regions["dev_start"][rows] = s0
@@ -617,6 +631,27 @@ class Recorder:
             pid=os.getpid(),
             wall_origin_ns=self.wall_origin_ns,
         )
+
+
+def _shared_starts(start_ms: np.ndarray, end_ms: np.ndarray) -> np.ndarray:
+    """Which device starts share their mark with another region's boundary (the same stamp)."""
+    stamps, counts = np.unique(np.concatenate([start_ms, end_ms]), return_counts=True)
+    own = (start_ms == end_ms).astype(np.int64)  # an empty region's end shares its own start
+    return counts[np.searchsorted(stamps, start_ms)] - own > 1
+
+
+def _boundary_before(regions: np.ndarray) -> np.ndarray:
+    """Each device region's latest host boundary (a device region's start or end on its thread)
+    before its start; its own start when it has none."""
+    out = regions["host_start"].copy()
+    on_device = regions["device"] >= 0
+    for ix in np.unique(regions["thread"][on_device]).tolist():
+        rows = on_device & (regions["thread"] == ix)
+        h0 = regions["host_start"][rows]
+        times = np.sort(np.concatenate([h0, regions["host_end"][rows]]))
+        i = np.searchsorted(times, h0) - 1  # strictly before
+        out[rows] = np.where(i >= 0, times[np.maximum(i, 0)], h0)
+    return out
 
 
 def _thread_name() -> str:

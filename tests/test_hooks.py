@@ -12,6 +12,10 @@ import torch
 import torch.nn as nn
 
 import evtrace
+from evtrace.recorder import Recorder
+from evtrace.session import Session
+
+from .simdevice import FakeClock, SimBackend
 
 
 class Block(nn.Module):
@@ -50,6 +54,70 @@ def test_forward_spans_are_named_by_path_and_nest(tmp_path: Path) -> None:
     reg = s.regions
     root = reg[reg["name"] == s.names.index("Net")][0]
     assert (reg["host_start"] >= root["host_start"]).all() and (reg["host_end"] <= root["host_end"]).all()
+
+
+class Kernel(nn.Module):
+    """Launches one simulated kernel of ``ns`` device time."""
+
+    def __init__(self, sim: SimBackend, ns: int) -> None:
+        super().__init__()
+        self.sim, self.ns = sim, ns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sim.launch(self.ns)
+        return x
+
+
+def sequential_run(kernels_ns: list[int], hook_ns: int = 0) -> tuple[Session, int]:
+    """One forward of nn.Sequential(Kernel, ...) on the simulated device, with boundaries shared
+    only where evtrace is told they are adjacent (no host-time window): (session, marks)."""
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    seq = nn.Sequential(*(Kernel(sim, ns) for ns in kernels_ns))
+    if hook_ns:  # a hook of the first child's that launches work after its forward
+        seq[0].register_forward_hook(lambda m, a, o: sim.launch(hook_ns))
+    rec = Recorder(sim, clk, background=False, share_ns=0)  # type: ignore[arg-type]
+    with evtrace.instrument(seq):
+        rec.start()
+        before = sim.records
+        seq(torch.zeros(1))
+        marks = sim.records - before
+        return rec.stop(), marks
+
+
+def device_spans(s: Session) -> dict[str, tuple[int, int]]:
+    return {s.names[r["name"]]: (int(r["dev_start"]), int(r["dev_end"])) for r in s.regions}
+
+
+def test_sequential_children_share_one_event_per_boundary() -> None:
+    s, marks = sequential_run([10_000, 20_000, 30_000])
+    assert marks == 4  # the container's start, then one per child's end (the last is the container's)
+    span = device_spans(s)
+    assert span["2"][1] == span["Sequential"][1]
+    host0 = int(s.regions[s.regions["name"] == s.names.index("0")]["host_start"][0])
+    assert span["0"][0] == max(span["Sequential"][0], host0 + 1)  # the device was idle: from its launch
+    assert span["1"][0] == span["0"][1] and span["2"][0] == span["1"][1]
+    for child, ns in (("1", 20_000), ("2", 30_000)):  # the device was busy: each span is its kernel
+        assert abs(span[child][1] - span[child][0] - ns) < 200
+    assert s.meta["clamped_device_spans"] == 0
+
+
+def test_a_child_with_hooks_does_not_share_its_end() -> None:
+    """A forward hook may launch work after the child's span: the next child must not get it."""
+    s, marks = sequential_run([10_000, 20_000], hook_ns=40_000)
+    assert marks == 5  # the hooked child shares neither boundary; the second child's end is the container's
+    span = device_spans(s)
+    assert span["1"][0] >= span["0"][1] + 40_000 - 200  # starts after the hook's kernel
+    assert abs(span["1"][1] - span["1"][0] - 20_000) < 200
+
+
+def test_shared_starts_stamped_before_their_launch_are_moved_not_counted() -> None:
+    """On an idle device a child's start (the previous child's end) is stamped before the host
+    enters the child: moved to just after the launch, and not reported as an alignment error."""
+    s, _ = sequential_run([100, 100, 100])
+    reg = s.regions
+    assert (reg["dev_start"] > reg["host_start"]).all()
+    assert s.meta["clamped_device_spans"] == 0
 
 
 def test_include_exclude_and_depth() -> None:
