@@ -114,9 +114,9 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
         with reg:
             x.add_(1)
 
-    def in_session(share: bool = True, raw_events: bool = True, off_gil: bool = False) -> Callable[[], float]:
+    def in_session(share: bool = True, raw_events: bool = True) -> Callable[[], float]:
         def run() -> float:
-            r = session(backend=CudaBackend(raw=raw_events, off_gil=off_gil))
+            r = session(backend=CudaBackend(raw=raw_events))
             with r:
                 if not share:
                     recorder._active.share_ns = 0  # type: ignore[union-attr]
@@ -138,7 +138,6 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
         "bare": bare,
         "region": in_session(),
         "region, no sharing": in_session(share=False),
-        "region, resolver's CUDA calls off the GIL": in_session(off_gil=True),
         "region, torch events": in_session(raw_events=False),
         "region, resolver off (hot path only)": no_resolver,
         "Event.record() x2": naive,

@@ -54,18 +54,16 @@ class _Cudart:
 
     NOT_READY = 600  # cudaErrorNotReady
 
-    def __init__(self, lib: ctypes.PyDLL, off_gil: ctypes.CDLL | None = None) -> None:
+    def __init__(self, lib: ctypes.PyDLL) -> None:
         vp = ctypes.c_void_p
         self.lib = lib
         self.create = lib.cudaEventCreateWithFlags
         self.create.argtypes, self.create.restype = [ctypes.POINTER(vp), ctypes.c_uint], ctypes.c_int
         self.record = lib.cudaEventRecord
         self.record.argtypes, self.record.restype = [vp, vp], ctypes.c_int
-        # off_gil: the resolver's calls without the GIL; measured no faster (BENCHMARKS.md), kept for that comparison
-        res = lib if off_gil is None else off_gil
-        self.query = res.cudaEventQuery
+        self.query = lib.cudaEventQuery
         self.query.argtypes, self.query.restype = [vp], ctypes.c_int
-        self.elapsed = res.cudaEventElapsedTime
+        self.elapsed = lib.cudaEventElapsedTime
         self.elapsed.argtypes, self.elapsed.restype = [ctypes.POINTER(ctypes.c_float), vp, vp], ctypes.c_int
         self.destroy = lib.cudaEventDestroy
         self.destroy.argtypes, self.destroy.restype = [vp], ctypes.c_int
@@ -73,13 +71,13 @@ class _Cudart:
         self.last_error.restype = ctypes.c_int
 
     @classmethod
-    def load(cls, cuda_version: str | None, off_gil: bool = False) -> _Cudart | None:
+    def load(cls, cuda_version: str | None) -> _Cudart | None:
         """The runtime torch already loaded (found by soname), or None."""
         if not cuda_version:
             return None
         name = f"libcudart.so.{cuda_version.split('.')[0]}"
         try:
-            return cls(ctypes.PyDLL(name), ctypes.CDLL(name) if off_gil else None)
+            return cls(ctypes.PyDLL(name))
         except (OSError, AttributeError):
             return None
 
@@ -99,7 +97,7 @@ class CudaBackend:
     Without a loadable ``libcudart`` (a static build), torch's Event objects are used instead.
     """
 
-    def __init__(self, raw: bool = True, off_gil: bool = False) -> None:
+    def __init__(self, raw: bool = True) -> None:
         import torch
 
         self._torch = torch
@@ -115,7 +113,7 @@ class CudaBackend:
             self._labels[st.cuda_stream] = "evtrace anchors"
             self._streams[st.cuda_stream] = st
         self.raw_stream, self.get_device = self._raw_stream, self._get_device
-        self._rt = _Cudart.load(torch.version.cuda, off_gil) if raw else None
+        self._rt = _Cudart.load(torch.version.cuda) if raw else None
         self._created: list[int] = []
         self._out = ctypes.c_float()
         self._outp = ctypes.pointer(self._out)

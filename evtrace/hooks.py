@@ -205,7 +205,7 @@ class _Forward:
         return f"<evtrace forward of {self.name}>"
 
 
-def _sequential(seq: torch.nn.Module) -> Callable[[Any], Any]:  # noqa: F821
+def _sequential(seq: torch.nn.Sequential) -> Callable[[Any], Any]:  # noqa: F821
     """``nn.Sequential.forward`` as torch runs it, telling the recorder which boundaries are
     adjacent. Between the container's start, its children and its end nothing runs but this
     loop, so a child that nn.Module calls straight (an evtrace forward, no hooks, not compiled:
@@ -271,7 +271,7 @@ class Instrumentation:
             prev = m.__dict__.get("forward", _MISSING)
             fn = prev if prev is not _MISSING else m.forward
             if prev is _MISSING and type(m).forward is _sequential_forward:
-                fn = _sequential(m)
+                fn = _sequential(m)  # type: ignore[arg-type]  # an nn.Sequential by its forward
             m.__dict__["forward"] = _Forward(m, fn, name, backward)
             self._saved.append((m, prev))
 

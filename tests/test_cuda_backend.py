@@ -133,7 +133,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     torch = fake_torch(clock)
     monkeypatch.setitem(sys.modules, "torch", torch)
     rt = FakeCudart(clock)
-    monkeypatch.setattr(dev._Cudart, "load", classmethod(lambda cls, v, off_gil=False: rt if request.param == "raw" else None))
+    monkeypatch.setattr(dev._Cudart, "load", classmethod(lambda cls, v: rt if request.param == "raw" else None))
     b = dev.CudaBackend()
     b.fake_torch, b.fake_rt = torch, rt
     return b

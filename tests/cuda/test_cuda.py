@@ -70,6 +70,39 @@ def test_spans_order_nest_and_never_precede_their_launch(tmp_path: Path, no_sync
     assert problems(load_json(tmp_path / "t.json.gz")) == []
 
 
+def test_sequential_children_tile_the_container_on_the_device(tmp_path: Path) -> None:
+    """In an nn.Sequential one event serves each boundary: every child starts where the one
+    before ended (or at its own launch, if the device was idle), and the container ends with
+    its last child. Alternating long and tiny kernels, so both cases occur."""
+    spin_ms = [0.3, 0.0, 0.2, 0.0]
+
+    class Spin(torch.nn.Module):
+        def __init__(self, ms: float) -> None:
+            super().__init__()
+            self.ms = ms
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.ms:
+                spin(self.ms)
+            return x + 1
+
+    seq = torch.nn.Sequential(*(Spin(ms) for ms in spin_ms))
+    x = torch.zeros(1, device="cuda")
+    with evtrace.instrument(seq), evtrace.record(tmp_path / "s.json.gz", quiet=True) as r:
+        for _ in range(10):
+            seq(x)
+    s = r.session
+    assert s is not None and s.device_spans == 50 == len(s)
+    assert s.meta["clamped_device_spans"] == 0
+    reg = s.regions
+    by = {n: reg[reg["name"] == s.names.index(n)] for n in ("Sequential", "0", "1", "2", "3")}
+    for a, b in (("0", "1"), ("1", "2"), ("2", "3")):
+        prev, cur = by[a], by[b]
+        assert (cur["dev_start"] == np.maximum(prev["dev_end"], cur["host_start"] + 1)).all()
+    assert (by["3"]["dev_end"] == by["Sequential"]["dev_end"]).all()
+    assert (by["1"]["dev_end"] - by["1"]["dev_start"] < 100_000).all()  # the tiny kernel, not the spin before it
+
+
 def test_the_host_runs_ahead_of_the_device(tmp_path: Path) -> None:
     with evtrace.record(tmp_path / "ahead.json", quiet=True) as r:
         for _ in range(5):
