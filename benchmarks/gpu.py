@@ -203,6 +203,48 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
 
         return run
 
+    # The floor: what one event per boundary costs before any bookkeeping. Each child's forward
+    # wrapped to do only that: nothing, record one event, or record one and read one (the
+    # reading's CPU cost, on an event long done, as the resolver would).
+    rt = ctypes.PyDLL("libcudart.so." + torch.version.cuda.split(".")[0])  # type: ignore[union-attr]
+    rec_raw, el = rt.cudaEventRecord, rt.cudaEventElapsedTime
+    rec_raw.argtypes, el.argtypes = [ctypes.c_void_p] * 2, [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
+    ev_a, ev_b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev_a.record(), ev_b.record()
+    torch.cuda.synchronize()
+    ha, hb, out = ev_a.cuda_event, ev_b.cuda_event, ctypes.c_float()
+    op = ctypes.pointer(out)
+
+    def floor(record: bool, read: bool) -> Callable[[], float]:
+        def wrap(f: Callable[[Any], Any], stream: int, container: bool) -> Callable[[Any], Any]:
+            def forward(x: Any) -> Any:
+                if container:  # its start; its end is its last child's
+                    if record:
+                        rec_raw(hb, stream)
+                    if read:
+                        el(op, ha, hb)
+                    return f(x)
+                y = f(x)
+                if record:
+                    rec_raw(hb, stream)
+                if read:
+                    el(op, ha, hb)
+                return y
+
+            return forward
+
+        def run() -> float:
+            stream = torch.cuda.current_stream().cuda_stream
+            for m in model.modules():
+                m.__dict__["forward"] = wrap(m.forward, stream, m is model)
+            try:
+                return timed()
+            finally:
+                for m in model.modules():
+                    del m.__dict__["forward"]
+
+        return run
+
     def noop_hooks() -> float:
         hs = []
         for m in model.modules():
@@ -226,6 +268,9 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
             "evtrace, no Sequential adjacency": evtrace_all(True, adjacent=False),
             "evtrace, event pair per module": evtrace_all(False, adjacent=False),
             "evtrace, torch events": evtrace_all(True, raw_events=False),
+            "floor: no-op forward wrappers": floor(False, False),
+            "floor: wrappers recording one raw event per boundary": floor(True, False),
+            "floor: ... and reading one per boundary": floor(True, True),
             "no-op module hooks": noop_hooks,
             "torch.profiler": profiler,
         },
@@ -435,6 +480,8 @@ def p4(seconds: float) -> dict[str, Any]:
             "p95_abs_us": float(np.percentile(np.abs(err_unix), 95)),
             "p5_us": float(np.percentile(err_unix, 5)),
             "max_abs_us": float(np.max(np.abs(err_unix))),
+            # the same for the regions of the run's first minute
+            "first_60s": {k: f(err_unix[reg["host_start"][order][: len(err_unix)] < 60e9]) for k, f in (("median_us", np.median), ("p95_abs_us", lambda e: np.percentile(np.abs(e), 95)), ("n", len))},
         },
         "profiler_json_keys": sorted(k for k in doc if k != "traceEvents")[:12],
         "profiler_clock_fit": {"probes": len(probes), "resid_us_median_abs": float(np.median(np.abs(probe_resid)) / 1000), "ppm": float((slope / 1000 - 1) * 1e6)},
