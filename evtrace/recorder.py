@@ -568,7 +568,6 @@ class Recorder:
         devices = list(self.backend.devices) if self.backend else []
         align: dict[str, Any] = {}
         clamped = 0
-        before = _boundary_before(regions)
         for d in range(len(devices)):
             rows = regions["device"] == d
             a = self._anchors[d]
@@ -581,10 +580,11 @@ class Recorder:
             s0, s1 = np.rint(t0).astype(np.int64), np.rint(t1).astype(np.int64)
             # a device span never starts at or before its host launch (physically impossible).
             # A start mark shared with an earlier boundary may legitimately be stamped before
-            # it, as early as that boundary: moved, but counted only if earlier still.
+            # it, as early as that boundary: moved, but counted only if earlier still (by more
+            # than a record's time, the slack between a record and the stamp read around it).
             h0 = regions["host_start"][rows]
             early = s0 <= h0
-            made = np.where(_shared_starts(live["dev_start"][rows], live["dev_end"][rows]), before[rows], h0)
+            made = _mark_made(live["dev_start"][rows], live["dev_end"][rows], h0, regions["host_end"][rows])
             clamped_d = int((s0 < made - 2 * self.share_ns).sum())
             s0 = np.where(early, h0 + 1, s0)
             s1 = np.maximum(s1, s0)
@@ -633,25 +633,13 @@ class Recorder:
         )
 
 
-def _shared_starts(start_ms: np.ndarray, end_ms: np.ndarray) -> np.ndarray:
-    """Which device starts share their mark with another region's boundary (the same stamp)."""
-    stamps, counts = np.unique(np.concatenate([start_ms, end_ms]), return_counts=True)
-    own = (start_ms == end_ms).astype(np.int64)  # an empty region's end shares its own start
-    return counts[np.searchsorted(stamps, start_ms)] - own > 1
-
-
-def _boundary_before(regions: np.ndarray) -> np.ndarray:
-    """Each device region's latest host boundary (a device region's start or end on its thread)
-    before its start; its own start when it has none."""
-    out = regions["host_start"].copy()
-    on_device = regions["device"] >= 0
-    for ix in np.unique(regions["thread"][on_device]).tolist():
-        rows = on_device & (regions["thread"] == ix)
-        h0 = regions["host_start"][rows]
-        times = np.sort(np.concatenate([h0, regions["host_end"][rows]]))
-        i = np.searchsorted(times, h0) - 1  # strictly before
-        out[rows] = np.where(i >= 0, times[np.maximum(i, 0)], h0)
-    return out
+def _mark_made(start_ms: np.ndarray, end_ms: np.ndarray, h0: np.ndarray, h1: np.ndarray) -> np.ndarray:
+    """For each region's start mark, the host time of the earliest boundary that has its device
+    stamp: where the mark was recorded (boundaries that share a mark share its stamp)."""
+    stamps, where = np.unique(np.concatenate([start_ms, end_ms]), return_inverse=True)
+    first = np.full(len(stamps), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, where, np.concatenate([h0, h1]))
+    return first[where[: len(start_ms)]]
 
 
 def _thread_name() -> str:
