@@ -1,4 +1,5 @@
-"""Runtime vs driver API for the three event calls evtrace makes, and what ctypes itself costs.
+"""What the event calls evtrace makes cost: runtime vs driver API, ctypes itself, how handles are
+passed, and reading many distinct done events once each, as the resolver does.
 
     python benchmarks/probe_driver.py
 
@@ -98,3 +99,20 @@ bench("  elapsed(ptr, int, int), argtypes", lambda: el_t(op, a, b))
 bench("  elapsed(ptr, c_void_p, c_void_p), no argtypes", lambda: el_n(op, ap, bp))
 bench("  query(int), argtypes", lambda: q_t(b))
 bench("  query(c_void_p), no argtypes", lambda: q_n(bp))
+
+# many distinct done events, each read once against one anchor, as the resolver does
+rec_t(a, sd)
+many = []
+for _ in range(20000):
+    h = vp()
+    create(ctypes.byref(h), 0)
+    many.append(h.value)
+for h in many:
+    x.add_(1)
+    rec_t(h, ms)
+torch.cuda.synchronize()
+for label, call in (("elapsed", lambda h: el_t(op, a, h)), ("query", q_t)):
+    t0 = pc()
+    for h in many:
+        call(h)
+    print(f"{'  ' + label + ', 20k distinct done events':52s} {(pc() - t0) / len(many):8.0f} ns", flush=True)
