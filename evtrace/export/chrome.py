@@ -160,7 +160,20 @@ _HOST = '{"ph":"X","cat":"region","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.
 _HOST_FLOW = '{"ph":"X","cat":"region","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"bind_id":%d,"flow_out":true,"args":{%s}}'
 _DEV = '{"ph":"X","cat":"device","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"bind_id":%d,"flow_in":true,"args":{%s}}'
 _DEV_ARGS = '%s"region":%d,"host_dur_us":%.3f,"device_dur_us":%.3f,"launch_delay_us":%.3f'
+# a chunk whose regions all have no user args and either all or none a device slice: one
+# format call for the whole chunk (the per-row loop below costs ~0.5 µs more a region)
+_HOST_ROW = _HOST.replace('"args":{%s"region"', '"args":{"region"')
+_DEV_ROW = (_HOST_FLOW + "," + _DEV).replace("%s}}", _DEV_ARGS.replace("%s", "", 1) + "}}")
 CHUNK = 65536
+
+
+def _rows(template: str, columns: list[list[Any]]) -> str:
+    """``template % row`` for each row of ``columns``, joined by commas, in one format call."""
+    n, k = len(columns[0]), len(columns)
+    flat: list[Any] = [None] * (n * k)
+    for j, col in enumerate(columns):
+        flat[j::k] = col
+    return ",".join([template] * n) % tuple(flat)
 
 
 def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
@@ -171,6 +184,8 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
     r = s.regions
     names = [orjson.dumps(_text(n)).decode() for n in s.names]
     user = {i: orjson.dumps({_text(str(k)): _value(v) for k, v in a.items()}).decode()[1:-1] + "," for i, a in s.args.items() if a}
+    with_args = np.zeros(len(r), dtype=bool)
+    with_args[list(user)] = True
     pid = s.pid
     for lo in range(0, len(r), CHUNK):
         hi = min(lo + CHUNK, len(r))
@@ -183,8 +198,18 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
         lead = ((c["dev_start"] - c["host_start"]) / 1000).tolist()
         htid = lanes.host_tid[lo:hi].tolist()
         dpid, dtid = lanes.dev_pid[lo:hi].tolist(), lanes.dev_tid[lo:hi].tolist()
+        has_dev = lanes.has_dev[lo:hi]
+        if not with_args[lo:hi].any() and (has_dev.all() or not has_dev.any()):
+            i = list(range(lo, hi))
+            if has_dev.any():
+                bind = list(range(lo + 1, hi + 1))
+                dev_args = [i, hd, dd, lead]
+                yield _rows(_DEV_ROW, [name, [pid] * len(i), htid, h0, hd, bind, *dev_args, name, dpid, dtid, d0, dd, bind, *dev_args])
+            else:
+                yield _rows(_HOST_ROW, [name, [pid] * len(i), htid, h0, hd, i, hd])
+            continue
         out = []
-        for j, dev in enumerate(lanes.has_dev[lo:hi].tolist()):
+        for j, dev in enumerate(has_dev.tolist()):
             i = lo + j
             u = user.get(i, "")
             if dev:
