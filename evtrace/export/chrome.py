@@ -200,13 +200,13 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
         dpid, dtid = lanes.dev_pid[lo:hi].tolist(), lanes.dev_tid[lo:hi].tolist()
         has_dev = lanes.has_dev[lo:hi]
         if not with_args[lo:hi].any() and (has_dev.all() or not has_dev.any()):
-            i = list(range(lo, hi))
+            index, pids = list(range(lo, hi)), [pid] * (hi - lo)
             if has_dev.any():
                 bind = list(range(lo + 1, hi + 1))
-                dev_args = [i, hd, dd, lead]
-                yield _rows(_DEV_ROW, [name, [pid] * len(i), htid, h0, hd, bind, *dev_args, name, dpid, dtid, d0, dd, bind, *dev_args])
+                dev_args = [index, hd, dd, lead]
+                yield _rows(_DEV_ROW, [name, pids, htid, h0, hd, bind, *dev_args, name, dpid, dtid, d0, dd, bind, *dev_args])
             else:
-                yield _rows(_HOST_ROW, [name, [pid] * len(i), htid, h0, hd, i, hd])
+                yield _rows(_HOST_ROW, [name, pids, htid, h0, hd, index, hd])
             continue
         out = []
         for j, dev in enumerate(has_dev.tolist()):
