@@ -12,7 +12,7 @@ import pytest
 import torch  # noqa: F401  (the metadata names the torch the program uses)
 
 import evtrace
-from evtrace.export.chrome import DEVICE_PID, load_json, sublanes
+from evtrace.export.chrome import DEVICE_PID, dumps, load_json, sublanes
 
 from .checker import problems
 from .simdevice import FakeClock, SimBackend
@@ -174,6 +174,26 @@ def test_golden(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_bytes(orjson.dumps(got, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
     assert got == orjson.loads(GOLDEN.read_bytes())
+
+
+@pytest.mark.parametrize("device", [True, False])
+def test_regions_without_args_are_written_as_with_args(tmp_path: Path, device: bool) -> None:
+    """A chunk of regions without args is formatted in one call: the same events as the
+    region-by-region path that args take (forced here by giving one region an arg)."""
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    with evtrace.record(tmp_path / "a.json", backend=sim if device else None, clock=clk, device=device, quiet=True) as r:
+        for _ in range(3):
+            with evtrace.region("step"):
+                sim.launch(10_000)
+    s = r.session
+    assert s is not None and s.device_spans == (3 if device else 0)
+    fast = orjson.loads(dumps(s))["traceEvents"]
+    s.args[0] = {"x": 1}
+    slow = orjson.loads(dumps(s))["traceEvents"]
+    for e in slow:
+        e.get("args", {}).pop("x", None)
+    assert fast == slow
 
 
 def test_counters_show_how_far_the_host_runs_ahead(tmp_path: Path) -> None:
