@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"evtrace: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `evtrace summary t.json.gz | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # as a tool killed by SIGPIPE
     _parser().print_usage(sys.stderr)
     return 2
 

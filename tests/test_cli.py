@@ -137,6 +137,20 @@ def test_summary_refuses_bad_traces(cli: list[str], tmp_path: Path) -> None:
     assert p.returncode == 2 and "--skip must be 0 or more" in p.stderr
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback(cli: list[str], tmp_path: Path) -> None:
+    """``evtrace summary t.json.gz | head``: the pipe closes before the table is written."""
+    with evtrace.record(tmp_path / "t.json.gz", device=False, quiet=True):
+        with evtrace.region("x"):
+            pass
+    p = subprocess.Popen([*cli, "summary", "t.json.gz"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # long before the trace is loaded and the table printed
+    with p.stderr:
+        err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141  # as a tool killed by SIGPIPE
+    assert err == ""
+
+
 def test_version_and_no_arguments(cli: list[str], tmp_path: Path) -> None:
     p = run(cli, "--version", cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.strip() == f"evtrace {evtrace.__version__}"
