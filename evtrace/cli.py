@@ -106,10 +106,7 @@ def _summary(ns: argparse.Namespace) -> int:
 
     if ns.skip < 0:
         raise UsageError("--skip must be 0 or more")
-    try:
-        sessions = [Session.load(p) for p in ns.trace]
-    except TraceError as e:
-        raise UsageError(str(e)) from None
+    sessions = [_load(p) for p in ns.trace]
     for p, session in zip(ns.trace, sessions):
         print(f"== {p}" if len(sessions) > 1 else "", end="\n" if len(sessions) > 1 else "")
         print(session.summary(skip=ns.skip))
@@ -135,8 +132,9 @@ def _load(path: Path) -> Session:
         raise UsageError(str(e)) from None
 
 
-def _writable(path: Path | None) -> None:
-    problem = None if path is None else output_problem(path, suffixes=None)
+def _writable(path: Path | None, trace: bool = True) -> None:
+    """Refuse an output path that cannot be written (a trace's must end in .json or .json.gz)."""
+    problem = None if path is None else output_problem(path) if trace else output_problem(path, suffixes=None)
     if problem:
         raise UsageError(problem)
 
@@ -144,7 +142,7 @@ def _writable(path: Path | None) -> None:
 def _report(ns: argparse.Namespace) -> int:
     from .export.report import report
 
-    _writable(ns.output)
+    _writable(ns.output, trace=False)
     text = report(_load(ns.trace), ns.trace)
     if ns.output:
         ns.output.write_text(text, encoding="utf-8")
@@ -156,7 +154,7 @@ def _report(ns: argparse.Namespace) -> int:
 def _render(ns: argparse.Namespace) -> int:
     from .export.render import render
 
-    _writable(ns.output)
+    _writable(ns.output, trace=False)
     window = None
     if ns.window:
         if ":" not in ns.window:
@@ -177,9 +175,7 @@ def _render(ns: argparse.Namespace) -> int:
 def _merge(ns: argparse.Namespace) -> int:
     from .export import merge
 
-    problem = output_problem(ns.output)
-    if problem:
-        raise UsageError(problem)
+    _writable(ns.output)
     try:
         doc = merge.merge(ns.traces)
     except TraceError as e:
@@ -209,9 +205,7 @@ def _view(ns: argparse.Namespace) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     out = ns.output or default_path()
-    problem = output_problem(out)
-    if problem:
-        raise UsageError(problem)
+    _writable(out)
     if ns.module:
         target_args = ns.target
         sys.path[0] = os.getcwd()  # as python -m does, also when started as the evtrace script

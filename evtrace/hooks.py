@@ -392,17 +392,21 @@ class Hooks:
         self._roots.add(root)
         self._instrumented.append(Instrumentation(select(root, self.depth, self.include, self.exclude)))
 
+    def _around(self, owner: Any, name: str, region: Any) -> None:
+        """Patch ``owner.name`` to run inside ``region``."""
+        fn = getattr(owner, name)
+
+        def traced(*a: Any, **k: Any) -> Any:
+            with region:
+                return fn(*a, **k)
+
+        self._patches.set(owner, name, traced)
+
     def _install_backward(self, torch: Any) -> None:
         from .regions import Region
 
-        backward = torch.autograd.backward
-        region = Region("backward", None)  # on the device too: the caller's stream orders it
-
-        def traced_backward(*a: Any, **k: Any) -> Any:
-            with region:
-                return backward(*a, **k)
-
-        self._patches.set(torch.autograd, "backward", traced_backward)
+        # on the device too: the caller's stream orders it
+        self._around(torch.autograd, "backward", Region("backward", None))
 
     def _install_optimizer(self, torch: Any) -> None:
         from .regions import Region
@@ -423,26 +427,12 @@ class Hooks:
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self._handles += [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
-        zero_grad = opt.zero_grad
-        region = Region("optimizer.zero_grad", None)
-
-        def traced_zero_grad(o: Any, *a: Any, **k: Any) -> Any:
-            with region:
-                return zero_grad(o, *a, **k)
-
-        self._patches.set(opt, "zero_grad", traced_zero_grad)
+        self._around(opt, "zero_grad", Region("optimizer.zero_grad", None))
 
     def _install_data(self, torch: Any) -> None:
-        from torch.utils.data.dataloader import _BaseDataLoaderIter as it
+        from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-        nxt = it.__next__
-        region = _host_region("data wait")
-
-        def traced_next(self_: Any) -> Any:
-            with region:
-                return nxt(self_)
-
-        self._patches.set(it, "__next__", traced_next)
+        self._around(_BaseDataLoaderIter, "__next__", _host_region("data wait"))
 
     def _install_waits(self, torch: Any) -> None:
         def waiting(owner: Any, name: str, label: str, only_cuda: bool) -> None:

@@ -193,15 +193,18 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
         name = [names[k] for k in c["name"].tolist()]
         h0 = (c["host_start"] / 1000).tolist()
         hd = ((c["host_end"] - c["host_start"]) / 1000).tolist()
-        d0 = (c["dev_start"] / 1000).tolist()
-        dd = ((c["dev_end"] - c["dev_start"]) / 1000).tolist()
-        lead = ((c["dev_start"] - c["host_start"]) / 1000).tolist()
         htid = lanes.host_tid[lo:hi].tolist()
-        dpid, dtid = lanes.dev_pid[lo:hi].tolist(), lanes.dev_tid[lo:hi].tolist()
         has_dev = lanes.has_dev[lo:hi]
-        if not with_args[lo:hi].any() and (has_dev.all() or not has_dev.any()):
+        any_dev = bool(has_dev.any())
+        d0 = dd = lead = dpid = dtid = []  # device columns, for chunks with device slices
+        if any_dev:
+            d0 = (c["dev_start"] / 1000).tolist()
+            dd = ((c["dev_end"] - c["dev_start"]) / 1000).tolist()
+            lead = ((c["dev_start"] - c["host_start"]) / 1000).tolist()
+            dpid, dtid = lanes.dev_pid[lo:hi].tolist(), lanes.dev_tid[lo:hi].tolist()
+        if not with_args[lo:hi].any() and (has_dev.all() or not any_dev):
             index, pids = list(range(lo, hi)), [pid] * (hi - lo)
-            if has_dev.any():
+            if any_dev:
                 bind = list(range(lo + 1, hi + 1))
                 dev_args = [index, hd, dd, lead]
                 yield _rows(_DEV_ROW, [name, pids, htid, h0, hd, bind, *dev_args, name, dpid, dtid, d0, dd, bind, *dev_args])

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..session import Session
 from .chrome import _flat
-from .summary import busy_ns, fmt_ns, rows
+from .summary import busy_ns, fmt_ns, host_waits, rows
 
 
 def _cell(x: object) -> str:
@@ -95,9 +95,8 @@ def report(s: Session, trace: Path) -> str:
             lines.append("Longest idle gaps: " + "; ".join(f"{fmt_ns(b - a)} at {fmt_ns(a)} (host in `{_cell(doing)}`)" for a, b, doing in idle) + ".")
     else:
         lines.append("**GPU:** no device spans (no CUDA, or regions were host-only).")
-    w = np.isin(s.regions["name"], [i for i, n in enumerate(s.names) if n.startswith("wait ")])
-    waited = s.regions[w]
-    lines.append(f"**Host waits on the device:** {len(waited)}, {fmt_ns(int((waited['host_end'] - waited['host_start']).sum()))} in all." if len(waited) else "**Host waits on the device:** none recorded.")
+    n_waits, waited = host_waits(s)
+    lines.append(f"**Host waits on the device:** {n_waits}, {fmt_ns(waited)} in all." if n_waits else "**Host waits on the device:** none recorded.")
     gpus = sorted({k.split(".")[1] for k in m if k.startswith("alignment.")})
     if gpus:
         lines.append(

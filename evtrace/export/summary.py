@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from ..session import Session
@@ -57,13 +59,7 @@ def summary(s: Session, skip: int = 0) -> str:
     for name, n, hp50, hp95, dp50, dp95, lead, busy in rows(s, skip):
         has_dev = dp50 == dp50
         table.append((name, str(n), fmt_ns(hp50), fmt_ns(hp95), fmt_ns(dp50), fmt_ns(dp95), fmt_ns(lead), fmt_ns(busy) if has_dev else "-"))
-    widths = [max(len(row[c]) for row in table) for c in range(len(COLUMNS))]
-    lines = []
-    for k, row in enumerate(table):
-        cells = [row[0].ljust(widths[0])] + [row[c].rjust(widths[c]) for c in range(1, len(COLUMNS))]
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = _aligned(table)
     dur = s.meta.get("duration_ns")
     head = f"{len(s)} regions, {s.device_spans} device spans"
     if isinstance(dur, (int, float)):
@@ -72,11 +68,24 @@ def summary(s: Session, skip: int = 0) -> str:
         head += f"; first {skip} of each name skipped"
     if len(table) == 1:
         lines.append("(no regions)")
-    waits = np.isin(s.regions["name"], [i for i, n in enumerate(s.names) if n.startswith("wait ")])
-    if waits.any():
-        w = s.regions[waits]
-        lines.append(f"host waits on the device: {len(w)}, {fmt_ns(int((w['host_end'] - w['host_start']).sum()))} in all")
+    n_waits, waited = host_waits(s)
+    if n_waits:
+        lines.append(f"host waits on the device: {n_waits}, {fmt_ns(waited)} in all")
     return head + "\n" + "\n".join(lines)
+
+
+def host_waits(s: Session) -> tuple[int, int]:
+    """How many "wait ..." regions (the host blocked on the device), and their total host ns."""
+    w = s.regions[np.isin(s.regions["name"], [i for i, n in enumerate(s.names) if n.startswith("wait ")])]
+    return len(w), int((w["host_end"] - w["host_start"]).sum())
+
+
+def _aligned(table: Sequence[Sequence[str]]) -> list[str]:
+    """A text table: the first column left-aligned, the others right, a rule under the head."""
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+    lines = ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def ranks(sessions: list[Session], labels: list[str]) -> str:
@@ -89,7 +98,4 @@ def ranks(sessions: list[Session], labels: list[str]) -> str:
         busy = sum(busy_ns(r["dev_start"][r["device"] == d], r["dev_end"][r["device"] == d]) for d in np.unique(r["device"][r["device"] >= 0]))
         rank = s.meta.get("rank")
         table.append((label, str(rank) if rank is not None else "-", str(len(s)), fmt_ns(dur), fmt_ns(busy) if busy else "-", f"{100 * busy / dur:.0f}%" if busy and dur else "-"))
-    widths = [max(len(row[c]) for row in table) for c in range(len(head))]
-    lines = ["  ".join([row[0].ljust(widths[0])] + [row[c].rjust(widths[c]) for c in range(1, len(head))]).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_aligned(table))
