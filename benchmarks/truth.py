@@ -1,0 +1,396 @@
+"""A physical ground truth for device ends, with neither CUPTI nor its clock mapping (issue 14).
+
+A 1-thread kernel spins on a flag in pinned host memory; the host sets the flag and waits for the
+kernel's acknowledgement, stamping ``perf_counter_ns`` just before the set and when it sees the ack.
+The kernel ends inside [t_set, t_ack], so a region around the launch (end event right behind the
+kernel on the same stream) must end there too, plus a constant end-event latency L.
+
+    python benchmarks/truth.py      # smoke test: compile, then round trips idle and under each load
+
+Used by ``benchmarks/p4_load.py`` and ``tests/cuda/test_truth.py``. torch, numpy and ctypes only;
+the kernels are compiled at run time with nvcc (NVRTC as a fallback) and launched through the
+driver API on torch's current stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+SRC = r"""
+extern "C" __global__ void truth_spin(volatile unsigned int* flag, volatile unsigned int* started,
+                                      volatile unsigned int* ack, unsigned int seq) {
+    *started = seq;                       // lets the host know the kernel is resident and spinning
+    __threadfence_system();
+    while (*flag != seq) { }
+    __threadfence_system();
+    *ack = seq;
+    __threadfence_system();
+}
+
+extern "C" __global__ void poll_host(volatile unsigned int* mem, unsigned long long ns, unsigned int* sink) {
+    unsigned long long t0, t;
+    unsigned int acc = 0;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        acc += mem[threadIdx.x];          // one PCIe read per warp per iteration
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+    if (acc == 0xFFFFFFFFu) *sink = acc;  // never true; keeps the loop's loads alive
+}
+"""
+
+PHASES = ("idle", "copies", "matmul", "polling", "gaps")
+RTT_OK_NS = 8_000  # judge only samples whose round trip is at most this (the truth's resolution)
+
+
+# ---- compile and load ----------------------------------------------------------------------------
+def _arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def _nvcc(arch: str) -> bytes:
+    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+    if nvcc is None:
+        raise FileNotFoundError("nvcc")
+    with tempfile.TemporaryDirectory() as d:
+        src, out = Path(d, "truth.cu"), Path(d, "truth.cubin")
+        src.write_text(SRC)
+        subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-O3", "-o", str(out), str(src)], check=True, capture_output=True, text=True)
+        return out.read_bytes()
+
+
+def _nvrtc(arch: str) -> bytes:
+    """Fallback when nvcc is missing or fails: NVRTC from the CUDA toolkit or torch's wheels."""
+    cands = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+    for p in sys.path:
+        cands += sorted(glob.glob(os.path.join(p, "nvidia", "*", "lib", "libnvrtc.so*")) + glob.glob(os.path.join(p, "nvidia", "*", "*", "lib", "libnvrtc.so*")))
+    lib = None
+    for c in cands:
+        try:
+            lib = ctypes.CDLL(c)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        raise FileNotFoundError("libnvrtc")
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), SRC.encode(), b"truth.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    opts = (ctypes.c_char_p * 1)(f"--gpu-architecture={arch}".encode())
+    if lib.nvrtcCompileProgram(prog, 1, opts):
+        n = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        raise RuntimeError("nvrtc: " + log.value.decode(errors="replace"))
+    n = ctypes.c_size_t()
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+    buf = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetCUBIN(prog, buf)
+    return buf.raw
+
+
+class Driver:
+    """The few driver-API calls needed, through ctypes, in torch's primary context."""
+
+    def __init__(self) -> None:
+        torch.zeros(1, device="cuda")  # torch creates (and makes current) the primary context first
+        self.lib = lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuLaunchKernel.restype = ctypes.c_int
+        self.check(lib.cuInit(0), "cuInit")
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        self.check(lib.cuDeviceGet(ctypes.byref(dev), torch.cuda.current_device()), "cuDeviceGet")
+        self.check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        self.check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        t = time.perf_counter()
+        try:
+            image, self.compiler = _nvcc(_arch()), "nvcc"
+        except (OSError, subprocess.CalledProcessError) as e:
+            print(f"truth: nvcc unavailable ({getattr(e, 'stderr', None) or e}); trying NVRTC", file=sys.stderr)
+            image, self.compiler = _nvrtc(_arch()), "nvrtc"
+        self.compile_s = time.perf_counter() - t
+        self.module = ctypes.c_void_p()
+        self.check(lib.cuModuleLoadData(ctypes.byref(self.module), ctypes.c_char_p(image)), "cuModuleLoadData")
+
+    def check(self, rc: int, what: str) -> None:
+        if rc:
+            s = ctypes.c_char_p()
+            self.lib.cuGetErrorString(rc, ctypes.byref(s))
+            raise RuntimeError(f"{what}: CUDA driver error {rc} ({(s.value or b'?').decode()})")
+
+    def function(self, name: str) -> ctypes.c_void_p:
+        f = ctypes.c_void_p()
+        self.check(self.lib.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()), f"cuModuleGetFunction {name}")
+        return f
+
+    def device_ptr(self, host_ptr: int) -> int:
+        """The device address of pinned host memory (equal to the host address under UVA)."""
+        d = ctypes.c_uint64()
+        rc = self.lib.cuMemHostGetDevicePointer_v2(ctypes.byref(d), ctypes.c_void_p(host_ptr), 0)
+        return d.value if rc == 0 else host_ptr
+
+
+class Launcher:
+    """One kernel with fixed argument slots; ``launch`` updates values and launches (no allocation)."""
+
+    def __init__(self, drv: Driver, name: str, args: Sequence[Any], grid: int = 1, block: int = 1) -> None:
+        self.drv, self.f, self.grid, self.block = drv, drv.function(name), grid, block
+        self.args = list(args)
+        self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in self.args])
+
+    def launch(self, stream: int) -> None:
+        rc = self.drv.lib.cuLaunchKernel(self.f, self.grid, 1, 1, self.block, 1, 1, 0, ctypes.c_void_p(stream), self.params, None)
+        if rc:
+            self.drv.check(rc, "cuLaunchKernel")
+
+
+def _spin_ns(ns: float) -> None:
+    end = time.perf_counter_ns() + ns
+    while time.perf_counter_ns() < end:
+        pass
+
+
+class Truth:
+    """The spin kernel and its host side. ``sample()`` inside a region gives one truth sample."""
+
+    START_TIMEOUT_NS = 1_000_000_000
+
+    def __init__(self, drv: Driver | None = None, seed: int = 0) -> None:
+        self.drv = drv or Driver()
+        # flag, started, ack: a cache line each, in pinned (mapped) host memory
+        self.mem = torch.zeros(48, dtype=torch.int32, pin_memory=True)
+        base = self.mem.data_ptr()
+        self.flag, self.started, self.ack = (ctypes.c_uint32.from_address(base + 64 * k) for k in range(3))
+        dbase = self.drv.device_ptr(base)
+        self.seq_arg = ctypes.c_uint32(0)
+        self.kernel = Launcher(self.drv, "truth_spin", [ctypes.c_uint64(dbase), ctypes.c_uint64(dbase + 64), ctypes.c_uint64(dbase + 128), self.seq_arg])
+        self.rng = random.Random(seed)
+        self.seq = 0
+
+    def launch(self) -> None:
+        """Launch the spin kernel for the next sample on torch's current stream."""
+        self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
+        self.seq_arg.value = self.seq
+        self.kernel.launch(torch.cuda.current_stream().cuda_stream)
+
+    def release(self) -> tuple[int, int]:
+        """After ``launch``: wait until the kernel runs, a short random spin, then set the flag and
+        wait for the ack. Returns (t_set, t_ack) in perf_counter ns; t_ack - t_set is the round
+        trip. The host spins throughout: after a sleep the round trip was 13 us (issue 14)."""
+        seq, now = self.seq, time.perf_counter_ns
+        t0 = now()
+        while self.started.value != seq:
+            if now() - t0 > self.START_TIMEOUT_NS:  # never resident: release it anyway, rtt is huge
+                break
+        _spin_ns(self.rng.uniform(2_000, 20_000))
+        t_set = now()
+        self.flag.value = seq
+        while self.ack.value != seq:
+            if now() - t_set > 10 * self.START_TIMEOUT_NS:
+                raise RuntimeError("truth kernel never acknowledged")
+        t_ack = now()
+        if self.started.value != seq:
+            t_set = t_ack - 10 * self.START_TIMEOUT_NS  # mark as unusable
+        return t_set, t_ack
+
+
+# ---- background load ----------------------------------------------------------------------------
+class Feeder:
+    """Keeps ``depth`` operations in flight on a side stream, cycling through ``ops``."""
+
+    def __init__(self, ops: list[Callable[[], None]], depth: int) -> None:
+        self.ops, self.depth = ops, depth
+        self.stream = torch.cuda.Stream()
+        self.inflight: deque[torch.cuda.Event] = deque()
+        self.k = 0
+
+    def top_up(self) -> None:
+        while self.inflight and self.inflight[0].query():
+            self.inflight.popleft()
+        while len(self.inflight) < self.depth:
+            with torch.cuda.stream(self.stream):
+                self.ops[self.k % len(self.ops)]()
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+            self.inflight.append(ev)
+            self.k += 1
+
+    def drain(self) -> None:
+        self.stream.synchronize()
+        self.inflight.clear()
+
+
+def copies(mib: int = 128, depth: int = 3) -> Feeder:
+    """Pinned H2D and D2H copies, non_blocking, as a DataLoader with pin_memory feeds a model
+    (two H2D per D2H, interleaved)."""
+    n = mib << 20
+    h_src, h_dst = torch.empty(n, dtype=torch.uint8, pin_memory=True), torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    d_dst, d_src = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+
+    def h2d() -> None:
+        d_dst.copy_(h_src, non_blocking=True)
+
+    def d2h() -> None:
+        h_dst.copy_(d_src, non_blocking=True)
+
+    return Feeder([h2d, h2d, d2h], depth)
+
+
+def matmuls(n: int = 8192, depth: int = 3) -> Feeder:
+    """Compute-bound kernels (bf16 n x n matmuls, ~1 ms each at 8192) on a side stream, so the
+    truth kernel still finds an SM on the main stream."""
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+
+    def mm() -> None:
+        torch.matmul(a, b, out=c)
+
+    return Feeder([mm], depth)
+
+
+def polling(drv: Driver, ms: float = 1.0, blocks: int = 4, depth: int = 2) -> Feeder:
+    """Kernels that poll pinned host memory for ``ms`` each (``blocks`` warps, one read each)."""
+    mem = torch.zeros(32 * 64, dtype=torch.int32, pin_memory=True)
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    k = Launcher(drv, "poll_host", [ctypes.c_uint64(drv.device_ptr(mem.data_ptr())), ctypes.c_uint64(int(ms * 1e6)), ctypes.c_uint64(sink.data_ptr())], grid=blocks, block=32)
+    f = Feeder([lambda: k.launch(torch.cuda.current_stream().cuda_stream)], depth)
+    f.keep = (mem, sink)  # type: ignore[attr-defined]
+    return f
+
+
+def loads(drv: Driver) -> dict[str, Feeder]:
+    return {"copies": copies(), "matmul": matmuls(), "polling": polling(drv)}
+
+
+def gap(phase: str, rng: random.Random) -> None:
+    """Between samples: idle gaps sleep 1-50 ms; elsewhere the host waits 0.1-1 ms, yielding the
+    GIL (so the recorder's resolver thread runs as it would beside a training loop)."""
+    if phase == "gaps":
+        time.sleep(rng.uniform(0.001, 0.050))
+        return
+    end = time.perf_counter_ns() + rng.uniform(100_000, 1_000_000)
+    while time.perf_counter_ns() < end:
+        time.sleep(0)
+
+
+# ---- one session: phases in turn, truth samples throughout ------------------------------------------
+def run(path: str | os.PathLike[str], seconds: float, phases: Sequence[str] = PHASES, phase_s: float = 3.0, truth: Truth | None = None, feeders: dict[str, Feeder] | None = None, seed: int = 0) -> dict[str, Any]:
+    """One evtrace session of ``seconds`` cycling through ``phases``; returns per-phase figures."""
+    import evtrace
+
+    truth = truth or Truth()
+    feeders = feeders if feeders is not None else loads(truth.drv)
+    rng = random.Random(seed)
+    tags: list[int] = []
+    sets: list[int] = []
+    acks: list[int] = []
+    reg = evtrace.region("truth")
+    torch.cuda.synchronize()
+    with evtrace.record(path, quiet=True) as r:
+        t_end = time.perf_counter() + seconds
+        k = 0
+        while time.perf_counter() < t_end:
+            p = k % len(phases)
+            ph, k = phases[p], k + 1
+            feeder = feeders.get(ph)
+            ph_end = min(time.perf_counter() + phase_s, t_end)
+            with evtrace.region("phase", host_only=True, phase=ph):
+                while time.perf_counter() < ph_end:
+                    if feeder is not None:
+                        feeder.top_up()
+                    with reg:
+                        truth.launch()
+                    t_set, t_ack = truth.release()
+                    tags.append(p)
+                    sets.append(t_set)
+                    acks.append(t_ack)
+                    gap(ph, rng)
+                if feeder is not None:
+                    feeder.drain()
+        t_stop = time.perf_counter()
+    stop_s = time.perf_counter() - t_stop
+    assert r.session is not None
+    out = analyse(r.session, phases, np.array(tags), np.array(sets, dtype=np.int64), np.array(acks, dtype=np.int64))
+    out.update(seconds=seconds, phase_s=phase_s, stop_and_save_s=round(stop_s, 2))
+    return out
+
+
+def _pct(x: np.ndarray) -> dict[str, float]:
+    if len(x) == 0:
+        return {}
+    q = np.percentile(x, [50, 95, 99]) / 1000
+    return {"p50": round(float(q[0]), 3), "p95": round(float(q[1]), 3), "p99": round(float(q[2]), 3), "max": round(float(x.max()) / 1000, 3)}
+
+
+def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, acks: np.ndarray) -> dict[str, Any]:
+    """Match truth regions (in the order they began) to samples; err = device end - t_set, in us.
+    L (the constant end-event latency) is the median err of the idle phase (else the first)."""
+    rows = s.regions[s.regions["name"] == s.names.index("truth")]
+    assert len(rows) == len(sets), (len(rows), len(sets))
+    has_dev = rows["device"] >= 0
+    err = rows["dev_end"] + int(s.meta["origin_perf_ns"]) - sets
+    rtt = acks - sets
+    short = has_dev & (rtt <= RTT_OK_NS)
+    ref = phases.index("idle") if "idle" in phases else 0
+    base = err[short & (tags == ref)]
+    L = int(np.median(base)) if len(base) else 0
+    per: dict[str, Any] = {}
+    for p, ph in enumerate(phases):
+        m = tags == p
+        ms = m & short
+        per[ph] = {
+            "n": int(m.sum()),
+            "n_short": int(ms.sum()),
+            "n_no_device_span": int((m & ~has_dev).sum()),
+            "rtt_us": _pct(rtt[m & has_dev]),
+            "err_us": _pct(err[ms]),
+            "abs_err_minus_L_us": _pct(np.abs(err[ms] - L)),
+            "n_err_negative": int((err[ms] < 0).sum()),  # device end before the flag was set: impossible
+        }
+    meta = s.meta
+    keep = {k: meta[k] for k in meta if k in ("clamped_device_spans", "device_spans", "dropped_device_spans", "regions") or any(w in k for w in ("align", "bound", "clamp", "warn"))}
+    return {"L_us": round(L / 1000, 3), "phases": per, "meta": keep}
+
+
+# ---- smoke test ---------------------------------------------------------------------------------
+def _smoke(n: int = 3000) -> None:
+    truth = Truth()
+    print(f"compiled with {truth.drv.compiler} in {truth.drv.compile_s:.2f} s", flush=True)
+    feeders = loads(truth.drv)
+    rng = random.Random(1)
+    for ph in PHASES:
+        f = feeders.get(ph)
+        rtts = []
+        t = time.perf_counter()
+        for _ in range(n if ph != "gaps" else 100):
+            if f is not None:
+                f.top_up()
+            truth.launch()
+            a, b = truth.release()
+            rtts.append(b - a)
+            gap(ph, rng)
+        if f is not None:
+            f.drain()
+        x = np.array(rtts)
+        print(f"{ph:8s} n={len(x)} rate={len(x) / (time.perf_counter() - t):.0f}/s rtt us p5/p50/p95 = {np.percentile(x, 5) / 1e3:.2f}/{np.median(x) / 1e3:.2f}/{np.percentile(x, 95) / 1e3:.2f}, <=8us: {(x <= RTT_OK_NS).mean():.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    _smoke()

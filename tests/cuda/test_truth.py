@@ -1,0 +1,38 @@
+"""Device ends against a physical ground truth under load (issue 14): a kernel that ends when the
+host sets a flag in pinned memory. Numbers, on a card with nvcc (or NVRTC); ~25 s."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def truth():  # type: ignore[no-untyped-def]
+    import truth as t
+
+    try:
+        return t, t.Truth()
+    except (OSError, RuntimeError) as e:  # no nvcc and no NVRTC: nothing to compile the kernel with
+        pytest.skip(f"cannot build the truth kernel: {e}")
+
+
+def test_device_ends_match_the_truth_under_load(tmp_path: Path, truth) -> None:  # type: ignore[no-untyped-def]
+    t, tr = truth
+    phases = ("idle", "copies", "polling")
+    feeders = {"copies": t.copies(), "polling": t.polling(tr.drv)}
+    res = t.run(tmp_path / "truth.json.gz", 21.0, phases, 1.5, tr, feeders)
+    print(res)
+    for ph in phases:
+        d = res["phases"][ph]
+        assert d["n_short"] >= 100, (ph, d)
+        a = d["abs_err_minus_L_us"]
+        assert a["p95"] <= 2.0 and a["p99"] <= 5.0, (ph, res["L_us"], d)
+    m = res["meta"]
+    assert m["clamped_device_spans"] <= 0.005 * m["device_spans"], m
