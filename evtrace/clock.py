@@ -1,12 +1,21 @@
-"""Device time onto the host clock: anchors in, a drift-corrected mapping out. Pure numpy.
+"""Device time onto the host clock, from one-way delays. Pure numpy.
 
-An anchor is an event recorded on an idle side stream, bracketed by host stamps ``lo``/``hi``.
-Its device time ``dev_ms`` comes from chaining ``elapsed_time`` between neighbouring anchors
-(each step short, so float32 milliseconds stay sub-µs). Its host time is the end of the
-bracket: the record is only submitted at the end of the call, and the GPU stamps it after
-that. (Against CUPTI on an H100, the bracket midpoint put device times 2.0-2.3 µs early.)
-Of a burst of tries the tightest bracket is kept; anchors with wide brackets (the host was
-preempted) are dropped.
+Every device stamp is a constraint: the GPU cannot stamp an event before the host submitted it,
+so its host time is at or after the host clock read just before the record call. That holds
+for the anchors (an event recorded on an idle side stream, bracketed by host stamps ``lo`` and
+``hi``) and for every region mark (its boundary's host time, read before its record).
+
+The mapping is the tightest one those constraints allow, the minimum-delay idea behind NTP's
+clock filters and convex-hull synchronisation: the least-delayed stamps touch it and any stamp
+that was delayed (an anchor taken while copies were in flight, a mark queued behind a kernel)
+lies below it and does not pull it. Drift comes from the whole run; a local correction, the
+upper envelope of the stamps within ``WINDOW_S`` of each knot, follows the drift's slow wander
+and bridges stretches where every stamp was late. The envelope sits one minimum delay before
+the stamps; adding the shortest record call seen (``latency_ns``) places a prompt stamp where
+the end of its record call was, which matched CUPTI's kernel times within 1 µs before.
+
+Each mark's device time comes from a short ``elapsed_time`` against the latest anchor, and
+anchors are chained by short steps, so float32 milliseconds stay sub-µs over hours.
 """
 
 from __future__ import annotations
@@ -18,22 +27,32 @@ import numpy as np
 
 Clock = Callable[[], int]  # host clock in integer ns (time.perf_counter_ns by default)
 
-#: anchors whose bracket is wider than this multiple of the median bracket are not used
-WIDE_BRACKET = 3.0
-#: neighbours on each side used to smooth an anchor (local linear fit)
-WINDOW = 3
+#: stamps are first reduced to the least-delayed one per bin of this much device time
+BIN_MS = 25.0
+#: the local envelope is re-fitted at knots this far apart ...
+KNOT_MS = 500.0
+#: ... from the stamps within this much device time on either side
+WINDOW_S = 10.0
+#: the local envelope may tilt at most this much from the run's drift (ns per ms, i.e. ppm)
+TILT = 2.0
+#: the bound is reported over windows of this much device time
+BOUND_WINDOW_MS = 1000.0
+#: an anchor stamped this much later than the map allows counts as late
+LATE_NS = 2000.0
 
 
 @dataclass(frozen=True)
 class Alignment:
     """A piecewise-linear map from device ms (since the device origin) to host ns."""
 
-    dev_ms: np.ndarray  # float64, increasing
-    host_ns: np.ndarray  # float64, smoothed anchor host times
-    slope: float  # host ns per device ms, global fit (1e6 when the clocks agree)
+    dev_ms: np.ndarray  # float64, increasing knots
+    host_ns: np.ndarray  # float64, host ns at each knot
+    slope: float  # host ns per device ms over the whole run (1e6 when the clocks agree)
     anchors: int  # anchors used
-    rejected: int  # anchors dropped for a wide bracket
-    residual_us: tuple[float, float]  # held-out anchors: median |error|, max |error|
+    anchors_late: int  # anchors stamped more than LATE_NS after the map: taken under load
+    stamps: int  # region marks used as constraints
+    latency_ns: float  # shortest record call seen: the envelope's offset to a prompt stamp
+    bound_us: tuple[float, float]  # p99 and max over 1 s windows of how much earlier the data allow
 
     @property
     def drift_ppm(self) -> float:
@@ -41,7 +60,7 @@ class Alignment:
         return (1e6 / self.slope - 1.0) * 1e6
 
     def to_host(self, dev_ms: np.ndarray) -> np.ndarray:
-        """Host ns (float64) for device ms; linear beyond the first and last anchor."""
+        """Host ns (float64) for device ms; linear with the run's drift beyond the first and last knot."""
         x = np.asarray(dev_ms, dtype=np.float64)
         out = np.interp(x, self.dev_ms, self.host_ns)
         lo, hi = x < self.dev_ms[0], x > self.dev_ms[-1]
@@ -50,37 +69,95 @@ class Alignment:
         return out
 
 
-def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares y = a + b x, centred for precision; slope 1e6 (ns per ms) if degenerate."""
-    if len(x) < 2 or np.ptp(x) <= 0:
-        return float(np.mean(y) - 1e6 * np.mean(x)), 1e6
-    xm, ym = x.mean(), y.mean()
-    b = float(np.dot(x - xm, y - ym) / np.dot(x - xm, x - xm))
-    return float(ym - b * xm), b
+def _bin_max(x: np.ndarray, y: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """The point with the largest ``y`` in each bin of ``x`` (bins ``width`` wide)."""
+    b = np.floor((x - x.min()) / width).astype(np.int64)
+    order = np.lexsort((y, b))  # by bin, then y: the last of each bin is its maximum
+    last = np.r_[b[order][1:] != b[order][:-1], True]
+    pick = order[last]
+    return x[pick], y[pick]
 
 
-def fit(lo_ns: np.ndarray, hi_ns: np.ndarray, dev_ms: np.ndarray) -> Alignment:
-    """Fit the device→host map from anchor brackets ``[lo, hi]`` and their device times."""
+def _min_max(values: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, iters: int = 60) -> np.ndarray:
+    """Minimise convex functions of one variable (vectorised) by golden-section search."""
+    g = (np.sqrt(5.0) - 1) / 2
+    a, b = lo.astype(np.float64).copy(), hi.astype(np.float64).copy()
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = values(c), values(d)
+    for _ in range(iters):
+        left = fc <= fd  # the minimum lies in [a, d]
+        b = np.where(left, d, b)
+        a = np.where(left, a, c)
+        c2, d2 = b - g * (b - a), a + g * (b - a)
+        c, d = np.where(left, c2, d), np.where(left, c, d2)
+        fc, fd = np.where(left, values(c), fd), np.where(left, fc, values(d))
+    return (a + b) / 2
+
+
+def fit(
+    lo_ns: np.ndarray,
+    hi_ns: np.ndarray,
+    dev_ms: np.ndarray,
+    mark_host_ns: np.ndarray | None = None,
+    mark_ms: np.ndarray | None = None,
+    latency_ns: float | None = None,
+) -> Alignment:
+    """Fit the device→host map from anchor brackets ``[lo, hi]`` with their device times, and
+    region marks (the host time before each record, with its device time)."""
     lo = np.asarray(lo_ns, dtype=np.float64)
-    hi = np.asarray(hi_ns, dtype=np.float64)
-    x = np.asarray(dev_ms, dtype=np.float64)
-    if len(x) == 0:
+    ax = np.asarray(dev_ms, dtype=np.float64)
+    if len(ax) == 0:
         raise ValueError("alignment needs at least one anchor")
-    width = hi - lo
-    keep = width <= WIDE_BRACKET * max(float(np.median(width)), 1.0)
-    order = np.argsort(x[keep], kind="stable")
-    x, y = x[keep][order], hi[keep][order]
-    _, slope = _line(x, y)
-    n = len(x)
-    smooth = np.empty(n)
-    held = []
-    for k in range(n):
-        i, j = max(0, k - WINDOW), min(n, k + WINDOW + 1)
-        a, b = _line(x[i:j], y[i:j]) if j - i >= 2 else (y[k] - slope * x[k], slope)
-        smooth[k] = a + b * x[k]
-        if 0 < k < n - 1:  # predict anchor k from its neighbours alone
-            nx, ny = np.r_[x[i:k], x[k + 1 : j]], np.r_[y[i:k], y[k + 1 : j]]
-            a, b = _line(nx, ny)
-            held.append(abs(a + b * x[k] - y[k]) / 1e3)
-    residual = (float(np.median(held)), float(np.max(held))) if held else (0.0, 0.0)
-    return Alignment(x, smooth, slope, n, int((~keep).sum()), residual)
+    if latency_ns is None:
+        latency_ns = float(np.min(np.asarray(hi_ns, dtype=np.float64) - lo))
+    mx = np.empty(0) if mark_ms is None else np.asarray(mark_ms, dtype=np.float64)
+    my = np.empty(0) if mark_host_ns is None else np.asarray(mark_host_ns, dtype=np.float64)
+    ok = np.isfinite(mx)
+    x, y = np.r_[ax, mx[ok]], np.r_[lo, my[ok]]
+    x0, y0 = float(x.min()), float(y[np.argmin(x)])
+    x, y = x - x0, y - y0  # small numbers: float64 keeps sub-ns steps over hours
+
+    # the run's drift: the line above every stamp that is lowest at the middle of the run
+    bx, by = _bin_max(x, y - 1e6 * x, BIN_MS)
+    by = by + 1e6 * bx
+    mid = float(bx.mean())
+    if np.ptp(bx) > 0:
+        slope = float(_min_max(lambda s: np.max(by[None, :] - s[:, None] * (bx[None, :] - mid), axis=1), np.array([1e6 - 1e3]), np.array([1e6 + 1e3]))[0])
+    else:
+        slope = 1e6
+    r = y - slope * (x - mid)
+    base = float(r.max())
+
+    # the local envelope at knots: the lowest line within TILT of the drift above the stamps near it
+    bx, br = _bin_max(x, r - base, BIN_MS)  # br <= 0
+    knots = np.arange(bx.min(), bx.max() + KNOT_MS, KNOT_MS) if np.ptp(bx) > 0 else bx[:1]
+    w = WINDOW_S * 1e3
+    lo_i = np.searchsorted(bx, knots - w)
+    hi_i = np.searchsorted(bx, knots + w, side="right")
+    width = int((hi_i - lo_i).max())
+    idx = lo_i[:, None] + np.arange(width)[None, :]
+    valid = idx < hi_i[:, None]
+    idx = np.minimum(idx, len(bx) - 1)
+    px, pr = bx[idx], np.where(valid, br[idx], -np.inf)
+    dx = knots[:, None] - px
+
+    def envelope(s: np.ndarray) -> np.ndarray:
+        return np.max(pr + s[:, None] * dx, axis=1)
+
+    # only tilt between stamps on both sides: beyond the last ones it would follow a late one down
+    both = (valid & (dx > 0)).any(axis=1) & (valid & (dx < 0)).any(axis=1)
+    limit = np.where(both, TILT, 0.0)
+    tilt = _min_max(envelope, -limit, limit)
+    local = envelope(tilt)
+    host = y0 + base + slope * (knots - mid) + local + latency_ns
+    fitted = Alignment(knots + x0, host, slope, len(ax), 0, int(ok.sum()), float(latency_ns), (0.0, 0.0))
+
+    # what the data allow: in each second, how far the map lies above its tightest stamp
+    gap = fitted.to_host(x + x0) - latency_ns - (y + y0)
+    win = np.floor(x / BOUND_WINDOW_MS).astype(np.int64)
+    per = np.full(int(win.max()) + 1, np.inf)
+    np.minimum.at(per, win, gap)
+    per = np.maximum(per[np.isfinite(per)], 0.0) / 1e3
+    late = int((gap[: len(ax)] > LATE_NS).sum())
+    bound = (float(np.percentile(per, 99)), float(per.max()))
+    return Alignment(fitted.dev_ms, host, slope, len(ax), late, int(ok.sum()), float(latency_ns), bound)

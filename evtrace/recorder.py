@@ -54,6 +54,7 @@ _CHUNK = 16384
 _capturing = 0
 #: held by the resolver while it calls CUDA; a capture begins only once it is free
 _cuda_calls = threading.Lock()
+_starting = threading.Lock()
 
 
 def capture_began() -> None:
@@ -64,7 +65,8 @@ def capture_began() -> None:
 
 def capture_ended() -> None:
     global _capturing
-    _capturing = max(0, _capturing - 1)
+    with _cuda_calls:
+        _capturing = max(0, _capturing - 1)
 
 
 class _ThreadState:
@@ -243,14 +245,14 @@ class Recorder:
             t = self._new_thread()
         d = self._get_device() if self._multi else 0
         s = self._raw_stream(d)
-        h1 = self.clock()
+        h1 = self.clock()  # before the record: the device cannot stamp the mark earlier
         if h1 - t.last_t < self.share_ns and t.last_s == s and t.last_d == d:
             m = t.last_m
+            t.last_t = h1
         else:
             m = t.last_m = self._mark(d, s)
             t.last_d, t.last_s = d, s
-            h1 = self.clock()
-        t.last_t = h1
+            t.last_t = self.clock()
         o = self._states[tok[2]].open
         if o and o[-1] is tok:
             o.pop()
@@ -285,6 +287,10 @@ class Recorder:
 
     # ---- session lifecycle ----------------------------------------------------------------
     def start(self) -> None:
+        with _starting:  # two threads starting sessions at once: one of them is refused
+            self._start()
+
+    def _start(self) -> None:
         global _active
         if _active is not None:
             raise RuntimeError("an evtrace session is already recording; sessions do not nest")
@@ -574,29 +580,32 @@ class Recorder:
             if not a:
                 continue
             lo, hi, ms = (np.array(c) for c in zip(*a))
-            fit = _clock.fit(lo, hi, ms)
+            h0, h1 = live["host_start"][rows], live["host_end"][rows]
+            stamps, first, where = _first_boundaries(live["dev_start"][rows], live["dev_end"][rows], h0, h1)
+            fit = _clock.fit(lo, hi, ms, first, stamps, latency_ns=max(self.share_ns, 0))
             t0 = fit.to_host(live["dev_start"][rows]) - o
             t1 = fit.to_host(live["dev_end"][rows]) - o
             s0, s1 = np.rint(t0).astype(np.int64), np.rint(t1).astype(np.int64)
-            # a device span never starts at or before its host launch (physically impossible).
-            # A start mark shared with an earlier boundary may legitimately be stamped before
-            # it, as early as that boundary: moved, but counted only if earlier still (by more
-            # than a record's time, the slack between a record and the stamp read around it).
+            # A device span never starts at or before its host launch. A start mark shared with
+            # an earlier boundary may be stamped before this region began, as early as the
+            # boundary that recorded it: moved to just after the launch. Only a stamp placed
+            # before its own record call breaks the map's constraints, and is counted.
+            made = first[where[: len(h0)]] - o
+            clamped_d = int((s0 < np.rint(made)).sum())
             h0 = regions["host_start"][rows]
-            early = s0 <= h0
-            made = _mark_made(live["dev_start"][rows], live["dev_end"][rows], h0, regions["host_end"][rows])
-            clamped_d = int((s0 < made - 2 * self.share_ns).sum())
-            s0 = np.where(early, h0 + 1, s0)
+            s0 = np.where(s0 <= h0, h0 + 1, s0)
             s1 = np.maximum(s1, s0)
             regions["dev_start"][rows] = s0
             regions["dev_end"][rows] = s1
             clamped += clamped_d
             align[str(d)] = {
                 "anchors": fit.anchors,
-                "anchors_rejected": fit.rejected,
-                "drift_ppm": f"{fit.drift_ppm:.3f}",
-                "residual_us_median": f"{fit.residual_us[0]:.3f}",
-                "residual_us_max": f"{fit.residual_us[1]:.3f}",
+                "anchors_late": fit.anchors_late,
+                "stamps": fit.stamps,
+                "drift_ppm": round(fit.drift_ppm, 3),
+                "latency_us": round(fit.latency_ns / 1e3, 3),
+                "bound_us_p99": round(fit.bound_us[0], 3),
+                "bound_us_max": round(fit.bound_us[1], 3),
                 "clamped_spans": clamped_d,
             }
         nodev = regions["device"] < 0
@@ -633,13 +642,15 @@ class Recorder:
         )
 
 
-def _mark_made(start_ms: np.ndarray, end_ms: np.ndarray, h0: np.ndarray, h1: np.ndarray) -> np.ndarray:
-    """For each region's start mark, the host time of the earliest boundary that has its device
-    stamp: where the mark was recorded (boundaries that share a mark share its stamp)."""
-    stamps, where = np.unique(np.concatenate([start_ms, end_ms]), return_inverse=True)
+def _first_boundaries(start_ms: np.ndarray, end_ms: np.ndarray, h0: np.ndarray, h1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct device stamp with the host time of the earliest boundary that has it: where
+    its mark was recorded (boundaries that share a mark share its stamp). Also, for each of
+    the starts then the ends, the index of its stamp."""
+    both = np.concatenate([start_ms, end_ms])
+    stamps, where = np.unique(both, return_inverse=True)
     first = np.full(len(stamps), np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(first, where, np.concatenate([h0, h1]))
-    return first[where[: len(start_ms)]]
+    return stamps, first, where.reshape(-1)
 
 
 def _thread_name() -> str:
@@ -655,11 +666,27 @@ def _thread_name() -> str:
     return th.name
 
 
+_FORK_LOCKS = (_starting, _names_lock, _cuda_calls)
+
+
+def _before_fork() -> None:
+    """Fork only between the resolver's CUDA calls and name interning: a lock held by another
+    thread at the fork would stay held in the child for ever."""
+    for lock in _FORK_LOCKS:
+        lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for lock in reversed(_FORK_LOCKS):
+        lock.release()
+
+
 def _forget_in_child() -> None:
     """A forked child (e.g. a DataLoader worker) does not record into its parent's session."""
     global _active
     _active = None
+    _after_fork_in_parent()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_forget_in_child)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -55,6 +56,8 @@ class SimBackend:
         self.rate = 1 + drift_ppm * 1e-6
         self.latency = latency_ns
         self.skew = 0.0  # extra stamp delay on work streams only (negative: a model error)
+        #: extra stamp delay in ns, by (stream, host ns): stamps made late by other traffic
+        self.late: Callable[[int, int], float] | None = None
         self.busy: dict[tuple[int, int], float] = {}  # (device, stream) -> device ns when idle
         self.device = 0
         self.stream = 0
@@ -99,6 +102,8 @@ class SimBackend:
         device = self.device
         self.records += 1
         start = self.dev_now() + self.latency
+        if self.late is not None:
+            start += self.late(stream, self.clock.now) * self.rate
         if stream != SIDE:
             start = max(start + self.skew, self.busy.get((device, stream), 0.0))
         ev.stamp = start

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,7 @@ import evtrace
 from evtrace import clock
 from evtrace.recorder import Recorder, name_key
 
-from .simdevice import FakeClock, SimBackend
+from .simdevice import SIDE, FakeClock, SimBackend
 
 
 def anchors(n: int, drift_ppm: float, jitter_ns: float = 0.0, seed: int = 1):
@@ -46,14 +48,25 @@ def test_one_anchor_drifts_two_anchors_do_not() -> None:
     assert abs(both.to_host(ms[-1:])[0] - host[-1]) < 1.0
 
 
-def test_wide_brackets_are_rejected_and_residual_reported() -> None:
-    lo, hi, ms, host = anchors(30, 20.0, jitter_ns=200)
-    hi[7] += 500_000  # the host was preempted during this anchor
-    lo[7] -= 0
+def test_late_and_preempted_anchors_do_not_pull_the_map() -> None:
+    """An anchor stamped late (other traffic in flight) or taken while the host was preempted
+    only loosens its own constraint: the map follows the prompt ones, and the late are counted."""
+    lo, hi, ms, host = anchors(60, 21.0)
+    rng = np.random.default_rng(3)
+    late = (np.arange(60) // 4) % 2 == 1  # half the run, in stretches of 4 anchors
+    ms = ms + np.where(late, rng.uniform(8_000, 20_000, 60), 0.0) * (1 + 21e-6) / 1e6
+    lo[7] -= 500_000  # preempted between the first stamp and the record
     fit = clock.fit(lo, hi, ms)
-    assert fit.rejected == 1 and fit.anchors == 29
-    med, worst = fit.residual_us
-    assert 0 < med < 0.5 and worst < 2.0
+    assert fit.drift_ppm == pytest.approx(21.0, abs=0.01)
+    assert fit.anchors_late == late.sum()
+    prompt = ~late
+    assert np.abs(fit.to_host(ms[prompt]) - host[prompt]).max() < 50  # ns
+
+
+def test_bound_is_small_when_prompt_stamps_support_the_map() -> None:
+    lo, hi, ms, _ = anchors(30, 5.0, jitter_ns=0)
+    fit = clock.fit(lo, hi, ms)
+    assert fit.bound_us[1] < 0.05
 
 
 def test_no_anchor_is_an_error() -> None:
@@ -96,9 +109,10 @@ def test_long_anchor_gaps_are_still_exact_despite_float32() -> None:
     assert np.abs(err).max() < 100
 
 
-def test_device_spans_never_start_before_their_launch(tmp_path) -> None:
-    """Stamps before the host call are impossible on hardware; as a model error they are
-    clamped to just after the launch, counted and reported."""
+def test_a_stamp_before_its_record_call_moves_the_map_not_the_spans(tmp_path) -> None:
+    """Hardware cannot stamp an event before its record call. If a backend's work-stream stamps
+    are that early, they are the tightest constraints: the map moves to them, and no device span
+    starts before its launch."""
     clk = FakeClock()
     sim = SimBackend(clk)
     sim.skew = -50_000
@@ -108,5 +122,58 @@ def test_device_spans_never_start_before_their_launch(tmp_path) -> None:
                 pass
     s = r.session
     assert s is not None
-    assert s.meta["clamped_device_spans"] == 3
+    assert s.meta["clamped_device_spans"] == 0
     assert (s.regions["dev_start"] > s.regions["host_start"]).all()
+    assert s.meta["alignment"]["0"]["anchors_late"] >= 2  # the anchors now look 50 µs late
+
+
+def loaded_run(seconds: int, late: Callable[[int, int], float], period_ns: int = 5_000_000, drift_ppm: float = 21.0):
+    """Regions with a 1 ms kernel every ``period_ns``, under a stamp delay ``late(stream, host)``.
+    Returns the session and, per region, device end minus the true moment of its end stamp."""
+    clk = FakeClock(step=300)
+    sim = SimBackend(clk, drift_ppm=drift_ppm)
+    rec = Recorder(sim, clk, anchor_interval_s=1.0, background=False)
+    rec.start()
+    t0 = clk.now
+    sim.late = lambda stream, now: late(stream, now - t0)
+    truth = []
+    for i in range(seconds * 1_000_000_000 // period_ns):
+        tok = rec.enter(name_key("step"), None)
+        sim.launch(1_000_000)
+        rec.exit(tok)
+        truth.append(sim.stamps[-1].truth_host)
+        clk.advance(period_ns - 10_000)
+        if i % 10 == 0:
+            rec.poll()
+    s = rec.stop()
+    return s, s.regions["dev_end"].astype(float) + rec.origin_ns - np.array(truth)
+
+
+def test_stamps_late_during_half_a_minute_leave_device_ends_exact() -> None:
+    """The issue's case: anchors 8-20 µs late during half of a 60 s run (2 s on, 2 s off), work
+    stamps late too then, drift 21 ppm. Plenty of prompt marks keep the envelope tight."""
+    rng = np.random.default_rng(7)
+
+    def late(stream: int, t: int) -> float:
+        if (t // 2_000_000_000) % 2 == 0:
+            return 0.0
+        return float(rng.uniform(8_000, 20_000) if stream == SIDE else rng.uniform(2_000, 20_000))
+
+    s, err = loaded_run(60, late)
+    assert np.percentile(np.abs(err), 99) < 2_000
+    assert s.meta["clamped_device_spans"] <= 0.005 * s.device_spans
+    a = s.meta["alignment"]["0"]
+    assert a["anchors_late"] >= 20
+    assert a["bound_us_p99"] >= np.percentile(np.abs(err), 99) / 1e3  # the bound covers the error
+
+
+def test_a_long_stretch_with_every_stamp_late_is_reported() -> None:
+    """30 s in which every stamp is 10-20 µs late: nothing in the data says where the clock was,
+    and the bound says so."""
+    rng = np.random.default_rng(8)
+
+    def late(stream: int, t: int) -> float:
+        return float(rng.uniform(10_000, 20_000)) if 15e9 <= t < 45e9 else 0.0
+
+    s, _ = loaded_run(60, late, period_ns=20_000_000)
+    assert s.meta["alignment"]["0"]["bound_us_max"] > 5

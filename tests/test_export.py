@@ -87,7 +87,7 @@ def test_nested_regions_nest_on_the_device_too(tmp_path: Path) -> None:
 def test_metadata_has_provenance_and_alignment_but_no_environment(tmp_path: Path) -> None:
     _, doc = sim_session(tmp_path / "t.json")
     m = doc["metadata"]
-    for k in ("evtrace", "python", "torch", "argv", "gpus", "alignment.0.anchors", "alignment.0.drift_ppm", "alignment.0.residual_us_median", "regions", "device_spans"):
+    for k in ("evtrace", "python", "torch", "argv", "gpus", "alignment.0.anchors", "alignment.0.drift_ppm", "alignment.0.bound_us_p99", "regions", "device_spans"):
         assert k in m, k
     assert isinstance(doc["baseTimeNanoseconds"], int)
     text = orjson.dumps(doc).decode()

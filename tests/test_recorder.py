@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import evtrace
+from evtrace import recorder
 from evtrace.recorder import Recorder, name_key
 
 from .simdevice import SIDE, FakeClock, SimBackend
@@ -255,3 +258,53 @@ def test_a_long_run_of_short_polls_packs_regions_into_few_chunks() -> None:
     assert len(rec._chunks) <= 80_000 // 16384
     s = rec.stop()
     assert len(s) == 80_000 and s.device_spans == 40_000
+
+
+def test_two_threads_starting_sessions_at_once_get_one_session() -> None:
+    clk = FakeClock()
+    clk.owner = None  # type: ignore[assignment]  # both threads read it
+    recs = [Recorder(SimBackend(clk), clk, background=False) for _ in range(2)]
+    errors: list[BaseException] = []
+    go = threading.Barrier(2)
+
+    def start(r: Recorder) -> None:
+        go.wait()
+        try:
+            r.start()
+        except RuntimeError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(r,)) for r in recs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1 and "already recording" in str(errors[0])
+    for r in recs:
+        if recorder._active is r:
+            r.stop()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_while_the_resolver_holds_its_lock_leaves_the_child_usable() -> None:
+    """A lock held by another thread at fork() stays held in the child for ever: fork waits."""
+    held, release = threading.Event(), threading.Event()
+
+    def resolver_like() -> None:
+        with recorder._cuda_calls:
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=resolver_like)
+    t.start()
+    held.wait(5)
+    threading.Timer(0.2, release.set).start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork in a threaded process
+        pid = os.fork()
+    if pid == 0:  # child: both locks must be free
+        ok = recorder._cuda_calls.acquire(timeout=2) and recorder._names_lock.acquire(timeout=2)
+        os._exit(0 if ok else 1)
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
