@@ -487,8 +487,9 @@ def p4(seconds: float) -> dict[str, Any]:
         "profiler_clock_fit": {"probes": len(probes), "resid_us_median_abs": float(np.median(np.abs(probe_resid)) / 1000), "ppm": float((slope / 1000 - 1) * 1e6)},
         "anchors": al["anchors"],
         "drift_ppm": al["drift_ppm"],
-        "residual_us_median": al["residual_us_median"],
-        "residual_us_max": al["residual_us_max"],
+        "anchors_late": al["anchors_late"],
+        "bound_us_p99": al["bound_us_p99"],
+        "bound_us_max": al["bound_us_max"],
         "clamped": s.meta["clamped_device_spans"],
         "over_100us": int((np.abs(err_us) > 100).sum()),
         # the worst few: where in the run, and how long evtrace's span and CUPTI's kernel were
