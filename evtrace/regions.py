@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import functools
 import inspect
+from threading import get_ident
 from typing import Any, Callable, TypeVar, overload
 
 from . import recorder as _rec
+from .values import snapshot
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Region:
-    """A named span. Near-free when no session is recording."""
+    """A named span. Near-free when no session is recording.
+
+    One Region object may be entered by several threads at once (a module-level
+    ``region("load")``, or a hook's): each exit closes the span its own thread opened.
+    Args are snapshot on entry (see ``evtrace.values``): the trace holds what they were then.
+    """
 
     __slots__ = ("name", "key", "args", "host_only", "_open")
 
@@ -21,31 +28,44 @@ class Region:
         self.key = -1 if name is None else _rec.name_key(name)
         self.args = args or None
         self.host_only = host_only
-        self._open: list[Any] = []  # (exit, token) per enter; None when nothing recorded
+        self._open: list[tuple[int, Any, Any]] = []  # (thread, exit, token) per enter; exit None when nothing recorded
 
     def __enter__(self) -> Region:
         rec = _rec._active
         if rec is None:
-            self._open.append(None)
+            self._open.append((get_ident(), None, None))
         elif self.key < 0:
             raise TypeError('region() needs a name when used with "with": with evtrace.region("step"): ...')
-        elif self.host_only:
-            self._open.append((rec.exit_host, rec.enter_host(self.key, self.args)))
         else:
-            self._open.append((rec.exit, rec.enter(self.key, self.args)))
+            args = self.args
+            if args is not None:
+                args = snapshot(args)
+            if self.host_only:
+                self._open.append((get_ident(), rec.exit_host, rec.enter_host(self.key, args)))
+            else:
+                self._open.append((get_ident(), rec.exit, rec.enter(self.key, args)))
         return self
 
     def __exit__(self, typ: object, value: object, tb: object) -> None:
-        if self._open:
-            t = self._open.pop()
-            if t is not None:
-                t[0](t[1])
+        o = self._open
+        if not o:
+            return
+        me = get_ident()
+        for t in reversed(o):  # nearly always the last: another thread's entries are skipped
+            if t[0] == me:
+                break
+        else:
+            t = o[-1]  # entered on another thread (a manual __enter__/__exit__ pair): as before
+        o.remove(t)  # by identity first; atomic, unlike finding an index and popping it
+        if t[1] is not None:
+            t[1](t[2])
 
     def __call__(self, fn: F) -> F:
         if not callable(fn):
             raise TypeError(f"@region decorates a function, not {type(fn).__name__}")
         name = _rec.name_key(self.name or getattr(fn, "__qualname__", None) or repr(fn))
         args = self.args
+        plain = args is None or snapshot(args) is args  # else snapshot on each call
         host_only = self.host_only
         wrapper: Callable[..., Any]
         if inspect.iscoroutinefunction(fn):
@@ -55,7 +75,7 @@ class Region:
                 if rec is None:
                     return await fn(*a, **k)
                 enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
-                tok = enter(name, args)
+                tok = enter(name, args if plain else snapshot(args))  # type: ignore[arg-type]
                 try:
                     return await fn(*a, **k)
                 finally:
@@ -68,7 +88,7 @@ class Region:
                 if rec is None:
                     return fn(*a, **k)
                 enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
-                tok = enter(name, args)
+                tok = enter(name, args if plain else snapshot(args))  # type: ignore[arg-type]
                 try:
                     return fn(*a, **k)
                 finally:
