@@ -69,13 +69,20 @@ class Alignment:
         return out
 
 
+def _segments(x: np.ndarray, width: float) -> np.ndarray:
+    """Where each bin of sorted ``x`` (bins ``width`` wide) begins."""
+    b = np.floor((x - x[0]) / width).astype(np.int64)
+    return np.r_[0, np.flatnonzero(b[1:] != b[:-1]) + 1]
+
+
 def _bin_max(x: np.ndarray, y: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
-    """The point with the largest ``y`` in each bin of ``x`` (bins ``width`` wide)."""
-    b = np.floor((x - x.min()) / width).astype(np.int64)
-    order = np.lexsort((y, b))  # by bin, then y: the last of each bin is its maximum
-    last = np.r_[b[order][1:] != b[order][:-1], True]
-    pick = order[last]
-    return x[pick], y[pick]
+    """The point with the largest ``y`` in each bin of sorted ``x`` (bins ``width`` wide)."""
+    starts = _segments(x, width)
+    top = np.maximum.reduceat(y, starts)
+    counts = np.diff(np.r_[starts, len(x)])
+    hit = np.flatnonzero(y == np.repeat(top, counts))
+    first = np.r_[True, np.searchsorted(starts, hit[1:], side="right") != np.searchsorted(starts, hit[:-1], side="right")]
+    return x[hit[first]], y[hit[first]]
 
 
 def _min_max(values: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, iters: int = 60) -> np.ndarray:
@@ -114,8 +121,10 @@ def fit(
     my = np.empty(0) if mark_host_ns is None else np.asarray(mark_host_ns, dtype=np.float64)
     ok = np.isfinite(mx)
     x, y = np.r_[ax, mx[ok]], np.r_[lo, my[ok]]
-    x0, y0 = float(x.min()), float(y[np.argmin(x)])
-    x, y = x - x0, y - y0  # small numbers: float64 keeps sub-ns steps over hours
+    order = np.argsort(x, kind="stable")  # two sorted runs, merged
+    x0, y0 = float(x[order[0]]), float(y[order[0]])
+    x, y = x[order] - x0, y[order] - y0  # small numbers: float64 keeps sub-ns steps over hours
+    is_anchor = order < len(ax)
 
     # the run's drift: the line above every stamp that is lowest at the middle of the run
     bx, by = _bin_max(x, y - 1e6 * x, BIN_MS)
@@ -154,10 +163,7 @@ def fit(
 
     # what the data allow: in each second, how far the map lies above its tightest stamp
     gap = fitted.to_host(x + x0) - latency_ns - (y + y0)
-    win = np.floor(x / BOUND_WINDOW_MS).astype(np.int64)
-    per = np.full(int(win.max()) + 1, np.inf)
-    np.minimum.at(per, win, gap)
-    per = np.maximum(per[np.isfinite(per)], 0.0) / 1e3
-    late = int((gap[: len(ax)] > LATE_NS).sum())
+    per = np.maximum(np.minimum.reduceat(gap, _segments(x, BOUND_WINDOW_MS)), 0.0) / 1e3
+    late = int((gap[is_anchor] > LATE_NS).sum())
     bound = (float(np.percentile(per, 99)), float(per.max()))
     return Alignment(fitted.dev_ms, host, slope, len(ax), late, int(ok.sum()), float(latency_ns), bound)
