@@ -40,6 +40,12 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"  {ph:8s} {d['n']:7d} {d['n_short']:7d} {f(d['rtt_us'], 'p50'):>8s} | {f(e, 'p50'):>8s} {f(e, 'p95'):>7s} {f(e, 'p99'):>7s} {f(e, 'max'):>7s} | "
                 f"{f(a, 'p50'):>11s} {f(a, 'p95'):>7s} {f(a, 'p99'):>7s} {f(a, 'max'):>7s} {d['n_err_negative']:4d}"
             )
+        gpu = {ph: d["gpu_clock"] for ph, d in res["phases"].items() if "gpu_clock" in d}
+        if gpu:  # independent of evtrace's alignment: the kernel's own GPU-clock stamps
+            lines.append(f"  {'GPU clock':8s} {'seen-set p50':>12s} | {'evtrace end - kernel end p5':>27s} {'p50':>6s} {'p95':>6s} | {'next kernel - kernel end p50':>28s} {'p95':>6s}")
+            for ph, d in gpu.items():
+                a, b, c = d["seen_minus_set_us"], d["evtrace_end_minus_kernel_end_us"], d["next_start_minus_kernel_end_us"]
+                lines.append(f"  {ph:8s} {f(a, 'p50'):>12s} | {f(b, 'p5'):>27s} {f(b, 'p50'):>6s} {f(b, 'p95'):>6s} | {f(c, 'p50'):>28s} {f(c, 'p95'):>6s}")
         lines.append(f"  alignment: {m.get('alignment')}")
     lines.append(f"(us; err = device end - host's flag set; over samples with round trip <= {RTT_OK_NS / 1000:.0f} us; neg = device end before the set: impossible)")
     return "\n".join(lines)

@@ -31,24 +31,37 @@ import numpy as np
 import torch
 
 SRC = r"""
+__device__ __forceinline__ unsigned long long gtimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// gt[0]: GPU clock when the flag was seen, gt[1]: just before the ack (the kernel's end)
 extern "C" __global__ void truth_spin(volatile unsigned int* flag, volatile unsigned int* started,
-                                      volatile unsigned int* ack, unsigned int seq) {
+                                      volatile unsigned int* ack, volatile unsigned long long* gt, unsigned int seq) {
     *started = seq;                       // lets the host know the kernel is resident and spinning
     __threadfence_system();
     while (*flag != seq) { }
+    gt[0] = gtimer();
+    gt[1] = gtimer();
     __threadfence_system();
     *ack = seq;
     __threadfence_system();
 }
 
+// queued right behind the region's end event: when the stream moved on (GPU clock)
+extern "C" __global__ void stamp_gt(volatile unsigned long long* out) {
+    *out = gtimer();
+    __threadfence_system();
+}
+
 extern "C" __global__ void poll_host(volatile unsigned int* mem, unsigned long long ns, unsigned int* sink) {
-    unsigned long long t0, t;
+    unsigned long long t0 = gtimer();
     unsigned int acc = 0;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
     do {
         acc += mem[threadIdx.x];          // one PCIe read per warp per iteration
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    } while (t - t0 < ns);
+    } while (gtimer() - t0 < ns);
     if (acc == 0xFFFFFFFFu) *sink = acc;  // never true; keeps the loop's loads alive
 }
 """
@@ -175,20 +188,34 @@ class Truth:
     def __init__(self, drv: Driver | None = None, seed: int = 0) -> None:
         self.drv = drv or Driver()
         # flag, started, ack: a cache line each, in pinned (mapped) host memory
-        self.mem = torch.zeros(48, dtype=torch.int32, pin_memory=True)
+        self.mem = torch.zeros(64, dtype=torch.int64, pin_memory=True)
         base = self.mem.data_ptr()
         self.flag, self.started, self.ack = (ctypes.c_uint32.from_address(base + 64 * k) for k in range(3))
-        dbase = self.drv.device_ptr(base)
+        self.gt_seen, self.gt_end, self.gt_next = (ctypes.c_uint64.from_address(base + 192 + 8 * k) for k in (0, 1, 8))
+        d = self.drv.device_ptr(base)
         self.seq_arg = ctypes.c_uint32(0)
-        self.kernel = Launcher(self.drv, "truth_spin", [ctypes.c_uint64(dbase), ctypes.c_uint64(dbase + 64), ctypes.c_uint64(dbase + 128), self.seq_arg])
+        self.kernel = Launcher(self.drv, "truth_spin", [ctypes.c_uint64(d), ctypes.c_uint64(d + 64), ctypes.c_uint64(d + 128), ctypes.c_uint64(d + 192), self.seq_arg])
+        self.stamper = Launcher(self.drv, "stamp_gt", [ctypes.c_uint64(d + 256)])
         self.rng = random.Random(seed)
         self.seq = 0
+        self.gts_pending = False
+        #: per sample, on the GPU clock: flag seen, kernel end, and the start of the kernel queued after it
+        self.gts: list[tuple[int, int, int]] = []
 
     def launch(self) -> None:
         """Launch the spin kernel for the next sample on torch's current stream."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF or 1
         self.seq_arg.value = self.seq
         self.kernel.launch(torch.cuda.current_stream().cuda_stream)
+
+    def stamp(self) -> None:
+        """Queue a 1-thread kernel behind whatever follows the spin kernel (the region's end event):
+        its start minus the spin kernel's end is how long the stream took to move on, GPU clock only."""
+        self.stamper.launch(torch.cuda.current_stream().cuda_stream)
+
+    def collect(self) -> None:
+        """Record the GPU-clock stamps of the last sample (its stamp kernel has run by now)."""
+        self.gts.append((self.gt_seen.value, self.gt_end.value, self.gt_next.value))
 
     def release(self) -> tuple[int, int]:
         """After ``launch``: wait until the kernel runs, a short random spin, then set the flag and
@@ -199,6 +226,9 @@ class Truth:
         while self.started.value != seq:
             if now() - t0 > self.START_TIMEOUT_NS:  # never resident: release it anyway, rtt is huge
                 break
+        if self.gts_pending:  # the previous sample's stamp kernel ran before this kernel started
+            self.collect()
+        self.gts_pending = True
         _spin_ns(self.rng.uniform(2_000, 20_000))
         t_set = now()
         self.flag.value = seq
@@ -265,11 +295,12 @@ def matmuls(n: int = 8192, depth: int = 3) -> Feeder:
     return Feeder([mm], depth)
 
 
-def polling(drv: Driver, ms: float = 1.0, blocks: int = 4, depth: int = 2) -> Feeder:
-    """Kernels that poll pinned host memory for ``ms`` each (``blocks`` warps, one read each)."""
+def polling(drv: Driver, ms: float = 1.0, blocks: int = 1, threads: int = 1, depth: int = 2) -> Feeder:
+    """Kernels that poll pinned host memory for ``ms`` each, one read in flight per warp. One
+    thread by default, like the truth kernel: 4 warps made 99 % of round trips > 8 us on an H200."""
     mem = torch.zeros(32 * 64, dtype=torch.int32, pin_memory=True)
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
-    k = Launcher(drv, "poll_host", [ctypes.c_uint64(drv.device_ptr(mem.data_ptr())), ctypes.c_uint64(int(ms * 1e6)), ctypes.c_uint64(sink.data_ptr())], grid=blocks, block=32)
+    k = Launcher(drv, "poll_host", [ctypes.c_uint64(drv.device_ptr(mem.data_ptr())), ctypes.c_uint64(int(ms * 1e6)), ctypes.c_uint64(sink.data_ptr())], grid=blocks, block=threads)
     f = Feeder([lambda: k.launch(torch.cuda.current_stream().cuda_stream)], depth)
     f.keep = (mem, sink)  # type: ignore[attr-defined]
     return f
@@ -303,6 +334,8 @@ def run(path: str | os.PathLike[str], seconds: float, phases: Sequence[str] = PH
     acks: list[int] = []
     reg = evtrace.region("truth")
     torch.cuda.synchronize()
+    truth.gts.clear()
+    truth.gts_pending = False
     with evtrace.record(path, quiet=True) as r:
         t_end = time.perf_counter() + seconds
         k = 0
@@ -317,6 +350,7 @@ def run(path: str | os.PathLike[str], seconds: float, phases: Sequence[str] = PH
                         feeder.top_up()
                     with reg:
                         truth.launch()
+                    truth.stamp()
                     t_set, t_ack = truth.release()
                     tags.append(p)
                     sets.append(t_set)
@@ -326,22 +360,34 @@ def run(path: str | os.PathLike[str], seconds: float, phases: Sequence[str] = PH
                     feeder.drain()
         t_stop = time.perf_counter()
     stop_s = time.perf_counter() - t_stop
+    torch.cuda.synchronize()
+    truth.collect()  # the last sample's
+    truth.gts_pending = False
+    gts = np.array(truth.gts[-len(sets) :], dtype=np.int64).reshape(-1, 3)
+    truth.gts.clear()
     assert r.session is not None
-    out = analyse(r.session, phases, np.array(tags), np.array(sets, dtype=np.int64), np.array(acks, dtype=np.int64))
+    out = analyse(r.session, phases, np.array(tags), np.array(sets, dtype=np.int64), np.array(acks, dtype=np.int64), gts)
     out.update(seconds=seconds, phase_s=phase_s, stop_and_save_s=round(stop_s, 2))
     return out
 
 
 def _pct(x: np.ndarray) -> dict[str, float]:
+    """ns -> us percentiles."""
     if len(x) == 0:
         return {}
-    q = np.percentile(x, [50, 95, 99]) / 1000
-    return {"p50": round(float(q[0]), 3), "p95": round(float(q[1]), 3), "p99": round(float(q[2]), 3), "max": round(float(x.max()) / 1000, 3)}
+    q = np.percentile(x, [5, 50, 95, 99]) / 1000
+    return {"p5": round(float(q[0]), 3), "p50": round(float(q[1]), 3), "p95": round(float(q[2]), 3), "p99": round(float(q[3]), 3), "max": round(float(x.max()) / 1000, 3)}
 
 
-def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, acks: np.ndarray) -> dict[str, Any]:
+def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, acks: np.ndarray, gts: np.ndarray | None = None) -> dict[str, Any]:
     """Match truth regions (in the order they began) to samples; err = device end - t_set, in us.
-    L (the constant end-event latency) is the median err of the idle phase (else the first)."""
+    L (the constant end-event latency) is the median err of the idle phase (else the first).
+
+    ``gts`` (GPU clock per sample: flag seen, kernel end, next kernel's start) gives a diagnosis
+    independent of evtrace's alignment: a line from the GPU clock to perf_counter fitted through
+    the reference phase's short samples (flag seen vs the round trip's midpoint) places the
+    kernel's own end on the host clock, and next - end says how long the stream took to pass the
+    region's end event, on the GPU clock alone."""
     rows = s.regions[s.regions["name"] == s.names.index("truth")]
     assert len(rows) == len(sets), (len(rows), len(sets))
     has_dev = rows["device"] >= 0
@@ -351,6 +397,16 @@ def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, a
     ref = phases.index("idle") if "idle" in phases else 0
     base = err[short & (tags == ref)]
     L = int(np.median(base)) if len(base) else 0
+    g: Callable[[np.ndarray], np.ndarray] | None = None
+    fit = short & (tags == ref)
+    if gts is not None and len(gts) == len(sets) and fit.sum() > 10:
+        x0 = int(gts[fit, 0][0])
+        slope, icept = np.polyfit((gts[fit, 0] - x0).astype(float), ((sets[fit] + acks[fit]) // 2 - sets[fit][0]).astype(float), 1)
+        y0 = int(sets[fit][0])
+
+        def g(gt: np.ndarray) -> np.ndarray:
+            return y0 + icept + slope * (gt - x0).astype(float)
+
     per: dict[str, Any] = {}
     for p, ph in enumerate(phases):
         m = tags == p
@@ -364,6 +420,12 @@ def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, a
             "abs_err_minus_L_us": _pct(np.abs(err[ms] - L)),
             "n_err_negative": int((err[ms] < 0).sum()),  # device end before the flag was set: impossible
         }
+        if g is not None and gts is not None:
+            per[ph]["gpu_clock"] = {
+                "seen_minus_set_us": _pct(g(gts[ms, 0]) - sets[ms]),
+                "evtrace_end_minus_kernel_end_us": _pct(err[ms] + sets[ms] - g(gts[ms, 1])),
+                "next_start_minus_kernel_end_us": _pct((gts[ms, 2] - gts[ms, 1]).astype(float)),
+            }
     meta = s.meta
     keep = {k: meta[k] for k in meta if k in ("clamped_device_spans", "device_spans", "dropped_device_spans", "regions") or any(w in k for w in ("align", "bound", "clamp", "warn"))}
     return {"L_us": round(L / 1000, 3), "phases": per, "meta": keep}
@@ -373,23 +435,25 @@ def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, a
 def _smoke(n: int = 3000) -> None:
     truth = Truth()
     print(f"compiled with {truth.drv.compiler} in {truth.drv.compile_s:.2f} s", flush=True)
-    feeders = loads(truth.drv)
+    feeders: dict[str, Feeder | None] = {"idle": None, **loads(truth.drv), "polling 1x32": polling(truth.drv, threads=32), "polling 4x32": polling(truth.drv, blocks=4, threads=32), "gaps": None}
     rng = random.Random(1)
-    for ph in PHASES:
-        f = feeders.get(ph)
+    for ph, f in feeders.items():
         rtts = []
+        truth.gts.clear()
         t = time.perf_counter()
         for _ in range(n if ph != "gaps" else 100):
             if f is not None:
                 f.top_up()
             truth.launch()
+            truth.stamp()
             a, b = truth.release()
             rtts.append(b - a)
             gap(ph, rng)
         if f is not None:
             f.drain()
-        x = np.array(rtts)
-        print(f"{ph:8s} n={len(x)} rate={len(x) / (time.perf_counter() - t):.0f}/s rtt us p5/p50/p95 = {np.percentile(x, 5) / 1e3:.2f}/{np.median(x) / 1e3:.2f}/{np.percentile(x, 95) / 1e3:.2f}, <=8us: {(x <= RTT_OK_NS).mean():.1%}", flush=True)
+        x, gt = np.array(rtts), np.array(truth.gts[1:], dtype=np.int64).reshape(-1, 3)
+        nxt = np.median(gt[:, 2] - gt[:, 1]) / 1e3 if len(gt) else float("nan")
+        print(f"{ph:12s} n={len(x)} rate={len(x) / (time.perf_counter() - t):.0f}/s rtt us p5/p50/p95 = {np.percentile(x, 5) / 1e3:.2f}/{np.median(x) / 1e3:.2f}/{np.percentile(x, 95) / 1e3:.2f}, <=8us: {(x <= RTT_OK_NS).mean():.1%}; next kernel start - kernel end p50 {nxt:.2f} us", flush=True)
 
 
 if __name__ == "__main__":
