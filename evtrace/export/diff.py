@@ -93,8 +93,9 @@ class Diff:
     skip: int
 
     def regressions(self, above: float) -> list[Row]:
-        """Significantly slower rows whose change exceeds ``above`` %."""
-        return [r for r in self.rows if r.verdict == "slower" and r.change > above]
+        """Significantly slower rows whose change exceeds ``above`` % (also below ``min_change``:
+        a gate asked for explicitly wins)."""
+        return [r for r in self.rows if r.tested and r.p < self.alpha and r.direction > 0 and r.change > above]
 
 
 def pct(before: float, after: float) -> float:
