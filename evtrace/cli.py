@@ -8,17 +8,25 @@
 from __future__ import annotations
 
 import argparse
+import builtins
+import importlib.machinery
 import importlib.util
+import io
 import os
 import re
 import runpy
+import signal
 import sys
+import threading
 import traceback
+import types
+import warnings
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from . import __version__
-from .api import Terminated, default_path, output_problem, record
+from .api import default_path, output_problem, record
+from .finish import Terminated, die_by, on_sigterm
 from .export.chrome import TraceError
 from .session import Session
 
@@ -57,10 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     summ.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)")
     rep = sub.add_parser("report", help="one screen of GitHub markdown for a bug report")
     rep.add_argument("trace", type=Path)
-    rep.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
+    rep.add_argument("-o", "--output", type=Path, help="write here (.md) instead of standard output")
     ren = sub.add_parser("render", help="a static SVG timeline (GitHub shows it inline)")
     ren.add_argument("trace", type=Path)
-    ren.add_argument("-o", "--output", type=Path, required=True)
+    ren.add_argument("-o", "--output", type=Path, required=True, help="the SVG file to write (.svg)")
     ren.add_argument("--window", metavar="START:END", help="times since the start, e.g. 1.5:2.5 (ms) or 200us:3ms; default: one representative step")
     ren.add_argument("--lanes", metavar="REGEX", help="only lanes whose name matches, e.g. 'GPU|MainThread'")
     merge = sub.add_parser("merge", help="merge per-rank or per-process traces onto one clock")
@@ -69,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     view = sub.add_parser("view", help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)")
     view.add_argument("trace", type=Path)
     view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
-    view.add_argument("--port", type=int, default=9001, help="the UI only fetches from port 9001; another port is for your own tools")
+    view.add_argument("--port", type=int, help="the UI only fetches from port 9001 (the default, or $EVTRACE_VIEW_PORT); another port, 0 for any free one, is for your own tools")
     return p
 
 
@@ -102,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _summary(ns: argparse.Namespace) -> int:
+    from .export.chrome import rank_labels
     from .export.summary import ranks
 
     if ns.skip < 0:
@@ -110,6 +119,8 @@ def _summary(ns: argparse.Namespace) -> int:
     for p, session in zip(ns.trace, sessions):
         print(f"== {p}" if len(sessions) > 1 else "", end="\n" if len(sessions) > 1 else "")
         print(session.summary(skip=ns.skip))
+        if session.ranks:  # a merged trace: its ranks side by side
+            print("\n" + ranks(session.ranks, rank_labels(session.ranks)))
     if len(sessions) > 1:
         print("\n" + ranks(sessions, [p.name for p in ns.trace]))
     return 0
@@ -132,29 +143,56 @@ def _load(path: Path) -> Session:
         raise UsageError(str(e)) from None
 
 
-def _writable(path: Path | None, trace: bool = True) -> None:
-    """Refuse an output path that cannot be written (a trace's must end in .json or .json.gz)."""
-    problem = None if path is None else output_problem(path) if trace else output_problem(path, suffixes=None)
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _writable(path: Path | None, trace: bool = True, suffix: str | None = None, inputs: Sequence[Path] = ()) -> None:
+    """Refuse an output path that cannot be written (a trace's must end in .json or .json.gz,
+    another output in ``suffix``), or that is one of the ``inputs``, also through a link."""
+    if path is None:
+        return
+    problem = output_problem(path) if trace else output_problem(path, suffixes=None)
     if problem:
         raise UsageError(problem)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise UsageError(f"output path {path} must end in {suffix} (what this command writes)")
+    for src in inputs:
+        try:
+            same = os.path.samefile(path, src)
+        except OSError:  # either does not exist (yet): nothing to overwrite
+            same = False
+        if same:
+            raise UsageError(f"output path {path} is the input {src}; writing it would destroy the input")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write atomically, as traces are: an interrupted write never leaves half a file."""
+    from .export.chrome import write_bytes
+
+    try:
+        write_bytes(text.encode("utf-8"), path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _report(ns: argparse.Namespace) -> int:
     from .export.report import report
 
-    _writable(ns.output, trace=False)
+    _writable(ns.output, trace=False, suffix=".md", inputs=[ns.trace])
     text = report(_load(ns.trace), ns.trace)
     if ns.output:
-        ns.output.write_text(text, encoding="utf-8")
+        _write_text(ns.output, text)
+        print(f"evtrace: wrote {ns.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
 
 
 def _render(ns: argparse.Namespace) -> int:
-    from .export.render import render
+    from .export.render import NothingToDraw, draw
 
-    _writable(ns.output, trace=False)
+    _writable(ns.output, trace=False, suffix=".svg", inputs=[ns.trace])
     window = None
     if ns.window:
         if ":" not in ns.window:
@@ -168,42 +206,71 @@ def _render(ns: argparse.Namespace) -> int:
             re.compile(ns.lanes)
         except re.error as e:
             raise UsageError(f"--lanes {ns.lanes!r} is not a regular expression: {e}") from None
-    ns.output.write_text(render(_load(ns.trace), window, ns.lanes), encoding="utf-8")
+    try:
+        drawn = draw(_load(ns.trace), window, ns.lanes)
+    except NothingToDraw as e:
+        raise UsageError(str(e)) from None
+    _write_text(ns.output, drawn.svg)
+    print(f"evtrace: wrote {ns.output} ({drawn})", file=sys.stderr)
     return 0
 
 
 def _merge(ns: argparse.Namespace) -> int:
     from .export import merge
 
-    _writable(ns.output)
+    _writable(ns.output, inputs=ns.traces)
     try:
-        doc = merge.merge(ns.traces)
+        s = merge.merge(ns.traces)
     except TraceError as e:
         raise UsageError(str(e)) from None
-    merge.write(doc, ns.output)
-    n = sum(1 for e in doc["traceEvents"] if e.get("cat") == "region")
-    print(f"evtrace: merged {len(ns.traces)} traces ({n} regions) into {ns.output}; {doc['metadata']['merge.method']}", file=sys.stderr)
+    merge.write(s, ns.output)
+    print(f"evtrace: merged {_plural(len(ns.traces), 'trace')} ({_plural(len(s), 'region')}, {_plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}", file=sys.stderr)
     return 0
 
 
 def _view(ns: argparse.Namespace) -> int:
     from .export.chrome import load_json
-    from .view import serve
+    from .view import port_from_env, serve
 
     try:
         load_json(ns.trace)  # refuse a corrupt or truncated file before serving it
     except TraceError as e:
         raise UsageError(str(e)) from None
-    if not 0 < ns.port < 65536:
-        raise UsageError(f"--port {ns.port} is not a port")
     try:
-        serve(ns.trace, ns.port, open_browser=not ns.no_browser)
+        port = port_from_env() if ns.port is None else ns.port
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port {port} is not a port")
+    try:
+        serve(ns.trace, port, open_browser=not ns.no_browser)
     except OSError as e:
-        raise UsageError(f"cannot serve on 127.0.0.1:{ns.port}: {e.strerror or e}") from None
+        raise UsageError(f"cannot serve on 127.0.0.1:{port}: {e.strerror or e}") from None
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the browser: a normal way to stop
+        print("evtrace: stopped serving", file=sys.stderr)
+        return 130
     return 0
 
 
 def _run(ns: argparse.Namespace) -> int:
+    # first: the checks and torch's import below take seconds; a SIGTERM then is answered too
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm) if main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else None
+    try:
+        return _run_target(ns)
+    except (KeyboardInterrupt, Terminated) as e:
+        # before the script began, or its trace is written by now: end as the signal would
+        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        if isinstance(e, KeyboardInterrupt) and _user_frames(e.__traceback__) is not None:
+            traceback.print_exception(type(e), e, _user_frames(e.__traceback__))  # where the script was
+        die_by(sig)
+        raise  # not reached
+    finally:
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)
+
+
+def _run_target(ns: argparse.Namespace) -> int:
     out = ns.output or default_path()
     _writable(out)
     if ns.module:
@@ -218,7 +285,8 @@ def _run(ns: argparse.Namespace) -> int:
     else:
         if not ns.target:
             raise UsageError("no script given: evtrace [run] [-o PATH] script.py [args...]")
-        script, target_args = Path(ns.target[0]), ns.target[1:]
+        given, target_args = ns.target[0], ns.target[1:]
+        script = Path(given)
         if script.is_dir():
             raise UsageError(f"{script} is a directory, not a script")
         if not script.is_file():
@@ -252,14 +320,19 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.module:
         sys.argv = [ns.module, *target_args]
     else:
-        sys.argv = [str(script), *target_args]
-        sys.path[0] = str(script.resolve().parent)
-    rec.__enter__()  # after the swap: the trace's argv is the target's
+        sys.argv = [given, *target_args]  # as typed, as python gives it
+        sys.path[0] = os.path.dirname(os.path.realpath(given))
     try:
+        rec.__enter__()  # after the swap: the trace's argv is the target's
+    except (KeyboardInterrupt, Terminated):
+        print("evtrace: stopped before the script began; no trace written", file=sys.stderr)
+        raise
+    try:
+        _fresh_warnings()
         if ns.module:
             runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(str(script), run_name="__main__")
+            _run_script(given)
     except SystemExit as e:
         code = _exit_code(e)
     except (KeyboardInterrupt, Terminated) as e:  # trace first, then end as the signal would
@@ -274,6 +347,33 @@ def _run(ns: argparse.Namespace) -> int:
     if failure is not None:
         traceback.print_exception(type(failure), failure, _user_frames(failure.__traceback__))
     return code
+
+
+def _fresh_warnings() -> None:
+    """The warning filters the process started with: not those that evtrace's own imports
+    (numpy, torch) added, which ``python script.py`` would not have at its start."""
+    from . import _START_FILTERS
+
+    warnings.filters[:] = _START_FILTERS  # type: ignore[index]
+    warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the per-module caches
+
+
+def _run_script(given: str) -> None:
+    """Run a script as ``python script.py`` does: ``__main__`` with an absolute ``__file__``
+    (the cwd joined, not normalised), no ``__spec__``, its code compiled under that name.
+    (runpy.run_path would set ``sys.argv[0]`` to the path it is given.)"""
+    path = given if os.path.isabs(given) else os.path.join(os.getcwd(), given)
+    with io.open_code(path) as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __annotations__={}, __loader__=importlib.machinery.SourceFileLoader("__main__", path), __builtins__=builtins)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def _exit_code(e: SystemExit) -> int:

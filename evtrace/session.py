@@ -51,6 +51,9 @@ class Session:
     meta: dict[str, Any] = field(default_factory=dict)
     pid: int = 0
     wall_origin_ns: int = 0  # time.time_ns() at the origin: lines traces of one run up
+    #: a merged trace (``evtrace merge``): one Session per input, on this one's clock; the
+    #: fields above then hold all of them together. Empty for a single recording.
+    ranks: list[Session] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.regions)

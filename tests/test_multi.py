@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 import evtrace
 from evtrace.export import merge
-from evtrace.export.chrome import load_json
+from evtrace.export.chrome import dumps, load_json
 
 from .checker import problems
 from .simdevice import FakeClock, SimBackend
@@ -56,7 +58,7 @@ def test_merge_on_one_host_is_exact_and_keeps_ranks_apart(tmp_path: Path, monkey
     p1 = ranked(tmp_path, monkeypatch, 1, seed=5, n=3)  # listed first, sorted by rank anyway
     p0 = ranked(tmp_path, monkeypatch, 0, seed=4, n=4)
     s0, s1 = evtrace.load(p0), evtrace.load(p1)
-    doc = merge.merge([p1, p0])
+    doc = orjson.loads(dumps(merge.merge([p1, p0])))
     assert problems(doc) == []
     assert doc["metadata"]["merge.method"].startswith("one host")
     procs = sorted((e["args"]["name"], e["pid"]) for e in doc["traceEvents"] if e["name"] == "process_name")
@@ -75,7 +77,7 @@ def test_merge_on_one_host_is_exact_and_keeps_ranks_apart(tmp_path: Path, monkey
     out = tmp_path / "all.json.gz"
     p = subprocess.run([sys.executable, "-m", "evtrace", "merge", str(p0), str(p1), "-o", str(out)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert "merged 2 traces (7 regions)" in p.stderr
+    assert "merged 2 traces (7 regions, 2 ranks)" in p.stderr
 
 
 def test_merge_across_hosts_says_how_uncertain_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,10 +85,8 @@ def test_merge_across_hosts_says_how_uncertain_it_is(tmp_path: Path, monkeypatch
     p1 = ranked(tmp_path, monkeypatch, 1, seed=5, n=2)
     doc = load_json(p1)
     doc["metadata"]["host_id"] = "another-host"
-    import orjson
-
     p1.write_bytes(orjson.dumps(doc))
-    merged = merge.merge([p0, p1])
+    merged = orjson.loads(dumps(merge.merge([p0, p1])))
     assert "wall-clock" in merged["metadata"]["merge.method"] and "uncertain" in merged["metadata"]["merge.method"]
     assert problems(merged) == []
 
@@ -147,3 +147,80 @@ def test_torchrun_gloo_two_ranks_then_merge(tmp_path: Path) -> None:
     assert table[0].split() == ["trace", "rank", "regions", "host", "time", "device", "busy", "device", "busy", "%"]
     assert [row.split()[:3] for row in table[2:]] == [["t-rank0.json.gz", "0", "15"], ["t-rank1.json.gz", "1", "15"]]
     assert np.all([len(s.names) == 3 for s in sessions])
+
+
+def evtrace_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "evtrace", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_merged_trace_loads_as_a_session_with_its_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p0 = ranked(tmp_path, monkeypatch, 0, seed=4, n=4)
+    p1 = ranked(tmp_path, monkeypatch, 1, seed=5, n=3)
+    s0, s1 = evtrace.load(p0), evtrace.load(p1)
+    out = tmp_path / "all.json.gz"
+    p = evtrace_cli("merge", p1, p0, "-o", out, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    m = evtrace.load(out)
+    assert [r.meta["rank"] for r in m.ranks] == [0, 1] and [len(r) for r in m.ranks] == [4, 3]
+    assert len(m) == 7 and m.device_spans == 7 and m.names == ["step"]
+    assert [len(r.devices) for r in m.ranks] == [1, 1] and len(m.devices) == 2
+    base = min(s0.meta["origin_perf_ns"], s1.meta["origin_perf_ns"])
+    for r, s in zip(m.ranks, (s0, s1)):  # each rank on the merged clock, otherwise as recorded
+        shift = s.meta["origin_perf_ns"] - base
+        assert r.regions["host_start"].tolist() == (s.regions["host_start"] + shift).tolist()
+        assert r.regions["dev_end"].tolist() == (s.regions["dev_end"] + shift).tolist()
+        assert r.pid == s.pid and r.meta["host_id"] == s.meta["host_id"] and r.meta["shift_ns"] == shift
+    # written again, it is the same file; merged again with a third trace, every rank is kept
+    assert gzip.decompress(out.read_bytes()) == dumps(m)
+    monkeypatch.setenv("RANK", "2")
+    clk = FakeClock(seed=6)
+    with evtrace.record(tmp_path / "r2.json", backend=SimBackend(clk), clock=clk, quiet=True):
+        with evtrace.region("step"):
+            pass
+    again = tmp_path / "again.json"
+    p = evtrace_cli("merge", out, tmp_path / "r2-rank2.json", "-o", again, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "merged 2 traces (8 regions, 3 ranks)" in p.stderr
+    a = evtrace.load(again)
+    assert [r.meta["rank"] for r in a.ranks] == [0, 1, 2]
+    for r in (0, 1):  # the ranks merged before keep their distance exactly
+        assert (a.ranks[r].regions["host_start"] - a.ranks[0].regions["host_start"][0]).tolist() == (m.ranks[r].regions["host_start"] - m.ranks[0].regions["host_start"][0]).tolist()
+
+
+def test_every_command_reads_what_run_and_merge_write(tmp_path: Path) -> None:
+    job = tmp_path / "job.py"
+    job.write_text("import evtrace\nfor i in range(3):\n    with evtrace.region('step'):\n        with evtrace.region('inner'):\n            pass\n")
+    for name in ("a.json.gz", "b.json"):
+        p = evtrace_cli("run", "-o", name, job, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+    p = evtrace_cli("merge", "a.json.gz", "b.json", "-o", "ab.json.gz", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "merged 2 traces (12 regions, 2 ranks)" in p.stderr
+    p = evtrace_cli("merge", "ab.json.gz", "a.json.gz", "-o", "aba.json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for trace in ("a.json.gz", "b.json", "ab.json.gz", "aba.json"):
+        summ = evtrace_cli("summary", trace, cwd=tmp_path)
+        assert summ.returncode == 0 and summ.stderr == "", (trace, summ.stderr)
+        assert summ.stdout.splitlines()[0].startswith({"a.json.gz": "6 ", "b.json": "6 ", "ab.json.gz": "12 ", "aba.json": "18 "}[trace])
+        rep = evtrace_cli("report", trace, cwd=tmp_path)
+        assert rep.returncode == 0 and rep.stdout.startswith(f"### evtrace report: `{trace}`"), (trace, rep.stderr)
+        svg = tmp_path / f"{trace}.svg"
+        ren = evtrace_cli("render", trace, "-o", svg, cwd=tmp_path)
+        assert ren.returncode == 0 and svg.exists(), (trace, ren.stderr)
+        mer = evtrace_cli("merge", trace, "-o", f"m-{trace}", cwd=tmp_path)
+        assert mer.returncode == 0, (trace, mer.stderr)
+    merged = evtrace_cli("summary", "aba.json", cwd=tmp_path).stdout.splitlines()
+    assert merged[-5].split()[:3] == ["trace", "rank", "regions"]  # its ranks side by side
+    assert [row.split()[:4] for row in merged[-3:]] == [["trace", "0", "-", "6"], ["trace", "1", "-", "6"], ["trace", "2", "-", "6"]]
+
+
+def test_no_message_cites_an_internal_format_number(tmp_path: Path) -> None:
+    (tmp_path / "bad_other.json").write_text(orjson.dumps({"traceEvents": [], "metadata": {"x": 1}}).decode())
+    (tmp_path / "bad_newer.json").write_text(orjson.dumps({"traceEvents": [], "metadata": {"evtrace": "9.0", "evtrace.format": 99}}).decode())
+    for name, says in (("bad_other.json", "is not an evtrace trace"), ("bad_newer.json", "written by evtrace 9.0")):
+        for cmd in ("summary", "report", "merge"):
+            args = [cmd, name] + (["-o", "m.json"] if cmd == "merge" else [])
+            p = evtrace_cli(*args, cwd=tmp_path)
+            assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, (cmd, p.stderr)
+            assert "format" not in p.stderr, p.stderr

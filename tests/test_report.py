@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -45,6 +46,9 @@ def pipeline_trace(path: Path) -> evtrace.Session:
 def normalised(md: str) -> str:
     md = re.sub(r"\| (python|torch|CUDA|driver) \| [^|]* \|", r"| \1 | * |", md)
     md = re.sub(r"\| command \| [^|]* \|", "| command | * |", md)
+    md = re.sub(r"host id `[0-9a-f]+`", "host id `*`", md)
+    md = re.sub(r"the versions of [^,]*(, [^,]*)*?, the command", "the versions of *, the command", md)
+    md = re.sub(r"the command line as stored \(`[^`]*`\)", "the command line as stored (`*`)", md)
     return re.sub(r"\(`t.json`, \d+ KiB\)", "(`t.json`, * KiB)", md)
 
 
@@ -109,7 +113,8 @@ def test_cli_render_window_and_report_flag(tmp_path: Path) -> None:
     pipeline_trace(tmp_path / "t.json")
     p = subprocess.run([sys.executable, "-m", "evtrace", "render", "t.json", "-o", "w.svg", "--window", "0:5ms"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    assert "window 0 ns – 5 ms" in (tmp_path / "w.svg").read_text()
+    assert "window 0 ms – 5 ms since the start" in (tmp_path / "w.svg").read_text()
+    assert p.stderr.startswith("evtrace: wrote w.svg (") and len(p.stderr.splitlines()) == 1  # says what it wrote
     bad = subprocess.run([sys.executable, "-m", "evtrace", "render", "t.json", "-o", "w.svg", "--window", "5:1"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "ends before it starts" in bad.stderr
     (tmp_path / "job.py").write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
@@ -119,3 +124,109 @@ def test_cli_render_window_and_report_flag(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "evtrace", "--report", "-o", "job.json.gz", "job.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "job.md").exists() and (tmp_path / "job.svg").exists()
+
+
+def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "evtrace", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], says: str) -> None:
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("command, out", [("render", "t.svg"), ("report", "t.md")])
+def test_render_and_report_never_overwrite_their_input(tmp_path: Path, command: str, out: str) -> None:
+    pipeline_trace(tmp_path / "t.json.gz")
+    before = (tmp_path / "t.json.gz").read_bytes()
+    one_line_error(cli(command, "t.json.gz", "-o", "t.json.gz", cwd=tmp_path), "must end in")
+    (tmp_path / out).symlink_to("t.json.gz")  # the right suffix, but a link to the input
+    one_line_error(cli(command, "t.json.gz", "-o", out, cwd=tmp_path), "is the input")
+    (tmp_path / out).unlink()
+    os.link(tmp_path / "t.json.gz", tmp_path / out)  # a hard link: the same file under another name
+    one_line_error(cli(command, "t.json.gz", "-o", out, cwd=tmp_path), "is the input")
+    (tmp_path / "sub").mkdir()
+    one_line_error(cli(command, "sub/../t.json.gz", "-o", "t.json.gz", cwd=tmp_path), "must end in")
+    assert (tmp_path / "t.json.gz").read_bytes() == before and evtrace.load(tmp_path / "t.json.gz")
+
+
+@pytest.mark.parametrize("command, bad, good", [("render", "x.png", "x.svg"), ("report", "x.svg", "x.md")])
+def test_an_output_suffix_must_match_what_is_written(tmp_path: Path, command: str, bad: str, good: str) -> None:
+    pipeline_trace(tmp_path / "t.json")
+    one_line_error(cli(command, "t.json", "-o", bad, cwd=tmp_path), f"must end in {Path(good).suffix}")
+    assert not (tmp_path / bad).exists()
+    p = cli(command, "t.json", "-o", good, cwd=tmp_path)
+    assert p.returncode == 0 and p.stderr == f"evtrace: wrote {good}" + (f" ({p.stderr.split(' (', 1)[1]}" if command == "render" else "\n")
+
+
+def test_render_says_when_there_is_nothing_to_draw(tmp_path: Path) -> None:
+    pipeline_trace(tmp_path / "t.json")
+    one_line_error(cli("render", "t.json", "-o", "w.svg", "--window", "100s:200s", cwd=tmp_path), "nothing was recorded on these lanes between 100 s and 200 s")
+    one_line_error(cli("render", "t.json", "-o", "w.svg", "--lanes", "^nope$", cwd=tmp_path), "--lanes '^nope$' matches no lane; the lanes are: host · MainThread, GPU 0 · stream 0 (default)")
+    with evtrace.record(tmp_path / "empty.json", device=False, quiet=True):
+        pass
+    one_line_error(cli("render", "empty.json", "-o", "w.svg", cwd=tmp_path), "holds no regions")
+    assert not (tmp_path / "w.svg").exists()
+
+
+def training_trace(path: Path) -> evtrace.Session:
+    """A training loop as the CLI's hooks record it: a data wait before each step (one more at
+    the end, when the loader runs out), then forward and backward, which do device work."""
+    clk = FakeClock(seed=1)
+    sim = SimBackend(clk)
+    with evtrace.record(path, backend=sim, clock=clk, quiet=True) as r:
+        clk.advance(16_900_000_000)  # well into the run: tick labels must still differ
+        for i in range(5):
+            with evtrace.region("data wait", host_only=True):
+                clk.advance(1_000_000 + 10_000 * i)
+            if i == 4:
+                break
+            with evtrace.region("Net"):
+                sim.launch(700_000)
+            with evtrace.region("Net (backward)"):
+                sim.launch(1_400_000)
+            with evtrace.region("wait synchronize train.py:9", host_only=True):
+                sim.synchronize(0)
+    assert r.session is not None
+    return r.session
+
+
+def test_render_picks_a_step_that_does_device_work_not_a_wait(tmp_path: Path) -> None:
+    from evtrace.export.render import default_window
+
+    s = training_trace(tmp_path / "t.json")
+    a, b = default_window(s)
+    r = s.regions
+    inside = [s.names[k] for k in r["name"][(r["host_start"] >= a) & (r["host_end"] <= b)].tolist()]
+    assert "Net (backward)" in inside and "data wait" not in inside, inside  # the repeating one with the most host time
+    texts = [t.text for t in ET.fromstring(render(s)).iter("{http://www.w3.org/2000/svg}text")]
+    assert "Net (backward)" in texts and "data wait" not in texts
+
+
+def test_render_ticks_and_window_are_distinct_at_any_offset(tmp_path: Path) -> None:
+    s = training_trace(tmp_path / "t.json")
+    root = ET.fromstring(render(s))
+    texts = [(t.get("y"), t.text or "") for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    ticks = [text for y, text in texts if y == "20"]
+    assert len(ticks) >= 4 and len(set(ticks)) == len(ticks), ticks
+    assert ticks[0].split()[0].strip("0.") == "", ticks  # relative to the window's start
+    footer = next(text for _, text in texts if text.startswith("window "))
+    a, b = footer.removeprefix("window ").split(" since")[0].split(" – ")
+    assert a != b and a.startswith("16.9") and b.startswith("16.9"), footer
+
+
+def test_render_escapes_control_characters_and_markup(tmp_path: Path) -> None:
+    clk = FakeClock()
+    sim = SimBackend(clk)
+    odd = "a\x00b\x01<c>&\x7f\ud800 \t"
+    with evtrace.record(tmp_path / "t.json", backend=sim, clock=clk, quiet=True) as r:
+        for _ in range(2):
+            with evtrace.region(odd):
+                sim.launch(5_000_000)
+    assert r.session is not None
+    for s in (r.session, evtrace.load(tmp_path / "t.json")):
+        svg = render(s)
+        root = ET.fromstring(svg)  # well-formed XML 1.0
+        titles = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}title")]
+        assert any(t.startswith("a\\x00b\\x01<c>&\\x7f") for t in titles), titles
+    (tmp_path / "t.svg").write_text(render(r.session), encoding="utf-8")  # and encodable as UTF-8

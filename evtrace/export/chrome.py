@@ -4,6 +4,7 @@ Lanes: the host process (real pid) with one lane per thread, then one process pe
 (pid 10_000_000 + index) with one lane per stream. Every lane gets all four M events.
 Spans that would cross on a lane move to an extra "(overlap)" lane, so nothing is dropped.
 Times are integer ns since the session origin, written as µs with three decimals.
+A merged session (``Session.ranks``) is written rank after rank, each under its own pids.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import gzip
 import itertools
 import os
+import sys
+import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import orjson
@@ -25,6 +28,8 @@ FORMAT = 1
 DEVICE_PID = 10_000_000  # above Linux's pid_max, so never a real process
 OVERLAP_TID = 0x7F000000  # first tid of the extra lanes for crossing spans
 OWN_ARGS = ("region", "host_dur_us", "device_dur_us", "launch_delay_us")
+HOST_PID_BASE = 1_000_000  # merged traces: input i's host is pid HOST_PID_BASE + i * PIDS_PER_INPUT,
+PIDS_PER_INPUT = 1_000  # its GPU d the next pid + d (never a real pid of another host)
 
 
 class TraceError(Exception):
@@ -104,7 +109,7 @@ def _flat(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class _Lanes:
     """Where each region's host and device slice goes, with crossing spans split off."""
 
-    def __init__(self, s: Session) -> None:
+    def __init__(self, s: Session, dev_pid: int = DEVICE_PID) -> None:
         r = s.regions
         self.overlap: list[list[int]] = []  # [extra tid, original tid]
         self._next = OVERLAP_TID
@@ -112,7 +117,7 @@ class _Lanes:
         self.host_tid, self.host_extra = self._split(r["thread"], host_tid, r["host_start"], r["host_end"])
         self.has_dev = r["device"] >= 0
         rows = np.nonzero(self.has_dev)[0]
-        self.dev_pid = DEVICE_PID + r["device"].astype(np.int64)
+        self.dev_pid = dev_pid + r["device"].astype(np.int64)
         self.dev_tid = 1 + r["stream"].astype(np.int64)
         tids, self.dev_extra = self._split(r["stream"][rows], self.dev_tid[rows], r["dev_start"][rows], r["dev_end"][rows])
         self.dev_tid[rows] = tids
@@ -132,7 +137,22 @@ class _Lanes:
         return tid, extras
 
 
-def _meta_events(s: Session, lanes: _Lanes) -> list[dict[str, Any]]:
+class _Place(NamedTuple):
+    """Where one session's events go: its pids, process-name prefix, sort base, first flow id."""
+
+    host_pid: int
+    dev_pid: int  # GPU d is dev_pid + d
+    prefix: str
+    sort: int
+    flow: int
+
+
+def _place(s: Session) -> _Place:
+    rank = s.meta.get("rank")
+    return _Place(s.pid, DEVICE_PID, f"rank {rank} · " if isinstance(rank, int) else "", 0, 0)
+
+
+def _meta_events(s: Session, lanes: _Lanes, place: _Place) -> list[dict[str, Any]]:
     """All four M events for every lane: host first, then GPU 0, 1, ...; extra lanes after theirs."""
     events: list[dict[str, Any]] = []
 
@@ -142,17 +162,16 @@ def _meta_events(s: Session, lanes: _Lanes) -> list[dict[str, Any]]:
                 suffix = " (overlap)" if k == 1 else f" (overlap {k})"
                 events.extend(_lane_meta(pid, tid, pname, psort, tname + suffix, tsort + k))
 
-    rank = s.meta.get("rank")
-    prefix = f"rank {rank} · " if isinstance(rank, int) else ""
+    prefix, hpid = _text(place.prefix), place.host_pid
     for i, t in enumerate(s.threads):
-        events += _lane_meta(s.pid, t.tid, prefix + "host", 0, _text(t.name), i * 100)
-        extra(lanes.host_extra, t.tid, s.pid, prefix + "host", 0, _text(t.name), i * 100)
+        events += _lane_meta(hpid, t.tid, prefix + "host", place.sort, _text(t.name), i * 100)
+        extra(lanes.host_extra, t.tid, hpid, prefix + "host", place.sort, _text(t.name), i * 100)
     order = sorted(range(len(s.streams)), key=lambda j: (not s.streams[j].label.endswith("(default)"), j))
     for rank, j in enumerate(order):
         st = s.streams[j]
-        pid, pname = DEVICE_PID + st.device, _text(f"{prefix}GPU {st.device} · {s.devices[st.device].name}")
-        events += _lane_meta(pid, j + 1, pname, 1 + st.device, _text(st.label), rank * 100)
-        extra(lanes.dev_extra, j + 1, pid, pname, 1 + st.device, _text(st.label), rank * 100)
+        pid, pname = place.dev_pid + st.device, _text(f"{prefix}GPU {st.device} · {s.devices[st.device].name}")
+        events += _lane_meta(pid, j + 1, pname, place.sort + 1 + st.device, _text(st.label), rank * 100)
+        extra(lanes.dev_extra, j + 1, pid, pname, place.sort + 1 + st.device, _text(st.label), rank * 100)
     return events
 
 
@@ -176,7 +195,7 @@ def _rows(template: str, columns: list[list[Any]]) -> str:
     return ",".join([template] * n) % tuple(flat)
 
 
-def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
+def _slices(s: Session, lanes: _Lanes, place: _Place) -> Iterator[str]:
     """The X events, as JSON text in chunks, formatted from integer ns without one dict per event.
 
     Names and user args go through orjson once each; ``%.3f`` of ns/1000 is exact to the ns.
@@ -186,7 +205,7 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
     user = {i: orjson.dumps({_text(str(k)): _value(v) for k, v in a.items()}).decode()[1:-1] + "," for i, a in s.args.items() if a}
     with_args = np.zeros(len(r), dtype=bool)
     with_args[list(user)] = True
-    pid = s.pid
+    pid, flow = place.host_pid, place.flow + 1  # flow ids: unique in the whole file, never 0
     for lo in range(0, len(r), CHUNK):
         hi = min(lo + CHUNK, len(r))
         c = r[lo:hi]
@@ -205,7 +224,7 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
         if not with_args[lo:hi].any() and (has_dev.all() or not any_dev):
             index, pids = list(range(lo, hi)), [pid] * (hi - lo)
             if any_dev:
-                bind = list(range(lo + 1, hi + 1))
+                bind = list(range(lo + flow, hi + flow))
                 dev_args = [index, hd, dd, lead]
                 yield _rows(_DEV_ROW, [name, pids, htid, h0, hd, bind, *dev_args, name, dpid, dtid, d0, dd, bind, *dev_args])
             else:
@@ -217,8 +236,8 @@ def _slices(s: Session, lanes: _Lanes) -> Iterator[str]:
             u = user.get(i, "")
             if dev:
                 a = _DEV_ARGS % (u, i, hd[j], dd[j], lead[j])
-                out.append(_HOST_FLOW % (name[j], pid, htid[j], h0[j], hd[j], i + 1, a))
-                out.append(_DEV % (name[j], dpid[j], dtid[j], d0[j], dd[j], i + 1, a))
+                out.append(_HOST_FLOW % (name[j], pid, htid[j], h0[j], hd[j], i + flow, a))
+                out.append(_DEV % (name[j], dpid[j], dtid[j], d0[j], dd[j], i + flow, a))
             else:
                 out.append(_HOST % (name[j], pid, htid[j], h0[j], hd[j], u, i, hd[j]))
         yield ",".join(out)
@@ -240,13 +259,13 @@ _IN_FLIGHT = '{"ph":"C","name":"regions in flight","pid":%d,"tid":1,"ts":%.3f,"a
 _LEAD = '{"ph":"C","name":"host lead","pid":%d,"tid":1,"ts":%.3f,"args":{"us":%.3f}}'
 
 
-def _counters(s: Session) -> Iterator[str]:
+def _counters(s: Session, place: _Place) -> Iterator[str]:
     """Per GPU: outermost regions launched but not finished on the device (how far the host runs
     ahead, as a queue depth), and each one's host lead (device start - host launch)."""
     for d in np.unique(s.regions["device"][s.regions["device"] >= 0]).tolist():
         g = s.regions[s.regions["device"] == d]
         g = g[outermost(g)]  # outermost among the regions with a span on this GPU
-        pid = DEVICE_PID + d
+        pid = place.dev_pid + d
         t = np.r_[g["host_start"], g["dev_end"]]
         step = np.r_[np.ones(len(g), np.int64), -np.ones(len(g), np.int64)]
         o = np.lexsort((step, t))  # at one instant the finish counts first
@@ -257,27 +276,67 @@ def _counters(s: Session) -> Iterator[str]:
         yield ",".join(_LEAD % (pid, ts, v) for ts, v in zip((g["host_start"] / 1000).tolist(), lead))
 
 
-def _chunks(s: Session) -> Iterator[bytes]:
-    """The whole document, streamed: M events, X events, then the metadata."""
-    lanes = _Lanes(s)
-    meta = _flat(s.meta)
-    meta.update(
-        {
-            "evtrace.format": FORMAT,
-            "evtrace.pid": s.pid,
-            "evtrace.wall_origin_ns": s.wall_origin_ns,
-            "evtrace.overlap_lanes": lanes.overlap,
-            "evtrace.streams": [[st.device, _text(st.label)] for st in s.streams],
-            "evtrace.devices": [[d.index, _text(d.name)] for d in s.devices],
-        }
-    )
-    head = orjson.dumps(_meta_events(s, lanes))[1:-1]
-    yield b'{"traceEvents":[' + head
-    sep = b"," if head else b""
-    for text in itertools.chain(_slices(s, lanes), _counters(s)):
+def _own(s: Session, lanes: _Lanes) -> dict[str, Any]:
+    """What the reader needs to rebuild ``s`` from its events."""
+    return {
+        "pid": s.pid,
+        "wall_origin_ns": s.wall_origin_ns,
+        "overlap_lanes": lanes.overlap,
+        "streams": [[st.device, _text(st.label)] for st in s.streams],
+        "devices": [[d.index, _text(d.name)] for d in s.devices],
+    }
+
+
+def _events(s: Session, lanes: _Lanes, place: _Place) -> Iterator[bytes]:
+    """One session's events as comma-separated JSON text (no leading comma), in chunks."""
+    head = orjson.dumps(_meta_events(s, lanes, place))[1:-1]
+    sep = b""
+    if head:
+        yield head
+        sep = b","
+    for text in itertools.chain(_slices(s, lanes, place), _counters(s, place)):
         if text:
             yield sep + text.encode()
             sep = b","
+
+
+def _chunks(s: Session) -> Iterator[bytes]:
+    """The whole document, streamed: M events, X events, then the metadata."""
+    if s.ranks:
+        yield from _merged_chunks(s)
+        return
+    lanes = _Lanes(s)
+    meta = _flat(s.meta)
+    meta.update({"evtrace.format": FORMAT, **{f"evtrace.{k}": v for k, v in _own(s, lanes).items()}})
+    yield b'{"traceEvents":['
+    yield from _events(s, lanes, _place(s))
+    tail = {"displayTimeUnit": "ms", "baseTimeNanoseconds": s.wall_origin_ns, "metadata": meta}
+    yield b"]," + orjson.dumps(tail, default=lambda o: _text(repr(o)))[1:]
+
+
+def rank_labels(ranks: list[Session]) -> list[str]:
+    """"rank N" for each input that has a distinct rank, else "trace i"."""
+    got = [r.meta.get("rank") for r in ranks]
+    return [f"rank {k}" if isinstance(k, int) and got.count(k) == 1 else f"trace {i}" for i, k in enumerate(got)]
+
+
+def _merged_chunks(s: Session) -> Iterator[bytes]:
+    """A merged session: each rank under its own pids (a pid is always one process, and two
+    hosts can share pids); its metadata under "<label>." where Perfetto shows it."""
+    meta = {k: v for k, v in _flat(s.meta).items() if k == "evtrace" or k.startswith("merge.")}
+    ranks: list[dict[str, Any]] = []
+    yield b'{"traceEvents":['
+    sep, flow = b"", 0
+    for i, (label, r) in enumerate(zip(rank_labels(s.ranks), s.ranks)):
+        base = HOST_PID_BASE + i * PIDS_PER_INPUT
+        lanes = _Lanes(r, base + 1)
+        for k, text in enumerate(_events(r, lanes, _Place(base, base + 1, label + " · ", i * 100, flow))):
+            yield sep + text if k == 0 else text
+            sep = b","
+        flow += len(r)
+        ranks.append({"label": label, "pid_base": base, **_own(r, lanes)})
+        meta.update({f"{label}.{k}": v for k, v in _flat(r.meta).items()})
+    meta.update({"evtrace.format": FORMAT, "evtrace.ranks": ranks})
     tail = {"displayTimeUnit": "ms", "baseTimeNanoseconds": s.wall_origin_ns, "metadata": meta}
     yield b"]," + orjson.dumps(tail, default=lambda o: _text(repr(o)))[1:]
 
@@ -292,20 +351,39 @@ def write(s: Session, path: Path) -> Path:
     return write_bytes(_chunks(s), path)
 
 
+PROGRESS_AFTER_S = 1.0  # a write that takes longer says so on stderr
+
+
 def write_bytes(chunks: Iterable[bytes] | bytes, path: Path) -> Path:
-    """Write atomically (temp file, then rename), gzip when ``path`` ends in ``.gz``."""
+    """Write atomically (temp file, then rename), gzip when ``path`` ends in ``.gz``.
+
+    The temp file is removed on any exception, KeyboardInterrupt and SystemExit included, and the
+    exception goes on. A write that takes over a second prints a progress line on stderr.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    start = time.monotonic()
+    shown = False
+    written = 0
     try:
         with open(tmp, "wb") as raw:
             f: Any = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0) if path.suffix == ".gz" else raw
             for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
                 f.write(chunk)
+                written += len(chunk)
+                if not shown and time.monotonic() - start > PROGRESS_AFTER_S:
+                    print(f"evtrace: writing {path} ({written / 1e6:.0f} MB of JSON so far) ...", file=sys.stderr, flush=True)
+                    shown = True
             if f is not raw:
                 f.close()
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
+    except BaseException:  # a signal or an error mid-write: no half file, no temp file left
+        try:
             tmp.unlink()
+        except OSError:
+            pass
+        raise
+    if shown:
+        print(f"evtrace: writing {path}: done, {path.stat().st_size / 1e6:.1f} MB in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
     return path
 
 
@@ -326,15 +404,42 @@ def load_json(path: Path) -> Any:
 
 
 def read(path: Path) -> Session:
-    """Rebuild a Session from a trace evtrace wrote."""
+    """Rebuild a Session from a trace evtrace wrote (a merged one: with its ``ranks``)."""
     doc = load_json(path)
     meta = doc.get("metadata") if isinstance(doc, dict) else None
-    if not isinstance(meta, dict) or meta.get("evtrace.format") != FORMAT or not isinstance(doc.get("traceEvents"), list):
-        raise TraceError(f"{path} is not an evtrace trace (format {FORMAT})")
+    if not isinstance(meta, dict) or not isinstance(doc.get("traceEvents"), list) or "evtrace.format" not in meta:
+        if isinstance(meta, dict) and "evtrace.merged" in meta:
+            raise TraceError(f"{path} was merged by an older evtrace, which kept too little to read it back; merge its inputs again")
+        raise TraceError(f"{path} is not an evtrace trace (no evtrace metadata)")
+    if meta["evtrace.format"] != FORMAT:
+        raise TraceError(f"{path} was written by evtrace {meta.get('evtrace', '(unknown version)')}, which this evtrace cannot read; upgrade evtrace")
     try:
+        if "evtrace.ranks" in meta:
+            return _rebuild_merged(doc["traceEvents"], meta)
         return _rebuild(doc["traceEvents"], meta)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise TraceError(f"{path} is an evtrace trace with damaged events ({type(e).__name__}: {e})") from None
+
+
+def _rebuild_merged(events: list[Any], meta: dict[str, Any]) -> Session:
+    """Each rank from the events under its pids and the metadata under its label, then combined."""
+    from .merge import combine
+
+    infos = meta["evtrace.ranks"]
+    index = {int(info["pid_base"]): k for k, info in enumerate(infos)}
+    per_rank: list[list[Any]] = [[] for _ in infos]
+    for ev in events:
+        base = int(ev["pid"]) - (int(ev["pid"]) - HOST_PID_BASE) % PIDS_PER_INPUT
+        per_rank[index[base]].append(ev)
+    ranks = []
+    for info, evs in zip(infos, per_rank):
+        label = str(info["label"]) + "."
+        own = {f"evtrace.{k}": v for k, v in info.items() if k not in ("label", "pid_base")}
+        rank_meta = {k[len(label) :]: v for k, v in meta.items() if k.startswith(label)}
+        s = _rebuild(evs, {**rank_meta, **own, "evtrace.pid": info["pid_base"]})
+        s.pid = int(info["pid"])
+        ranks.append(s)
+    return combine(ranks, {k: v for k, v in meta.items() if k == "evtrace" or k.startswith("merge.")})
 
 
 def _rebuild(events: list[Any], meta: dict[str, Any]) -> Session:

@@ -4,85 +4,96 @@ On one host (same machine and boot, see ``host_id``) every process reads the sam
 ``perf_counter``, so each trace is shifted by the difference of its recorded origin: exact.
 Across hosts the wall-clock origins are used, and the merged metadata says how uncertain
 that is (as good as the hosts' clock synchronisation).
+
+The result is a Session like any other (summary, report, render and merge read it) whose
+``ranks`` hold one Session per input, each on the merged clock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-import orjson
+import numpy as np
 
-from .chrome import DEVICE_PID, FORMAT, TraceError, load_json
+from ..session import Session
+from . import chrome
 
-HOST_PID_BASE = 1_000_000  # merged host processes: below the device pids, unique per input
-PIDS_PER_INPUT = 1_000  # room for one host and its GPUs per input
-
-
-def _ns(us: Any) -> int:
-    return round(float(us) * 1000)
+#: metadata counts that add up over ranks
+COUNTS = ("dropped_device_spans", "split_device_spans", "clamped_device_spans", "dropped_regions", "unfinished_regions")
 
 
-def merge(paths: list[Path]) -> dict[str, Any]:
-    """The merged document; inputs ordered by rank (then by position)."""
-    docs = []
+def _shifted(s: Session, shift: int) -> Session:
+    """``s`` with its times ``shift`` ns later, and its origin as much earlier: the same instants."""
+    r = s.regions.copy()
+    for col in ("host_start", "host_end", "dev_start", "dev_end"):
+        r[col] += shift
+    meta = dict(s.meta)
+    if "origin_perf_ns" in meta:
+        meta["origin_perf_ns"] = int(meta["origin_perf_ns"]) - shift
+    meta["shift_ns"] = int(meta.get("shift_ns", 0)) + shift  # from the rank's own recording
+    return dataclasses.replace(s, regions=r, meta=meta, wall_origin_ns=s.wall_origin_ns - shift, ranks=[])
+
+
+def merge(paths: list[Path]) -> Session:
+    """The merged session; inputs ordered by rank (then by position). A merged input gives its ranks."""
+    ranks: list[Session] = []
     for p in paths:
-        doc = load_json(p)
-        meta = doc.get("metadata") if isinstance(doc, dict) else None
-        if not isinstance(meta, dict) or meta.get("evtrace.format") != FORMAT:
-            raise TraceError(f"{p} is not an evtrace trace (format {FORMAT})")
-        docs.append((p, doc, meta))
-    docs.sort(key=lambda t: int(t[2]["rank"]) if isinstance(t[2].get("rank"), int) else 1 << 30)
-    hosts = {m.get("host_id") for _, _, m in docs}
-    same_host = len(hosts) == 1 and None not in hosts and all("origin_perf_ns" in m for _, _, m in docs)
-    if same_host:
-        origins = [int(m["origin_perf_ns"]) for _, _, m in docs]
+        s = chrome.read(p)
+        ranks += s.ranks or [s]
+    ranks.sort(key=lambda s: s.meta["rank"] if isinstance(s.meta.get("rank"), int) else 1 << 30)
+    hosts = {s.meta.get("host_id") for s in ranks}
+    if len(hosts) == 1 and None not in hosts and all("origin_perf_ns" in s.meta for s in ranks):
+        origins = [int(s.meta["origin_perf_ns"]) for s in ranks]
         method = "one host: shared perf_counter, exact"
     else:
-        origins = [int(m["evtrace.wall_origin_ns"]) for _, _, m in docs]
+        origins = [s.wall_origin_ns for s in ranks]
         method = "several hosts: wall-clock origins; uncertain by the hosts' clock synchronisation (NTP: typically 0.1-10 ms)"
     base = min(origins)
-    walls = [int(m["evtrace.wall_origin_ns"]) for _, _, m in docs]
-    events: list[dict[str, Any]] = []
-    meta_out: dict[str, Any] = {"evtrace": docs[0][2].get("evtrace"), "evtrace.merged": [str(p) for p, _, _ in docs], "merge.method": method}
-    next_flow = 0
-    for i, ((p, doc, meta), origin) in enumerate(zip(docs, origins)):
-        shift = origin - base
-        label = f"rank {meta['rank']}" if isinstance(meta.get("rank"), int) else f"trace {i}"
-        host_pid = int(meta["evtrace.pid"])
-        pid_map: dict[int, int] = {}
+    from .. import __version__
 
-        def new_pid(pid: int) -> int:
-            if pid not in pid_map:
-                off = 0 if pid == host_pid else 1 + (pid - DEVICE_PID if pid >= DEVICE_PID else len(pid_map))
-                pid_map[pid] = HOST_PID_BASE + i * PIDS_PER_INPUT + off
-            return pid_map[pid]
-
-        max_flow = 0
-        for ev in doc["traceEvents"]:
-            ev = dict(ev)
-            ev["pid"] = new_pid(int(ev["pid"]))
-            if "ts" in ev:
-                ev["ts"] = (_ns(ev["ts"]) + shift) / 1000
-            if "bind_id" in ev:
-                max_flow = max(max_flow, int(ev["bind_id"]))
-                ev["bind_id"] = int(ev["bind_id"]) + next_flow
-            if ev.get("ph") == "M" and ev.get("name") == "process_name":
-                name = str(ev["args"]["name"])
-                name = name.split(" · ", 1)[1] if name.startswith("rank ") and " · " in name else name
-                ev["args"] = {"name": f"{label} · {name}"}
-            elif ev.get("ph") == "M" and ev.get("name") == "process_sort_index":
-                ev["args"] = {"sort_index": i * 100 + int(ev["args"]["sort_index"])}
-            events.append(ev)
-        next_flow += max_flow
-        for k, v in meta.items():
-            if not k.startswith("evtrace."):
-                meta_out[f"{label}.{k}"] = v
-        meta_out[f"{label}.shift_ns"] = shift
-    return {"traceEvents": events, "displayTimeUnit": "ms", "baseTimeNanoseconds": walls[origins.index(base)], "metadata": meta_out}
+    return combine([_shifted(s, o - base) for s, o in zip(ranks, origins)], {"evtrace": __version__, "merge.method": method, "merge.inputs": [str(p) for p in paths]})
 
 
-def write(doc: dict[str, Any], path: Path) -> Path:
-    from .chrome import write_bytes
+def combine(ranks: list[Session], meta: dict[str, Any]) -> Session:
+    """One Session holding every rank's regions (threads, devices and streams one after another),
+    with ``ranks`` kept. Its metadata: ``meta``, the counts summed, every GPU, the longest duration,
+    and the first rank's versions and command."""
+    names: dict[str, int] = {}
+    parts: list[np.ndarray] = []
+    args: dict[int, dict[str, Any]] = {}
+    threads: list[Any] = []
+    devices: list[Any] = []
+    streams: list[Any] = []
+    first = ranks[0].meta if ranks else {}
+    out_meta: dict[str, Any] = {k: first[k] for k in ("python", "torch", "cuda", "driver", "argv", "host_id") if k in first}
+    out_meta.update(meta)
+    for k in COUNTS:
+        if any(k in s.meta for s in ranks):
+            out_meta[k] = sum(int(s.meta.get(k, 0)) for s in ranks)
+    out_meta["gpus"] = [g for s in ranks for g in (s.meta.get("gpus") or [])]
+    ends = [int(s.meta.get("duration_ns", 0)) + int(s.meta.get("shift_ns", 0)) for s in ranks]
+    out_meta["duration_ns"] = max(ends, default=0)
+    for s in ranks:
+        r = s.regions.copy()
+        name_map = np.array([names.setdefault(n, len(names)) for n in s.names] or [0], dtype=np.int32)
+        r["name"] = name_map[r["name"]]
+        r["thread"] += len(threads)
+        dev = r["device"] >= 0
+        r["stream"][dev] += len(streams)
+        r["device"][dev] += len(devices)
+        offset = sum(len(part) for part in parts)
+        args.update({i + offset: a for i, a in s.args.items()})
+        parts.append(r)
+        threads += s.threads
+        streams += [dataclasses.replace(st, device=st.device + len(devices)) for st in s.streams]
+        devices += [dataclasses.replace(d, index=len(devices) + k) for k, d in enumerate(s.devices)]
+    regions = np.concatenate(parts) if parts else np.zeros(0, chrome.REGION_DTYPE)
+    wall = min((s.wall_origin_ns for s in ranks), default=0)
+    pid = ranks[0].pid if ranks else 0
+    return Session(regions, list(names), threads, devices, streams, args, out_meta, pid, wall, ranks=list(ranks))
 
-    return write_bytes(orjson.dumps(doc), path)
+
+def write(s: Session, path: Path) -> Path:
+    return chrome.write(s, path)

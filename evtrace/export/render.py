@@ -1,52 +1,149 @@
 """`evtrace render`: a static SVG timeline, standard library only, for a bug report.
 
-Host lanes above, device lanes below, one time axis with labelled ticks; slices labelled where
-they fit; arrows from a few launches to their execution. By default the window is one
-representative step: the median instance of the most frequent outermost region.
+Host lanes above, device lanes below, one time axis with ticks labelled from the window's start;
+slices labelled where they fit; arrows from a few launches to their execution. By default the
+window is one representative step: the median instance of a repeating outermost region that
+does device work (a wait, such as ``data wait``, is never a step).
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 from xml.sax.saxutils import escape
 
 import numpy as np
 
 from ..session import Session
-from .chrome import outermost
+from .chrome import outermost, rank_labels
 from .summary import fmt_ns
 
 WIDTH, LABEL_W, LANE_H, TOP = 1200, 190, 22, 28
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
 MAX_SLICES = 4000
+# characters XML 1.0 forbids or that show as nothing: written as Python escapes, e.g. "\x00"
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+class NothingToDraw(ValueError):
+    """The window or the lanes chosen hold nothing: the SVG would be empty."""
+
+
+class Drawn(NamedTuple):
+    svg: str
+    lanes: int
+    slices: int
+    window: tuple[int, int]
+    capped: bool  # more slices than MAX_SLICES were in the window
+
+    def __str__(self) -> str:
+        a, b = _distinct([self.window[0], self.window[1]])
+        cap = f", the first {MAX_SLICES} (narrow --window)" if self.capped else ""
+        return f"{self.slices} slices{cap} on {self.lanes} lanes, window {a} – {b}"
+
+
+def _xml(text: str) -> str:
+    """Text for an SVG element: XML-escaped, control characters and lone surrogates spelled out."""
+    return escape(_UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1] if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text))
+
+
+def _distinct(values: list[int]) -> list[str]:
+    """ns values in one unit (by the largest), with the fewest decimals that tell them apart."""
+    big = max((abs(v) for v in values), default=0)
+    unit, scale = next(((u, sc) for u, sc in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)) if big >= sc), ("ns", 1.0))
+    out: list[str] = []
+    for dec in range(0 if unit == "ns" else 10):
+        out = [f"{v / scale:.{dec}f} {unit}" for v in values]
+        if len(set(out)) == len(set(values)):
+            break
+    return out or [f"{v} ns" for v in values]
+
+
+def is_wait(name: str) -> bool:
+    """A region where the host waits (for data, or on the device): never a step."""
+    return name == "data wait" or name.startswith("wait ")
+
+
+def _device_work(r: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For regions ``rows``: whether a region with a device span starts within each one's host
+    span on its thread (itself included), and the latest device end among those."""
+    has = np.zeros(len(rows), dtype=bool)
+    end = r["host_end"][rows].copy()
+    dev = np.nonzero(r["device"] >= 0)[0]
+    for th in np.unique(r["thread"][rows]).tolist():
+        d = dev[r["thread"][dev] == th]
+        d = d[np.argsort(r["host_start"][d], kind="stable")]
+        starts, dend = r["host_start"][d], r["dev_end"][d]
+        for k in np.nonzero(r["thread"][rows] == th)[0].tolist():
+            i = rows[k]
+            lo, hi = np.searchsorted(starts, [r["host_start"][i], r["host_end"][i]], side="left")
+            if hi > lo:
+                has[k] = True
+                end[k] = max(int(end[k]), int(dend[lo:hi].max()))
+    return has, end
 
 
 def default_window(s: Session) -> tuple[int, int]:
+    """One representative step: of the outermost regions that are not waits, the names that
+    repeat and do device work (any that repeat, on a host-only trace), the one that spans the most
+    time, its device work included; its median instance by that span, with a margin."""
     r = s.regions
     if len(r) == 0:
         return 0, 1
-    top = r[outermost(r)]
-    names, counts = np.unique(top["name"], return_counts=True)
-    g = top[top["name"] == names[np.argmax(counts)]]
-    g = g[np.argsort(g["host_end"] - g["host_start"], kind="stable")]
-    one = g[len(g) // 2]
-    end = max(int(one["host_end"]), int(one["dev_end"]) if one["device"] >= 0 else 0)
-    pad = max((end - int(one["host_start"])) // 20, 1000)
-    return int(one["host_start"]) - pad, end + pad
+    names = np.array([is_wait(n) for n in s.names] or [False])
+    work = np.nonzero(~names[r["name"]])[0]
+    if len(work) == 0:
+        return int(r["host_start"].min()), int(r["host_end"].max())
+    top = work[outermost(r[work])]
+    has_dev, end = _device_work(r, top)
+    counts = np.bincount(r["name"][top], minlength=len(s.names))
+    for pick in (has_dev & (counts[r["name"][top]] > 1), counts[r["name"][top]] > 1, has_dev, np.ones(len(top), bool)):
+        if pick.any():
+            break
+    cand, cend = top[pick], end[pick]
+    dur = cend - r["host_start"][cand]  # its extent, device work included
+    total = np.bincount(r["name"][cand], weights=dur, minlength=len(s.names))
+    mine = r["name"][cand] == int(np.argmax(total))
+    cand, cend, dur = cand[mine], cend[mine], dur[mine]
+    k = np.argsort(dur, kind="stable")[len(cand) // 2]
+    a, b = int(r["host_start"][cand[k]]), int(cend[k])
+    pad = max((b - a) // 20, 1000)
+    return a - pad, b + pad
 
 
 def _ticks(t0: int, t1: int) -> list[int]:
+    """Offsets from the window's start: 0 and then round steps, at most 8 more."""
     span = max(t1 - t0, 1)
-    step = 10 ** int(np.floor(np.log10(span / 6)))
+    step = 10 ** int(np.floor(np.log10(span / 6))) if span >= 6 else 1
     for m in (1, 2, 5, 10):
         if span / (step * m) <= 8:
             step *= m
             break
-    first = -(-t0 // step) * step
-    return list(range(first, t1 + 1, step))
+    return list(range(0, span + 1, step))
+
+
+def lanes_of(s: Session) -> tuple[list[str], list[str]]:
+    """The host lanes (one per thread) and device lanes (one per stream), by rank when merged."""
+    if not s.ranks:
+        return [f"host · {t.name}" for t in s.threads], [f"GPU {st.device} · {st.label}" for st in s.streams]
+    host: list[str] = []
+    dev: list[str] = []
+    for label, r in zip(rank_labels(s.ranks), s.ranks):
+        h, d = lanes_of(r)
+        host += [f"{label} · {n}" for n in h]
+        dev += [f"{label} · {n}" for n in d]
+    return host, dev
 
 
 def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None = None) -> str:
+    """The SVG, also when it shows nothing (``draw`` refuses that)."""
+    return draw(s, window, lanes, strict=False).svg
+
+
+def draw(s: Session, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = True) -> Drawn:
+    """The SVG and what it shows. ``strict``: NothingToDraw when no lane matches or the window is empty."""
+    if strict and len(s) == 0:
+        raise NothingToDraw("the trace holds no regions: nothing to draw")
     t0, t1 = window or default_window(s)
     if t1 <= t0:
         raise ValueError("the window ends before it starts")
@@ -63,9 +160,14 @@ def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None 
                 lane_names.append(name)
         return kept
 
-    host_lane = keep([f"host · {t.name}" for t in s.threads])
-    dev_lane = keep([f"GPU {st.device} · {st.label}" for st in s.streams])
-    visible = np.nonzero((r["host_end"] >= t0) & (r["host_start"] <= t1) | ((r["device"] >= 0) & (r["dev_end"] >= t0) & (r["dev_start"] <= t1)))[0][:MAX_SLICES]
+    host_names, dev_names = lanes_of(s)
+    host_lane = keep(host_names)
+    dev_lane = keep(dev_names)
+    if strict and not lane_names:
+        raise NothingToDraw(f"--lanes {lanes!r} matches no lane; the lanes are: {', '.join(host_names + dev_names)}")
+    visible = np.nonzero((r["host_end"] >= t0) & (r["host_start"] <= t1) | ((r["device"] >= 0) & (r["dev_end"] >= t0) & (r["dev_start"] <= t1)))[0]
+    capped = len(visible) > MAX_SLICES
+    visible = visible[:MAX_SLICES]
     # every visible slice: (lane, start, end, region); nested slices get a row each within a lane
     slices: list[tuple[int, int, int, int]] = []
     for i in visible.tolist():
@@ -75,6 +177,10 @@ def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None 
             slices.append((host_lane[th], int(row["host_start"]), int(row["host_end"]), i))
         if row["device"] >= 0 and int(row["stream"]) in dev_lane and row["dev_end"] >= t0 and row["dev_start"] <= t1:
             slices.append((dev_lane[int(row["stream"])], int(row["dev_start"]), int(row["dev_end"]), i))
+    if strict and not slices:
+        end = int(max(r["host_end"].max(), r["dev_end"][r["device"] >= 0].max(initial=0)))
+        wa, wb = _distinct([t0, t1])
+        raise NothingToDraw(f"nothing was recorded on these lanes between {wa} and {wb} (the trace ends at {fmt_ns(end)})")
     slices.sort(key=lambda t: (t[0], t[1], -t[2]))
     depth: list[int] = []
     rows_in = [1] * len(lane_names)
@@ -101,11 +207,12 @@ def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None 
         y, h = lane_y[k], rows_in[k] * LANE_H
         fill = "#f4f4f4" if k % 2 == 0 else "#ffffff"
         out.append(f'<rect x="0" y="{y}" width="{WIDTH}" height="{h}" fill="{fill}"/>')
-        out.append(f'<text x="6" y="{y + 15}" fill="#333">{escape(name[:30])}</text>')
-    for tick in _ticks(t0, t1):
-        xx = x(tick)
+        out.append(f'<text x="6" y="{y + 15}" fill="#333">{_xml(name[:30])}</text>')
+    ticks = _ticks(t0, t1)
+    for tick, label in zip(ticks, _distinct(ticks)):
+        xx = x(t0 + tick)
         out.append(f'<line x1="{xx:.1f}" y1="{TOP - 4}" x2="{xx:.1f}" y2="{height - 26}" stroke="#ddd"/>')
-        out.append(f'<text x="{xx:.1f}" y="{TOP - 8}" text-anchor="middle" fill="#555">{escape(fmt_ns(tick))}</text>')
+        out.append(f'<text x="{xx:.1f}" y="{TOP - 8}" text-anchor="{"start" if tick == 0 else "middle"}" fill="#555">{_xml(label)}</text>')
     where: dict[tuple[int, int], tuple[int, float, float]] = {}  # (region, host or device) -> lane, x, y
     for (lane, a, b, i), d in zip(slices, depth):
         name = s.names[int(r["name"][i])]
@@ -113,9 +220,9 @@ def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None 
         y = lane_y[lane] + d * LANE_H + 3
         xa, xb = x(a), x(b)
         w = max(xb - xa, 1.0)
-        out.append(f'<rect x="{xa:.1f}" y="{y}" width="{w:.1f}" height="{LANE_H - 6}" fill="{color}" fill-opacity="0.9" stroke="#222" stroke-width="0.3"><title>{escape(f"{name}: {fmt_ns(b - a)}")}</title></rect>')
+        out.append(f'<rect x="{xa:.1f}" y="{y}" width="{w:.1f}" height="{LANE_H - 6}" fill="{color}" fill-opacity="0.9" stroke="#222" stroke-width="0.3"><title>{_xml(f"{name}: {fmt_ns(b - a)}")}</title></rect>')
         if w > 40:
-            out.append(f'<text x="{xa + 3:.1f}" y="{y + 12}" fill="#fff">{escape(name[: max(int((w - 6) // 6.5), 1)])}</text>')
+            out.append(f'<text x="{xa + 3:.1f}" y="{y + 12}" fill="#fff">{_xml(name[: max(int((w - 6) // 6.5), 1)])}</text>')
         where[(i, 0 if lane in host_lane.values() else 1)] = (lane, xa, y)
     arrows = 0
     for (i, kind), (lane, xa, y) in where.items():
@@ -123,6 +230,7 @@ def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None 
             _, xd, yd = where[(i, 1)]
             out.append(f'<line x1="{xa:.1f}" y1="{y + LANE_H - 6}" x2="{xd:.1f}" y2="{yd}" stroke="#555" stroke-width="0.8" marker-end="url(#arrow)"/>')
             arrows += 1
-    out.append(f'<text x="{LABEL_W}" y="{height - 8}" fill="#555">window {escape(fmt_ns(t0))} – {escape(fmt_ns(t1))} ({escape(fmt_ns(t1 - t0))}); host lanes above, device lanes below; arrows: launch → execution</text>')
+    wa, wb = _distinct([t0, t1])
+    out.append(f'<text x="{LABEL_W}" y="{height - 8}" fill="#555">window {_xml(wa)} – {_xml(wb)} since the start ({_xml(fmt_ns(t1 - t0))}; ticks from its start); host lanes above, device lanes below; arrows: launch → execution</text>')
     out.append("</svg>")
-    return "\n".join(out) + "\n"
+    return Drawn("\n".join(out) + "\n", len(lane_names), len(slices), (t0, t1), capped)

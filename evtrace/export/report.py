@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..session import Session
-from .chrome import _flat
-from .summary import busy_ns, fmt_ns, host_waits, rows
+from .chrome import _flat, rank_labels
+from .summary import busy_ns, fmt_ns, host_waits, plural, rows
 
 
 def _cell(x: object) -> str:
@@ -74,6 +74,24 @@ def gaps(s: Session, top: int = 3) -> tuple[float, list[tuple[int, int, str]]]:
     return busy / span if span > 0 else float("nan"), out
 
 
+def machine(s: Session) -> str:
+    """One line: what the trace tells about the machine it was recorded on, from what it holds."""
+    m = _flat(s.meta)
+    held = []
+    if m.get("host_id"):
+        held.append(f"host id `{m['host_id']}` (a hash of the host name and boot)")
+    if m.get("gpus"):
+        held.append("the GPU names")
+    versions = [name for key, name in (("python", "Python"), ("torch", "torch"), ("cuda", "CUDA"), ("driver", "the driver")) if m.get(key)]
+    if versions:
+        held.append("the versions of " + (", ".join(versions[:-1]) + " and " if len(versions) > 1 else "") + versions[-1])
+    argv = m.get("argv")
+    if argv:
+        held.append(f"the command line as stored (`{_cell(' '.join(str(a) for a in argv))}`)")
+    held.append("pids, thread names, and your region names and args")
+    return "**This trace holds, about the machine:** " + ", ".join(held) + "; no environment variables."
+
+
 def report(s: Session, trace: Path) -> str:
     m = _flat(s.meta)
     argv = m.get("argv") or []
@@ -82,7 +100,9 @@ def report(s: Session, trace: Path) -> str:
     env += [["GPU", ", ".join(m.get("gpus") or []) or "none (host lanes only)"], ["command", "`" + " ".join(_relative(str(a)) for a in argv) + "`"]]
     lines += _table(["", ""], env) + [""]
     top = sorted(rows(s), key=lambda t: -t[7])[:8]
-    lines += [f"**Top regions by device time** ({len(s)} regions, {s.device_spans} device spans, {fmt_ns(m.get('duration_ns', 0))} recorded)", ""]
+    if s.ranks:
+        lines += [f"**Merged:** {plural(len(s.ranks), 'trace')} ({', '.join(rank_labels(s.ranks))}); {m.get('merge.method', '?')}.", ""]
+    lines += [f"**Top regions by device time** ({plural(len(s), 'region')}, {plural(s.device_spans, 'device span')}, {fmt_ns(m.get('duration_ns', 0))} recorded)", ""]
     lines += _table(
         ["region", "count", "host p50", "host p95", "device p50", "device p95", "launch→start p50", "device busy"],
         [[n, str(c), fmt_ns(h50), fmt_ns(h95), fmt_ns(d50), fmt_ns(d95), fmt_ns(lead), fmt_ns(busy) if busy else "-"] for n, c, h50, h95, d50, d95, lead, busy in top],
@@ -106,6 +126,7 @@ def report(s: Session, trace: Path) -> str:
         )
     lost = {k: m.get(k, 0) for k in ("dropped_device_spans", "split_device_spans", "clamped_device_spans", "dropped_regions", "unfinished_regions")}
     lines.append("**Drops:** " + (", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items() if v) or "none") + ".")
+    lines.append(machine(s))
     size = trace.stat().st_size if trace.exists() else 0
     lines += ["", f"The attached trace (`{trace.name}`, {size / 1024:.0f} KiB) opens offline in https://ui.perfetto.dev (drag it in), or with `evtrace view {trace.name}`."]
     return "\n".join(lines) + "\n"

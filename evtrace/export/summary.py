@@ -23,6 +23,11 @@ def fmt_ns(ns: float) -> str:
     return f"{ns:.0f} ns"
 
 
+def plural(n: int, word: str) -> str:
+    """"1 region", "2 regions"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def busy_ns(start: np.ndarray, end: np.ndarray) -> int:
     """Length of the union of [start, end) intervals."""
     if len(start) == 0:
@@ -61,7 +66,7 @@ def summary(s: Session, skip: int = 0) -> str:
         table.append((name, str(n), fmt_ns(hp50), fmt_ns(hp95), fmt_ns(dp50), fmt_ns(dp95), fmt_ns(lead), fmt_ns(busy) if has_dev else "-"))
     lines = _aligned(table)
     dur = s.meta.get("duration_ns")
-    head = f"{len(s)} regions, {s.device_spans} device spans"
+    head = f"{plural(len(s), 'region')}, {plural(s.device_spans, 'device span')}"
     if isinstance(dur, (int, float)):
         head += f", {fmt_ns(dur)} recorded"
     if skip:
