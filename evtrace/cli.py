@@ -8,25 +8,17 @@
 from __future__ import annotations
 
 import argparse
-import builtins
-import importlib.machinery
 import importlib.util
-import io
 import os
 import re
 import runpy
-import signal
 import sys
-import threading
 import traceback
-import types
-import warnings
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from . import __version__
-from .api import default_path, output_problem, record
-from .finish import Terminated, die_by, on_sigterm
+from .api import Terminated, default_path, output_problem, record
 from .export.chrome import TraceError
 from .session import Session
 
@@ -77,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     view = sub.add_parser("view", help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)")
     view.add_argument("trace", type=Path)
     view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
-    view.add_argument("--port", type=int, help="the UI only fetches from port 9001 (the default, or $EVTRACE_VIEW_PORT); another port, 0 for any free one, is for your own tools")
+    view.add_argument("--port", type=int, default=9001, help="the UI only fetches from port 9001; another port is for your own tools")
     return p
 
 
@@ -230,47 +222,22 @@ def _merge(ns: argparse.Namespace) -> int:
 
 def _view(ns: argparse.Namespace) -> int:
     from .export.chrome import load_json
-    from .view import port_from_env, serve
+    from .view import serve
 
     try:
         load_json(ns.trace)  # refuse a corrupt or truncated file before serving it
     except TraceError as e:
         raise UsageError(str(e)) from None
+    if not 0 < ns.port < 65536:
+        raise UsageError(f"--port {ns.port} is not a port")
     try:
-        port = port_from_env() if ns.port is None else ns.port
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if not 0 <= port < 65536:
-        raise UsageError(f"--port {port} is not a port")
-    try:
-        serve(ns.trace, port, open_browser=not ns.no_browser)
+        serve(ns.trace, ns.port, open_browser=not ns.no_browser)
     except OSError as e:
-        raise UsageError(f"cannot serve on 127.0.0.1:{port}: {e.strerror or e}") from None
-    except KeyboardInterrupt:  # Ctrl-C while waiting for the browser: a normal way to stop
-        print("evtrace: stopped serving", file=sys.stderr)
-        return 130
+        raise UsageError(f"cannot serve on 127.0.0.1:{ns.port}: {e.strerror or e}") from None
     return 0
 
 
 def _run(ns: argparse.Namespace) -> int:
-    # first: the checks and torch's import below take seconds; a SIGTERM then is answered too
-    main_thread = threading.current_thread() is threading.main_thread()
-    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm) if main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else None
-    try:
-        return _run_target(ns)
-    except (KeyboardInterrupt, Terminated) as e:
-        # before the script began, or its trace is written by now: end as the signal would
-        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
-        if isinstance(e, KeyboardInterrupt) and _user_frames(e.__traceback__) is not None:
-            traceback.print_exception(type(e), e, _user_frames(e.__traceback__))  # where the script was
-        die_by(sig)
-        raise  # not reached
-    finally:
-        if old_sigterm is not None:
-            signal.signal(signal.SIGTERM, old_sigterm)
-
-
-def _run_target(ns: argparse.Namespace) -> int:
     out = ns.output or default_path()
     _writable(out)
     if ns.module:
@@ -285,8 +252,7 @@ def _run_target(ns: argparse.Namespace) -> int:
     else:
         if not ns.target:
             raise UsageError("no script given: evtrace [run] [-o PATH] script.py [args...]")
-        given, target_args = ns.target[0], ns.target[1:]
-        script = Path(given)
+        script, target_args = Path(ns.target[0]), ns.target[1:]
         if script.is_dir():
             raise UsageError(f"{script} is a directory, not a script")
         if not script.is_file():
@@ -320,19 +286,14 @@ def _run_target(ns: argparse.Namespace) -> int:
     if ns.module:
         sys.argv = [ns.module, *target_args]
     else:
-        sys.argv = [given, *target_args]  # as typed, as python gives it
-        sys.path[0] = os.path.dirname(os.path.realpath(given))
+        sys.argv = [str(script), *target_args]
+        sys.path[0] = str(script.resolve().parent)
+    rec.__enter__()  # after the swap: the trace's argv is the target's
     try:
-        rec.__enter__()  # after the swap: the trace's argv is the target's
-    except (KeyboardInterrupt, Terminated):
-        print("evtrace: stopped before the script began; no trace written", file=sys.stderr)
-        raise
-    try:
-        _fresh_warnings()
         if ns.module:
             runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
         else:
-            _run_script(given)
+            runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
         code = _exit_code(e)
     except (KeyboardInterrupt, Terminated) as e:  # trace first, then end as the signal would
@@ -347,33 +308,6 @@ def _run_target(ns: argparse.Namespace) -> int:
     if failure is not None:
         traceback.print_exception(type(failure), failure, _user_frames(failure.__traceback__))
     return code
-
-
-def _fresh_warnings() -> None:
-    """The warning filters the process started with: not those that evtrace's own imports
-    (numpy, torch) added, which ``python script.py`` would not have at its start."""
-    from . import _START_FILTERS
-
-    warnings.filters[:] = _START_FILTERS  # type: ignore[index]
-    warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the per-module caches
-
-
-def _run_script(given: str) -> None:
-    """Run a script as ``python script.py`` does: ``__main__`` with an absolute ``__file__``
-    (the cwd joined, not normalised), no ``__spec__``, its code compiled under that name.
-    (runpy.run_path would set ``sys.argv[0]`` to the path it is given.)"""
-    path = given if os.path.isabs(given) else os.path.join(os.getcwd(), given)
-    with io.open_code(path) as f:
-        code = compile(f.read(), path, "exec", dont_inherit=True)
-    main = types.ModuleType("__main__")
-    main.__dict__.update(__file__=path, __cached__=None, __annotations__={}, __loader__=importlib.machinery.SourceFileLoader("__main__", path), __builtins__=builtins)
-    saved = sys.modules.get("__main__")
-    sys.modules["__main__"] = main
-    try:
-        exec(code, main.__dict__)
-    finally:
-        if saved is not None:
-            sys.modules["__main__"] = saved
 
 
 def _exit_code(e: SystemExit) -> int:
