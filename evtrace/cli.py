@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     view = sub.add_parser("view", help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)")
     view.add_argument("trace", type=Path)
     view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
-    view.add_argument("--port", type=int, default=9001, help="the UI only fetches from port 9001; another port is for your own tools")
+    view.add_argument("--port", type=int, help="the UI only fetches from port 9001 (the default, or $EVTRACE_VIEW_PORT); another port, 0 for any free one, is for your own tools")
     return p
 
 
@@ -222,18 +222,25 @@ def _merge(ns: argparse.Namespace) -> int:
 
 def _view(ns: argparse.Namespace) -> int:
     from .export.chrome import load_json
-    from .view import serve
+    from .view import port_from_env, serve
 
     try:
         load_json(ns.trace)  # refuse a corrupt or truncated file before serving it
     except TraceError as e:
         raise UsageError(str(e)) from None
-    if not 0 < ns.port < 65536:
-        raise UsageError(f"--port {ns.port} is not a port")
     try:
-        serve(ns.trace, ns.port, open_browser=not ns.no_browser)
+        port = port_from_env() if ns.port is None else ns.port
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port {port} is not a port")
+    try:
+        serve(ns.trace, port, open_browser=not ns.no_browser)
     except OSError as e:
-        raise UsageError(f"cannot serve on 127.0.0.1:{ns.port}: {e.strerror or e}") from None
+        raise UsageError(f"cannot serve on 127.0.0.1:{port}: {e.strerror or e}") from None
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the browser: a normal way to stop
+        print("evtrace: stopped serving", file=sys.stderr)
+        return 130
     return 0
 
 

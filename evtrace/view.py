@@ -2,12 +2,14 @@
 
 The file is served from 127.0.0.1:9001 (the only origin the UI's content-security policy lets
 it fetch from), with CORS for https://ui.perfetto.dev and no caching. Only that one file is
-served; every other path is a 404. The server stops once the file has been sent.
+served; every other path is a 404. HEAD and OPTIONS (CORS and private-network preflights) are
+answered too. The server stops once the file has been sent.
 """
 
 from __future__ import annotations
 
 import http.server
+import os
 import socketserver
 import sys
 import threading
@@ -17,6 +19,18 @@ from urllib.parse import quote, unquote, urlsplit
 
 UI = "https://ui.perfetto.dev"
 PORT = 9001  # the UI's CSP allows http://127.0.0.1:9001 and nothing else
+PORT_ENV = "EVTRACE_VIEW_PORT"  # another port (0: any free one) for tests and your own tools
+
+
+def port_from_env() -> int:
+    """The port to serve from: $EVTRACE_VIEW_PORT, else 9001. ValueError if it is not a number."""
+    text = os.environ.get(PORT_ENV, "").strip()
+    if not text:
+        return PORT
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{PORT_ENV}={text!r} is not a port") from None
 
 
 def url_for(name: str, port: int = PORT) -> str:
@@ -27,8 +41,12 @@ class _Server(socketserver.TCPServer):
     allow_reuse_address = True
 
 
-def serve(path: Path, port: int = PORT, open_browser: bool = True, timeout: float | None = None) -> bool:
-    """Serve ``path`` once on loopback and point a browser at it. True once the file was sent."""
+def serve(path: Path, port: int | None = None, open_browser: bool = True, timeout: float | None = None) -> bool:
+    """Serve ``path`` once on loopback and point a browser at it. True once the file was sent.
+
+    ``port``: None for $EVTRACE_VIEW_PORT or 9001; 0 for any free port."""
+    if port is None:
+        port = port_from_env()
     data = path.read_bytes()
     name = path.name
     sent = threading.Event()
@@ -42,13 +60,30 @@ def serve(path: Path, port: int = PORT, open_browser: bool = True, timeout: floa
             self.send_header("Content-Length", str(length))
             self.end_headers()
 
+        def _ours(self) -> bool:
+            return unquote(urlsplit(self.path).path) == "/" + name
+
         def do_GET(self) -> None:  # noqa: N802
-            if unquote(urlsplit(self.path).path) != "/" + name:
+            if not self._ours():
                 self._headers(404, 0)
                 return
             self._headers(200, len(data))
             self.wfile.write(data)
             sent.set()
+
+        def do_HEAD(self) -> None:  # noqa: N802  (a probe, not the download: keep serving)
+            self._headers(200 if self._ours() else 404, len(data) if self._ours() else 0)
+
+        def do_OPTIONS(self) -> None:  # noqa: N802  (a CORS / private-network preflight)
+            self.send_response(204)
+            self.send_header("Access-Control-Allow-Origin", UI)
+            self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", self.headers.get("Access-Control-Request-Headers") or "*")
+            self.send_header("Access-Control-Allow-Private-Network", "true")
+            self.send_header("Access-Control-Max-Age", "600")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
         def do_POST(self) -> None:  # noqa: N802
             self._headers(404, 0)
@@ -57,15 +92,17 @@ def serve(path: Path, port: int = PORT, open_browser: bool = True, timeout: floa
             pass
 
     with _Server(("127.0.0.1", port), Handler) as httpd:
+        port = int(httpd.server_address[1])  # the one chosen, for port 0
         threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        url = url_for(name, port)
-        if port != PORT:
-            print(f"evtrace: note: ui.perfetto.dev only fetches from 127.0.0.1:{PORT}; with --port {port}, download the file there yourself", file=sys.stderr)
-        if open_browser and webbrowser.open(url):  # some browsers return only once they are closed
-            print(f"evtrace: opened {url}", file=sys.stderr)
-        elif not sent.is_set():
-            print(url)
-            sys.stdout.flush()
-        done = sent.wait(timeout)
-        httpd.shutdown()
-    return done
+        try:
+            url = url_for(name, port)
+            if port != PORT:
+                print(f"evtrace: note: ui.perfetto.dev only fetches from 127.0.0.1:{PORT}; from port {port}, download the file there yourself", file=sys.stderr)
+            if open_browser and webbrowser.open(url):  # some browsers return only once they are closed
+                print(f"evtrace: opened {url}", file=sys.stderr)
+            elif not sent.is_set():
+                print(url)
+                sys.stdout.flush()
+            return sent.wait(timeout)
+        finally:
+            httpd.shutdown()

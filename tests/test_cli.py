@@ -94,6 +94,7 @@ def test_dash_m_runs_a_module(cli: list[str], tmp_path: Path) -> None:
         (["-o", "ro/t.json", "ok.py"], "output directory ro is not writable"),
         (["-o", "t.txt", "ok.py"], "must end in .json or .json.gz"),
         (["-o", "/proc/t.json", "ok.py"], "output directory /proc is not writable"),  # even for root
+        (["-o", "afile.txt/t.json", "ok.py"], "output directory afile.txt"),  # for root too
         (["run", "--bogus", "ok.py"], "unrecognized arguments"),
         (["-m", "no_such_module_xyz"], "no module named no_such_module_xyz"),
         (["run"], "no script given"),
@@ -103,8 +104,9 @@ def test_bad_input_is_one_line_and_exit_2_before_the_script_runs(cli: list[str],
     (tmp_path / "adir").mkdir()
     (tmp_path / "ro").mkdir(mode=0o500)
     (tmp_path / "ok.py").write_text("open('ran', 'w').close()\n")
-    if "ro/t.json" in args and os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
+    (tmp_path / "afile.txt").write_text("a regular file")
+    if "ro/t.json" in args and os.geteuid() == 0:  # root writes into any directory (CI runs as root),
+        args, message = ["-o", "afile.txt/t.json", "ok.py"], "output directory afile.txt"  # but never under a file
     p = run(cli, *args, cwd=tmp_path)
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
@@ -156,3 +158,21 @@ def test_version_and_no_arguments(cli: list[str], tmp_path: Path) -> None:
     assert p.returncode == 0 and p.stdout.strip() == f"evtrace {evtrace.__version__}"
     p = run(cli, cwd=tmp_path)
     assert p.returncode == 2
+
+
+@pytest.mark.parametrize("command", [["report", "t.json", "-o"], ["render", "t.json", "-o"], ["merge", "t.json", "-o"]])
+@pytest.mark.parametrize("out", ["afile.txt/out", "ro/out"])
+def test_an_unwritable_output_is_one_line_and_exit_2(tmp_path: Path, command: list[str], out: str) -> None:
+    """Under a regular file nobody can write, root included; a read-only directory only stops others."""
+    with evtrace.record(tmp_path / "t.json", device=False, quiet=True):
+        with evtrace.region("x"):
+            pass
+    (tmp_path / "afile.txt").write_text("a regular file")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    suffix = {"report": ".md", "render": ".svg", "merge": ".json"}[command[0]]
+    p = run([sys.executable, "-m", "evtrace"], *command, out + suffix, cwd=tmp_path)
+    if out.startswith("ro/") and os.geteuid() == 0:
+        assert p.returncode == 0, p.stderr  # root may: what matters is that the one-line check ran above
+        return
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and out.split("/")[0] in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -278,3 +278,38 @@ def test_summary_counts_host_waits(tmp_path: Path) -> None:
                 clk.advance(2_000_000)
     assert r.session is not None
     assert r.session.summary().splitlines()[-1] == "host waits on the device: 3, 6 ms in all"
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, GeneratorExit, OSError])
+def test_an_interrupted_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path, error: type[BaseException]) -> None:
+    from evtrace.export.chrome import write_bytes
+
+    out = tmp_path / "bad_old.json.gz"  # not a trace: the strict checker skips "bad*"
+    write_bytes(b'{"old": 1}', out)
+    before = out.read_bytes()
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"traceEvents":['
+        raise error()
+
+    with pytest.raises(error):
+        write_bytes(chunks(), out)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bad_old.json.gz"]  # no .bad_old.json.gz.<pid>.tmp
+
+
+def test_a_long_write_says_so_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from evtrace.export import chrome
+
+    monkeypatch.setattr(chrome, "PROGRESS_AFTER_S", 0.0)  # as if each chunk took over a second
+    s, _ = sim_session(tmp_path / "t.json")
+    capsys.readouterr()
+    chrome.write(s, tmp_path / "u.json.gz")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"evtrace: writing {tmp_path / 'u.json.gz'} (") and err[0].endswith("...")
+    assert err[1].startswith(f"evtrace: writing {tmp_path / 'u.json.gz'}: done, ") and err[1].endswith(" s")
+    assert len(err) == 2
+    quick = tmp_path / "v.json"
+    monkeypatch.setattr(chrome, "PROGRESS_AFTER_S", 60.0)
+    chrome.write(s, quick)
+    assert capsys.readouterr().err == ""  # a quick write prints nothing

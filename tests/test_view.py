@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,16 +58,58 @@ def test_view_serves_the_one_file_with_cors_then_exits(trace: Path) -> None:
         assert "only fetches from 127.0.0.1:9001" in p.stderr.read()  # type: ignore[union-attr]
 
 
+def listening(port: int) -> list[str]:
+    """The local addresses listening on ``port``, from the kernel's socket tables (no ``ss`` needed)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.rsplit(":", 1)
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                out.append(socket.inet_ntoa(bytes.fromhex(addr)[::-1]) if len(addr) == 8 else "[v6] " + addr)
+    return out
+
+
 def test_view_binds_loopback_only(trace: Path) -> None:
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("no /proc/net/tcp (not Linux)")
     port = free_port()
     with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
         p.stdout.readline()  # type: ignore[union-attr]
-        out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if os.path.exists("/usr/bin/ss") or os.path.exists("/bin/ss") else ""
-        if out:
-            lines = [line for line in out.splitlines() if f":{port} " in line]
-            assert lines and all("127.0.0.1:" in line for line in lines), out
+        assert listening(port) == ["127.0.0.1"]
         get(f"http://127.0.0.1:{port}/my%20trace.json.gz")
         assert p.wait(timeout=10) == 0
+
+
+def test_view_answers_head_and_options_and_keeps_serving(trace: Path) -> None:
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        p.stdout.readline()  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{port}/my%20trace.json.gz"
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) == trace.stat().st_size and r.read() == b""
+            assert r.headers["Access-Control-Allow-Origin"] == UI
+        pre = urllib.request.Request(url, method="OPTIONS", headers={"Origin": UI, "Access-Control-Request-Method": "GET", "Access-Control-Request-Private-Network": "true"})
+        with urllib.request.urlopen(pre, timeout=10) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == UI and "GET" in r.headers["Access-Control-Allow-Methods"]
+            assert r.headers["Access-Control-Allow-Private-Network"] == "true"
+        assert p.poll() is None  # probes are not the download: still serving
+        code, _, body = get(url)
+        assert code == 200 and body == trace.read_bytes()
+        assert p.wait(timeout=10) == 0
+
+
+def test_ctrl_c_on_a_waiting_view_exits_quietly(trace: Path) -> None:
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        p.stdout.readline()  # type: ignore[union-attr]  (the URL: it is waiting)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=10) == 130
+        err = p.stderr.read()  # type: ignore[union-attr]
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "note:" not in line]) <= 1, err
 
 
 def test_view_refuses_a_corrupt_trace(tmp_path: Path) -> None:
@@ -84,13 +127,13 @@ def test_run_open_hands_the_deep_link_to_the_browser(tmp_path: Path) -> None:
         "link = urllib.parse.unquote(sys.argv[1].split('url=', 1)[1])\n"
         "data = urllib.request.urlopen(link, timeout=10).read()\n"
         "open(sys.argv[2], 'wb').write(data)\n"
+        "open(sys.argv[2] + '.link', 'w').write(link)\n"
     )
     (tmp_path / "job.py").write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
     got = tmp_path / "fetched.bin"
-    env = {**os.environ, "BROWSER": f"{sys.executable} {fetcher} %s {got}", "CUDA_VISIBLE_DEVICES": ""}
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", 9001)) == 0:
-            pytest.skip("port 9001 is taken on this machine")
+    # any free port: the fixed 9001 may be taken (trace_processor --httpd, a parallel test)
+    env = {**os.environ, "BROWSER": f"{sys.executable} {fetcher} %s {got}", "CUDA_VISIBLE_DEVICES": "", "EVTRACE_VIEW_PORT": "0"}
     p = subprocess.run([sys.executable, "-m", "evtrace", "run", "--open", "-o", "t.json.gz", "job.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert got.read_bytes() == (tmp_path / "t.json.gz").read_bytes()
+    assert not Path(f"{got}.link").read_text().startswith("http://127.0.0.1:9001/")
