@@ -12,3 +12,11 @@ from .session import Session
 load = Session.load
 
 __all__ = ["Session", "__version__", "instrument", "load", "record", "region"]
+
+
+def load_ipython_extension(ip: object) -> None:
+    """``%load_ext evtrace``: the ``%%evtrace`` and ``%evtrace_view`` magics. IPython is imported
+    only here, never by ``import evtrace``."""
+    from .notebook import load_ipython_extension as register
+
+    register(ip)
