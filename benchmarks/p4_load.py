@@ -6,8 +6,9 @@
 Phases: idle (truth samples only, 0.1-1 ms host gaps), copies (pinned H2D/D2H on a side stream),
 matmul (compute-bound kernels on a side stream), polling (kernels polling pinned host memory),
 gaps (the host sleeps 1-50 ms between samples). See benchmarks/truth.py for the truth itself.
-``--seconds`` is the session's length; wall time is that plus compiling (~1-2 s), setting up the
-loads and the session's stop and save (printed). Lines starting with RESULT are JSON.
+``--seconds`` is each session's length; wall time is that plus ~5 s (imports, nvcc ~0.5 s, the
+loads) and the session's stop and save (printed; 0.6 s after 30 s, ~1.2k regions/s). Under a
+600 s command limit use ``--seconds 570``. Lines starting with RESULT are JSON; then a table.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ def table(results: list[dict[str, Any]]) -> str:
             )
         gpu = {ph: d["gpu_clock"] for ph, d in res["phases"].items() if "gpu_clock" in d}
         if gpu:  # independent of evtrace's alignment: the kernel's own GPU-clock stamps
-            lines.append(f"  {'GPU clock':8s} {'seen-set p50':>12s} | {'evtrace end - kernel end p5':>27s} {'p50':>6s} {'p95':>6s} | {'next kernel - kernel end p50':>28s} {'p95':>6s}")
+            lines.append(f"  {'GPU clock':8s} {'seen-set p50':>12s} | {'evtrace end - kernel end p5':>27s} {'p50':>6s} {'p95':>6s} | {'next kernel - kernel end p50':>28s} {'p95':>6s} | {'evtrace end - next kernel p50':>29s} {'p99':>6s} {'max':>6s}")
             for ph, d in gpu.items():
-                a, b, c = d["seen_minus_set_us"], d["evtrace_end_minus_kernel_end_us"], d["next_start_minus_kernel_end_us"]
-                lines.append(f"  {ph:8s} {f(a, 'p50'):>12s} | {f(b, 'p5'):>27s} {f(b, 'p50'):>6s} {f(b, 'p95'):>6s} | {f(c, 'p50'):>28s} {f(c, 'p95'):>6s}")
+                a, b, c, e = (d[k] for k in ("seen_minus_set_us", "evtrace_end_minus_kernel_end_us", "next_start_minus_kernel_end_us", "evtrace_end_minus_next_start_us"))
+                lines.append(f"  {ph:8s} {f(a, 'p50'):>12s} | {f(b, 'p5'):>27s} {f(b, 'p50'):>6s} {f(b, 'p95'):>6s} | {f(c, 'p50'):>28s} {f(c, 'p95'):>6s} | {f(e, 'p50'):>29s} {f(e, 'p99'):>6s} {f(e, 'max'):>6s}")
         lines.append(f"  alignment: {m.get('alignment')}")
     lines.append(f"(us; err = device end - host's flag set; over samples with round trip <= {RTT_OK_NS / 1000:.0f} us; neg = device end before the set: impossible)")
+    lines.append("(GPU clock: the kernel's own %globaltimer stamps, put on perf_counter by a line through the idle phase's samples; next kernel: a stamp kernel queued behind the end event)")
     return "\n".join(lines)
 
 

@@ -5,6 +5,10 @@ kernel's acknowledgement, stamping ``perf_counter_ns`` just before the set and w
 The kernel ends inside [t_set, t_ack], so a region around the launch (end event right behind the
 kernel on the same stream) must end there too, plus a constant end-event latency L.
 
+The kernel also stamps the GPU clock (%globaltimer) when it sees the flag and at its end, and a
+1-thread kernel queued behind the region's end event stamps when the stream moved on: a diagnosis
+that needs neither evtrace's alignment nor CUPTI (see ``analyse``).
+
     python benchmarks/truth.py      # smoke test: compile, then round trips idle and under each load
 
 Used by ``benchmarks/p4_load.py`` and ``tests/cuda/test_truth.py``. torch, numpy and ctypes only;
@@ -425,6 +429,9 @@ def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, a
                 "seen_minus_set_us": _pct(g(gts[ms, 0]) - sets[ms]),
                 "evtrace_end_minus_kernel_end_us": _pct(err[ms] + sets[ms] - g(gts[ms, 1])),
                 "next_start_minus_kernel_end_us": _pct((gts[ms, 2] - gts[ms, 1]).astype(float)),
+                # the end event is stamped between the kernel's end and the next kernel's start:
+                # above 0 here (by more than this fit's ~1 us) would be the alignment's error alone
+                "evtrace_end_minus_next_start_us": _pct(err[ms] + sets[ms] - g(gts[ms, 2])),
             }
     meta = s.meta
     keep = {k: meta[k] for k in meta if k in ("clamped_device_spans", "device_spans", "dropped_device_spans", "regions") or any(w in k for w in ("align", "bound", "clamp", "warn"))}
