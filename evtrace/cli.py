@@ -22,7 +22,7 @@ from .api import Terminated, default_path, output_problem, record
 from .export.chrome import TraceError
 from .session import Session
 
-COMMANDS = ("run", "summary", "view", "merge", "report", "render")
+COMMANDS = ("run", "summary", "view", "merge", "report", "render", "diff")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     view.add_argument("trace", type=Path)
     view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
     view.add_argument("--port", type=int, help="the UI only fetches from port 9001 (the default, or $EVTRACE_VIEW_PORT); another port, 0 for any free one, is for your own tools")
+    dif = sub.add_parser("diff", help="what got slower between two traces, per region name, with a significance test")
+    dif.add_argument("before", type=Path)
+    dif.add_argument("after", type=Path)
+    dif.add_argument("--markdown", action="store_true", help="a GitHub-flavoured markdown table, for a pull request")
+    dif.add_argument("--fail-above", type=float, metavar="PCT", help="exit 1 when a region is significantly slower by more than PCT %%")
+    dif.add_argument("--rank", type=int, metavar="N", help="compare rank N of merged traces (default: all ranks pooled)")
+    dif.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)")
+    dif.add_argument("--min-change", type=float, default=2.0, metavar="PCT", help="the smallest p50 change called slower or faster (default 2)")
+    dif.add_argument("--alpha", type=float, default=0.05, help="significance level, Holm-corrected over the rows (default 0.05)")
     return p
 
 
@@ -91,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render(ns)
         if ns.command == "run":
             return _run(ns)
+        if ns.command == "diff":
+            return _diff(ns)
     except UsageError as e:
         print(f"evtrace: error: {e}", file=sys.stderr)
         return 2
@@ -335,3 +346,25 @@ def _user_frames(tb):  # type: ignore[no-untyped-def]
             break
         tb = tb.tb_next
     return tb
+
+
+def _diff(ns: argparse.Namespace) -> int:
+    from .export import diff
+
+    if ns.skip < 0:
+        raise UsageError("--skip must be 0 or more")
+    if not 0 < ns.alpha < 1:
+        raise UsageError("--alpha must be between 0 and 1")
+    if ns.min_change < 0 or (ns.fail_above is not None and ns.fail_above < 0):
+        raise UsageError("--min-change and --fail-above must be 0 or more")
+    before, after = _load(ns.before), _load(ns.after)
+    try:
+        d = diff.compare(before, after, rank=ns.rank, skip=ns.skip, alpha=ns.alpha, min_change=ns.min_change)
+    except diff.DiffError as e:
+        raise UsageError(str(e)) from None
+    sys.stdout.write((diff.markdown if ns.markdown else diff.text)(d, str(ns.before), str(ns.after)))
+    bad = d.regressions(ns.fail_above) if ns.fail_above is not None else []
+    if bad:  # one line on stderr, so that CI logs show why it failed
+        print(f"evtrace: {_plural(len(bad), 'region')} significantly slower by more than {ns.fail_above:g}%: " + ", ".join(f"{r.name} {r.change:+.0f}%" for r in bad), file=sys.stderr)
+        return 1
+    return 0
