@@ -76,16 +76,15 @@ def test_markdown_is_a_gfm_table(traces: tuple[str, str], capsys: pytest.Capture
     assert all(ln.endswith("|") for ln in table) and len({len(c) for c in cells}) == 1
     assert all(re.fullmatch(r"\s*:?-+:?\s*", c) for c in cells[1])  # the delimiter row
     assert cells[0][0].strip() == "region"
-    fwd = [c for c in cells if c[0].strip() == "forward"][0]
+    fwd = next(c for c in cells if c[0].strip() == "forward")
     assert "**slower" in fwd[-1]
     assert "1 of 5 regions significantly slower: forward" in out
 
 
 def test_markdown_escapes_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for p in ("a.json", "b.json"):
-        with evtrace.record(tmp_path / p, device=False, clock=FakeClock(), quiet=True):
-            with evtrace.region("a|b *c*"):
-                pass
+        with evtrace.record(tmp_path / p, device=False, clock=FakeClock(), quiet=True), evtrace.region("a|b *c*"):
+            pass
     assert main(["diff", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--markdown"]) == 0
     out = capsys.readouterr().out
     assert r"| a\|b \*c\* |" in out
@@ -118,9 +117,8 @@ def test_ranks_one_by_one_or_pooled(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def _bad_inputs(tmp: Path, good: str) -> dict[str, tuple[list[str], str]]:
     (tmp / "bad.json").write_text("not json")
     (tmp / "bad_other.json").write_text('{"traceEvents": []}')
-    with evtrace.record(tmp / "other.json", device=False, clock=FakeClock(), quiet=True):
-        with evtrace.region("something else"):
-            pass
+    with evtrace.record(tmp / "other.json", device=False, clock=FakeClock(), quiet=True), evtrace.region("something else"):
+        pass
     return {
         "missing": ([str(tmp / "nope.json"), good], "cannot read"),
         "not json": ([good, str(tmp / "bad.json")], "not valid trace JSON"),
@@ -132,7 +130,7 @@ def _bad_inputs(tmp: Path, good: str) -> dict[str, tuple[list[str], str]]:
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, traces: tuple[str, str]) -> None:
     for case, (args, says) in _bad_inputs(tmp_path, traces[0]).items():
-        p = subprocess.run([sys.executable, "-m", "evtrace", "diff", *args], capture_output=True, text=True, timeout=60)
+        p = subprocess.run([sys.executable, "-m", "evtrace", "diff", *args], capture_output=True, text=True, timeout=60, check=False)
         assert p.returncode == 2, (case, p.stderr)
         assert p.stdout == "" and len(p.stderr.splitlines()) == 1, (case, p.stderr)
         assert p.stderr.startswith("evtrace: error:") and says in p.stderr, (case, p.stderr)

@@ -192,8 +192,7 @@ def compare(before: Session, after: Session, *, rank: int | None = None, skip: i
     def order(r: Row) -> tuple[bool, int, str]:
         if len(r.before.dev) or len(r.after.dev):
             return False, -(r.after.busy - r.before.busy), r.name
-        total = lambda s: int(s.host.sum())  # noqa: E731  (host-only rows: by total host time)
-        return True, -(total(r.after) - total(r.before)), r.name
+        return True, -int(r.after.host.sum() - r.before.host.sum()), r.name  # host only: by total host time
 
     rows.sort(key=order)
     return Diff(rows, sorted(set(a) - set(b)), sorted(set(b) - set(a)), (scope[0], scope[1]), alpha, min_change, skip)
@@ -253,9 +252,11 @@ def _cells(r: Row) -> list[str]:
 def _notes(d: Diff) -> list[str]:
     notes = [
         BUSY + ".",
-        f"test: Mann–Whitney U of the tested durations, Holm-corrected over {sum(1 for r in d.rows if r.tested)} rows; "
-        f"slower/faster: p < {d.alpha:g} and a p50 change of {d.min_change:g}% or more; "
-        f"<{d.min_change:g}%: significant but smaller; n.s.: not significant.",
+        (
+            f"test: Mann–Whitney U of the tested durations, Holm-corrected over {sum(1 for r in d.rows if r.tested)} rows; "
+            f"slower/faster: p < {d.alpha:g} and a p50 change of {d.min_change:g}% or more; "
+            f"<{d.min_change:g}%: significant but smaller; n.s.: not significant."
+        ),
     ]
     if d.skip:
         notes.append(f"the first {d.skip} of each name skipped (warm-up).")
