@@ -37,7 +37,9 @@ WINDOW_S = 10.0
 TILT = 2.0
 #: the bound is reported over windows of this much device time
 BOUND_WINDOW_MS = 1000.0
-#: an anchor stamped this much later than the map allows counts as late
+#: an anchor stamped this much later than the map allows counts as late. Anchors are probes of
+#: the stamping delay: an event on an idle stream is stamped late while other traffic (pinned
+#: host<->device copies above all) is in flight, and so are the region marks around it.
 LATE_NS = 2000.0
 
 
@@ -53,6 +55,7 @@ class Alignment:
     stamps: int  # region marks used as constraints
     latency_ns: float  # shortest record call seen: the envelope's offset to a prompt stamp
     bound_us: tuple[float, float]  # p99 and max over 1 s windows of how much earlier the data allow
+    anchor_delay_us: tuple[float, float, float]  # p50, p99, max: how late anchors were stamped
 
     @property
     def drift_ppm(self) -> float:
@@ -159,11 +162,13 @@ def fit(
     tilt = _min_max(envelope, -limit, limit)
     local = envelope(tilt)
     host = y0 + base + slope * (knots - mid) + local + latency_ns
-    fitted = Alignment(knots + x0, host, slope, len(ax), 0, int(ok.sum()), float(latency_ns), (0.0, 0.0))
+    fitted = Alignment(knots + x0, host, slope, len(ax), 0, int(ok.sum()), float(latency_ns), (0.0, 0.0), (0.0, 0.0, 0.0))
 
     # what the data allow: in each second, how far the map lies above its tightest stamp
     gap = fitted.to_host(x + x0) - latency_ns - (y + y0)
     per = np.maximum(np.minimum.reduceat(gap, _segments(x, BOUND_WINDOW_MS)), 0.0) / 1e3
-    late = int((gap[is_anchor] > LATE_NS).sum())
+    delay = np.maximum(gap[is_anchor], 0.0) / 1e3
+    late = int((delay > LATE_NS / 1e3).sum())
     bound = (float(np.percentile(per, 99)), float(per.max()))
-    return Alignment(fitted.dev_ms, host, slope, len(ax), late, int(ok.sum()), float(latency_ns), bound)
+    delays = (float(np.median(delay)), float(np.percentile(delay, 99)), float(delay.max()))
+    return Alignment(fitted.dev_ms, host, slope, len(ax), late, int(ok.sum()), float(latency_ns), bound, delays)

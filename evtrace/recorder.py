@@ -97,7 +97,7 @@ class Recorder:
         backend: Backend | None,
         clock: _clock.Clock = time.perf_counter_ns,
         *,
-        anchor_interval_s: float = 1.0,
+        anchor_interval_s: float = 0.1,
         poll_s: float = 0.01,
         pool_size: int = 1024,
         max_events: int = 1 << 16,
@@ -606,6 +606,9 @@ class Recorder:
                 "latency_us": round(fit.latency_ns / 1e3, 3),
                 "bound_us_p99": round(fit.bound_us[0], 3),
                 "bound_us_max": round(fit.bound_us[1], 3),
+                "stamp_delay_us_p50": round(fit.anchor_delay_us[0], 3),
+                "stamp_delay_us_p99": round(fit.anchor_delay_us[1], 3),
+                "stamp_delay_us_max": round(fit.anchor_delay_us[2], 3),
                 "clamped_spans": clamped_d,
             }
         nodev = regions["device"] < 0
