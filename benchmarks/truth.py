@@ -43,7 +43,8 @@ __device__ __forceinline__ unsigned long long gtimer() {
 
 // gt[0]: GPU clock when the flag was seen, gt[1]: just before the ack (the kernel's end)
 extern "C" __global__ void truth_spin(volatile unsigned int* flag, volatile unsigned int* started,
-                                      volatile unsigned int* ack, volatile unsigned long long* gt, unsigned int seq) {
+                                      volatile unsigned int* ack, volatile unsigned long long* gt, unsigned int seq,
+                                      unsigned int tail_fence) {
     *started = seq;                       // lets the host know the kernel is resident and spinning
     __threadfence_system();
     while (*flag != seq) { }
@@ -51,7 +52,9 @@ extern "C" __global__ void truth_spin(volatile unsigned int* flag, volatile unsi
     gt[1] = gtimer();
     __threadfence_system();
     *ack = seq;
-    __threadfence_system();
+    // without it the kernel ends right after the ack's store; with it, only once the ack is
+    // visible to the host, which waits behind host<->device copies
+    if (tail_fence) __threadfence_system();
 }
 
 // queued right behind the region's end event: when the stream moved on (GPU clock)
@@ -198,7 +201,8 @@ class Truth:
         self.gt_seen, self.gt_end, self.gt_next = (ctypes.c_uint64.from_address(base + 192 + 8 * k) for k in (0, 1, 8))
         d = self.drv.device_ptr(base)
         self.seq_arg = ctypes.c_uint32(0)
-        self.kernel = Launcher(self.drv, "truth_spin", [ctypes.c_uint64(d), ctypes.c_uint64(d + 64), ctypes.c_uint64(d + 128), ctypes.c_uint64(d + 192), self.seq_arg])
+        self.tail_fence = ctypes.c_uint32(int(os.environ.get("TRUTH_TAIL_FENCE", "0")))
+        self.kernel = Launcher(self.drv, "truth_spin", [ctypes.c_uint64(d), ctypes.c_uint64(d + 64), ctypes.c_uint64(d + 128), ctypes.c_uint64(d + 192), self.seq_arg, self.tail_fence])
         self.stamper = Launcher(self.drv, "stamp_gt", [ctypes.c_uint64(d + 256)])
         self.rng = random.Random(seed)
         self.seq = 0
