@@ -108,7 +108,7 @@ class record:
         path: str | os.PathLike[str] | None = None,
         *,
         device: bool | None = None,
-        anchor_interval: float = 1.0,
+        anchor_interval: float = 0.1,
         pool_size: int = 1024,
         quiet: bool = False,
         open: bool = False,
