@@ -4,6 +4,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import warnings as _warnings
+
+_START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evtrace run` gives a script
+
+
 from .api import record
 from .hooks import instrument
 from .regions import region

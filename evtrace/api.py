@@ -15,27 +15,11 @@ from typing import Any, Callable, TypeVar, cast
 from . import recorder as _rec
 from .clock import Clock
 from .device import Backend, cuda_backend
+from .finish import Finishing, Terminated, die_by, on_sigterm
 from .session import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
 _said_no_cuda = False
-
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM while recording, so the trace is written first."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated("SIGTERM")
-
-
-def _die_by_sigterm() -> None:
-    """After the trace is written: end as SIGTERM would have (exit status 143 from a shell)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # never returns
 
 
 def default_path() -> Path:
@@ -133,11 +117,30 @@ class record:
         self._recorder: _rec.Recorder | None = None
 
     def __enter__(self) -> record:
-        global _said_no_cuda
         self.path = rank_path(self._path) if self._path else default_path()
         problem = output_problem(self.path)
         if problem:
             raise ValueError(f"evtrace: {problem}")
+        # first: importing torch for the backend or the hooks takes seconds, a SIGTERM then included
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            self._start()
+        except BaseException:  # a signal or an error while starting: leave nothing half started
+            if self._hooks is not None:
+                self._hooks.remove()
+                self._hooks = None
+            if self._recorder is not None:
+                self._recorder.stop()
+                self._recorder = None
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+                self._old_sigterm = None
+            raise
+        return self
+
+    def _start(self) -> None:
+        global _said_no_cuda
         o = self._opts
         backend: Backend | None = o["backend"]
         if backend is None and o["device"] is not False:
@@ -155,38 +158,37 @@ class record:
             from .hooks import Hooks
 
             self._hooks = Hooks(o["depth"], o["include"], o["exclude"])
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            self._old_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
-        return self
 
     def __exit__(self, exc_type: Any = None, exc: Any = None, tb: Any = None) -> None:
         assert self._recorder is not None and self.path is not None
-        if self._hooks is not None:  # first: nothing evtrace does from here on is traced
-            self._hooks.remove()
-            self._hooks = None
-        if self._old_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
-        self.session = self._recorder.stop()
-        self._recorder = None
-        if self.redact_argv:
-            argv = self.session.meta.get("argv") or [""]
-            self.session.meta["argv"] = [Path(str(argv[0])).name] + (["<redacted>"] if len(argv) > 1 else [])
-        try:
-            self.session.save(self.path)
-        except OSError as e:  # the session is still in memory: .session.save(elsewhere)
-            print(f"evtrace: could not write {self.path}: {e.strerror or e}", file=sys.stderr)
-            return
-        finally:
-            if exc_type is Terminated:
-                if not self.quiet:
-                    print(describe(self.session, self.path), file=sys.stderr)
-                _die_by_sigterm()
-        if not self.quiet:
-            sys.stdout.flush()  # keep the script's own output first
-            print(describe(self.session, self.path), file=sys.stderr)
-        if self.report:
-            self._write_report()
+        with Finishing(self.path) as fin:  # from here on a signal waits until the trace is written
+            if self._hooks is not None:  # first: nothing evtrace does from here on is traced
+                self._hooks.remove()
+                self._hooks = None
+            if self._old_sigterm is not None:
+                fin.restore(signal.SIGTERM, self._old_sigterm)
+                self._old_sigterm = None
+            self.session = self._recorder.stop()
+            self._recorder = None
+            if self.redact_argv:
+                argv = self.session.meta.get("argv") or [""]
+                self.session.meta["argv"] = [Path(str(argv[0])).name] + (["<redacted>"] if len(argv) > 1 else [])
+            try:
+                self.session.save(self.path)
+                fin.written = True
+            except OSError as e:  # the session is still in memory: .session.save(elsewhere)
+                print(f"evtrace: could not write {self.path}: {e.strerror or e}", file=sys.stderr)
+                return
+            finally:
+                if exc_type is Terminated:
+                    if fin.written and not self.quiet:
+                        print(describe(self.session, self.path), file=sys.stderr)
+                    die_by(signal.SIGTERM)
+            if not self.quiet:
+                sys.stdout.flush()  # keep the script's own output first
+                print(describe(self.session, self.path), file=sys.stderr)
+            if self.report:
+                self._write_report()
         if self.open:
             from .view import serve
 

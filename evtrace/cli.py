@@ -8,17 +8,25 @@
 from __future__ import annotations
 
 import argparse
+import builtins
+import importlib.machinery
 import importlib.util
+import io
 import os
 import re
 import runpy
+import signal
 import sys
+import threading
 import traceback
+import types
+import warnings
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from . import __version__
-from .api import Terminated, default_path, output_problem, record
+from .api import default_path, output_problem, record
+from .finish import Terminated, die_by, on_sigterm
 from .export.chrome import TraceError
 from .session import Session
 
@@ -256,6 +264,24 @@ def _view(ns: argparse.Namespace) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
+    # first: the checks and torch's import below take seconds; a SIGTERM then is answered too
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm) if main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else None
+    try:
+        return _run_target(ns)
+    except (KeyboardInterrupt, Terminated) as e:
+        # before the script began, or its trace is written by now: end as the signal would
+        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        if isinstance(e, KeyboardInterrupt) and _user_frames(e.__traceback__) is not None:
+            traceback.print_exception(type(e), e, _user_frames(e.__traceback__))  # where the script was
+        die_by(sig)
+        raise  # not reached
+    finally:
+        if old_sigterm is not None:
+            signal.signal(signal.SIGTERM, old_sigterm)
+
+
+def _run_target(ns: argparse.Namespace) -> int:
     out = ns.output or default_path()
     _writable(out)
     if ns.module:
@@ -270,7 +296,8 @@ def _run(ns: argparse.Namespace) -> int:
     else:
         if not ns.target:
             raise UsageError("no script given: evtrace [run] [-o PATH] script.py [args...]")
-        script, target_args = Path(ns.target[0]), ns.target[1:]
+        given, target_args = ns.target[0], ns.target[1:]
+        script = Path(given)
         if script.is_dir():
             raise UsageError(f"{script} is a directory, not a script")
         if not script.is_file():
@@ -304,14 +331,19 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.module:
         sys.argv = [ns.module, *target_args]
     else:
-        sys.argv = [str(script), *target_args]
-        sys.path[0] = str(script.resolve().parent)
-    rec.__enter__()  # after the swap: the trace's argv is the target's
+        sys.argv = [given, *target_args]  # as typed, as python gives it
+        sys.path[0] = os.path.dirname(os.path.realpath(given))
     try:
+        rec.__enter__()  # after the swap: the trace's argv is the target's
+    except (KeyboardInterrupt, Terminated):
+        print("evtrace: stopped before the script began; no trace written", file=sys.stderr)
+        raise
+    try:
+        _fresh_warnings()
         if ns.module:
             runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(str(script), run_name="__main__")
+            _run_script(given)
     except SystemExit as e:
         code = _exit_code(e)
     except (KeyboardInterrupt, Terminated) as e:  # trace first, then end as the signal would
@@ -326,6 +358,33 @@ def _run(ns: argparse.Namespace) -> int:
     if failure is not None:
         traceback.print_exception(type(failure), failure, _user_frames(failure.__traceback__))
     return code
+
+
+def _fresh_warnings() -> None:
+    """The warning filters the process started with: not those that evtrace's own imports
+    (numpy, torch) added, which ``python script.py`` would not have at its start."""
+    from . import _START_FILTERS
+
+    warnings.filters[:] = _START_FILTERS  # type: ignore[index]
+    warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the per-module caches
+
+
+def _run_script(given: str) -> None:
+    """Run a script as ``python script.py`` does: ``__main__`` with an absolute ``__file__``
+    (the cwd joined, not normalised), no ``__spec__``, its code compiled under that name.
+    (runpy.run_path would set ``sys.argv[0]`` to the path it is given.)"""
+    path = given if os.path.isabs(given) else os.path.join(os.getcwd(), given)
+    with io.open_code(path) as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __annotations__={}, __loader__=importlib.machinery.SourceFileLoader("__main__", path), __builtins__=builtins)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def _exit_code(e: SystemExit) -> int:

@@ -1,0 +1,90 @@
+"""Signals around writing a trace: once writing has begun, it is finished.
+
+A long export (seconds for millions of regions) is exactly when a user presses Ctrl-C or a
+scheduler sends SIGTERM; stopping half way would lose everything recorded. So the first
+SIGINT or SIGTERM is held until the file is written and then acts as it would have (the
+process ends with 130 / 143, or a script's own handler runs). A second one aborts the write,
+which removes its temp file, and the process ends by the first signal, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM while recording, so the trace is written first."""
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated("SIGTERM")
+
+
+def die_by(signum: int) -> None:
+    """End the process as ``signum`` would (exit status 128 + signum from a shell), quietly:
+    no traceback, no atexit work. Python itself ends so after an uncaught KeyboardInterrupt."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    signal.pthread_kill(threading.get_ident(), signum)
+    os._exit(128 + signum)  # not reached unless the signal cannot end us
+
+
+class Finishing:
+    """``with Finishing(path) as f: ...write...; f.written = True``.
+
+    Holds SIGINT/SIGTERM inside the block (main thread only: Python runs handlers nowhere else).
+    After the block, a held signal is raised again with the previous handlers back in place. A
+    second signal raises KeyboardInterrupt inside the block; when it leaves the block unwritten,
+    one line says so and the process ends by the first signal.
+    """
+
+    def __init__(self, what: object) -> None:
+        self.what = what
+        self.written = False
+        self.got: list[int] = []
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> Finishing:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                if signal.getsignal(s) != signal.SIG_IGN:  # an ignored signal stays ignored (nohup, a background job)
+                    self._old[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def restore(self, signum: int, handler: Any) -> None:
+        """Put ``handler`` back for ``signum`` after the block, instead of the one found on entry."""
+        if signum in self._old:
+            self._old[signum] = handler
+        else:
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.got.append(signum)
+        name = signal.Signals(signum).name
+        if len(self.got) == 1:
+            print(f"evtrace: {name}: finishing {self.what} first (again to abort)", file=sys.stderr, flush=True)
+        elif len(self.got) == 2:
+            raise KeyboardInterrupt  # the writer removes its temp file on the way out
+
+    def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, signal.SIG_DFL if old is None else old)
+        self._old.clear()
+        if not self.got:
+            return
+        if len(self.got) > 1 and not self.written:
+            print(f"evtrace: {signal.Signals(self.got[-1]).name}: stopped; {self.what} was not written", file=sys.stderr, flush=True)
+            die_by(self.got[0])
+        signal.raise_signal(self.got[0])  # as if it came now: its handler (or the default) acts
