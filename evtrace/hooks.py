@@ -9,6 +9,7 @@ an ordinary one; ``remove()`` restores the instance exactly.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -28,19 +29,21 @@ _is_compiling: Callable[[], bool] = lambda: False  # noqa: E731
 _grad_enabled: Callable[[], bool] = lambda: False  # noqa: E731
 _Tensor: Any = None
 _queue_callback: Callable[[Callable[[], None]], None] | None = None
+_graph_task_id: Callable[[], int] = threading.get_ident  # which backward pass runs: torch's, where it has it
 _sequential_forward: Any = None
 _global_hooks: tuple[dict[Any, Any], ...] = ()  # torch's global module hooks, any kind
 
 
 def _bind_torch() -> None:
     """Import torch only when instrumenting, so that `evtrace summary` starts fast."""
-    global _is_compiling, _grad_enabled, _Tensor, _queue_callback, _sequential_forward, _global_hooks
+    global _is_compiling, _grad_enabled, _Tensor, _queue_callback, _graph_task_id, _sequential_forward, _global_hooks
     import torch
     import torch.nn.modules.module as tm
 
     _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _is_compiling)
     _grad_enabled, _Tensor = torch.is_grad_enabled, torch.Tensor
     _queue_callback = getattr(torch.autograd.Variable._execution_engine, "queue_callback", None)
+    _graph_task_id = getattr(torch._C, "_current_graph_task_id", _graph_task_id)
     _sequential_forward = torch.nn.Sequential.forward
     names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks")
     _global_hooks = tuple(getattr(tm, n, {}) for n in names)
@@ -54,34 +57,47 @@ def _bind_torch() -> None:
 # inputs carry no gradient (the first layer) ends when the backward pass does.
 
 _META = "evtrace"  # our entry in a node's metadata dict
-_open_backward: list[_BackwardSpan] = []  # begun and not yet ended, in the order they began
-_sweep_queued = False
+# per backward pass (torch's graph task id): its spans begun and not yet ended, in the order they
+# began. Passes run concurrently (one per thread calling backward): each sweeps only its own.
+_passes: dict[int, list[_BackwardSpan]] = {}
+_passes_lock = threading.Lock()  # a pass's nodes may run on several threads (CPU and device ones)
+# per recorder with NVTX on: enter/exit with NVTX start/end ranges, not push/pop (see add_nvtx)
+_ranged: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 class _BackwardSpan:
     """One module call's backward: begun by the first of its outputs' gradients, ended by the
     last of its inputs'. Each backward pass through the graph (``retain_graph``) begins it anew."""
 
-    __slots__ = ("key", "rec", "tok", "inputs", "left")
+    __slots__ = ("key", "rec", "tok", "inputs", "left", "exit", "open")
 
     def __init__(self, key: int, rec: _rec.Recorder, inputs: int) -> None:
         self.key, self.rec, self.inputs, self.left = key, rec, inputs, inputs
         self.tok: tuple[Any, ...] | None = None
+        self.exit: Any = None
+        self.open: list[_BackwardSpan] = []  # its pass's open spans while it is open
 
     def begin(self) -> None:
-        global _sweep_queued
         rec = self.rec
         if self.tok is not None or _rec._active is not rec:
             return  # begun already (another output), or its session ended
-        self.tok = rec.enter(self.key, None)
+        enter, self.exit = _ranged.get(rec) or (rec.enter, rec.exit)
+        self.tok = enter(self.key, None)
         self.left = self.inputs
-        _open_backward.append(self)
-        if not _sweep_queued and _queue_callback is not None:
+        task = _graph_task_id()
+        with _passes_lock:
+            spans = _passes.get(task)
+            first = spans is None
+            if spans is None:
+                spans = _passes[task] = []
+            spans.append(self)
+        self.open = spans
+        if first and _queue_callback is not None:
             try:
-                _queue_callback(_sweep)  # runs when this backward pass is over
-                _sweep_queued = True
+                _queue_callback(functools.partial(_sweep, task))  # runs when this pass is over
             except RuntimeError:  # not inside a backward pass after all: the session's end closes it
-                pass
+                with _passes_lock:
+                    _passes.pop(task, None)
 
     def end_one(self) -> None:
         if self.tok is not None:  # else its outputs got no gradient: it never began
@@ -92,16 +108,18 @@ class _BackwardSpan:
     def close(self) -> None:
         tok, self.tok = self.tok, None
         if tok is not None:
-            _open_backward.remove(self)
+            with _passes_lock:
+                if self in self.open:
+                    self.open.remove(self)
             if _rec._active is self.rec:
-                self.rec.exit(tok)
+                self.exit(tok)
 
 
-def _sweep() -> None:
-    """The backward pass is over: end what is still open, innermost first."""
-    global _sweep_queued
-    _sweep_queued = False
-    for span in reversed(list(_open_backward)):
+def _sweep(task: int) -> None:
+    """Backward pass ``task`` is over: end what it left open, innermost first."""
+    with _passes_lock:
+        spans = list(_passes.pop(task, ()))
+    for span in reversed(spans):
         span.close()
 
 
@@ -392,21 +410,28 @@ class Hooks:
         self._roots.add(root)
         self._instrumented.append(Instrumentation(select(root, self.depth, self.include, self.exclude)))
 
-    def _around(self, owner: Any, name: str, region: Any) -> None:
-        """Patch ``owner.name`` to run inside ``region``."""
+    def _around(self, owner: Any, name: str, region: str, host_only: bool = False) -> None:
+        """Patch ``owner.name`` to run inside a region named ``region``. The token lives in the
+        call, so threads (or generators) through the same patched function never cross spans."""
         fn = getattr(owner, name)
+        key = _rec.name_key(region)
 
         def traced(*a: Any, **k: Any) -> Any:
-            with region:
+            rec = _rec._active
+            if rec is None:
                 return fn(*a, **k)
+            enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
+            tok = enter(key, None)
+            try:
+                return fn(*a, **k)
+            finally:
+                exit(tok)
 
         self._patches.set(owner, name, traced)
 
     def _install_backward(self, torch: Any) -> None:
-        from .regions import Region
-
         # on the device too: the caller's stream orders it
-        self._around(torch.autograd, "backward", Region("backward", None))
+        self._around(torch.autograd, "backward", "backward")
 
     def _install_optimizer(self, torch: Any) -> None:
         from .regions import Region
@@ -427,12 +452,12 @@ class Hooks:
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self._handles += [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
-        self._around(opt, "zero_grad", Region("optimizer.zero_grad", None))
+        self._around(opt, "zero_grad", "optimizer.zero_grad")
 
     def _install_data(self, torch: Any) -> None:
         from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-        self._around(_BaseDataLoaderIter, "__next__", _host_region("data wait"))
+        self._around(_BaseDataLoaderIter, "__next__", "data wait", host_only=True)
 
     def _install_waits(self, torch: Any) -> None:
         def waiting(owner: Any, name: str, label: str, only_cuda: bool) -> None:
@@ -468,7 +493,23 @@ def add_nvtx(rec: Any) -> None:
     import torch
 
     push, pop = torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+    start, end = torch.cuda.nvtx.range_start, torch.cuda.nvtx.range_end
     names = _rec._NAMES
+
+    def ranged(enter: Any, exit: Any) -> tuple[Any, Any]:
+        """For backward spans: they may end on another thread (a device thread, or the pass's
+        end callback), and push/pop ranges are per thread; start/end ranges are not."""
+
+        def nvtx_enter(key: int, args: Any) -> Any:
+            return (enter(key, args), start(names[key]))
+
+        def nvtx_exit(tok: Any) -> None:
+            exit(tok[0])
+            end(tok[1])
+
+        return nvtx_enter, nvtx_exit
+
+    _ranged[rec] = ranged(rec.enter, rec.exit)
 
     def wrap(enter: Any, exit: Any) -> tuple[Any, Any]:
         def nvtx_enter(key: int, args: Any) -> Any:
