@@ -16,6 +16,7 @@ from . import recorder as _rec
 from .clock import Clock
 from .device import Backend, cuda_backend
 from .finish import Finishing, Terminated, die_by, on_sigterm
+from .meta import redacted_argv
 from .session import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,7 +75,9 @@ class record:
     (seconds between clock anchors), ``pool_size`` (pre-created events per GPU), ``quiet``
     (no line printed), ``open`` (serve the trace to ui.perfetto.dev once written),
     ``max_regions`` (keep at most this many, dropping the oldest, counted; None: no limit),
-    ``redact_argv`` (keep only the script's name of the command line), ``hooks`` (trace an
+    ``redact_argv`` (keep only the script's name of the command line; by default the command
+    line is kept as given, with the values of options named like a key, token, secret, password
+    or auth replaced by ``<redacted>``), ``hooks`` (trace an
     unmodified program: modules down to ``depth``, filtered by the ``include``/``exclude``
     regexes, backward, optimizer, data waits and host waits; see ``evtrace.hooks.Hooks``),
     ``nvtx`` (also emit NVTX ranges), ``report`` (also write ``<name>.md`` and ``<name>.svg``
@@ -150,6 +153,7 @@ class record:
                 print("evtrace: no CUDA device; recording host lanes only", file=sys.stderr)
         self._recorder = _rec.Recorder(backend, o["clock"], anchor_interval_s=o["anchor_interval"], pool_size=o["pool_size"], max_regions=o["max_regions"])
         self._recorder.start()
+        self._recorder.argv = redacted_argv(self._recorder.argv, only_name=self.redact_argv)
         if o["nvtx"] and backend is not None:
             from .hooks import add_nvtx
 
@@ -170,9 +174,6 @@ class record:
                 self._old_sigterm = None
             self.session = self._recorder.stop()
             self._recorder = None
-            if self.redact_argv:
-                argv = self.session.meta.get("argv") or [""]
-                self.session.meta["argv"] = [Path(str(argv[0])).name] + (["<redacted>"] if len(argv) > 1 else [])
             try:
                 self.session.save(self.path)
                 fin.written = True

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cuda", action="store_true", help="record host lanes only")
     run.add_argument("--open", action="store_true", help="open the trace in ui.perfetto.dev when done")
     run.add_argument("--max-regions", type=int, default=4_000_000, metavar="N", help="keep the newest N regions, drop (and count) older ones; 0: no limit")
-    run.add_argument("--redact-argv", action="store_true", help="keep only the script's name of the command line in the trace")
+    run.add_argument("--redact", "--redact-argv", dest="redact_argv", action="store_true", help="keep only the script's name of the command line in the trace (by default: as given, with secret-looking option values redacted)")
     run.add_argument("--no-hooks", action="store_true", help="trace only explicit evtrace regions: no modules, backward, optimizer, data or wait spans")
     run.add_argument("--depth", type=int, default=2, metavar="N", help="trace modules down to depth N below each top-level module (default 2)")
     run.add_argument("--include", metavar="REGEX", help="trace only modules whose path matches")

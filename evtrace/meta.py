@@ -6,6 +6,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import sys
 from typing import Any
 
@@ -59,4 +60,32 @@ def environment(devices: list[DeviceInfo]) -> dict[str, Any]:
     if devices:
         out["driver"] = _driver_version()
         out["gpus"] = [d.name for d in devices]
+    return out
+
+
+_SECRET = re.compile(r"key|token|secret|passw|pwd|auth|credential|cookie", re.IGNORECASE)
+
+
+def redacted_argv(argv: list[str], only_name: bool = False) -> list[str]:
+    """The command line for the trace: the script as given, and ``<redacted>`` for the value of
+    any option whose name looks secret (``--api-key X``, ``--token=X``, ``db.password=X``).
+    ``only_name``: the script's file name alone, and one ``<redacted>`` for all its args."""
+    if not argv:
+        return []
+    if only_name:
+        return [os.path.basename(argv[0])] + (["<redacted>"] if len(argv) > 1 else [])
+    out = [argv[0]]
+    hide_next = False
+    for a in argv[1:]:
+        if hide_next and not a.startswith("-"):
+            out.append("<redacted>")
+            hide_next = False
+            continue
+        hide_next = False
+        name, eq, _ = a.partition("=")
+        if eq and _SECRET.search(name):
+            out.append(f"{name}=<redacted>")
+        else:
+            out.append(a)
+            hide_next = a.startswith("-") and bool(_SECRET.search(a))
     return out

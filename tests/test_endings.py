@@ -122,3 +122,27 @@ def test_redact_argv(tmp_path: Path) -> None:
     raw = (tmp_path / "t.json").read_text()
     assert "s3cret" not in raw and str(tmp_path) not in raw
     assert evtrace.load(tmp_path / "t.json").meta["argv"] == ["job.py", "<redacted>"]
+
+
+def test_secret_option_values_are_redacted_by_default(tmp_path: Path) -> None:
+    (tmp_path / "job.py").write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
+    args = ["job.py", "--api-key", "k3y", "--token=t0ken", "db.password=hunter2", "--lr", "3"]
+    p = subprocess.run([sys.executable, "-m", "evtrace", "--no-hooks", "-o", "t.json", *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    raw = (tmp_path / "t.json").read_text()
+    assert "k3y" not in raw and "t0ken" not in raw and "hunter2" not in raw
+    assert evtrace.load(tmp_path / "t.json").meta["argv"] == ["job.py", "--api-key", "<redacted>", "--token=<redacted>", "db.password=<redacted>", "--lr", "3"]
+
+
+def test_redact_keeps_only_the_script_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "secret-project" / "train.py"), "--token", "s3cret"])
+    with evtrace.record(tmp_path / "a.json", device=False, quiet=True):
+        pass
+    with evtrace.record(tmp_path / "b.json", device=False, quiet=True, redact_argv=True):
+        pass
+    assert evtrace.load(tmp_path / "a.json").meta["argv"] == [str(tmp_path / "secret-project" / "train.py"), "--token", "<redacted>"]
+    assert evtrace.load(tmp_path / "b.json").meta["argv"] == ["train.py", "<redacted>"]
+    (tmp_path / "job.py").write_text("pass\n")
+    p = subprocess.run([sys.executable, "-m", "evtrace", "--redact", "--no-hooks", "-o", "c.json", str(tmp_path / "job.py"), "x"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert evtrace.load(tmp_path / "c.json").meta["argv"] == ["job.py", "<redacted>"]
