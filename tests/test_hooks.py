@@ -210,3 +210,41 @@ def test_each_backward_pass_through_a_retained_graph_gets_its_spans(tmp_path: Pa
     for n in ("Block (backward)", "attn (backward)", "mlp (backward)"):
         spans = reg[reg["name"] == s.names.index(n)]
         assert len(spans) == 2 and spans["host_end"][0] <= spans["host_start"][1]
+
+
+def test_nvtx_backward_spans_use_ranges_that_may_end_on_another_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVTX push/pop is per thread; a backward span may end on another thread (the pass's end
+    callback, a device thread), so it is a start/end range; forward spans stay push/pop."""
+    import threading
+
+    from evtrace import recorder
+    from evtrace.hooks import add_nvtx
+
+    calls: list[tuple[str, object]] = []
+    ids = iter(range(100, 1000))
+
+    def log(op: str, ret: object = None) -> object:
+        def f(arg: object = None) -> object:
+            calls.append((op, arg))
+            return next(ids) if op == "start" else ret
+
+        return f
+
+    for op, name in (("push", "range_push"), ("pop", "range_pop"), ("start", "range_start"), ("end", "range_end")):
+        monkeypatch.setattr(torch.cuda.nvtx, name, log(op))
+    model = nn.Linear(3, 3)
+    rec = recorder.Recorder(None, background=False)
+    rec.start()
+    try:
+        add_nvtx(rec)
+        with evtrace.instrument(model):
+            out = model(torch.ones(3))
+            t = threading.Thread(target=lambda: out.sum().backward())  # backward on another thread
+            t.start()
+            t.join()
+    finally:
+        rec.stop()
+    assert ("push", "Linear") in calls and calls.count(("pop", None)) == 1
+    (start,) = [c for c in calls if c[0] == "start"]
+    assert start[1] == "Linear (backward)"
+    assert calls.count(("end", 100)) == 1
