@@ -26,8 +26,8 @@ from typing import NoReturn, Sequence
 
 from . import __version__
 from .api import default_path, output_problem, record
-from .finish import Terminated, die_by, on_sigterm
 from .export.chrome import TraceError
+from .finish import Terminated, die_by, on_sigterm
 from .session import Session
 
 COMMANDS = ("run", "summary", "view", "merge", "report", "render", "diff")
@@ -381,7 +381,7 @@ def _run_script(given: str) -> None:
     saved = sys.modules.get("__main__")
     sys.modules["__main__"] = main
     try:
-        exec(code, main.__dict__)
+        exec(code, main.__dict__)  # noqa: S102  # the user's script, as python runs it
     finally:
         if saved is not None:
             sys.modules["__main__"] = saved

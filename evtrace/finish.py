@@ -78,7 +78,7 @@ class Finishing:
         elif len(self.got) == 2:
             raise KeyboardInterrupt  # the writer removes its temp file on the way out
 
-    def __exit__(self, typ: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, typ: object, exc: object, tb: object) -> None:
         for s, old in self._old.items():
             signal.signal(s, signal.SIG_DFL if old is None else old)
         self._old.clear()

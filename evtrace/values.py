@@ -83,7 +83,7 @@ def _array(v: Any) -> str | None:
             return f"{type(v).__name__}{list(v.shape)} {v.dtype}"
         if np is not None and isinstance(v, np.generic):
             return value(v.item())  # type: ignore[no-any-return]
-    except Exception:  # a tensor subclass that fails on its metadata: its repr, or the marker
+    except Exception:  # noqa: BLE001  # a tensor subclass that fails on its metadata: its repr, or the marker
         return None
     return None
 
@@ -92,7 +92,7 @@ def _repr(v: Any) -> str:
     try:
         r = repr(v)
         return r if type(r) is str else str(r)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  # whatever it raises, the session is kept
         return f"<unrepresentable {type(v).__name__}: {type(e).__name__}>"
 
 

@@ -25,8 +25,8 @@ def test_the_script_sees_what_plain_python_gives(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "show.py").write_text(SHOW)
     args = ["./sub/show.py", "a", "--b=c"]
-    plain = subprocess.run([sys.executable, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
-    under = subprocess.run([sys.executable, "-m", "evtrace", "-o", "t.json", *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    plain = subprocess.run([sys.executable, *args], cwd=tmp_path, env=ENV, check=False, capture_output=True, text=True, timeout=120)
+    under = subprocess.run([sys.executable, "-m", "evtrace", "-o", "t.json", *args], cwd=tmp_path, env=ENV, check=False, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 3 and plain.stderr == ""
     assert under.returncode == 3, under.stderr
     assert under.stdout == plain.stdout

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 import evtrace
 from evtrace.session import Session
@@ -80,7 +81,8 @@ def test_two_threads_through_one_patched_call(tmp_path: Path) -> None:
             body()
             return i
 
-    body: Callable[[], None] = lambda: None  # noqa: E731
+    def body() -> None:
+        pass
 
     def run(b: Callable[[], None]) -> None:
         nonlocal body
