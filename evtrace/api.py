@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar, cast
 
 from . import recorder as _rec
-from .clock import Clock
+from .clock import Clock, alignment_warnings
 from .device import Backend, cuda_backend
 from .finish import Finishing, Terminated, die_by, on_sigterm
 from .meta import redacted_argv
@@ -236,4 +236,5 @@ def describe(s: Session, path: Path) -> str:
     clamped = int(s.meta.get("clamped_device_spans", 0))
     if clamped:
         extra += f", {clamped} clamped to their launch"
-    return f"evtrace: wrote {path} ({len(s)} regions, {s.device_spans} device spans{extra}); open it in https://ui.perfetto.dev or run: evtrace summary {path}"
+    said = "".join(f"\nevtrace: warning: {w}" for w in alignment_warnings(s.meta))
+    return f"evtrace: wrote {path} ({len(s)} regions, {s.device_spans} device spans{extra}); open it in https://ui.perfetto.dev or run: evtrace summary {path}{said}"

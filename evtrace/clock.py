@@ -21,7 +21,7 @@ anchors are chained by short steps, so float32 milliseconds stay sub-µs over ho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -172,3 +172,41 @@ def fit(
     bound = (float(np.percentile(per, 99)), float(per.max()))
     delays = (float(np.median(delay)), float(np.percentile(delay, 99)), float(delay.max()))
     return Alignment(fitted.dev_ms, host, slope, len(ax), late, int(ok.sum()), float(latency_ns), bound, delays)
+
+
+#: above these, the end of a run and ``evtrace report`` warn in words
+WARN_US = 5.0
+WARN_CLAMPED = 0.005
+
+
+def per_gpu(meta: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each GPU's alignment figures, from a live session's nested metadata or a loaded one's
+    flat ``alignment.<gpu>.<key>`` keys."""
+    nested = meta.get("alignment")
+    flat = {(k.split(".", 2)[1], k.split(".", 2)[2]): v for k, v in meta.items() if k.count(".") >= 2 and k.startswith("alignment.")}
+    if isinstance(nested, dict):
+        flat = {(str(d), k): v for d, g in nested.items() if isinstance(g, dict) for k, v in g.items()}
+    out: dict[str, dict[str, float]] = {}
+    for (d, k), v in flat.items():
+        try:
+            out.setdefault(d, {})[k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def alignment_warnings(meta: dict[str, Any]) -> list[str]:
+    """What a user must know before trusting the device lanes, in words; empty when all is well."""
+    out = []
+    for d, g in sorted(per_gpu(meta).items()):
+        if g.get("bound_us_p99", 0.0) > WARN_US:
+            out.append(f"GPU {d}: in some seconds every stamp was late, so the device lane there may sit up to {g['bound_us_p99']:.1f} µs off (bound_us_p99)")
+        if g.get("stamp_delay_us_p99", 0.0) > WARN_US:
+            out.append(
+                f"GPU {d}: the GPU stamped events up to {g['stamp_delay_us_p99']:.0f} µs late at times (stamp_delay_us_p99), as it does while other traffic such as "
+                "host-device copies is in flight; device ends then may be that much late"
+            )
+    spans, clamped = int(meta.get("device_spans", 0) or 0), int(meta.get("clamped_device_spans", 0) or 0)
+    if spans and clamped > WARN_CLAMPED * spans:
+        out.append(f"{clamped} of {spans} device spans ({100 * clamped / spans:.1f}%) were placed before their launch and clamped: the alignment is off")
+    return out

@@ -177,3 +177,26 @@ def test_a_long_stretch_with_every_stamp_late_is_reported() -> None:
 
     s, _ = loaded_run(60, late, period_ns=20_000_000)
     assert s.meta["alignment"]["0"]["bound_us_max"] > 5
+
+
+def test_poor_alignment_is_said_in_words_live_and_after_loading(tmp_path) -> None:
+    """A stretch of late stamps, and late anchors, are warned about at the end of the run and in
+    the report of the saved trace; a well-supported run gets no warning."""
+    rng = np.random.default_rng(9)
+    s, _ = loaded_run(60, lambda stream, t: float(rng.uniform(10_000, 20_000)) if 15e9 <= t < 45e9 else 0.0, period_ns=20_000_000)
+    said = clock.alignment_warnings(s.meta)
+    assert any("may sit up to" in w for w in said) and any("stamped events up to" in w for w in said)
+    path = s.save(tmp_path / "late.json")
+    loaded = evtrace.load(path)
+    assert clock.alignment_warnings(loaded.meta) == said
+    from evtrace.export.report import report
+
+    assert report(loaded, path).count("> **Warning:**") == len(said)
+    fine, _ = loaded_run(10, lambda stream, t: 0.0)
+    assert clock.alignment_warnings(fine.meta) == []
+
+
+def test_many_clamped_spans_are_warned_about() -> None:
+    meta = {"device_spans": 1000, "clamped_device_spans": 6}
+    assert "clamped" in clock.alignment_warnings(meta)[0]
+    assert clock.alignment_warnings({"device_spans": 1000, "clamped_device_spans": 5}) == []

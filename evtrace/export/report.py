@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..clock import alignment_warnings, per_gpu
 from ..session import Session
 from .chrome import _flat, rank_labels
 from .summary import busy_ns, fmt_ns, host_waits, plural, rows
@@ -117,13 +118,18 @@ def report(s: Session, trace: Path) -> str:
         lines.append("**GPU:** no device spans (no CUDA, or regions were host-only).")
     n_waits, waited = host_waits(s)
     lines.append(f"**Host waits on the device:** {n_waits}, {fmt_ns(waited)} in all." if n_waits else "**Host waits on the device:** none recorded.")
-    gpus = sorted({k.split(".")[1] for k in m if k.startswith("alignment.")})
+    gpus = per_gpu(m)
     if gpus:
         lines.append(
             "**Alignment:** "
-            + "; ".join(f"GPU {d}: {m.get(f'alignment.{d}.anchors')} anchors, drift {m.get(f'alignment.{d}.drift_ppm')} ppm, held-out error {m.get(f'alignment.{d}.residual_us_median')} µs (max {m.get(f'alignment.{d}.residual_us_max')})" for d in gpus)
-            + "."
+            + "; ".join(
+                f"GPU {d}: {g.get('anchors', 0):.0f} anchors ({g.get('anchors_late', 0):.0f} stamped late), drift {g.get('drift_ppm', 0):.3f} ppm, "
+                f"bound {g.get('bound_us_p99', 0):.2f} µs (max {g.get('bound_us_max', 0):.2f}), events stamped late by up to {g.get('stamp_delay_us_p99', 0):.1f} µs (p99)"
+                for d, g in sorted(gpus.items())
+            )
+            + ". The bound is how much earlier the stamps of each second would let the device lane sit."
         )
+    lines += [f"> **Warning:** {w}." for w in alignment_warnings(m)]
     lost = {k: m.get(k, 0) for k in ("dropped_device_spans", "split_device_spans", "clamped_device_spans", "dropped_regions", "unfinished_regions")}
     lines.append("**Drops:** " + (", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items() if v) or "none") + ".")
     lines.append(machine(s))
