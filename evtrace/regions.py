@@ -28,12 +28,12 @@ class Region:
         self.key = -1 if name is None else _rec.name_key(name)
         self.args = args or None
         self.host_only = host_only
-        self._open: list[tuple[int, Any, Any]] = []  # (thread, exit, token) per enter; exit None when nothing recorded
+        self._open: list[Any] = []  # per enter: (thread, exit, token), or None when nothing was recorded
 
     def __enter__(self) -> Region:
         rec = _rec._active
         if rec is None:
-            self._open.append((get_ident(), None, None))
+            self._open.append(None)
         elif self.key < 0:
             raise TypeError('region() needs a name when used with "with": with evtrace.region("step"): ...')
         else:
@@ -50,14 +50,15 @@ class Region:
         o = self._open
         if not o:
             return
+        if o[-1] is None and o.count(None) == len(o):  # no thread recorded anything: any entry is ours
+            o.remove(None)
+            return
         me = get_ident()
-        for t in reversed(o):  # nearly always the last: another thread's entries are skipped
-            if t[0] == me:
-                break
-        else:
+        t = next((u for u in reversed(o) if u is not None and u[0] == me), None)
+        if t is None and None not in o:
             t = o[-1]  # entered on another thread (a manual __enter__/__exit__ pair): as before
-        o.remove(t)  # by identity first; atomic, unlike finding an index and popping it
-        if t[1] is not None:
+        o.remove(t)  # None: this thread recorded nothing, and one such entry is as good as another
+        if t is not None:
             t[1](t[2])
 
     def __call__(self, fn: F) -> F:
