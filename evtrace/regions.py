@@ -54,7 +54,9 @@ class Region:
             o.remove(None)
             return
         me = get_ident()
-        t = next((u for u in reversed(o) if u is not None and u[0] == me), None)
+        t = o[-1]
+        if t is None or t[0] != me:  # another thread's entry is the last: find ours
+            t = next((u for u in reversed(o) if u is not None and u[0] == me), None)
         if t is None and None not in o:
             t = o[-1]  # entered on another thread (a manual __enter__/__exit__ pair): as before
         o.remove(t)  # None: this thread recorded nothing, and one such entry is as good as another
