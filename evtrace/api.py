@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar, cast
 
+from . import defaults
 from . import recorder as _rec
 from .clock import Clock, alignment_warnings
 from .device import Backend, cuda_backend
@@ -95,14 +96,14 @@ class record:
         path: str | os.PathLike[str] | None = None,
         *,
         device: bool | None = None,
-        anchor_interval: float = 0.1,
+        anchor_interval: float = defaults.ANCHOR_INTERVAL_S,
         pool_size: int = 1024,
         quiet: bool = False,
         open: bool = False,
-        max_regions: int | None = 4_000_000,
+        max_regions: int | None = defaults.MAX_REGIONS,
         redact_argv: bool = False,
         hooks: bool = False,
-        depth: int | None = 2,
+        depth: int | None = defaults.HOOK_DEPTH,
         include: str | None = None,
         exclude: str | None = None,
         nvtx: bool = False,

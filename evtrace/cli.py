@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from . import __version__
+from . import __version__, defaults
 from .api import default_path, output_problem, record
 from .export.chrome import TraceError
 from .finish import Terminated, die_by, on_sigterm
@@ -51,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
     run.add_argument("--no-cuda", action="store_true", help="record host lanes only")
     run.add_argument("--open", action="store_true", help="open the trace in ui.perfetto.dev when done")
-    run.add_argument("--max-regions", type=int, default=4_000_000, metavar="N", help="keep the newest N regions, drop (and count) older ones; 0: no limit")
+    run.add_argument("--max-regions", type=int, default=defaults.MAX_REGIONS, metavar="N", help="keep the newest N regions, drop (and count) older ones; 0: no limit")
     run.add_argument("--redact", "--redact-argv", dest="redact_argv", action="store_true", help="keep only the script's name of the command line in the trace (by default: as given, with secret-looking option values redacted)")
     run.add_argument("--no-hooks", action="store_true", help="trace only explicit evtrace regions: no modules, backward, optimizer, data or wait spans")
-    run.add_argument("--depth", type=int, default=2, metavar="N", help="trace modules down to depth N below each top-level module (default 2)")
+    run.add_argument("--depth", type=int, default=defaults.HOOK_DEPTH, metavar="N", help=f"trace modules down to depth N below each top-level module (default {defaults.HOOK_DEPTH})")
     run.add_argument("--include", metavar="REGEX", help="trace only modules whose path matches")
     run.add_argument("--exclude", metavar="REGEX", help="do not trace modules whose path matches")
     run.add_argument("--nvtx", action="store_true", help="also emit every region as an NVTX range, for Nsight Systems")

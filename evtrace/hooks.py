@@ -18,6 +18,7 @@ import types
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from . import defaults
 from . import recorder as _rec
 
 if TYPE_CHECKING:
@@ -372,7 +373,7 @@ class Hooks:
     ``remove()`` restores every patched attribute and removes every module wrapper.
     """
 
-    def __init__(self, depth: int | None = 2, include: str | None = None, exclude: str | None = None) -> None:
+    def __init__(self, depth: int | None = defaults.HOOK_DEPTH, include: str | None = None, exclude: str | None = None) -> None:
         import torch
 
         _bind_torch()

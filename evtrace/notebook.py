@@ -26,7 +26,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from . import view
+from . import defaults, view
 from .api import default_path, output_problem, record
 from .export.chrome import TraceError
 from .export.summary import COLUMNS, fmt_ns, rows
@@ -134,7 +134,7 @@ class EvtraceMagics(Magics):
     @magic_arguments()
     @argument("-o", "--output", help="trace path (.json.gz or .json); default evtrace-<time>.json.gz")
     @argument("--hooks", action="store_true", help="also trace modules, backward, optimizer, data and waits, as python -m evtrace does")
-    @argument("--depth", type=int, default=2, help="with --hooks: trace modules down to depth N (default 2)")
+    @argument("--depth", type=int, default=defaults.HOOK_DEPTH, help=f"with --hooks: trace modules down to depth N (default {defaults.HOOK_DEPTH})")
     @cell_magic
     def evtrace(self, line: str, cell: str) -> None:
         """Record the cell with evtrace; show its summary, timeline, path and a Perfetto link."""

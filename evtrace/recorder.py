@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import clock as _clock
+from . import defaults
 from .device import Backend, Event
 from .session import REGION_DTYPE, Session, Stream, Thread
 
@@ -97,11 +98,11 @@ class Recorder:
         backend: Backend | None,
         clock: _clock.Clock = time.perf_counter_ns,
         *,
-        anchor_interval_s: float = 0.1,
+        anchor_interval_s: float = defaults.ANCHOR_INTERVAL_S,
         poll_s: float = 0.01,
         pool_size: int = 1024,
         max_events: int = 1 << 16,
-        max_regions: int | None = 4_000_000,
+        max_regions: int | None = defaults.MAX_REGIONS,
         anchor_tries: int = 5,
         share_ns: int | None = None,
         background: bool = True,

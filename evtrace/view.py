@@ -17,8 +17,10 @@ import webbrowser
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
+from . import defaults
+
 UI = "https://ui.perfetto.dev"
-PORT = 9001  # the UI's CSP allows http://127.0.0.1:9001 and nothing else
+PORT = defaults.VIEW_PORT  # the UI's CSP allows http://127.0.0.1:9001 and nothing else
 PORT_ENV = "EVTRACE_VIEW_PORT"  # another port (0: any free one) for tests and your own tools
 
 
