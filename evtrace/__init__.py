@@ -6,17 +6,18 @@ __version__ = "0.1.0"
 
 import warnings as _warnings
 
-_START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evtrace run` gives a script
+START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evtrace run` gives a script (cli)
 
 
 from .api import record
 from .hooks import instrument
 from .regions import region
+from .files import TraceError
 from .session import Session
 
 load = Session.load
 
-__all__ = ["Session", "__version__", "instrument", "load", "record", "region"]
+__all__ = ["Session", "TraceError", "__version__", "instrument", "load", "record", "region"]
 
 
 def load_ipython_extension(ip: object) -> None:

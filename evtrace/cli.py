@@ -2,7 +2,12 @@
 
     evtrace [run] [-o PATH] script.py [args...]
     evtrace [run] [-o PATH] -m module [args...]
-    evtrace summary TRACE [--skip N]
+    evtrace summary TRACE... [--skip N]
+    evtrace report | render | merge | view | diff ...
+
+Owns argument parsing, reading and writing the files (the library's views take and return
+Sessions, text and bytes), one-line errors (exit 2), and running the user's script faithfully.
+Each subcommand is one handler in ``HANDLERS``.
 """
 
 from __future__ import annotations
@@ -22,15 +27,18 @@ import traceback
 import types
 import warnings
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from . import __version__, defaults
 from .api import default_path, output_problem, record
-from .export.chrome import TraceError
+from .export.diff import DiffError, DiffMarkdown, DiffText
+from .export.merge import merge
+from .export.render import NothingToDraw, Timeline
+from .export.report import Report
+from .export.summary import Summary, ranks
+from .files import TraceError, read_json, write_bytes
 from .finish import Terminated, die_by, on_sigterm
-from .session import Session
-
-COMMANDS = ("run", "summary", "view", "merge", "report", "render", "diff")
+from .session import Session, rank_labels
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,41 +103,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version"):
         args.insert(0, "run")
     ns = _parser().parse_args(args)
+    handler = HANDLERS.get(ns.command)
+    if handler is None:
+        _parser().print_usage(sys.stderr)
+        return 2
     try:
-        if ns.command == "summary":
-            return _summary(ns)
-        if ns.command == "view":
-            return _view(ns)
-        if ns.command == "merge":
-            return _merge(ns)
-        if ns.command == "report":
-            return _report(ns)
-        if ns.command == "render":
-            return _render(ns)
-        if ns.command == "run":
-            return _run(ns)
-        if ns.command == "diff":
-            return _diff(ns)
+        return handler(ns)
     except UsageError as e:
         print(f"evtrace: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `evtrace summary t.json.gz | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141  # as a tool killed by SIGPIPE
-    _parser().print_usage(sys.stderr)
-    return 2
 
 
 def _summary(ns: argparse.Namespace) -> int:
-    from .export.chrome import rank_labels
-    from .export.summary import ranks
-
     if ns.skip < 0:
         raise UsageError("--skip must be 0 or more")
+    view = Summary(skip=ns.skip)
     sessions = [_load(p) for p in ns.trace]
     for p, session in zip(ns.trace, sessions):
         print(f"== {p}" if len(sessions) > 1 else "", end="\n" if len(sessions) > 1 else "")
-        print(session.summary(skip=ns.skip))
+        print(view.render(session))
         if session.ranks:  # a merged trace: its ranks side by side
             print("\n" + ranks(session.ranks, rank_labels(session.ranks)))
     if len(sessions) > 1:
@@ -179,8 +174,6 @@ def _writable(path: Path | None, trace: bool = True, suffix: str | None = None, 
 
 def _write_text(path: Path, text: str) -> None:
     """Write atomically, as traces are: an interrupted write never leaves half a file."""
-    from .export.chrome import write_bytes
-
     try:
         write_bytes(text.encode("utf-8"), path)
     except OSError as e:
@@ -188,10 +181,9 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _report(ns: argparse.Namespace) -> int:
-    from .export.report import report
-
-    _writable(ns.output, trace=False, suffix=".md", inputs=[ns.trace])
-    text = report(_load(ns.trace), ns.trace)
+    _writable(ns.output, trace=False, suffix=Report.suffix, inputs=[ns.trace])
+    session = _load(ns.trace)
+    text = Report(ns.trace.name, ns.trace.stat().st_size).render(session)
     if ns.output:
         _write_text(ns.output, text)
         print(f"evtrace: wrote {ns.output}", file=sys.stderr)
@@ -201,9 +193,7 @@ def _report(ns: argparse.Namespace) -> int:
 
 
 def _render(ns: argparse.Namespace) -> int:
-    from .export.render import NothingToDraw, draw
-
-    _writable(ns.output, trace=False, suffix=".svg", inputs=[ns.trace])
+    _writable(ns.output, trace=False, suffix=Timeline.suffix, inputs=[ns.trace])
     window = None
     if ns.window:
         if ":" not in ns.window:
@@ -218,7 +208,7 @@ def _render(ns: argparse.Namespace) -> int:
         except re.error as e:
             raise UsageError(f"--lanes {ns.lanes!r} is not a regular expression: {e}") from None
     try:
-        drawn = draw(_load(ns.trace), window, ns.lanes)
+        drawn = Timeline(window, ns.lanes, strict=True).draw(_load(ns.trace))
     except NothingToDraw as e:
         raise UsageError(str(e)) from None
     _write_text(ns.output, drawn.svg)
@@ -227,24 +217,21 @@ def _render(ns: argparse.Namespace) -> int:
 
 
 def _merge(ns: argparse.Namespace) -> int:
-    from .export import merge
-
     _writable(ns.output, inputs=ns.traces)
+    s = merge([_load(p) for p in ns.traces], [str(p) for p in ns.traces])
     try:
-        s = merge.merge(ns.traces)
-    except TraceError as e:
-        raise UsageError(str(e)) from None
-    merge.write(s, ns.output)
+        s.save(ns.output)
+    except OSError as e:
+        raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
     print(f"evtrace: merged {_plural(len(ns.traces), 'trace')} ({_plural(len(s), 'region')}, {_plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}", file=sys.stderr)
     return 0
 
 
 def _view(ns: argparse.Namespace) -> int:
-    from .export.chrome import load_json
     from .view import port_from_env, serve
 
     try:
-        load_json(ns.trace)  # refuse a corrupt or truncated file before serving it
+        read_json(ns.trace)  # refuse a corrupt or truncated file before serving it
     except TraceError as e:
         raise UsageError(str(e)) from None
     try:
@@ -363,9 +350,9 @@ def _run_target(ns: argparse.Namespace) -> int:
 def _fresh_warnings() -> None:
     """The warning filters the process started with: not those that evtrace's own imports
     (numpy, torch) added, which ``python script.py`` would not have at its start."""
-    from . import _START_FILTERS
+    from . import START_FILTERS
 
-    warnings.filters[:] = _START_FILTERS  # type: ignore[index]
+    warnings.filters[:] = START_FILTERS  # type: ignore[index]
     warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the per-module caches
 
 
@@ -408,8 +395,6 @@ def _user_frames(tb):  # type: ignore[no-untyped-def]
 
 
 def _diff(ns: argparse.Namespace) -> int:
-    from .export import diff
-
     if ns.skip < 0:
         raise UsageError("--skip must be 0 or more")
     if not 0 < ns.alpha < 1:
@@ -417,13 +402,28 @@ def _diff(ns: argparse.Namespace) -> int:
     if ns.min_change < 0 or (ns.fail_above is not None and ns.fail_above < 0):
         raise UsageError("--min-change and --fail-above must be 0 or more")
     before, after = _load(ns.before), _load(ns.after)
+    kind = DiffMarkdown if ns.markdown else DiffText
+    view = kind(str(ns.before), str(ns.after), rank=ns.rank, skip=ns.skip, alpha=ns.alpha, min_change=ns.min_change)
     try:
-        d = diff.compare(before, after, rank=ns.rank, skip=ns.skip, alpha=ns.alpha, min_change=ns.min_change)
-    except diff.DiffError as e:
+        d = view.compare(before, after)
+    except DiffError as e:
         raise UsageError(str(e)) from None
-    sys.stdout.write((diff.markdown if ns.markdown else diff.text)(d, str(ns.before), str(ns.after)))
+    sys.stdout.write(view.format(d))
     bad = d.regressions(ns.fail_above) if ns.fail_above is not None else []
     if bad:  # one line on stderr, so that CI logs show why it failed
         print(f"evtrace: {_plural(len(bad), 'region')} significantly slower by more than {ns.fail_above:g}%: " + ", ".join(f"{r.name} {r.change:+.0f}%" for r in bad), file=sys.stderr)
         return 1
     return 0
+
+
+#: subcommand -> handler; ``main`` dispatches through it
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _run,
+    "summary": _summary,
+    "view": _view,
+    "merge": _merge,
+    "report": _report,
+    "render": _render,
+    "diff": _diff,
+}
+COMMANDS = tuple(HANDLERS)

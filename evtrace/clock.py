@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .metadata import ALIGNMENT, DeviceAlignment
+
 Clock = Callable[[], int]  # host clock in integer ns (time.perf_counter_ns by default)
 
 #: stamps are first reduced to the least-delayed one per bin of this much device time
@@ -65,7 +67,7 @@ class Alignment:
     def to_host(self, dev_ms: np.ndarray) -> np.ndarray:
         """Host ns (float64) for device ms; linear with the run's drift beyond the first and last knot."""
         x = np.asarray(dev_ms, dtype=np.float64)
-        out = np.interp(x, self.dev_ms, self.host_ns)
+        out: np.ndarray = np.interp(x, self.dev_ms, self.host_ns)
         lo, hi = x < self.dev_ms[0], x > self.dev_ms[-1]
         out[lo] = self.host_ns[0] + (x[lo] - self.dev_ms[0]) * self.slope
         out[hi] = self.host_ns[-1] + (x[hi] - self.dev_ms[-1]) * self.slope
@@ -75,7 +77,8 @@ class Alignment:
 def _segments(x: np.ndarray, width: float) -> np.ndarray:
     """Where each bin of sorted ``x`` (bins ``width`` wide) begins."""
     b = np.floor((x - x[0]) / width).astype(np.int64)
-    return np.r_[0, np.flatnonzero(b[1:] != b[:-1]) + 1]
+    starts: np.ndarray = np.r_[0, np.flatnonzero(b[1:] != b[:-1]) + 1]
+    return starts
 
 
 def _bin_max(x: np.ndarray, y: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +157,8 @@ def fit(
     dx = knots[:, None] - px
 
     def envelope(s: np.ndarray) -> np.ndarray:
-        return np.max(pr + s[:, None] * dx, axis=1)
+        top: np.ndarray = np.max(pr + s[:, None] * dx, axis=1)
+        return top
 
     # only tilt between stamps on both sides: beyond the last ones it would follow a late one down
     both = (valid & (dx > 0)).any(axis=1) & (valid & (dx < 0)).any(axis=1)
@@ -179,31 +183,27 @@ WARN_US = 5.0
 WARN_CLAMPED = 0.005
 
 
-def per_gpu(meta: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Each GPU's alignment figures, from a live session's nested metadata or a loaded one's
-    flat ``alignment.<gpu>.<key>`` keys."""
-    nested = meta.get("alignment")
-    flat = {(k.split(".", 2)[1], k.split(".", 2)[2]): v for k, v in meta.items() if k.count(".") >= 2 and k.startswith("alignment.")}
-    if isinstance(nested, dict):
-        flat = {(str(d), k): v for d, g in nested.items() if isinstance(g, dict) for k, v in g.items()}
-    out: dict[str, dict[str, float]] = {}
-    for (d, k), v in flat.items():
-        try:
-            out.setdefault(d, {})[k] = float(v)
-        except (TypeError, ValueError):
-            continue
-    return out
+def per_gpu(meta: dict[str, Any]) -> dict[str, DeviceAlignment]:
+    """Each GPU's alignment figures, by device index (a string), from a session's typed metadata."""
+    found = meta.get(ALIGNMENT)
+    if not isinstance(found, dict):
+        return {}
+    return {str(d): a for d, a in found.items() if isinstance(a, DeviceAlignment)}
 
 
 def alignment_warnings(meta: dict[str, Any]) -> list[str]:
     """What a user must know before trusting the device lanes, in words; empty when all is well."""
     out = []
     for d, g in sorted(per_gpu(meta).items()):
-        if g.get("bound_us_p99", 0.0) > WARN_US:
-            out.append(f"GPU {d}: in some seconds every stamp was late, so the device lane there may sit up to {g['bound_us_p99']:.1f} µs off (bound_us_p99)")
-        if g.get("stamp_delay_us_p99", 0.0) > WARN_US:
+        if g.bound_us_p99 > WARN_US:
             out.append(
-                f"GPU {d}: the GPU stamped events up to {g['stamp_delay_us_p99']:.0f} µs late at times (stamp_delay_us_p99), as it does while other traffic such as "
+                f"GPU {d}: in some seconds every stamp was late, so the device lane there may sit up to "
+                f"{g.bound_us_p99:.1f} µs off (bound_us_p99)"
+            )
+        if g.stamp_delay_us_p99 > WARN_US:
+            out.append(
+                f"GPU {d}: the GPU stamped events up to {g.stamp_delay_us_p99:.0f} µs late at times "
+                "(stamp_delay_us_p99), as it does while other traffic such as "
                 "host-device copies is in flight; device ends then may be that much late"
             )
     spans, clamped = int(meta.get("device_spans", 0) or 0), int(meta.get("clamped_device_spans", 0) or 0)

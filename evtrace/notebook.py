@@ -8,7 +8,8 @@ frontend picks), the SVG timeline, the saved path, and a link that opens the tra
 ui.perfetto.dev. The file is served from the kernel, once, as ``evtrace view`` serves it, by a
 background thread that stops after one fetch or ``SERVE_TIMEOUT_S``.
 
-IPython is imported here only; ``import evtrace`` never imports it.
+IPython is imported here only; ``import evtrace`` never imports it. Owns the magics and the
+notebook display of a session (summary as HTML, the SVG timeline, the serving link).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from . import defaults, view
+from .analysis import COLUMNS, cells, rows
 from .api import default_path, output_problem, record
-from .export.chrome import TraceError
-from .export.summary import COLUMNS, fmt_ns, rows
+from .export.render import Timeline
+from .files import TraceError
 from .session import Session
 
 SERVE_TIMEOUT_S = 600.0  # a link left unclicked stops serving after this
@@ -91,17 +93,15 @@ def serve_once(path: Path) -> tuple[str | None, str]:
 def _table_html(s: Session) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = []
-    for name, n, hp50, hp95, dp50, dp95, lead, busy in rows(s):
-        has_dev = dp50 == dp50
-        cells = [str(n), fmt_ns(hp50), fmt_ns(hp95), fmt_ns(dp50), fmt_ns(dp95), fmt_ns(lead), fmt_ns(busy) if has_dev else "-"]
-        body.append(f"<tr><td style='text-align:left'>{html.escape(name)}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    for row in rows(s):
+        name, *rest = cells(row)
+        tds = "".join(f"<td>{html.escape(c)}</td>" for c in rest)
+        body.append(f"<tr><td style='text-align:left'>{html.escape(name)}</td>{tds}</tr>")
     return f"<table class='evtrace-summary'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def show(s: Session, path: Path, failed: str | None = None) -> None:
     """Display a session: summary, timeline, path, and a link to ui.perfetto.dev."""
-    from .export.render import render
-
     url, note = serve_once(path)
     text = s.summary()
     head = html.escape(text.splitlines()[0]) if text else ""
@@ -122,7 +122,7 @@ def show(s: Session, path: Path, failed: str | None = None) -> None:
     if len(s) == 0:
         return  # no timeline to draw; the table says "(no regions)"
     try:
-        svg = render(s)
+        svg = Timeline().render(s)
     except ValueError as e:  # nothing to draw: the table and the link still stand
         display({"text/plain": f"(no timeline: {e})"}, raw=True)
         return

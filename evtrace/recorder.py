@@ -558,6 +558,7 @@ class Recorder:
 
     def _session(self, end_ns: int) -> Session:
         from .meta import environment
+        from .metadata import DeviceAlignment
 
         live = np.concatenate(self._chunks) if self._chunks else np.empty(0, _LIVE_DTYPE)
         order = np.argsort(live["host_start"], kind="stable")  # regions in the order they began
@@ -573,7 +574,7 @@ class Recorder:
         regions["host_start"] = live["host_start"] - o
         regions["host_end"] = live["host_end"] - o
         devices = list(self.backend.devices) if self.backend else []
-        align: dict[str, Any] = {}
+        align: dict[str, DeviceAlignment] = {}
         clamped = 0
         for d in range(len(devices)):
             rows = regions["device"] == d
@@ -599,19 +600,19 @@ class Recorder:
             regions["dev_start"][rows] = s0
             regions["dev_end"][rows] = s1
             clamped += clamped_d
-            align[str(d)] = {
-                "anchors": fit.anchors,
-                "anchors_late": fit.anchors_late,
-                "stamps": fit.stamps,
-                "drift_ppm": round(fit.drift_ppm, 3),
-                "latency_us": round(fit.latency_ns / 1e3, 3),
-                "bound_us_p99": round(fit.bound_us[0], 3),
-                "bound_us_max": round(fit.bound_us[1], 3),
-                "stamp_delay_us_p50": round(fit.anchor_delay_us[0], 3),
-                "stamp_delay_us_p99": round(fit.anchor_delay_us[1], 3),
-                "stamp_delay_us_max": round(fit.anchor_delay_us[2], 3),
-                "clamped_spans": clamped_d,
-            }
+            align[str(d)] = DeviceAlignment(
+                anchors=fit.anchors,
+                anchors_late=fit.anchors_late,
+                stamps=fit.stamps,
+                drift_ppm=round(fit.drift_ppm, 3),
+                latency_us=round(fit.latency_ns / 1e3, 3),
+                bound_us_p99=round(fit.bound_us[0], 3),
+                bound_us_max=round(fit.bound_us[1], 3),
+                stamp_delay_us_p50=round(fit.anchor_delay_us[0], 3),
+                stamp_delay_us_p99=round(fit.anchor_delay_us[1], 3),
+                stamp_delay_us_max=round(fit.anchor_delay_us[2], 3),
+                clamped_spans=clamped_d,
+            )
         nodev = regions["device"] < 0
         streams = [Stream(d, self.backend.stream_label(d, s)) for (d, s) in self._streams]  # type: ignore[union-attr]
         meta: dict[str, Any] = environment(devices)

@@ -1,14 +1,40 @@
-"""A finished recording: plain data, no device handles. Save, load and summarise it anywhere."""
+"""A finished recording: plain data, no device handles; and its file, the trace.
+
+Owns the data model (``REGION_DTYPE``, :class:`Thread`, :class:`Stream`, :class:`Session` with its
+typed metadata from ``evtrace.metadata``), combining sessions (:meth:`Session.combine`, what
+merge builds on), and persistence: :meth:`Session.save` writes Chrome trace-event JSON as
+Perfetto imports it (``shared/TRACE_FORMAT.md``, via orjson) and :meth:`Session.load` reads it
+back, equal to what was saved. The trace file *is* the save format: Perfetto shows its events and
+flat metadata, and the ``evtrace.*`` metadata entries hold what loading needs. Anything that is
+not such a trace raises :class:`~evtrace.files.TraceError`.
+
+Lanes: the host process (real pid) with one lane per thread, then one process per GPU
+(pid 10_000_000 + index) with one lane per stream. Every lane gets all four M events.
+Spans that would cross on a lane move to an extra "(overlap)" lane, so nothing is dropped.
+Times are integer ns since the session origin, written as µs with three decimals.
+A merged session (``Session.ranks``) is written rank after rank, each under its own pids.
+
+Imports: device (DeviceInfo), metadata, files, analysis; never the views in ``export/``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
+import orjson
 
+from . import metadata
+from .analysis import outermost, summary_text
 from .device import DeviceInfo
+from .files import TraceError, read_json, write_bytes
+from .metadata import json_value, text
+
+__all__ = ["REGION_DTYPE", "Session", "Stream", "Thread", "TraceError", "rank_labels", "trace_bytes", "trace_chunks"]
 
 #: one row per region. Times are integer ns since the session origin, all on the host clock.
 #: device < 0: no device span (no CUDA, or the span was lost; see the metadata counts).
@@ -25,6 +51,9 @@ REGION_DTYPE = np.dtype(
     ]
 )
 
+#: metadata counts that add up over ranks when sessions are combined
+COUNTS = ("dropped_device_spans", "split_device_spans", "clamped_device_spans", "dropped_regions", "unfinished_regions")
+
 
 @dataclass(frozen=True)
 class Thread:
@@ -38,9 +67,14 @@ class Stream:
     label: str
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
-    """Regions with host and device spans on one clock, plus metadata."""
+    """Regions with host and device spans on one clock, plus metadata.
+
+    ``meta`` holds JSON values, except ``meta["alignment"]``: one :class:`~evtrace.metadata.DeviceAlignment`
+    per device, keyed by its index as a string. Two sessions are equal when every field is
+    (the regions compared as arrays): ``Session.load(s.save(p)) == s``.
+    """
 
     regions: np.ndarray  # REGION_DTYPE
     names: list[str]
@@ -58,25 +92,468 @@ class Session:
     def __len__(self) -> int:
         return len(self.regions)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Session):
+            return NotImplemented
+        return (
+            self.regions.dtype == other.regions.dtype
+            and np.array_equal(self.regions, other.regions)
+            and (self.names, self.threads, self.devices, self.streams) == (other.names, other.threads, other.devices, other.streams)
+            and (self.args, self.meta, self.pid, self.wall_origin_ns) == (other.args, other.meta, other.pid, other.wall_origin_ns)
+            and self.ranks == other.ranks
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
+
     @property
     def device_spans(self) -> int:
         return int((self.regions["device"] >= 0).sum())
 
-    def save(self, path: str | Path) -> Path:
-        """Write a Chrome/Perfetto trace; gzip when the path ends in ``.gz``."""
-        from .export import chrome
+    def summary(self, skip: int = 0) -> str:
+        """A table per region name; ``skip`` drops the first N of each name (warm-up)."""
+        return summary_text(self, skip)
 
-        return chrome.write(self, Path(path))
+    def save(self, path: str | Path) -> Path:
+        """Write a Chrome/Perfetto trace; gzip when the path ends in ``.gz``. Atomic: a killed
+        writer never leaves a half file under ``path``."""
+        return write_bytes(trace_chunks(self), Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> Session:
         """Read a trace written by evtrace. Raises ``TraceError`` on anything else."""
-        from .export import chrome
+        return read(Path(path))
 
-        return chrome.read(Path(path))
+    @classmethod
+    def combine(cls, ranks: list[Session], meta: dict[str, Any]) -> Session:
+        """One Session holding every rank's regions (threads, devices and streams one after
+        another), with ``ranks`` kept. Its metadata: ``meta``, the counts summed, every GPU, the
+        longest duration, and the first rank's versions and command. The ranks must already be
+        on one clock (``export.merge`` shifts them)."""
+        names: dict[str, int] = {}
+        parts: list[np.ndarray] = []
+        args: dict[int, dict[str, Any]] = {}
+        threads: list[Thread] = []
+        devices: list[DeviceInfo] = []
+        streams: list[Stream] = []
+        first = ranks[0].meta if ranks else {}
+        out_meta: dict[str, Any] = {k: first[k] for k in ("python", "torch", "cuda", "driver", "argv", "host_id") if k in first}
+        out_meta.update(meta)
+        for k in COUNTS:
+            if any(k in s.meta for s in ranks):
+                out_meta[k] = sum(int(s.meta.get(k, 0)) for s in ranks)
+        out_meta["gpus"] = [g for s in ranks for g in (s.meta.get("gpus") or [])]
+        ends = [int(s.meta.get("duration_ns", 0)) + int(s.meta.get("shift_ns", 0)) for s in ranks]
+        out_meta["duration_ns"] = max(ends, default=0)
+        offset = 0
+        for s in ranks:
+            r = s.regions.copy()
+            name_map = np.array([names.setdefault(n, len(names)) for n in s.names] or [0], dtype=np.int32)
+            r["name"] = name_map[r["name"]]
+            r["thread"] += len(threads)
+            dev = r["device"] >= 0
+            r["stream"][dev] += len(streams)
+            r["device"][dev] += len(devices)
+            args.update({i + offset: a for i, a in s.args.items()})
+            offset += len(r)
+            parts.append(r)
+            threads += s.threads
+            streams += [dataclasses.replace(st, device=st.device + len(devices)) for st in s.streams]
+            devices += [dataclasses.replace(d, index=len(devices) + k) for k, d in enumerate(s.devices)]
+        regions = np.concatenate(parts) if parts else np.zeros(0, REGION_DTYPE)
+        wall = min((s.wall_origin_ns for s in ranks), default=0)
+        pid = ranks[0].pid if ranks else 0
+        return cls(regions, list(names), threads, devices, streams, args, out_meta, pid, wall, ranks=list(ranks))
 
-    def summary(self, skip: int = 0) -> str:
-        """A table per region name; ``skip`` drops the first N of each name (warm-up)."""
-        from .export.summary import summary
 
-        return summary(self, skip=skip)
+def rank_labels(ranks: list[Session]) -> list[str]:
+    """"rank N" for each input that has a distinct rank, else "trace i"."""
+    got = [r.meta.get("rank") for r in ranks]
+    return [f"rank {k}" if isinstance(k, int) and got.count(k) == 1 else f"trace {i}" for i, k in enumerate(got)]
+
+
+# ---- the trace file: writing ----
+
+FORMAT = 1
+DEVICE_PID = 10_000_000  # above Linux's pid_max, so never a real process
+OVERLAP_TID = 0x7F000000  # first tid of the extra lanes for crossing spans
+OWN_ARGS = ("region", "host_dur_us", "device_dur_us", "launch_delay_us")
+HOST_PID_BASE = 1_000_000  # merged traces: input i's host is pid HOST_PID_BASE + i * PIDS_PER_INPUT,
+PIDS_PER_INPUT = 1_000  # its GPU d the next pid + d (never a real pid of another host)
+
+
+def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """For spans on one lane, the sub-lane (0 = the lane itself) on which each one nests.
+
+    Intervals are closed-open: touching spans are siblings. A span that would cross one
+    already open goes to the first sub-lane where it nests.
+    """
+    out = np.zeros(len(start), dtype=np.int32)
+    if len(start) < 2:
+        return out
+    order = np.lexsort((-end, start))
+    s, e = start[order], end[order]
+    if np.all(s[1:] >= e[:-1]):  # flat: nothing nests, nothing crosses
+        return out
+    stacks: list[list[int]] = []
+    lane_of = np.zeros(len(start), dtype=np.int32)
+    for k, (st, en) in enumerate(zip(s.tolist(), e.tolist())):
+        for lane, stack in enumerate(stacks):
+            while stack and stack[-1] <= st:
+                stack.pop()
+            if not stack or en <= stack[-1]:
+                stack.append(en)
+                lane_of[k] = lane
+                break
+        else:
+            stacks.append([en])
+            lane_of[k] = len(stacks) - 1
+    out[order] = lane_of
+    return out
+
+
+def _lane_meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: int) -> list[dict[str, Any]]:
+    return [
+        {"ph": "M", "name": "process_name", "pid": pid, "tid": tid, "args": {"name": pname}},
+        {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": psort}},
+        {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": tname}},
+        {"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tsort}},
+    ]
+
+
+
+
+class _Lanes:
+    """Where each region's host and device slice goes, with crossing spans split off."""
+
+    def __init__(self, s: Session, dev_pid: int = DEVICE_PID) -> None:
+        r = s.regions
+        self.overlap: list[list[int]] = []  # [extra tid, original tid]
+        self._next = OVERLAP_TID
+        host_tid = np.array([t.tid for t in s.threads] or [0], dtype=np.int64)[r["thread"]]
+        self.host_tid, self.host_extra = self._split(r["thread"], host_tid, r["host_start"], r["host_end"])
+        self.has_dev = r["device"] >= 0
+        rows = np.nonzero(self.has_dev)[0]
+        self.dev_pid = dev_pid + r["device"].astype(np.int64)
+        self.dev_tid = 1 + r["stream"].astype(np.int64)
+        tids, self.dev_extra = self._split(r["stream"][rows], self.dev_tid[rows], r["dev_start"][rows], r["dev_end"][rows])
+        self.dev_tid[rows] = tids
+
+    def _split(self, lane_ids: np.ndarray, base_tid: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
+        tid = base_tid.copy()
+        extras: dict[tuple[int, int], int] = {}
+        for lane in np.unique(lane_ids):
+            rows = np.nonzero(lane_ids == lane)[0]
+            sub = sublanes(start[rows], end[rows])
+            for k in np.unique(sub[sub > 0]).tolist():
+                orig = int(base_tid[rows[0]])
+                extras[(orig, k)] = self._next
+                self.overlap.append([self._next, orig])
+                tid[rows[sub == k]] = self._next
+                self._next += 1
+        return tid, extras
+
+
+class _Place(NamedTuple):
+    """Where one session's events go: its pids, process-name prefix, sort base, first flow id."""
+
+    host_pid: int
+    dev_pid: int  # GPU d is dev_pid + d
+    prefix: str
+    sort: int
+    flow: int
+
+
+def _place(s: Session) -> _Place:
+    rank = s.meta.get("rank")
+    return _Place(s.pid, DEVICE_PID, f"rank {rank} · " if isinstance(rank, int) else "", 0, 0)
+
+
+def _meta_events(s: Session, lanes: _Lanes, place: _Place) -> list[dict[str, Any]]:
+    """All four M events for every lane: host first, then GPU 0, 1, ...; extra lanes after theirs."""
+    events: list[dict[str, Any]] = []
+
+    def extra(found: dict[tuple[int, int], int], orig: int, pid: int, pname: str, psort: int, tname: str, tsort: int) -> None:
+        for (o, k), tid in found.items():
+            if o == orig:
+                suffix = " (overlap)" if k == 1 else f" (overlap {k})"
+                events.extend(_lane_meta(pid, tid, pname, psort, tname + suffix, tsort + k))
+
+    prefix, hpid = text(place.prefix), place.host_pid
+    for i, t in enumerate(s.threads):
+        events += _lane_meta(hpid, t.tid, prefix + "host", place.sort, text(t.name), i * 100)
+        extra(lanes.host_extra, t.tid, hpid, prefix + "host", place.sort, text(t.name), i * 100)
+    order = sorted(range(len(s.streams)), key=lambda j: (not s.streams[j].label.endswith("(default)"), j))
+    for rank, j in enumerate(order):
+        st = s.streams[j]
+        pid, pname = place.dev_pid + st.device, text(f"{prefix}GPU {st.device} · {s.devices[st.device].name}")
+        events += _lane_meta(pid, j + 1, pname, place.sort + 1 + st.device, text(st.label), rank * 100)
+        extra(lanes.dev_extra, j + 1, pid, pname, place.sort + 1 + st.device, text(st.label), rank * 100)
+    return events
+
+
+_HOST = '{"ph":"X","cat":"region","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"args":{%s"region":%d,"host_dur_us":%.3f}}'
+_HOST_FLOW = '{"ph":"X","cat":"region","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"bind_id":%d,"flow_out":true,"args":{%s}}'
+_DEV = '{"ph":"X","cat":"device","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"bind_id":%d,"flow_in":true,"args":{%s}}'
+_DEV_ARGS = '%s"region":%d,"host_dur_us":%.3f,"device_dur_us":%.3f,"launch_delay_us":%.3f'
+# a chunk whose regions all have no user args and either all or none a device slice: one
+# format call for the whole chunk (the per-row loop below costs ~0.5 µs more a region)
+_HOST_ROW = _HOST.replace('"args":{%s"region"', '"args":{"region"')
+_DEV_ROW = (_HOST_FLOW + "," + _DEV).replace("%s}}", _DEV_ARGS.replace("%s", "", 1) + "}}")
+CHUNK = 65536
+
+
+def _rows(template: str, columns: list[list[Any]]) -> str:
+    """``template % row`` for each row of ``columns``, joined by commas, in one format call."""
+    n, k = len(columns[0]), len(columns)
+    flat: list[Any] = [None] * (n * k)
+    for j, col in enumerate(columns):
+        flat[j::k] = col
+    return ",".join([template] * n) % tuple(flat)
+
+
+def _slices(s: Session, lanes: _Lanes, place: _Place) -> Iterator[str]:
+    """The X events, as JSON text in chunks, formatted from integer ns without one dict per event.
+
+    Names and user args go through orjson once each; ``%.3f`` of ns/1000 is exact to the ns.
+    """
+    r = s.regions
+    names = [orjson.dumps(text(n)).decode() for n in s.names]
+    user = {i: orjson.dumps({text(str(k)): json_value(v) for k, v in a.items()}).decode()[1:-1] + "," for i, a in s.args.items() if a}
+    with_args = np.zeros(len(r), dtype=bool)
+    with_args[list(user)] = True
+    pid, flow = place.host_pid, place.flow + 1  # flow ids: unique in the whole file, never 0
+    for lo in range(0, len(r), CHUNK):
+        hi = min(lo + CHUNK, len(r))
+        c = r[lo:hi]
+        name = [names[k] for k in c["name"].tolist()]
+        h0 = (c["host_start"] / 1000).tolist()
+        hd = ((c["host_end"] - c["host_start"]) / 1000).tolist()
+        htid = lanes.host_tid[lo:hi].tolist()
+        has_dev = lanes.has_dev[lo:hi]
+        any_dev = bool(has_dev.any())
+        d0 = dd = lead = dpid = dtid = []  # device columns, for chunks with device slices
+        if any_dev:
+            d0 = (c["dev_start"] / 1000).tolist()
+            dd = ((c["dev_end"] - c["dev_start"]) / 1000).tolist()
+            lead = ((c["dev_start"] - c["host_start"]) / 1000).tolist()
+            dpid, dtid = lanes.dev_pid[lo:hi].tolist(), lanes.dev_tid[lo:hi].tolist()
+        if not with_args[lo:hi].any() and (has_dev.all() or not any_dev):
+            index, pids = list(range(lo, hi)), [pid] * (hi - lo)
+            if any_dev:
+                bind = list(range(lo + flow, hi + flow))
+                dev_args = [index, hd, dd, lead]
+                yield _rows(_DEV_ROW, [name, pids, htid, h0, hd, bind, *dev_args, name, dpid, dtid, d0, dd, bind, *dev_args])
+            else:
+                yield _rows(_HOST_ROW, [name, pids, htid, h0, hd, index, hd])
+            continue
+        out = []
+        for j, dev in enumerate(has_dev.tolist()):
+            i = lo + j
+            u = user.get(i, "")
+            if dev:
+                a = _DEV_ARGS % (u, i, hd[j], dd[j], lead[j])
+                out.append(_HOST_FLOW % (name[j], pid, htid[j], h0[j], hd[j], i + flow, a))
+                out.append(_DEV % (name[j], dpid[j], dtid[j], d0[j], dd[j], i + flow, a))
+            else:
+                out.append(_HOST % (name[j], pid, htid[j], h0[j], hd[j], u, i, hd[j]))
+        yield ",".join(out)
+
+
+_IN_FLIGHT = '{"ph":"C","name":"regions in flight","pid":%d,"tid":1,"ts":%.3f,"args":{"regions":%d}}'
+_LEAD = '{"ph":"C","name":"host lead","pid":%d,"tid":1,"ts":%.3f,"args":{"us":%.3f}}'
+
+
+def _counters(s: Session, place: _Place) -> Iterator[str]:
+    """Per GPU: outermost regions launched but not finished on the device (how far the host runs
+    ahead, as a queue depth), and each one's host lead (device start - host launch)."""
+    for d in np.unique(s.regions["device"][s.regions["device"] >= 0]).tolist():
+        g = s.regions[s.regions["device"] == d]
+        g = g[outermost(g)]  # outermost among the regions with a span on this GPU
+        pid = place.dev_pid + d
+        t = np.r_[g["host_start"], g["dev_end"]]
+        step = np.r_[np.ones(len(g), np.int64), -np.ones(len(g), np.int64)]
+        o = np.lexsort((step, t))  # at one instant the finish counts first
+        t, depth = t[o], np.cumsum(step[o])
+        last = np.r_[t[1:] != t[:-1], True]  # one value per instant: the last
+        yield ",".join(_IN_FLIGHT % (pid, ts, n) for ts, n in zip((t[last] / 1000).tolist(), depth[last].tolist()))
+        lead = ((g["dev_start"] - g["host_start"]) / 1000).tolist()
+        yield ",".join(_LEAD % (pid, ts, v) for ts, v in zip((g["host_start"] / 1000).tolist(), lead))
+
+
+def _own(s: Session, lanes: _Lanes) -> dict[str, Any]:
+    """What the reader needs to rebuild ``s`` from its events."""
+    return {
+        "pid": s.pid,
+        "wall_origin_ns": s.wall_origin_ns,
+        "overlap_lanes": lanes.overlap,
+        "streams": [[st.device, text(st.label)] for st in s.streams],
+        "devices": [[d.index, text(d.name)] for d in s.devices],
+        "names": [text(n) for n in s.names],
+        "meta": metadata.to_json(s.meta),  # the nested original, for load; Perfetto shows the flat keys
+    }
+
+
+def _events(s: Session, lanes: _Lanes, place: _Place) -> Iterator[bytes]:
+    """One session's events as comma-separated JSON text (no leading comma), in chunks."""
+    head = orjson.dumps(_meta_events(s, lanes, place))[1:-1]
+    sep = b""
+    if head:
+        yield head
+        sep = b","
+    for text in itertools.chain(_slices(s, lanes, place), _counters(s, place)):
+        if text:
+            yield sep + text.encode()
+            sep = b","
+
+
+def _chunks(s: Session) -> Iterator[bytes]:
+    """The whole document, streamed: M events, X events, then the metadata."""
+    if s.ranks:
+        yield from _merged_chunks(s)
+        return
+    lanes = _Lanes(s)
+    meta = metadata.flat(s.meta)
+    meta.update({"evtrace.format": FORMAT, **{f"evtrace.{k}": v for k, v in _own(s, lanes).items()}})
+    yield b'{"traceEvents":['
+    yield from _events(s, lanes, _place(s))
+    tail = {"displayTimeUnit": "ms", "baseTimeNanoseconds": s.wall_origin_ns, "metadata": meta}
+    yield b"]," + orjson.dumps(tail, default=lambda o: text(repr(o)))[1:]
+
+
+def _merged_chunks(s: Session) -> Iterator[bytes]:
+    """A merged session: each rank under its own pids (a pid is always one process, and two
+    hosts can share pids); its metadata under "<label>." where Perfetto shows it."""
+    meta = {k: v for k, v in metadata.flat(s.meta).items() if k == "evtrace" or k.startswith("merge.")}
+    ranks: list[dict[str, Any]] = []
+    yield b'{"traceEvents":['
+    sep, flow = b"", 0
+    for i, (label, r) in enumerate(zip(rank_labels(s.ranks), s.ranks)):
+        base = HOST_PID_BASE + i * PIDS_PER_INPUT
+        lanes = _Lanes(r, base + 1)
+        for k, chunk in enumerate(_events(r, lanes, _Place(base, base + 1, label + " · ", i * 100, flow))):
+            yield sep + chunk if k == 0 else chunk
+            sep = b","
+        flow += len(r)
+        ranks.append({"label": label, "pid_base": base, **_own(r, lanes)})
+        meta.update({f"{label}.{k}": v for k, v in metadata.flat(r.meta).items()})
+    meta.update({"evtrace.format": FORMAT, "evtrace.ranks": ranks, "evtrace.meta": metadata.to_json(s.meta)})
+    tail = {"displayTimeUnit": "ms", "baseTimeNanoseconds": s.wall_origin_ns, "metadata": meta}
+    yield b"]," + orjson.dumps(tail, default=lambda o: text(repr(o)))[1:]
+
+
+def trace_chunks(s: Session) -> Iterator[bytes]:
+    """The trace document of ``s`` as JSON text in chunks, streamed: M events, X events, then the
+    metadata. What :meth:`Session.save` writes; the Chrome view's output."""
+    return _chunks(s)
+
+
+def trace_bytes(s: Session) -> bytes:
+    """The whole trace document of ``s`` (uncompressed JSON)."""
+    return b"".join(_chunks(s))
+
+
+
+# ---- the trace file: reading ----
+
+
+def read(path: Path) -> Session:
+    """Rebuild a Session from a trace evtrace wrote (a merged one: with its ``ranks``)."""
+    doc = read_json(path)
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or not isinstance(doc.get("traceEvents"), list) or "evtrace.format" not in meta:
+        if isinstance(meta, dict) and "evtrace.merged" in meta:
+            raise TraceError(f"{path} was merged by an older evtrace, which kept too little to read it back; merge its inputs again")
+        raise TraceError(f"{path} is not an evtrace trace (no evtrace metadata)")
+    if meta["evtrace.format"] != FORMAT:
+        raise TraceError(f"{path} was written by evtrace {meta.get('evtrace', '(unknown version)')}, which this evtrace cannot read; upgrade evtrace")
+    try:
+        if "evtrace.ranks" in meta:
+            return _rebuild_merged(doc["traceEvents"], meta)
+        return _rebuild(doc["traceEvents"], meta)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise TraceError(f"{path} is an evtrace trace with damaged events ({type(e).__name__}: {e})") from None
+
+
+def _rebuild_merged(events: list[Any], meta: dict[str, Any]) -> Session:
+    """Each rank from the events under its pids and the metadata under its label, then combined."""
+    infos = meta["evtrace.ranks"]
+    index = {int(info["pid_base"]): k for k, info in enumerate(infos)}
+    per_rank: list[list[Any]] = [[] for _ in infos]
+    for ev in events:
+        base = int(ev["pid"]) - (int(ev["pid"]) - HOST_PID_BASE) % PIDS_PER_INPUT
+        per_rank[index[base]].append(ev)
+    ranks = []
+    for info, evs in zip(infos, per_rank):
+        label = str(info["label"]) + "."
+        own = {f"evtrace.{k}": v for k, v in info.items() if k not in ("label", "pid_base")}
+        rank_meta = {k[len(label) :]: v for k, v in meta.items() if k.startswith(label)}
+        s = _rebuild(evs, {**rank_meta, **own, "evtrace.pid": info["pid_base"]})
+        s.pid = int(info["pid"])
+        ranks.append(s)
+    merged = Session.combine(ranks, {k: v for k, v in meta.items() if k == "evtrace" or k.startswith("merge.")})
+    if isinstance(meta.get("evtrace.meta"), dict):
+        merged.meta = metadata.from_json(meta["evtrace.meta"])
+    return merged
+
+
+def _rebuild(events: list[Any], meta: dict[str, Any]) -> Session:
+    pid = int(meta["evtrace.pid"])
+    parent = {int(a): int(b) for a, b in meta.get("evtrace.overlap_lanes", [])}
+    streams = [Stream(int(d), str(label)) for d, label in meta.get("evtrace.streams", [])]
+    devices = [DeviceInfo(int(i), str(n)) for i, n in meta.get("evtrace.devices", [])]
+    threads: list[Thread] = []
+    thread_ix: dict[int, int] = {}
+    hosts: dict[int, dict[str, Any]] = {}
+    devs: dict[int, dict[str, Any]] = {}
+    for ev in events:
+        ph = ev.get("ph")
+        if ph == "M" and ev.get("name") == "thread_name" and ev.get("pid") == pid and ev["tid"] not in parent:
+            thread_ix[ev["tid"]] = len(threads)
+            threads.append(Thread(int(ev["tid"]), str(ev["args"]["name"])))
+        elif ph == "X" and ev.get("cat") == "region":
+            hosts[int(ev["args"]["region"])] = ev
+        elif ph == "X" and ev.get("cat") == "device":
+            devs[int(ev["args"]["region"])] = ev
+    n = len(hosts)
+    if sorted(hosts) != list(range(n)):
+        raise ValueError("region ids are not 0..n-1")
+    regions = np.zeros(n, REGION_DTYPE)
+    names: dict[str, int] = {str(name): k for k, name in enumerate(meta.get("evtrace.names", []))}
+    args: dict[int, dict[str, Any]] = {}
+
+    def ns(us: Any) -> int:
+        return int(round(float(us) * 1000))
+    for i in range(n):
+        h = hosts[i]
+        row = regions[i]
+        row["name"] = names.setdefault(h["name"], len(names))
+        row["thread"] = thread_ix[parent.get(h["tid"], h["tid"])]
+        row["host_start"] = ns(h["ts"])
+        row["host_end"] = ns(h["ts"]) + ns(h["dur"])
+        user = {k: v for k, v in h["args"].items() if k not in OWN_ARGS}
+        if user:
+            args[i] = user
+        d = devs.get(i)
+        if d is None:
+            row["device"], row["stream"] = -1, -1
+        else:
+            tid = parent.get(d["tid"], d["tid"])
+            row["stream"] = tid - 1
+            row["device"] = streams[tid - 1].device
+            row["dev_start"] = ns(d["ts"])
+            row["dev_end"] = ns(d["ts"]) + ns(d["dur"])
+    if isinstance(meta.get("evtrace.meta"), dict):
+        typed = metadata.from_json(meta["evtrace.meta"])
+    else:  # written before evtrace kept the nested metadata: the flat keys Perfetto shows
+        typed = metadata.from_flat({k: v for k, v in meta.items() if not k.startswith("evtrace.")})
+    return Session(
+        regions=regions,
+        names=list(names),
+        threads=threads,
+        devices=devices,
+        streams=streams,
+        args=args,
+        meta=typed,
+        pid=pid,
+        wall_origin_ns=int(meta.get("evtrace.wall_origin_ns", 0)),
+    )

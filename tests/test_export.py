@@ -12,7 +12,8 @@ import pytest
 import torch  # noqa: F401  (the metadata names the torch the program uses)
 
 import evtrace
-from evtrace.export.chrome import DEVICE_PID, dumps, load_json, sublanes
+from evtrace.files import read_json as load_json
+from evtrace.session import DEVICE_PID, sublanes, trace_bytes as dumps
 
 from .checker import problems
 from .simdevice import FakeClock, SimBackend
@@ -282,7 +283,7 @@ def test_summary_counts_host_waits(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, GeneratorExit, OSError])
 def test_an_interrupted_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path, error: type[BaseException]) -> None:
-    from evtrace.export.chrome import write_bytes
+    from evtrace.files import write_bytes
 
     out = tmp_path / "bad_old.json.gz"  # not a trace: the strict checker skips "bad*"
     write_bytes(b'{"old": 1}', out)
@@ -299,17 +300,17 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temp_file(tmp_path: Pat
 
 
 def test_a_long_write_says_so_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from evtrace.export import chrome
+    from evtrace import files
 
-    monkeypatch.setattr(chrome, "PROGRESS_AFTER_S", 0.0)  # as if each chunk took over a second
+    monkeypatch.setattr(files, "PROGRESS_AFTER_S", 0.0)  # as if each chunk took over a second
     s, _ = sim_session(tmp_path / "t.json")
     capsys.readouterr()
-    chrome.write(s, tmp_path / "u.json.gz")
+    s.save(tmp_path / "u.json.gz")
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f"evtrace: writing {tmp_path / 'u.json.gz'} (") and err[0].endswith("...")
     assert err[1].startswith(f"evtrace: writing {tmp_path / 'u.json.gz'}: done, ") and err[1].endswith(" s")
     assert len(err) == 2
     quick = tmp_path / "v.json"
-    monkeypatch.setattr(chrome, "PROGRESS_AFTER_S", 60.0)
-    chrome.write(s, quick)
+    monkeypatch.setattr(files, "PROGRESS_AFTER_S", 60.0)
+    s.save(quick)
     assert capsys.readouterr().err == ""  # a quick write prints nothing

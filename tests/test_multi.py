@@ -14,7 +14,8 @@ import pytest
 
 import evtrace
 from evtrace.export import merge
-from evtrace.export.chrome import dumps, load_json
+from evtrace.files import read_json as load_json
+from evtrace.session import trace_bytes as dumps
 
 from .checker import problems
 from .simdevice import FakeClock, SimBackend
@@ -58,7 +59,7 @@ def test_merge_on_one_host_is_exact_and_keeps_ranks_apart(tmp_path: Path, monkey
     p1 = ranked(tmp_path, monkeypatch, 1, seed=5, n=3)  # listed first, sorted by rank anyway
     p0 = ranked(tmp_path, monkeypatch, 0, seed=4, n=4)
     s0, s1 = evtrace.load(p0), evtrace.load(p1)
-    doc = orjson.loads(dumps(merge.merge([p1, p0])))
+    doc = orjson.loads(dumps(merge.merge([evtrace.load(p1), evtrace.load(p0)])))
     assert problems(doc) == []
     assert doc["metadata"]["merge.method"].startswith("one host")
     procs = sorted((e["args"]["name"], e["pid"]) for e in doc["traceEvents"] if e["name"] == "process_name")
@@ -84,9 +85,9 @@ def test_merge_across_hosts_says_how_uncertain_it_is(tmp_path: Path, monkeypatch
     p0 = ranked(tmp_path, monkeypatch, 0, seed=4, n=2)
     p1 = ranked(tmp_path, monkeypatch, 1, seed=5, n=2)
     doc = load_json(p1)
-    doc["metadata"]["host_id"] = "another-host"
+    doc["metadata"]["evtrace.meta"]["host_id"] = "another-host"  # what load reads; Perfetto shows the flat keys
     p1.write_bytes(orjson.dumps(doc))
-    merged = orjson.loads(dumps(merge.merge([p0, p1])))
+    merged = orjson.loads(dumps(merge.merge([evtrace.load(p0), evtrace.load(p1)])))
     assert "wall-clock" in merged["metadata"]["merge.method"] and "uncertain" in merged["metadata"]["merge.method"]
     assert problems(merged) == []
 

@@ -12,6 +12,9 @@ when its corrected p is below ``alpha`` and the p50 of the durations it tested m
 ``min_change`` % or more: with thousands of samples the test finds shifts of a fraction of a
 percent, and real timings drift that much between runs (clocks, heat, neighbours).
 numpy and the standard library only: no scipy at run time.
+
+Owns the comparison (:func:`compare` → :class:`Diff`) and its two views, :class:`DiffText` and
+:class:`DiffMarkdown`: the exporters' shape, with two sessions in (``render(before, after)``).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from ..analysis import aligned, device_busy_ns, fmt_ns
 from ..session import Session
-from .summary import _aligned, busy_ns, fmt_ns
 
 MIN_SAMPLES = 8  # below this on either side, the normal approximation is too coarse to test
 BUSY = "device busy: the union of the name's device spans (per device and rank, summed)"
@@ -155,7 +159,7 @@ def sides(parts: list[Session], skip: int = 0) -> dict[str, Side]:
             if len(g) == 0:
                 continue
             dv = g[g["device"] >= 0]
-            busy = sum(busy_ns(dv["dev_start"][dv["device"] == d], dv["dev_end"][dv["device"] == d]) for d in np.unique(dv["device"]))
+            busy = device_busy_ns(dv)
             hosts, devs, b = acc.setdefault(name, ([], [], 0))
             hosts.append(g["host_end"] - g["host_start"])
             devs.append(dv["dev_end"] - dv["dev_start"])
@@ -270,7 +274,7 @@ def _notes(d: Diff) -> list[str]:
 def text(d: Diff, before: str, after: str) -> str:
     """A table for the terminal."""
     head = f"before: {before} ({d.scope[0]})\nafter:  {after} ({d.scope[1]})"
-    lines = _aligned([COLUMNS, *(_cells(r) for r in d.rows)])
+    lines = aligned([COLUMNS, *(_cells(r) for r in d.rows)])
     return "\n".join([head, *lines, *_notes(d)]) + "\n"
 
 
@@ -302,3 +306,42 @@ def markdown(d: Diff, before: str, after: str) -> str:
     out.append("")
     out += [f"- {_md(n)}" for n in _notes(d)]
     return "\n".join(out) + "\n"
+
+
+class DiffText:
+    """``compare(before, after, ...)`` as a table for the terminal; the labels name the inputs."""
+
+    suffix: ClassVar[str] = ".txt"
+    binary: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        before: str = "BEFORE",
+        after: str = "AFTER",
+        *,
+        rank: int | None = None,
+        skip: int = 0,
+        alpha: float = 0.05,
+        min_change: float = 2.0,
+    ) -> None:
+        self.labels = (before, after)
+        self.rank, self.skip, self.alpha, self.min_change = rank, skip, alpha, min_change
+
+    def compare(self, before: Session, after: Session) -> Diff:
+        """The rows; DiffError when the sessions cannot be compared."""
+        return compare(before, after, rank=self.rank, skip=self.skip, alpha=self.alpha, min_change=self.min_change)
+
+    def format(self, d: Diff) -> str:
+        return text(d, *self.labels)
+
+    def render(self, before: Session, after: Session) -> str:
+        return self.format(self.compare(before, after))
+
+
+class DiffMarkdown(DiffText):
+    """The same as GitHub-flavoured markdown, for a pull request."""
+
+    suffix: ClassVar[str] = ".md"
+
+    def format(self, d: Diff) -> str:
+        return markdown(d, *self.labels)

@@ -4,19 +4,21 @@ Host lanes above, device lanes below, one time axis with ticks labelled from the
 slices labelled where they fit; arrows from a few launches to their execution. By default the
 window is one representative step: the median instance of a repeating outermost region that
 does device work (a wait, such as ``data wait``, is never a step).
+
+Owns the :class:`Timeline` view (its window and lane filter are constructor options) and
+``draw``, which also says what it drew and refuses an empty picture (:class:`NothingToDraw`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 from xml.sax.saxutils import escape
 
 import numpy as np
 
-from ..session import Session
-from .chrome import outermost, rank_labels
-from .summary import fmt_ns
+from ..analysis import fmt_ns, outermost
+from ..session import Session, rank_labels
 
 WIDTH, LABEL_W, LANE_H, TOP = 1200, 190, 22, 28
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
@@ -135,9 +137,28 @@ def lanes_of(s: Session) -> tuple[list[str], list[str]]:
     return host, dev
 
 
+class Timeline:
+    """The SVG timeline of ``window`` (ns since the start; default one representative step), on
+    the lanes whose name matches the regular expression ``lanes`` (default all). ``strict``:
+    NothingToDraw instead of an SVG that shows nothing."""
+
+    suffix: ClassVar[str] = ".svg"
+    binary: ClassVar[bool] = False
+
+    def __init__(self, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = False) -> None:
+        self.window, self.lanes, self.strict = window, lanes, strict
+
+    def draw(self, s: Session) -> Drawn:
+        """The SVG and what it shows."""
+        return draw(s, self.window, self.lanes, self.strict)
+
+    def render(self, s: Session) -> str:
+        return self.draw(s).svg
+
+
 def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None = None) -> str:
-    """The SVG, also when it shows nothing (``draw`` refuses that)."""
-    return draw(s, window, lanes, strict=False).svg
+    """The SVG, also when it shows nothing: ``Timeline(window, lanes).render(s)``."""
+    return Timeline(window, lanes).render(s)
 
 
 def draw(s: Session, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = True) -> Drawn:

@@ -1,16 +1,21 @@
-"""`evtrace report`: one screen of GitHub markdown to paste into a bug report."""
+"""`evtrace report`: one screen of GitHub markdown to paste into a bug report.
+
+Owns the :class:`Report` view (versions, top regions by device time, GPU busy and idle gaps,
+host waits, alignment, drops, what the trace tells about the machine). It reads the Session
+only: the trace file's name and size are given to it, never looked up.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
-
+from ..analysis import COLUMNS, fmt_ns, gaps, host_waits, plural, rows
 from ..clock import alignment_warnings, per_gpu
-from ..session import Session
-from .chrome import _flat, rank_labels
-from .summary import busy_ns, fmt_ns, host_waits, plural, rows
+from ..session import Session, rank_labels
+
+__all__ = ["Report", "machine", "report"]
 
 
 def _cell(x: object) -> str:
@@ -34,50 +39,9 @@ def _relative(arg: str) -> str:
     return arg
 
 
-def innermost(r: np.ndarray) -> np.ndarray:
-    """Device regions with no other device region inside them on their stream: the ones whose
-    span is the stream doing their work (an outer region's span also covers idle gaps)."""
-    out = np.zeros(len(r), dtype=bool)
-    for st in np.unique(r["stream"]):
-        rows = np.nonzero(r["stream"] == st)[0]
-        o = rows[np.lexsort((-r["dev_end"][rows], r["dev_start"][rows]))]
-        nxt = np.r_[r["dev_start"][o][1:], np.iinfo(np.int64).max]
-        out[o] = nxt >= r["dev_end"][o]
-    return out
-
-
-def gaps(s: Session, top: int = 3) -> tuple[float, list[tuple[int, int, str]]]:
-    """GPU busy fraction (by innermost regions) over the device timeline, and the longest idle
-    gaps with what the host was doing meanwhile (the host region covering most of the gap)."""
-    r = s.regions[s.regions["device"] >= 0]
-    if len(r) == 0:
-        return float("nan"), []
-    r = r[innermost(r)]
-    o = np.argsort(r["dev_start"], kind="stable")
-    st, en = r["dev_start"][o], np.maximum.accumulate(r["dev_end"][o])
-    span = int(en[-1] - st[0])
-    busy = busy_ns(st, en)
-    g0, g1 = en[:-1], st[1:]
-    keep = g1 > g0
-    cand = sorted(zip((g1 - g0)[keep].tolist(), g0[keep].tolist(), g1[keep].tolist()), reverse=True)[:top]
-    host = s.regions
-    out = []
-    for _, a, b in cand:
-        cover = np.minimum(host["host_end"], b) - np.maximum(host["host_start"], a)
-        best = cover.max(initial=0)
-        if best <= 0:
-            doing = "(no region)"
-        else:  # of the regions covering (nearly) as much, the innermost: the shortest
-            cands = np.nonzero(cover >= 0.9 * best)[0]
-            i = int(cands[np.argmin((host["host_end"] - host["host_start"])[cands])])
-            doing = s.names[host["name"][i]]
-        out.append((a, b, doing))
-    return busy / span if span > 0 else float("nan"), out
-
-
 def machine(s: Session) -> str:
     """One line: what the trace tells about the machine it was recorded on, from what it holds."""
-    m = _flat(s.meta)
+    m = s.meta
     held = []
     if m.get("host_id"):
         held.append(f"host id `{m['host_id']}` (a hash of the host name and boot)")
@@ -93,46 +57,82 @@ def machine(s: Session) -> str:
     return "**This trace holds, about the machine:** " + ", ".join(held) + "; no environment variables."
 
 
-def report(s: Session, trace: Path) -> str:
-    m = _flat(s.meta)
-    argv = m.get("argv") or []
-    lines = [f"### evtrace report: `{trace.name}`", ""]
-    env = [["evtrace", m.get("evtrace", "?")], ["python", m.get("python", "?")], ["torch", m.get("torch") or "-"], ["CUDA", m.get("cuda") or "-"], ["driver", m.get("driver") or "-"]]
-    env += [["GPU", ", ".join(m.get("gpus") or []) or "none (host lanes only)"], ["command", "`" + " ".join(_relative(str(a)) for a in argv) + "`"]]
-    lines += _table(["", ""], env) + [""]
-    top = sorted(rows(s), key=lambda t: -t[7])[:8]
-    if s.ranks:
-        lines += [f"**Merged:** {plural(len(s.ranks), 'trace')} ({', '.join(rank_labels(s.ranks))}); {m.get('merge.method', '?')}.", ""]
-    lines += [f"**Top regions by device time** ({plural(len(s), 'region')}, {plural(s.device_spans, 'device span')}, {fmt_ns(m.get('duration_ns', 0))} recorded)", ""]
-    lines += _table(
-        ["region", "count", "host p50", "host p95", "device p50", "device p95", "launch→start p50", "device busy"],
-        [[n, str(c), fmt_ns(h50), fmt_ns(h95), fmt_ns(d50), fmt_ns(d95), fmt_ns(lead), fmt_ns(busy) if busy else "-"] for n, c, h50, h95, d50, d95, lead, busy in top],
-    )
-    lines.append("")
-    frac, idle = gaps(s)
-    if frac == frac:
-        lines.append(f"**GPU:** busy {100 * frac:.0f}%, idle {100 * (1 - frac):.0f}% of the time between its first and last span (by the innermost regions).")
-        if idle:
-            lines.append("Longest idle gaps: " + "; ".join(f"{fmt_ns(b - a)} at {fmt_ns(a)} (host in `{_cell(doing)}`)" for a, b, doing in idle) + ".")
-    else:
-        lines.append("**GPU:** no device spans (no CUDA, or regions were host-only).")
-    n_waits, waited = host_waits(s)
-    lines.append(f"**Host waits on the device:** {n_waits}, {fmt_ns(waited)} in all." if n_waits else "**Host waits on the device:** none recorded.")
-    gpus = per_gpu(m)
-    if gpus:
-        lines.append(
-            "**Alignment:** "
-            + "; ".join(
-                f"GPU {d}: {g.get('anchors', 0):.0f} anchors ({g.get('anchors_late', 0):.0f} stamped late), drift {g.get('drift_ppm', 0):.3f} ppm, "
-                f"bound {g.get('bound_us_p99', 0):.2f} µs (max {g.get('bound_us_max', 0):.2f}), events stamped late by up to {g.get('stamp_delay_us_p99', 0):.1f} µs (p99)"
-                for d, g in sorted(gpus.items())
+class Report:
+    """The report of a session saved as ``trace_name`` (``trace_size`` bytes, when known)."""
+
+    suffix: ClassVar[str] = ".md"
+    binary: ClassVar[bool] = False
+
+    def __init__(self, trace_name: str = "trace.json.gz", trace_size: int | None = None) -> None:
+        self.trace_name = trace_name
+        self.trace_size = trace_size
+
+    def render(self, s: Session) -> str:
+        name, m = self.trace_name, s.meta
+        argv = m.get("argv") or []
+        lines = [f"### evtrace report: `{name}`", ""]
+        env = [
+            ["evtrace", m.get("evtrace", "?")],
+            ["python", m.get("python", "?")],
+            ["torch", m.get("torch") or "-"],
+            ["CUDA", m.get("cuda") or "-"],
+            ["driver", m.get("driver") or "-"],
+            ["GPU", ", ".join(m.get("gpus") or []) or "none (host lanes only)"],
+            ["command", "`" + " ".join(_relative(str(a)) for a in argv) + "`"],
+        ]
+        lines += _table(["", ""], env) + [""]
+        top = sorted(rows(s), key=lambda t: -t.device_busy)[:8]
+        if s.ranks:
+            merged = f"{plural(len(s.ranks), 'trace')} ({', '.join(rank_labels(s.ranks))})"
+            lines += [f"**Merged:** {merged}; {m.get('merge.method', '?')}.", ""]
+        counts = f"{plural(len(s), 'region')}, {plural(s.device_spans, 'device span')}"
+        lines += [f"**Top regions by device time** ({counts}, {fmt_ns(m.get('duration_ns', 0))} recorded)", ""]
+        body = [
+            [t.name, str(t.n), *map(fmt_ns, t[2:7]), fmt_ns(t.device_busy) if t.device_busy else "-"] for t in top
+        ]
+        lines += _table(list(COLUMNS), body)
+        lines.append("")
+        frac, idle = gaps(s)
+        if frac == frac:
+            lines.append(
+                f"**GPU:** busy {100 * frac:.0f}%, idle {100 * (1 - frac):.0f}% of the time between its first and "
+                "last span (by the innermost regions)."
             )
-            + ". The bound is how much earlier the stamps of each second would let the device lane sit."
-        )
-    lines += [f"> **Warning:** {w}." for w in alignment_warnings(m)]
-    lost = {k: m.get(k, 0) for k in ("dropped_device_spans", "split_device_spans", "clamped_device_spans", "dropped_regions", "unfinished_regions")}
-    lines.append("**Drops:** " + (", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items() if v) or "none") + ".")
-    lines.append(machine(s))
+            if idle:
+                said = (f"{fmt_ns(g.end - g.start)} at {fmt_ns(g.start)} (host in `{_cell(g.host_doing)}`)" for g in idle)
+                lines.append("Longest idle gaps: " + "; ".join(said) + ".")
+        else:
+            lines.append("**GPU:** no device spans (no CUDA, or regions were host-only).")
+        n_waits, waited = host_waits(s)
+        waits = f"{n_waits}, {fmt_ns(waited)} in all" if n_waits else "none recorded"
+        lines.append(f"**Host waits on the device:** {waits}.")
+        gpus = per_gpu(m)
+        if gpus:
+            lines.append(
+                "**Alignment:** "
+                + "; ".join(
+                    f"GPU {d}: {g.anchors:.0f} anchors ({g.anchors_late:.0f} stamped late), drift {g.drift_ppm:.3f} ppm, "
+                    f"bound {g.bound_us_p99:.2f} µs (max {g.bound_us_max:.2f}), "
+                    f"events stamped late by up to {g.stamp_delay_us_p99:.1f} µs (p99)"
+                    for d, g in sorted(gpus.items())
+                )
+                + ". The bound is how much earlier the stamps of each second would let the device lane sit."
+            )
+        lines += [f"> **Warning:** {w}." for w in alignment_warnings(m)]
+        keys = ("dropped_device_spans", "split_device_spans", "clamped_device_spans", "dropped_regions", "unfinished_regions")
+        lost = {k: m.get(k, 0) for k in keys}
+        lines.append("**Drops:** " + (", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items() if v) or "none") + ".")
+        lines.append(machine(s))
+        size = f", {self.trace_size / 1024:.0f} KiB" if self.trace_size is not None else ""
+        lines += [
+            "",
+            f"The attached trace (`{name}`{size}) opens offline in https://ui.perfetto.dev (drag it in), "
+            f"or with `evtrace view {name}`.",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def report(s: Session, trace: Path) -> str:
+    """The report of ``s`` saved at ``trace``: the file's size is read here, outside the view."""
     size = trace.stat().st_size if trace.exists() else 0
-    lines += ["", f"The attached trace (`{trace.name}`, {size / 1024:.0f} KiB) opens offline in https://ui.perfetto.dev (drag it in), or with `evtrace view {trace.name}`."]
-    return "\n".join(lines) + "\n"
+    return Report(trace.name, size).render(s)

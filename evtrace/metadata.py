@@ -1,0 +1,127 @@
+"""A session's metadata in typed form, and its two spellings in a trace file.
+
+Owns :class:`DeviceAlignment` (the fit of one device's clock onto the host's, numbers as numbers), the
+flat dotted keys Perfetto shows under Info & Stats (:func:`flat`), and the nested JSON form a
+trace also carries so that loading gives back exactly what was recorded (:func:`to_json`,
+:func:`from_json`; :func:`from_flat` reads traces written before the nested form existed).
+Imports nothing of evtrace: the recorder, the clock and the session all read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+#: the metadata key of the per-device alignments: ``meta[ALIGNMENT]["0"]`` is GPU 0's
+ALIGNMENT = "alignment"
+
+
+@dataclass(frozen=True)
+class DeviceAlignment:
+    """How one device's stamps were placed on the host clock (see ``clock.fit``)."""
+
+    anchors: int  # anchor records used
+    anchors_late: int  # of them, stamped later than the map allows
+    stamps: int  # device stamps (anchors and region marks) that constrained the map
+    drift_ppm: float  # device clock rate against the host's, parts per million
+    latency_us: float  # the shortest record call seen: a prompt stamp sits this far after its call
+    bound_us_p99: float  # how much earlier each second's stamps would let the lane sit: p99 ...
+    bound_us_max: float  # ... and the largest
+    stamp_delay_us_p50: float  # how late anchors were stamped, by their probes
+    stamp_delay_us_p99: float
+    stamp_delay_us_max: float
+    clamped_spans: int  # device spans placed before their launch and moved after it
+
+    def __getitem__(self, key: str) -> Any:
+        """``a["drift_ppm"]``: the field, as the metadata's nested dicts were read before."""
+        if key not in _FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @classmethod
+    def from_mapping(cls, m: dict[str, Any]) -> DeviceAlignment:
+        """From a JSON object or flat strings: each field as its type (ints and floats). Fields
+        a trace lacks are 0; keys this version does not know are ignored."""
+        return cls(**{f: _FIELDS[f](m.get(f, 0)) for f in _FIELDS})
+
+
+_FIELDS: dict[str, type] = {f.name: int if f.type in ("int", int) else float for f in dataclasses.fields(DeviceAlignment)}
+
+
+def text(s: str) -> str:
+    """A string orjson can write: lone surrogates become '?'."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def json_value(v: Any) -> Any:
+    """A value that serialises: ``repr()`` for anything orjson refuses (huge ints, objects)."""
+    try:
+        orjson.dumps(v)
+        return v
+    except (TypeError, orjson.JSONEncodeError):
+        return text(repr(v))
+
+
+def _plain(v: Any) -> Any:
+    """Typed values as JSON values: an DeviceAlignment as its fields, dicts and lists throughout."""
+    if isinstance(v, DeviceAlignment):
+        return dataclasses.asdict(v)
+    if isinstance(v, dict):
+        return {text(str(k)): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return json_value(v)
+
+
+def to_json(meta: dict[str, Any]) -> dict[str, Any]:
+    """The nested metadata as JSON values; :func:`from_json` gives ``meta`` back."""
+    out: dict[str, Any] = _plain(meta)
+    return out
+
+
+def from_json(obj: dict[str, Any]) -> dict[str, Any]:
+    """The typed metadata from :func:`to_json`'s form: each alignment an :class:`DeviceAlignment`."""
+    meta = dict(obj)
+    al = meta.get(ALIGNMENT)
+    if isinstance(al, dict):
+        meta[ALIGNMENT] = {str(d): DeviceAlignment.from_mapping(g) for d, g in al.items() if isinstance(g, dict)}
+    return meta
+
+
+def flat(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (and alignments) as dotted keys, floats as ``%.6g`` strings: what Perfetto
+    shows, as it would turn floats into such strings anyway."""
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        if isinstance(v, DeviceAlignment):
+            v = dataclasses.asdict(v)
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{text(str(k))}."))
+        elif isinstance(v, float):
+            out[prefix + text(str(k))] = f"{v:.6g}"
+        else:
+            out[prefix + text(str(k))] = json_value(v)
+    return out
+
+
+def from_flat(meta: dict[str, Any]) -> dict[str, Any]:
+    """The typed metadata of a trace written before the nested form: ``alignment.<gpu>.<key>``
+    strings become one :class:`DeviceAlignment` per GPU; the other keys stay as they are."""
+    out: dict[str, Any] = {}
+    found: dict[str, dict[str, Any]] = {}
+    for k, v in meta.items():
+        parts = k.split(".", 2)
+        if len(parts) == 3 and parts[0] == ALIGNMENT:
+            found.setdefault(parts[1], {})[parts[2]] = v
+        else:
+            out[k] = v
+    if found:
+        out[ALIGNMENT] = {d: DeviceAlignment.from_mapping(g) for d, g in found.items()}
+    return out
