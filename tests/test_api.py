@@ -14,7 +14,7 @@ from evtrace import recorder
 
 
 def test_public_names_are_pinned() -> None:
-    assert evtrace.__all__ == ["Session", "__version__", "instrument", "load", "record", "region"]
+    assert evtrace.__all__ == ["Session", "TraceError", "__version__", "instrument", "load", "record", "region"]
     assert re.fullmatch(r"\d+\.\d+\.\d+", evtrace.__version__)
     assert (Path(evtrace.__file__).parent / "py.typed").exists()
 
