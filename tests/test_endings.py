@@ -13,7 +13,7 @@ import pytest
 
 import evtrace
 from evtrace import recorder
-from evtrace.export import chrome
+from evtrace import session as chrome
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 SLEEPER = """
