@@ -23,7 +23,7 @@ from common import alternate  # noqa: E402
 from gpu import instrumented  # noqa: E402
 
 import evtrace  # noqa: E402
-from evtrace import hooks, recorder  # noqa: E402
+from evtrace import recorder  # noqa: E402
 from evtrace.device import CudaBackend  # noqa: E402
 
 FWD = 50
@@ -101,9 +101,9 @@ def micro(label: str, fn: Callable[[], object], n: int = 100_000) -> None:
 
 
 micro("empty lambda", lambda: None)
-micro("torch.compiler.is_compiling()", hooks._is_compiling)
+micro("torch.compiler.is_compiling()", torch.compiler.is_compiling)
 micro("torch._C._cuda_getCurrentRawStream(0)", lambda: torch._C._cuda_getCurrentRawStream(0))
 with evtrace.record(out, quiet=True):
-    rec = recorder._active
+    rec = recorder.current
     assert rec is not None
-    micro("rec.thread_state()", rec.thread_state)
+    micro("rec.nothing_launched()", rec.nothing_launched)

@@ -10,6 +10,7 @@ Lines starting with RESULT are JSON; the last lines are a readable table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -18,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,9 +31,9 @@ from common import alternate, emit, machine, ratio_stats, stat  # noqa: E402
 
 import evtrace  # noqa: E402
 from evtrace import clock as evclock  # noqa: E402
-from evtrace import hooks  # noqa: E402
 from evtrace import recorder  # noqa: E402
 from evtrace.device import CudaBackend  # noqa: E402
+from evtrace.instrumentation import Instrumentation, select  # noqa: E402
 
 TMP = tempfile.gettempdir()
 dev = torch.device("cuda:0")
@@ -60,15 +61,22 @@ def per_iter(n: int, body: Callable[[], None]) -> float:
     return el / n
 
 
-def instrumented(model: nn.Module, adjacent: bool = True) -> evtrace.hooks.Instrumentation:
+def instrumented(model: nn.Module, adjacent: bool = True) -> Instrumentation:
     """``evtrace.instrument(model)``; without ``adjacent`` as if no module were an nn.Sequential."""
-    seq = hooks._sequential
-    if not adjacent:
-        hooks._sequential = lambda m: m.forward
+    return Instrumentation(select(model), adjacent=adjacent)
+
+
+@contextlib.contextmanager
+def live(share: bool = True, raw_events: bool = True) -> Iterator[recorder.Recorder]:
+    """A device session as ``record()`` runs one (resolver thread, default pool and anchors),
+    without writing a file. ``share=False``: a share window of 0, every boundary its own event."""
+    rec = recorder.Recorder(CudaBackend(raw=raw_events), share_ns=None if share else 0)
+    rec.start()
     try:
-        return evtrace.instrument(model)
+        yield rec
     finally:
-        hooks._sequential = seq
+        s = rec.stop()
+    assert s.meta["dropped_device_spans"] == 0
 
 
 # ---- P1: one region around a tiny kernel ------------------------------------------------------
@@ -116,13 +124,8 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
 
     def in_session(share: bool = True, raw_events: bool = True) -> Callable[[], float]:
         def run() -> float:
-            r = session(backend=CudaBackend(raw=raw_events))
-            with r:
-                if not share:
-                    recorder._active.share_ns = 0  # type: ignore[union-attr]
-                v = per_iter(n, body)
-            assert r.session is not None and r.session.meta["dropped_device_spans"] == 0
-            return v
+            with live(share, raw_events):
+                return per_iter(n, body)
 
         return run
 
@@ -195,10 +198,8 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
 
     def evtrace_all(share: bool, adjacent: bool = True, raw_events: bool = True) -> Callable[[], float]:
         def run() -> float:
-            with instrumented(model, adjacent) as ins, session(backend=CudaBackend(raw=raw_events)):
+            with instrumented(model, adjacent) as ins, live(share, raw_events):
                 assert len(ins) == 97
-                if not share:
-                    recorder._active.share_ns = 0  # type: ignore[union-attr]
                 return timed()
 
         return run
@@ -399,7 +400,7 @@ def p4(seconds: float) -> dict[str, Any]:
     """
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     prof = torch.profiler.profile(activities=acts)
-    r = session_keep()
+    r = Kept()
     probes: list[tuple[int, int]] = []
     w_start = wall_to_perf()
     with prof, r:
@@ -428,7 +429,7 @@ def p4(seconds: float) -> dict[str, Any]:
         kev = [e for e in prof.profiler.kineto_results.events() if "spin" in e.name() and e.device_type() == torch.autograd.DeviceType.CUDA]
         kev.sort(key=lambda e: e.start_ns())
         wslope = (w_end[0] - w_start[0]) / (w_end[1] - w_start[1])
-        unix = np.array([w_start[0] + (e.start_ns() + e.duration_ns() - w_start[1]) * wslope for e in kev]) - r._recorder_origin  # type: ignore[attr-defined]
+        unix = np.array([w_start[0] + (e.start_ns() + e.duration_ns() - w_start[1]) * wslope for e in kev]) - r.rec.origin_ns
     except Exception as e:  # report, and fall back to (B)
         print("unix-ns mapping unavailable:", type(e).__name__, e)
     path = os.path.join(TMP, "p4_prof.json")
@@ -439,7 +440,7 @@ def p4(seconds: float) -> dict[str, Any]:
     probe_ev = sorted((e for e in evs if e.get("name") == "probe" and e.get("ph") == "X"), key=lambda e: float(e["ts"]))
     assert len(probe_ev) == len(probes), (len(probe_ev), len(probes))
     kx = np.array([float(e["ts"]) + float(e.get("dur", 0)) / 2 for e in probe_ev])
-    py = np.array([(a + b) / 2 for a, b in probes], dtype=float) - r._recorder_origin  # type: ignore[attr-defined]
+    py = np.array([(a + b) / 2 for a, b in probes], dtype=float) - r.rec.origin_ns
     k0 = kx[0]
     slope, icept = np.polyfit(kx - k0, py, 1)
     probe_resid = py - (icept + slope * (kx - k0))
@@ -454,9 +455,9 @@ def p4(seconds: float) -> dict[str, Any]:
     err_us = (d_end[:n] - k_end[:n]) / 1000
     err_unix = (d_end[: len(unix)] - unix[: len(d_end)]) / 1000 if unix is not None and len(unix) == len(d_end) else None
     # a single anchor (the first), as a one-shot calibration would do
-    a = r._anchors  # type: ignore[attr-defined]
-    single = evclock.fit(a[0][:1], a[1][:1], a[2][:1])
-    d_single = single.to_host(r._dev_ms_end[order]) - r._recorder_origin  # type: ignore[attr-defined]
+    anc = [np.array(c, dtype=float) for c in zip(*r.rec.anchors(0))]
+    single = evclock.fit(anc[0][:1], anc[1][:1], anc[2][:1])
+    d_single = single.to_host(r.rec.raw_regions()["dev_end"][order]) - r.rec.origin_ns
     ref = unix if err_unix is not None else k_end
     err_single = (d_single[:n] - ref[:n]) / 1000
     al = s.meta["alignment"]["0"]
@@ -502,58 +503,51 @@ def p4(seconds: float) -> dict[str, Any]:
     return out
 
 
-class _KeepAnchors(evtrace.record):
-    """A record() that also keeps the raw anchors and device ms, for the single-anchor comparison."""
+class Kept:
+    """A device session whose recorder is kept after ``stop()``: its raw anchors and device ms,
+    for the single-anchor comparison."""
+
+    def __init__(self) -> None:
+        self.rec = recorder.Recorder(CudaBackend())
+        self.session: evtrace.Session | None = None
+
+    def __enter__(self) -> Kept:
+        self.rec.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        rec = self._recorder
-        assert rec is not None
-        self._recorder_origin = rec.origin_ns
-        orig = rec._session
-
-        def grab(end_ns: int):  # type: ignore[no-untyped-def]
-            live = np.concatenate(rec._chunks)
-            live = live[np.argsort(live["host_start"], kind="stable")]
-            self._dev_ms_end = live["dev_end"].copy()
-            lo, hi, ms = (np.array(c, dtype=float) for c in zip(*rec._anchors[0]))
-            self._anchors = (lo, hi, ms)
-            return orig(end_ns)
-
-        rec._session = grab  # type: ignore[method-assign]
-        super().__exit__(*exc)
-
-
-def session_keep(**kw: Any) -> _KeepAnchors:
-    return _KeepAnchors(os.path.join(TMP, "bench.json.gz"), quiet=True, **kw)
+        self.session = self.rec.stop()
 
 
 # ---- anchors: cost, promptness under load, float32 --------------------------------------------
 def anchors() -> dict[str, Any]:
-    rec = recorder.Recorder(CudaBackend(), background=False)
+    rec = recorder.Recorder(CudaBackend(), background=False, anchor_interval_s=1e6)  # anchors by hand
     rec.start()
     costs = []
     for _ in range(50):
         t = time.perf_counter_ns()
-        rec._anchor_all()
+        rec.anchor_now()
         costs.append((time.perf_counter_ns() - t) / 1000)
-        rec._resolve_anchors()
+        rec.poll()
     torch.cuda.synchronize()
-    rec._resolve_anchors()
-    n_idle = len(rec._anchors[0])
+    rec.poll()
+    n_idle = len(rec.anchors(0))
     time.sleep(0.05)
-    rec._anchor_all()
+    rec.anchor_now()
+    torch.cuda.synchronize()
+    rec.poll()
+    busy_from = len(rec.anchors(0))
     # saturate the main stream with ~100 ms of queued work, then anchor on the side stream
     spin(100_000)
-    busy_from = len(rec._anchor_pending[0]) + len(rec._anchors[0])
     for _ in range(10):
         time.sleep(0.005)
-        rec._anchor_all()
+        rec.anchor_now()
     torch.cuda.synchronize()
     time.sleep(0.05)
-    rec._anchor_all()
+    rec.anchor_now()
     torch.cuda.synchronize()
-    rec._resolve_anchors()
-    lo, hi, ms = (np.array(c, dtype=float) for c in zip(*rec._anchors[0]))
+    rec.poll()
+    lo, hi, ms = (np.array(c, dtype=float) for c in zip(*rec.anchors(0)))
     idle = np.r_[np.arange(n_idle, n_idle + 1), np.arange(len(ms) - 1, len(ms))]
     fit = evclock.fit(lo[idle], hi[idle], ms[idle])
     busy = np.arange(busy_from, busy_from + 10)

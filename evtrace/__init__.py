@@ -10,7 +10,7 @@ START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evt
 
 
 from .api import record
-from .hooks import instrument
+from .instrumentation import instrument
 from .regions import region
 from .files import TraceError
 from .session import Session

@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, Callable, TypeVar
 
 from . import defaults
 from . import recorder as _rec
@@ -80,7 +80,7 @@ class record:
     line is kept as given, with the values of options named like a key, token, secret, password
     or auth replaced by ``<redacted>``), ``hooks`` (trace an
     unmodified program: modules down to ``depth``, filtered by the ``include``/``exclude``
-    regexes, backward, optimizer, data waits and host waits; see ``evtrace.hooks.Hooks``),
+    regexes, backward, optimizer, data waits and host waits; see ``evtrace.autohooks.Hooks``),
     ``nvtx`` (also emit NVTX ranges), ``report`` (also write ``<name>.md`` and ``<name>.svg``
     beside the trace), and, for tests and other devices, ``backend`` and ``clock``.
 
@@ -148,19 +148,22 @@ class record:
         o = self._opts
         backend: Backend | None = o["backend"]
         if backend is None and o["device"] is not False:
-            backend = cast("Backend | None", cuda_backend())
+            backend = cuda_backend()
             if backend is None and not _said_no_cuda and not self.quiet:
                 _said_no_cuda = True
                 print("evtrace: no CUDA device; recording host lanes only", file=sys.stderr)
-        self._recorder = _rec.Recorder(backend, o["clock"], anchor_interval_s=o["anchor_interval"], pool_size=o["pool_size"], max_regions=o["max_regions"])
+        self._recorder = _rec.Recorder(
+            backend,
+            o["clock"],
+            anchor_interval_s=o["anchor_interval"],
+            pool_size=o["pool_size"],
+            max_regions=o["max_regions"],
+            nvtx=o["nvtx"] and backend is not None,
+        )
         self._recorder.start()
         self._recorder.argv = redacted_argv(self._recorder.argv, only_name=self.redact_argv)
-        if o["nvtx"] and backend is not None:
-            from .hooks import add_nvtx
-
-            add_nvtx(self._recorder)
         if o["hooks"]:
-            from .hooks import Hooks
+            from .autohooks import Hooks
 
             self._hooks = Hooks(o["depth"], o["include"], o["exclude"])
 
@@ -219,7 +222,7 @@ class record:
     def __call__(self, fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*a: Any, **k: Any) -> Any:
-            with record(self._path, **self._opts):  # type: ignore[arg-type]
+            with record(self._path, **self._opts):
                 return fn(*a, **k)
 
         return wrapper  # type: ignore[return-value]

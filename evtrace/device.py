@@ -3,15 +3,16 @@
 The recorder only ever calls these methods. Tests drive the same recorder through a
 deterministic simulated backend (``tests/simdevice.py``); the CUDA backend is proven on a card.
 
-Hot path (called per region boundary): ``current`` and ``record``.
-Off the hot path (resolver thread, session start/stop): everything else.
+Hot path (called per region boundary): the three calls of :meth:`Backend.hot_path`, which the
+recorder binds once per session, so that a backend can hand over C functions with no Python
+frame around them. Off the hot path (resolver thread, session start/stop): everything else.
 """
 
 from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 Event = Any  # an opaque, reusable event handle owned by a backend
 
@@ -22,16 +23,23 @@ class DeviceInfo:
     name: str
 
 
+class HotPath(NamedTuple):
+    """A backend's calls per region boundary. They must be cheap and must not block."""
+
+    #: the current device (asked only with several devices)
+    get_device: Callable[[], int]
+    #: the current stream's handle on a device
+    raw_stream: Callable[[int], int]
+    #: record an event on a stream: 0, or an error code (the event was not recorded)
+    record: Callable[[Event, int], int]
+
+
 class Backend(Protocol):
     """What a device must offer. No method may block the host except ``synchronize``."""
 
-    devices: list[DeviceInfo]
-    #: hot path, must be cheap: the current device (asked only with several devices), the
-    #: current stream's handle on a device, and recording an event (returns 0 or an error code)
-    get_device: Callable[[], int]
-    raw_stream: Callable[[int], int]
-    record: Callable[[Event, int], int]
-
+    @property
+    def devices(self) -> Sequence[DeviceInfo]: ...
+    def hot_path(self) -> HotPath: ...  # bound once per session
     def learn_stream(self, device: int, stream: int) -> None: ...  # first sight, while current
     def record_failed(self, code: int) -> None: ...
     def new_event(self, device: int) -> Event: ...
@@ -98,8 +106,9 @@ class CudaBackend:
     """
 
     def __init__(self, raw: bool = True) -> None:
-        import torch
+        import torch as torch_module
 
+        torch: Any = torch_module  # parts of torch.cuda are untyped
         self._torch = torch
         torch.cuda.init()
         n = torch.cuda.device_count()
@@ -112,17 +121,21 @@ class CudaBackend:
         for i, st in self._side.items():
             self._labels[st.cuda_stream] = "evtrace anchors"
             self._streams[st.cuda_stream] = st
-        self.raw_stream, self.get_device = self._raw_stream, self._get_device
         self._rt = _Cudart.load(torch.version.cuda) if raw else None
         self._created: list[int] = []
         self._out = ctypes.c_float()
         self._outp = ctypes.pointer(self._out)
+        self._record: Callable[[Event, int], int]
         if self._rt is not None:
-            self.record = self._rt.record  # the C function itself: no Python frame on the hot path
+            self._record = self._rt.record  # the C function itself: no Python frame on the hot path
         else:
             self._base_record = torch._C._CudaEventBase.record
-            self.record = self._record_torch  # type: ignore[assignment]
+            self._record = self._record_torch
         self.raw_events = self._rt is not None
+
+    def hot_path(self) -> HotPath:
+        """torch's C getters for the device and the raw stream, and the runtime's record."""
+        return HotPath(self._get_device, self._raw_stream, self._record)
 
     def learn_stream(self, device: int, stream: int) -> None:
         """First sight of a stream (it is current right now): name it as torch numbers it."""

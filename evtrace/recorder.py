@@ -6,6 +6,24 @@ formatting, no ``elapsed_time`` and never a ``synchronize``. A device synchroniz
 to double-digit µs *and* stalls the host until the device drains, which destroys the very
 overlap being measured; events are instead resolved with ``query()`` by a background thread
 and recycled into the pool. The only synchronize is the one in ``stop()``.
+
+The seam other modules use (regions, instrument, autohooks, api, benchmarks); nothing else here
+is theirs to touch:
+
+- ``current``: the recording :class:`Recorder`, or None. Read it; only this module writes it.
+  A plain module attribute, not a function: ``Region.__enter__`` reads it per region, and a
+  call would cost as much again as the read.
+- ``name_key(name)`` interns a region name (off the hot path); ``name_of(key)`` gives it back.
+- ``Recorder.enter(key, args) -> token`` and ``Recorder.exit(token)``: a region on the host
+  lane and, with a device, the current stream. ``enter_host``/``exit_host``: host lane only.
+  ``enter_cross``/``exit_cross``: for a span that may end on another thread than it began
+  (backward spans); the same calls, except that NVTX ranges are then start/end, not push/pop.
+- ``Recorder.nothing_launched()``: for a caller that knows nothing is launched between two
+  boundaries on its thread (``nn.Sequential``'s loop), so that they share one event.
+- Options: ``nvtx=True`` emits every region as an NVTX range too; ``share_ns`` fixes the
+  window in which boundaries share an event (0: never share; None: measured at start).
+- Diagnostics, off the hot path, for benchmarks: ``anchor_now()``, ``anchors(device)``,
+  ``raw_regions()``, ``poll()`` with ``background=False``.
 """
 
 from __future__ import annotations
@@ -15,7 +33,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,8 +45,9 @@ from .session import REGION_DTYPE, Session, Stream, Thread
 # while recording, device times are float64 ms since the device's first anchor
 _LIVE_DTYPE = np.dtype([(n, np.float64 if n.startswith("dev_") else REGION_DTYPE[n]) for n in REGION_DTYPE.names or ()])
 
-#: the recorder regions report to; None when no session is active
-_active: Recorder | None = None
+#: the recorder regions report to; None when no session is active. Public, read-only outside
+#: this module (a module attribute, not a function: it is read once per region)
+current: Recorder | None = None
 #: region names, interned once per process: the hot path stores only their int keys
 _NAMES: list[str] = []
 _NAME_KEYS: dict[str, int] = {}
@@ -45,10 +64,16 @@ def name_key(name: str) -> int:
                 k = _NAME_KEYS[name] = len(_NAMES)
                 _NAMES.append(name)
     return k
+
+
+def name_of(key: int) -> str:
+    """The region name interned as ``key``."""
+    return _NAMES[key]
+
+
 _NEVER = -(1 << 62)
-#: a last_t that the next boundary is always within: set by a caller that knows nothing has been
-#: launched on its thread since its last boundary, nor will be before the next (hooks._sequential)
-ALWAYS = 1 << 62
+#: a last_t that the next boundary is always within (see Recorder.nothing_launched)
+_ALWAYS = 1 << 62
 #: finished regions are packed into numpy chunks of at least this many (a long run keeps few chunks)
 _CHUNK = 16384
 #: CUDA graph captures in progress (torch's CUDAGraph.capture_begin/end, patched while recording)
@@ -89,6 +114,11 @@ class _ThreadState:
         self.last_d = self.last_s = -1
         self.last_t = _NEVER
 
+    def share_next(self) -> None:
+        """Nothing has been launched on this thread since its last boundary, nor will be before
+        its next: the next boundary shares the last one's mark."""
+        self.last_t = _ALWAYS
+
 
 class Recorder:
     """One recording session. Not reusable: start it, run, stop it once."""
@@ -106,6 +136,7 @@ class Recorder:
         anchor_tries: int = 5,
         share_ns: int | None = None,
         background: bool = True,
+        nvtx: bool = False,
     ) -> None:
         self.backend = backend
         self.clock = clock
@@ -155,14 +186,24 @@ class Recorder:
         self.wall_origin_ns = 0
         self.argv: list[str] = []
         self.share_ns = -1 if share_ns is None else share_ns  # measured in start() unless given
-        self.enter_host, self.exit_host = self._enter_host, self._exit_host
-        if backend is None:
-            self.enter, self.exit = self._enter_host, self._exit_host
-        else:
-            self._raw_stream, self._get_device, self._record = backend.raw_stream, backend.get_device, backend.record
+        # the region calls (see the module docstring), bound once
+        self.enter_host: Callable[[int, Any], Any] = self._enter_host
+        self.exit_host: Callable[[Any], None] = self._exit_host
+        self.enter: Callable[[int, Any], Any] = self._enter_host
+        self.exit: Callable[[Any], None] = self._exit_host
+        if backend is not None:
+            self._get_device, self._raw_stream, self._record = backend.hot_path()
             self._multi = len(backend.devices) > 1
             self._seen: set[int] = {backend.side_stream(d) for d in range(len(backend.devices))}
             self.enter, self.exit = self._enter_device, self._exit_device
+        self.enter_cross: Callable[[int, Any], Any] = self.enter
+        self.exit_cross: Callable[[Any], None] = self.exit
+        if nvtx:
+            from . import nvtx as _nvtx
+
+            self.enter_cross, self.exit_cross = _nvtx.ranges(self.enter, self.exit, _NAMES)
+            self.enter, self.exit = _nvtx.push_pop(self.enter, self.exit, _NAMES)
+            self.enter_host, self.exit_host = _nvtx.push_pop(self.enter_host, self.exit_host, _NAMES)
 
     # ---- hot path -------------------------------------------------------------------------
     def _new_thread(self) -> _ThreadState:
@@ -261,12 +302,19 @@ class Recorder:
             self._closed(tok)
         self._done.append((tok, h1, d, s, m))
 
-    def thread_state(self) -> _ThreadState:
-        """This thread's state (its lane, open regions and last mark)."""
+    def nothing_launched(self) -> Callable[[], None]:
+        """This thread's promise, as a function: call it to say that nothing has been launched on
+        this thread since its last region boundary, nor will be before its next one. The next
+        boundary then shares the last one's event (one record instead of two).
+
+        For a caller that runs nothing else between two boundaries (``nn.Sequential``'s loop
+        between its children's forwards). Fetch it once per loop; a call is one attribute store.
+        """
         try:
-            return self._tls.t  # type: ignore[no-any-return]
+            t: _ThreadState = self._tls.t
         except AttributeError:
-            return self._new_thread()
+            t = self._new_thread()
+        return t.share_next
 
     def _in_capture(self) -> None:
         """Inside a CUDA graph capture no event is recorded: host spans only, said once."""
@@ -292,8 +340,8 @@ class Recorder:
             self._start()
 
     def _start(self) -> None:
-        global _active
-        if _active is not None:
+        global current
+        if current is not None:
             raise RuntimeError("an evtrace session is already recording; sessions do not nest")
         if self.backend is not None:
             for d in range(len(self.backend.devices)):
@@ -309,7 +357,7 @@ class Recorder:
                 self.share_ns = min(p[-1][1] - p[-1][0] for p in self._anchor_pending)
             self._resolve_anchors()
             self._unguard = self.backend.guard_captures(capture_began, capture_ended)
-        _active = self
+        current = self
         if self.background:
             self._thread = threading.Thread(target=self._run, name="evtrace-resolver", daemon=True)
             self._thread.start()
@@ -324,9 +372,9 @@ class Recorder:
 
     def stop(self) -> Session:
         """Resolve everything (one synchronize per device, here only) and build the Session."""
-        global _active
-        if _active is self:
-            _active = None
+        global current
+        if current is self:
+            current = None
         end_ns = self.clock()
         self._stop_flag.set()
         if self._thread is not None:
@@ -356,6 +404,24 @@ class Recorder:
                 self._finished.append(row if self.backend is None else (*row, -1, 0, nan, nan))
                 self.unfinished += 1
             st.open.clear()
+
+    # ---- diagnostics (off the hot path: benchmarks, tests) ------------------------------------
+    def anchor_now(self) -> None:
+        """Take one anchor on each device now, as the resolver does every ``anchor_interval_s``
+        (``poll()`` resolves it once the device has stamped it)."""
+        self._anchor_all()
+
+    def anchors(self, device: int) -> list[tuple[int, int, float]]:
+        """A device's resolved anchors: host ns just before and just after each record, and the
+        device time it was stamped at, in ms since the device's first anchor."""
+        return list(self._anchors[device])
+
+    def raw_regions(self) -> np.ndarray:
+        """The regions kept so far (after ``stop()``: all of them), in the order they began,
+        before alignment: host ns on the recorder's clock, device ms since the device's first
+        anchor (NaN without a device span); names are ``name_key`` keys."""
+        live = np.concatenate(self._chunks) if self._chunks else np.empty(0, _LIVE_DTYPE)
+        return live[np.argsort(live["host_start"], kind="stable")]
 
     # ---- resolver (background thread, or poll() by hand) --------------------------------------
     def poll(self, final: bool = False) -> None:
@@ -490,7 +556,7 @@ class Recorder:
                 pool = self._pools[d]
                 ev = pool.pop() if pool else b.new_event(d)
                 lo = self.clock()
-                b.record(ev, side)
+                self._record(ev, side)
                 hi = self.clock()
                 if best is None or hi - lo < best[1] - best[0]:
                     if best is not None:
@@ -688,8 +754,8 @@ def _after_fork_in_parent() -> None:
 
 def _forget_in_child() -> None:
     """A forked child (e.g. a DataLoader worker) does not record into its parent's session."""
-    global _active
-    _active = None
+    global current
+    current = None
     _after_fork_in_parent()
 
 

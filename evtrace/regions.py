@@ -31,7 +31,7 @@ class Region:
         self._open: list[Any] = []  # per enter: (thread, exit, token), or None when nothing was recorded
 
     def __enter__(self) -> Region:
-        rec = _rec._active
+        rec = _rec.current
         if rec is None:
             self._open.append(None)
         elif self.key < 0:
@@ -74,7 +74,7 @@ class Region:
         if inspect.iscoroutinefunction(fn):
 
             async def wrapper(*a: Any, **k: Any) -> Any:
-                rec = _rec._active
+                rec = _rec.current
                 if rec is None:
                     return await fn(*a, **k)
                 enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
@@ -87,7 +87,7 @@ class Region:
         else:
 
             def wrapper(*a: Any, **k: Any) -> Any:
-                rec = _rec._active
+                rec = _rec.current
                 if rec is None:
                     return fn(*a, **k)
                 enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)

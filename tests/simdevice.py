@@ -10,11 +10,11 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from evtrace.device import DeviceInfo
+from evtrace.device import DeviceInfo, HotPath
 
 SIDE = 999  # the anchor stream of every simulated device
 
@@ -29,7 +29,7 @@ class FakeClock:
     def __init__(self, step: int = 1000, seed: int = 0) -> None:
         self.now = random.Random(seed).randrange(10**12, 10**13)
         self.step = step
-        self.owner = threading.get_ident()
+        self.owner: int | None = threading.get_ident()
 
     def __call__(self) -> int:
         t = self.now
@@ -48,6 +48,8 @@ class SimEvent:
 
 
 class SimBackend:
+    """A simulated device behind the recorder's ``Backend`` protocol (checked by mypy below)."""
+
     def __init__(self, clock: FakeClock, ndev: int = 1, offset_ns: int = 123_456_789, drift_ppm: float = 20.0, latency_ns: int = 0, record_ns: int = 2000) -> None:
         self.clock = clock
         self.record_ns = record_ns
@@ -69,9 +71,13 @@ class SimBackend:
         self.failures: list[int] = []
         self.refuse = False  # refuse records, as CUDA does on a capturing stream
         self.queries = 0
-        self.capture = None
+        self.capture: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self.closed = False
 
     # ---- the seam ----
+    def hot_path(self) -> HotPath:
+        return HotPath(self.get_device, self.raw_stream, self.record)
+
     def get_device(self) -> int:
         return self.device
 
@@ -135,9 +141,12 @@ class SimBackend:
     def close(self) -> None:
         self.closed = True
 
-    def guard_captures(self, began, ended):  # type: ignore[no-untyped-def]
+    def guard_captures(self, began: Callable[[], None], ended: Callable[[], None]) -> Callable[[], None]:
         self.capture = (began, ended)
-        return lambda: setattr(self, "capture", None)
+        return self._unguard
+
+    def _unguard(self) -> None:
+        self.capture = None
 
     # ---- test helpers ----
     def launch(self, ns: float, stream: int | None = None, host_ns: int = 5000) -> None:
@@ -149,3 +158,9 @@ class SimBackend:
         key = (self.device, self.stream if stream is None else stream)
         start = max(self.dev_now() + self.latency, self.busy.get(key, 0.0))
         self.busy[key] = start + ns
+
+
+if TYPE_CHECKING:  # mypy checks that the simulated device satisfies the protocol, without casts
+    from evtrace.device import Backend
+
+    _check: Backend = SimBackend(FakeClock())

@@ -20,7 +20,7 @@ def test_public_names_are_pinned() -> None:
 
 
 def test_region_is_a_no_op_without_a_session() -> None:
-    assert recorder._active is None
+    assert recorder.current is None
 
     @evtrace.region
     def f(x: int) -> int:
@@ -92,7 +92,7 @@ def test_sessions_do_not_nest(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="already recording"):
             with evtrace.record(tmp_path / "b.json", device=False, quiet=True):
                 pass
-    assert recorder._active is None
+    assert recorder.current is None
 
 
 def test_bad_output_path_is_refused_before_recording(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,11 +18,11 @@ from evtrace.recorder import Recorder, name_key
 from .simdevice import SIDE, FakeClock, SimBackend
 
 
-def started(clk: FakeClock | None = None, **kw: object) -> tuple[FakeClock, SimBackend, Recorder]:
+def started(clk: FakeClock | None = None, **kw: Any) -> tuple[FakeClock, SimBackend, Recorder]:
     """A recorder on a simulated device, started, resolving only when polled."""
     clk = clk or FakeClock()
     sim = SimBackend(clk)
-    rec = Recorder(sim, clk, background=False, **kw)  # type: ignore[arg-type]
+    rec = Recorder(sim, clk, background=False, **kw)
     rec.start()
     return clk, sim, rec
 
@@ -281,7 +282,7 @@ def test_two_threads_starting_sessions_at_once_get_one_session() -> None:
         t.join()
     assert len(errors) == 1 and "already recording" in str(errors[0])
     for r in recs:
-        if recorder._active is r:
+        if recorder.current is r:
             r.stop()
 
 

@@ -21,7 +21,7 @@ WORK = f"""
 import evtrace
 from evtrace import recorder
 def work():  # {N} host-only regions, straight to the recorder: a long write, a short record
-    rec = recorder._active
+    rec = recorder.current
     k = recorder.name_key("r")
     enter, exit = rec.enter_host, rec.exit_host
     for _ in range({N}):

@@ -1,4 +1,7 @@
-"""Instrumentation of unmodified code: module forward spans, backward, optimizer, data, waits.
+"""Model instrumentation: ``instrument(model)``, each module's forward and backward as regions.
+
+Owns the module wrappers (``select``, ``Instrumentation``, ``instrument``) and the backward spans
+(pre-hooks on autograd nodes). The CLI's global patches are ``autohooks``; NVTX is ``nvtx``.
 
 Modules are wrapped by replacing ``forward`` on the *instance* with a small callable, not by
 ``register_forward_hook``: any hook sends every call through ``nn.Module``'s slow path, which
@@ -10,15 +13,11 @@ an ordinary one; ``remove()`` restores the instance exactly.
 from __future__ import annotations
 
 import functools
-import os
 import re
-import sys
 import threading
 import types
-import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from . import defaults
 from . import recorder as _rec
 
 if TYPE_CHECKING:
@@ -35,7 +34,12 @@ _sequential_forward: Any = None
 _global_hooks: tuple[dict[Any, Any], ...] = ()  # torch's global module hooks, any kind
 
 
-def _bind_torch() -> None:
+def compiling() -> bool:
+    """Whether torch.compile is tracing right now (False until ``bind_torch`` ran)."""
+    return _is_compiling()
+
+
+def bind_torch() -> None:
     """Import torch only when instrumenting, so that `evtrace summary` starts fast."""
     global _is_compiling, _grad_enabled, _Tensor, _queue_callback, _graph_task_id, _sequential_forward, _global_hooks
     import torch
@@ -62,8 +66,6 @@ _META = "evtrace"  # our entry in a node's metadata dict
 # began. Passes run concurrently (one per thread calling backward): each sweeps only its own.
 _passes: dict[int, list[_BackwardSpan]] = {}
 _passes_lock = threading.Lock()  # a pass's nodes may run on several threads (CPU and device ones)
-# per recorder with NVTX on: enter/exit with NVTX start/end ranges, not push/pop (see add_nvtx)
-_ranged: weakref.WeakKeyDictionary[Any, tuple[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 class _BackwardSpan:
@@ -80,10 +82,10 @@ class _BackwardSpan:
 
     def begin(self) -> None:
         rec = self.rec
-        if self.tok is not None or _rec._active is not rec:
+        if self.tok is not None or _rec.current is not rec:
             return  # begun already (another output), or its session ended
-        enter, self.exit = _ranged.get(rec) or (rec.enter, rec.exit)
-        self.tok = enter(self.key, None)
+        self.exit = rec.exit_cross  # it may end on another thread
+        self.tok = rec.enter_cross(self.key, None)
         self.left = self.inputs
         task = _graph_task_id()
         with _passes_lock:
@@ -112,7 +114,7 @@ class _BackwardSpan:
             with _passes_lock:
                 if self in self.open:
                     self.open.remove(self)
-            if _rec._active is self.rec:
+            if _rec.current is self.rec:
                 self.exit(tok)
 
 
@@ -143,7 +145,7 @@ class _NodeHooks:
 
 def _node_hooks(node: Any) -> _NodeHooks:
     md = node.metadata
-    h = md.get(_META)
+    h: _NodeHooks | None = md.get(_META)
     if h is None:
         h = md[_META] = _NodeHooks()
         node.register_prehook(h)
@@ -205,7 +207,7 @@ class _Forward:
         self.bkey = _rec.name_key(f"{name} (backward)") if backward else -1
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        rec = _rec._active
+        rec = _rec.current
         if rec is None or _is_compiling():
             return self.fn(*args, **kwargs)
         tok = rec.enter(self.key, None)
@@ -233,12 +235,12 @@ def _sequential(seq: torch.nn.Sequential) -> Callable[[Any], Any]:  # noqa: F821
     boundary instead of two per child."""
 
     def forward(input: Any) -> Any:
-        rec = _rec._active
+        rec = _rec.current
         if rec is None or _is_compiling() or any(_global_hooks):
             for module in seq:
                 input = module(input)
             return input
-        t, always = rec.thread_state(), _rec.ALWAYS
+        nothing_launched = rec.nothing_launched()
         prev = True  # the last boundary is the container's own start
         for module in seq:
             d = module.__dict__  # nn.Module's own test for calling forward straight, inlined
@@ -248,11 +250,11 @@ def _sequential(seq: torch.nn.Sequential) -> Callable[[Any], Any]:  # noqa: F821
                 and not (d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"] or d["_backward_hooks"])
             )
             if prev and plain:
-                t.last_t = always  # the child's start shares the last mark
+                nothing_launched()  # the child's start shares the last mark
             input = module(input)
             prev = plain
         if prev:
-            t.last_t = always  # the container's end shares the last child's
+            nothing_launched()  # the container's end shares the last child's
         return input
 
     return forward
@@ -280,16 +282,21 @@ def select(model: torch.nn.Module, depth: int | None = None, include: str | None
 
 
 class Instrumentation:
-    """What ``instrument`` changed; ``remove()`` (or leaving the ``with`` block) undoes it."""
+    """What ``instrument`` changed; ``remove()`` (or leaving the ``with`` block) undoes it.
 
-    def __init__(self, modules: Iterable[tuple[str, torch.nn.Module]], backward: bool = True) -> None:
+    ``adjacent=False`` runs an ``nn.Sequential`` as any other module: its children's boundaries
+    then never share an event (a benchmark's comparison; see ``Recorder.nothing_launched``).
+    """
+
+    def __init__(self, modules: Iterable[tuple[str, torch.nn.Module]], backward: bool = True, adjacent: bool = True) -> None:
+        bind_torch()
         self._saved: list[tuple[torch.nn.Module, Any]] = []
         for name, m in modules:
             if isinstance(m.__dict__.get("forward"), _Forward):
                 continue  # already traced by another instrumentation
             prev = m.__dict__.get("forward", _MISSING)
             fn = prev if prev is not _MISSING else m.forward
-            if prev is _MISSING and type(m).forward is _sequential_forward:
+            if adjacent and prev is _MISSING and type(m).forward is _sequential_forward:
                 fn = _sequential(m)  # type: ignore[arg-type]  # an nn.Sequential by its forward
             m.__dict__["forward"] = _Forward(m, fn, name, backward)
             self._saved.append((m, prev))
@@ -322,206 +329,6 @@ def instrument(model: torch.nn.Module, *, depth: int | None = None, include: str
     """
     import torch
 
-    _bind_torch()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"instrument() takes an nn.Module, not {type(model).__name__}")
     return Instrumentation(select(model, depth, include, exclude), backward)
-
-
-class _Patches:
-    """Attribute patches that undo themselves in reverse order."""
-
-    def __init__(self) -> None:
-        self._undo: list[tuple[Any, str, Any]] = []
-
-    def set(self, owner: Any, name: str, value: Any) -> None:
-        self._undo.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name)))
-        setattr(owner, name, value)
-
-    def undo(self) -> None:
-        for owner, name, old in reversed(self._undo):
-            if old is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, old)
-        self._undo.clear()
-
-
-def _call_site(depth: int = 2) -> str:
-    f = sys._getframe(depth)
-    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
-
-
-def _host_region(name: str) -> Any:
-    from .regions import Region
-
-    return Region(name, None, host_only=True)
-
-
-class Hooks:
-    """Everything an unmodified training or inference script gets under ``python -m evtrace``:
-
-    - module forward spans, for each top-level module as it is first called, down to ``depth``,
-      and each module's backward span (``<path> (backward)``) on the thread autograd runs it on;
-    - ``backward`` around ``torch.autograd.backward`` (and so ``loss.backward()``);
-    - ``optimizer.step (AdamW)`` and ``optimizer.zero_grad``, from torch's global optimizer hooks;
-    - ``data wait`` while a DataLoader iterator produces the next batch (host only);
-    - ``wait <what> <file:line>`` where the host blocks on the device: ``torch.cuda.synchronize``,
-      ``Event``/``Stream.synchronize``, and ``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``
-      of CUDA tensors (host only, named by call site).
-
-    ``remove()`` restores every patched attribute and removes every module wrapper.
-    """
-
-    def __init__(self, depth: int | None = defaults.HOOK_DEPTH, include: str | None = None, exclude: str | None = None) -> None:
-        import torch
-
-        _bind_torch()
-        self.depth, self.include, self.exclude = depth, include, exclude
-        self._patches = _Patches()
-        self._roots: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._instrumented: list[Instrumentation] = []
-        self._local = threading.local()
-        self._handles: list[Any] = []
-        for part in (self._install_modules, self._install_backward, self._install_optimizer, self._install_data, self._install_waits):
-            try:
-                part(torch)
-            except Exception as e:  # a torch without that API: the rest still works
-                print(f"evtrace: warning: {part.__name__[9:]} hooks unavailable ({type(e).__name__}: {e})", file=sys.stderr)
-
-    def _install_modules(self, torch: Any) -> None:
-        module = torch.nn.Module
-        call = module.__call__
-        hooks, local = self, self._local
-
-        def __call__(mod: Any, *a: Any, **k: Any) -> Any:
-            depth = getattr(local, "depth", 0)
-            if depth == 0 and mod not in hooks._roots and not _is_compiling():
-                hooks._adopt(mod)
-            local.depth = depth + 1
-            try:
-                return call(mod, *a, **k)
-            finally:
-                local.depth = depth
-
-        self._patches.set(module, "__call__", __call__)
-
-    def _adopt(self, root: Any) -> None:
-        """A module called at the top level: trace it and its submodules down to the depth."""
-        self._roots.add(root)
-        self._instrumented.append(Instrumentation(select(root, self.depth, self.include, self.exclude)))
-
-    def _around(self, owner: Any, name: str, region: str, host_only: bool = False) -> None:
-        """Patch ``owner.name`` to run inside a region named ``region``. The token lives in the
-        call, so threads (or generators) through the same patched function never cross spans."""
-        fn = getattr(owner, name)
-        key = _rec.name_key(region)
-
-        def traced(*a: Any, **k: Any) -> Any:
-            rec = _rec._active
-            if rec is None:
-                return fn(*a, **k)
-            enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
-            tok = enter(key, None)
-            try:
-                return fn(*a, **k)
-            finally:
-                exit(tok)
-
-        self._patches.set(owner, name, traced)
-
-    def _install_backward(self, torch: Any) -> None:
-        # on the device too: the caller's stream orders it
-        self._around(torch.autograd, "backward", "backward")
-
-    def _install_optimizer(self, torch: Any) -> None:
-        from .regions import Region
-
-        opt = torch.optim.Optimizer
-        open_steps = self._local
-
-        def pre(o: Any, args: Any, kwargs: Any) -> None:
-            r = Region(f"optimizer.step ({type(o).__name__})", None)
-            r.__enter__()
-            open_steps.__dict__.setdefault("steps", []).append(r)
-
-        def post(o: Any, args: Any, kwargs: Any) -> None:
-            steps = open_steps.__dict__.get("steps")
-            if steps:
-                steps.pop().__exit__(None, None, None)
-
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-        self._handles += [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
-        self._around(opt, "zero_grad", "optimizer.zero_grad")
-
-    def _install_data(self, torch: Any) -> None:
-        from torch.utils.data.dataloader import _BaseDataLoaderIter
-
-        self._around(_BaseDataLoaderIter, "__next__", "data wait", host_only=True)
-
-    def _install_waits(self, torch: Any) -> None:
-        def waiting(owner: Any, name: str, label: str, only_cuda: bool) -> None:
-            fn = getattr(owner, name)
-
-            def traced(*a: Any, **k: Any) -> Any:
-                if only_cuda and not (a and getattr(a[0], "is_cuda", False)):
-                    return fn(*a, **k)
-                if _rec._active is None:
-                    return fn(*a, **k)
-                with _host_region(f"wait {label} {_call_site()}"):
-                    return fn(*a, **k)
-
-            self._patches.set(owner, name, traced)
-
-        waiting(torch.cuda, "synchronize", "synchronize", False)
-        waiting(torch.cuda.Event, "synchronize", "Event.synchronize", False)
-        waiting(torch.cuda.Stream, "synchronize", "Stream.synchronize", False)
-        for method in ("item", "cpu", "tolist", "numpy"):
-            waiting(torch.Tensor, method, f".{method}()", True)
-
-    def remove(self) -> None:
-        self._patches.undo()
-        for h in self._handles:
-            h.remove()
-        for ins in self._instrumented:
-            ins.remove()
-        self._instrumented.clear()
-
-
-def add_nvtx(rec: Any) -> None:
-    """Also emit every region as an NVTX range (torch.cuda.nvtx), for Nsight Systems."""
-    import torch
-
-    push, pop = torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
-    start, end = torch.cuda.nvtx.range_start, torch.cuda.nvtx.range_end
-    names = _rec._NAMES
-
-    def ranged(enter: Any, exit: Any) -> tuple[Any, Any]:
-        """For backward spans: they may end on another thread (a device thread, or the pass's
-        end callback), and push/pop ranges are per thread; start/end ranges are not."""
-
-        def nvtx_enter(key: int, args: Any) -> Any:
-            return (enter(key, args), start(names[key]))
-
-        def nvtx_exit(tok: Any) -> None:
-            exit(tok[0])
-            end(tok[1])
-
-        return nvtx_enter, nvtx_exit
-
-    _ranged[rec] = ranged(rec.enter, rec.exit)
-
-    def wrap(enter: Any, exit: Any) -> tuple[Any, Any]:
-        def nvtx_enter(key: int, args: Any) -> Any:
-            push(names[key])
-            return enter(key, args)
-
-        def nvtx_exit(tok: Any) -> None:
-            exit(tok)
-            pop()
-
-        return nvtx_enter, nvtx_exit
-
-    rec.enter, rec.exit = wrap(rec.enter, rec.exit)
-    rec.enter_host, rec.exit_host = wrap(rec.enter_host, rec.exit_host)
