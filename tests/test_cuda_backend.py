@@ -77,7 +77,7 @@ def fake_torch(clock: list[float]) -> types.ModuleType:
         synchronize=lambda d=None: None,
         device=_Dev,
     )
-    t.cuda = cuda
+    t.cuda = cuda  # type: ignore[attr-defined]  # a fake torch module
     t.version = types.SimpleNamespace(cuda="13.0")  # type: ignore[attr-defined]
     t._C = types.SimpleNamespace(  # type: ignore[attr-defined]
         _cuda_getCurrentRawStream=lambda d: current[d].cuda_stream,
@@ -133,9 +133,11 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     torch = fake_torch(clock)
     monkeypatch.setitem(sys.modules, "torch", torch)
     rt = FakeCudart(clock)
-    monkeypatch.setattr(dev._Cudart, "load", classmethod(lambda cls, v: rt if request.param == "raw" else None))
+    monkeypatch.setattr(
+        dev._Cudart, "load", classmethod(lambda cls, v: rt if request.param == "raw" else None)
+    )
     b = dev.CudaBackend()
-    b.fake_torch, b.fake_rt = torch, rt
+    b.fake_torch, b.fake_rt = torch, rt  # type: ignore[attr-defined]  # the fakes, for the tests
     return b
 
 

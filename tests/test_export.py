@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -13,7 +14,8 @@ import torch  # noqa: F401  (the metadata names the torch the program uses)
 
 import evtrace
 from evtrace.files import read_json as load_json
-from evtrace.session import DEVICE_PID, sublanes, trace_bytes as dumps
+from evtrace.session import DEVICE_PID, sublanes
+from evtrace.session import trace_bytes as dumps
 
 from .checker import problems
 from .simdevice import FakeClock, SimBackend
@@ -21,7 +23,7 @@ from .simdevice import FakeClock, SimBackend
 GOLDEN = Path(__file__).parent / "golden" / "sim_session.json"
 
 
-def sim_session(path: Path, seed: int = 0) -> tuple[evtrace.Session, dict]:
+def sim_session(path: Path, seed: int = 0) -> tuple[evtrace.Session, dict[str, Any]]:
     """A small fake-clock session: two threads' worth of nesting, two streams, a kernel each."""
     clk = FakeClock(seed=seed)
     sim = SimBackend(clk, drift_ppm=20.0)
@@ -39,17 +41,23 @@ def sim_session(path: Path, seed: int = 0) -> tuple[evtrace.Session, dict]:
     return r.session, load_json(path)
 
 
-def lanes(doc: dict) -> dict[tuple[int, int], str]:
-    return {(e["pid"], e["tid"]): e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+def lanes(doc: dict[str, Any]) -> dict[tuple[int, int], str]:
+    return {
+        (e["pid"], e["tid"]): e["args"]["name"]
+        for e in doc["traceEvents"]
+        if e["ph"] == "M" and e["name"] == "thread_name"
+    }
 
 
-def procs(doc: dict) -> dict[int, tuple[str, int]]:
+def procs(doc: dict[str, Any]) -> dict[int, tuple[str, int]]:
     names = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"}
-    sort = {e["pid"]: e["args"]["sort_index"] for e in doc["traceEvents"] if e["name"] == "process_sort_index"}
+    sort = {
+        e["pid"]: e["args"]["sort_index"] for e in doc["traceEvents"] if e["name"] == "process_sort_index"
+    }
     return {p: (names[p], sort[p]) for p in names}
 
 
-def xs(doc: dict, cat: str) -> list[dict]:
+def xs(doc: dict[str, Any], cat: str) -> list[dict[str, Any]]:
     return [e for e in doc["traceEvents"] if e["ph"] == "X" and e["cat"] == cat]
 
 
@@ -88,7 +96,18 @@ def test_nested_regions_nest_on_the_device_too(tmp_path: Path) -> None:
 def test_metadata_has_provenance_and_alignment_but_no_environment(tmp_path: Path) -> None:
     _, doc = sim_session(tmp_path / "t.json")
     m = doc["metadata"]
-    for k in ("evtrace", "python", "torch", "argv", "gpus", "alignment.0.anchors", "alignment.0.drift_ppm", "alignment.0.bound_us_p99", "regions", "device_spans"):
+    for k in (
+        "evtrace",
+        "python",
+        "torch",
+        "argv",
+        "gpus",
+        "alignment.0.anchors",
+        "alignment.0.drift_ppm",
+        "alignment.0.bound_us_p99",
+        "regions",
+        "device_spans",
+    ):
         assert k in m, k
     assert isinstance(doc["baseTimeNanoseconds"], int)
     text = orjson.dumps(doc).decode()
@@ -111,7 +130,7 @@ def test_gzip_by_suffix_and_round_trip(tmp_path: Path) -> None:
 
 def test_crossing_spans_move_to_an_overlap_lane(tmp_path: Path) -> None:
     clk = FakeClock()
-    with evtrace.record(tmp_path / "o.json", device=False, clock=clk, quiet=True) as r:
+    with evtrace.record(tmp_path / "o.json", device=False, clock=clk, quiet=True):
         a = evtrace.region("a")
         b = evtrace.region("b")
         a.__enter__()
@@ -142,7 +161,14 @@ def test_hostile_names_and_args_still_make_valid_json(tmp_path: Path) -> None:
 
     weird = 'q"uo\nte \\ ünï 🚀 \ud800'
     with evtrace.record(tmp_path / "h.json", device=False, quiet=True):
-        with evtrace.region(weird, nan=float("nan"), inf=float("inf"), big=2**80, obj=Opaque(), nested={"k": [1, float("nan")]}):
+        with evtrace.region(
+            weird,
+            nan=float("nan"),
+            inf=float("inf"),
+            big=2**80,
+            obj=Opaque(),
+            nested={"k": [1, float("nan")]},
+        ):
             pass
     raw = (tmp_path / "h.json").read_bytes()
     assert b"NaN" not in raw and b"Infinity" not in raw
@@ -153,7 +179,7 @@ def test_hostile_names_and_args_still_make_valid_json(tmp_path: Path) -> None:
     assert h["args"]["nan"] is None and h["args"]["inf"] is None
 
 
-def normalised(doc: dict) -> dict:
+def normalised(doc: dict[str, Any]) -> dict[str, Any]:
     """Golden comparison: the pid, versions and argv vary from machine to machine."""
     pid = doc["metadata"]["evtrace.pid"]
     for e in doc["traceEvents"]:
@@ -163,7 +189,25 @@ def normalised(doc: dict) -> dict:
             e["tid"] = 1
         elif e["pid"] == 1:
             e["tid"] = 1
-    keep = {k: v for k, v in doc["metadata"].items() if k.startswith(("alignment", "regions", "device_spans", "dropped", "split", "clamped", "duration", "evtrace.streams", "evtrace.devices", "evtrace.overlap", "gpus"))}
+    keep = {
+        k: v
+        for k, v in doc["metadata"].items()
+        if k.startswith(
+            (
+                "alignment",
+                "regions",
+                "device_spans",
+                "dropped",
+                "split",
+                "clamped",
+                "duration",
+                "evtrace.streams",
+                "evtrace.devices",
+                "evtrace.overlap",
+                "gpus",
+            )
+        )
+    }
     return {"traceEvents": doc["traceEvents"], "metadata": keep}
 
 
@@ -183,7 +227,9 @@ def test_regions_without_args_are_written_as_with_args(tmp_path: Path, device: b
     region-by-region path that args take (forced here by giving one region an arg)."""
     clk = FakeClock()
     sim = SimBackend(clk)
-    with evtrace.record(tmp_path / "a.json", backend=sim if device else None, clock=clk, device=device, quiet=True) as r:
+    with evtrace.record(
+        tmp_path / "a.json", backend=sim if device else None, clock=clk, device=device, quiet=True
+    ) as r:
         for _ in range(3):
             with evtrace.region("step"):
                 sim.launch(10_000)
@@ -207,7 +253,11 @@ def test_counters_show_how_far_the_host_runs_ahead(tmp_path: Path) -> None:
                     sim.launch(1_000_000)
     doc = load_json(tmp_path / "c.json")
     assert problems(doc) == []
-    depth = [e["args"]["regions"] for e in doc["traceEvents"] if e["ph"] == "C" and e["name"] == "regions in flight"]
+    depth = [
+        e["args"]["regions"]
+        for e in doc["traceEvents"]
+        if e["ph"] == "C" and e["name"] == "regions in flight"
+    ]
     assert max(depth) == 4 and depth[-1] == 0  # only outermost regions count: never 8
     assert depth[:4] == [1, 2, 3, 4]
     lead = [e["args"]["us"] for e in doc["traceEvents"] if e["ph"] == "C" and e["name"] == "host lead"]
@@ -245,7 +295,7 @@ def test_two_threads_launching_onto_one_stream(tmp_path: Path) -> None:
     k = evtrace.recorder.name_key
     import threading
 
-    a_tok: list = []
+    a_tok: list[Any] = []
 
     def thread_b() -> None:  # enters while A's region is open, exits after A's
         tb = rec.enter(k("B"), None)
@@ -282,14 +332,16 @@ def test_summary_counts_host_waits(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, GeneratorExit, OSError])
-def test_an_interrupted_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path, error: type[BaseException]) -> None:
+def test_an_interrupted_write_leaves_the_old_file_and_no_temp_file(
+    tmp_path: Path, error: type[BaseException]
+) -> None:
     from evtrace.files import write_bytes
 
     out = tmp_path / "bad_old.json.gz"  # not a trace: the strict checker skips "bad*"
     write_bytes(b'{"old": 1}', out)
     before = out.read_bytes()
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks():
         yield b'{"traceEvents":['
         raise error()
 
@@ -299,7 +351,9 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temp_file(tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir()] == ["bad_old.json.gz"]  # no .bad_old.json.gz.<pid>.tmp
 
 
-def test_a_long_write_says_so_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_long_write_says_so_on_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from evtrace import files
 
     monkeypatch.setattr(files, "PROGRESS_AFTER_S", 0.0)  # as if each chunk took over a second

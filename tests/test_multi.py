@@ -55,7 +55,9 @@ def ranked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, seed: int
     return r.path
 
 
-def test_merge_on_one_host_is_exact_and_keeps_ranks_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merge_on_one_host_is_exact_and_keeps_ranks_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     p1 = ranked(tmp_path, monkeypatch, 1, seed=5, n=3)  # listed first, sorted by rank anyway
     p0 = ranked(tmp_path, monkeypatch, 0, seed=4, n=4)
     s0, s1 = evtrace.load(p0), evtrace.load(p1)
@@ -63,9 +65,16 @@ def test_merge_on_one_host_is_exact_and_keeps_ranks_apart(tmp_path: Path, monkey
     assert problems(doc) == []
     assert doc["metadata"]["merge.method"].startswith("one host")
     procs = sorted((e["args"]["name"], e["pid"]) for e in doc["traceEvents"] if e["name"] == "process_name")
-    assert [n for n, _ in procs] == ["rank 0 · GPU 0 · Sim GPU 0", "rank 0 · host", "rank 1 · GPU 0 · Sim GPU 0", "rank 1 · host"]
+    assert [n for n, _ in procs] == [
+        "rank 0 · GPU 0 · Sim GPU 0",
+        "rank 0 · host",
+        "rank 1 · GPU 0 · Sim GPU 0",
+        "rank 1 · host",
+    ]
     assert len({pid for _, pid in procs}) == 4
-    sort = {e["pid"]: e["args"]["sort_index"] for e in doc["traceEvents"] if e["name"] == "process_sort_index"}
+    sort = {
+        e["pid"]: e["args"]["sort_index"] for e in doc["traceEvents"] if e["name"] == "process_sort_index"
+    }
     by_name = {n: sort[pid] for n, pid in procs}
     assert by_name["rank 0 · host"] < by_name["rank 0 · GPU 0 · Sim GPU 0"] < by_name["rank 1 · host"]
     regions = [e for e in doc["traceEvents"] if e.get("cat") == "region"]
@@ -76,7 +85,12 @@ def test_merge_on_one_host_is_exact_and_keeps_ranks_apart(tmp_path: Path, monkey
     r1 = sorted(round(e["ts"] * 1000) for e in regions if e["pid"] == procs[3][1])
     assert r1 == sorted((s1.regions["host_start"] + o1 - base).tolist())
     out = tmp_path / "all.json.gz"
-    p = subprocess.run([sys.executable, "-m", "evtrace", "merge", str(p0), str(p1), "-o", str(out)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "merge", str(p0), str(p1), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "merged 2 traces (7 regions, 2 ranks)" in p.stderr
 
@@ -85,18 +99,30 @@ def test_merge_across_hosts_says_how_uncertain_it_is(tmp_path: Path, monkeypatch
     p0 = ranked(tmp_path, monkeypatch, 0, seed=4, n=2)
     p1 = ranked(tmp_path, monkeypatch, 1, seed=5, n=2)
     doc = load_json(p1)
-    doc["metadata"]["evtrace.meta"]["host_id"] = "another-host"  # what load reads; Perfetto shows the flat keys
+    doc["metadata"]["evtrace.meta"]["host_id"] = (
+        "another-host"  # what load reads; Perfetto shows the flat keys
+    )
     p1.write_bytes(orjson.dumps(doc))
     merged = orjson.loads(dumps(merge.merge([evtrace.load(p0), evtrace.load(p1)])))
-    assert "wall-clock" in merged["metadata"]["merge.method"] and "uncertain" in merged["metadata"]["merge.method"]
+    assert (
+        "wall-clock" in merged["metadata"]["merge.method"]
+        and "uncertain" in merged["metadata"]["merge.method"]
+    )
     assert problems(merged) == []
 
 
 def test_merge_refuses_what_is_not_a_trace(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    p = subprocess.run([sys.executable, "-m", "evtrace", "merge", str(bad), "-o", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "not an evtrace trace" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "merge", str(bad), "-o", str(tmp_path / "m.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        p.returncode == 2 and "not an evtrace trace" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    )
 
 
 JOB = """
@@ -122,13 +148,32 @@ print("rank", rank, "done", float(x[0]))
 def test_torchrun_gloo_two_ranks_then_merge(tmp_path: Path) -> None:
     (tmp_path / "job.py").write_text(JOB)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "evtrace", "-o", "t.json.gz", "job.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "evtrace",
+        "-o",
+        "t.json.gz",
+        "job.py",
+    ]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [tmp_path / f"t-rank{r}.json.gz" for r in (0, 1)]
     sessions = [evtrace.load(f) for f in ranks]
     assert [s.meta["rank"] for s in sessions] == [0, 1] and all(len(s) == 15 for s in sessions)
-    m = subprocess.run([sys.executable, "-m", "evtrace", "merge", *map(str, ranks), "-o", "all.json.gz"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    m = subprocess.run(
+        [sys.executable, "-m", "evtrace", "merge", *map(str, ranks), "-o", "all.json.gz"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert m.returncode == 0, m.stderr
     doc = load_json(tmp_path / "all.json.gz")
     assert problems(doc) == []
@@ -136,26 +181,55 @@ def test_torchrun_gloo_two_ranks_then_merge(tmp_path: Path) -> None:
     hosts = [e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"]
     assert hosts == ["rank 0 · host", "rank 1 · host"]
     # one clock: each rank's all_reduce of a step overlaps the other's (they wait for each other)
-    ar = {}
+    ar: dict[int, list[tuple[float, float]]] = {}
     for e in doc["traceEvents"]:
         if e.get("name") == "all_reduce":
             ar.setdefault(e["pid"], []).append((e["ts"], e["ts"] + e["dur"]))
     a, b = ar.values()
     assert all(x0 < y1 and y0 < x1 for (x0, x1), (y0, y1) in zip(sorted(a), sorted(b)))
-    summ = subprocess.run([sys.executable, "-m", "evtrace", "summary", *map(str, ranks)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    summ = subprocess.run(
+        [sys.executable, "-m", "evtrace", "summary", *map(str, ranks)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert summ.returncode == 0, summ.stderr
     table = summ.stdout.splitlines()[-4:]
-    assert table[0].split() == ["trace", "rank", "regions", "host", "time", "device", "busy", "device", "busy", "%"]
-    assert [row.split()[:3] for row in table[2:]] == [["t-rank0.json.gz", "0", "15"], ["t-rank1.json.gz", "1", "15"]]
+    assert table[0].split() == [
+        "trace",
+        "rank",
+        "regions",
+        "host",
+        "time",
+        "device",
+        "busy",
+        "device",
+        "busy",
+        "%",
+    ]
+    assert [row.split()[:3] for row in table[2:]] == [
+        ["t-rank0.json.gz", "0", "15"],
+        ["t-rank1.json.gz", "1", "15"],
+    ]
     assert np.all([len(s.names) == 3 for s in sessions])
 
 
 def evtrace_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "-m", "evtrace", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "evtrace", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-def test_a_merged_trace_loads_as_a_session_with_its_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_merged_trace_loads_as_a_session_with_its_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     p0 = ranked(tmp_path, monkeypatch, 0, seed=4, n=4)
     p1 = ranked(tmp_path, monkeypatch, 1, seed=5, n=3)
     s0, s1 = evtrace.load(p0), evtrace.load(p1)
@@ -185,13 +259,17 @@ def test_a_merged_trace_loads_as_a_session_with_its_ranks(tmp_path: Path, monkey
     assert "merged 2 traces (8 regions, 3 ranks)" in p.stderr
     a = evtrace.load(again)
     assert [r.meta["rank"] for r in a.ranks] == [0, 1, 2]
-    for r in (0, 1):  # the ranks merged before keep their distance exactly
-        assert (a.ranks[r].regions["host_start"] - a.ranks[0].regions["host_start"][0]).tolist() == (m.ranks[r].regions["host_start"] - m.ranks[0].regions["host_start"][0]).tolist()
+    for i in (0, 1):  # the ranks merged before keep their distance exactly
+        assert (a.ranks[i].regions["host_start"] - a.ranks[0].regions["host_start"][0]).tolist() == (
+            m.ranks[i].regions["host_start"] - m.ranks[0].regions["host_start"][0]
+        ).tolist()
 
 
 def test_every_command_reads_what_run_and_merge_write(tmp_path: Path) -> None:
     job = tmp_path / "job.py"
-    job.write_text("import evtrace\nfor i in range(3):\n    with evtrace.region('step'):\n        with evtrace.region('inner'):\n            pass\n")
+    job.write_text(
+        "import evtrace\nfor i in range(3):\n    with evtrace.region('step'):\n        with evtrace.region('inner'):\n            pass\n"
+    )
     for name in ("a.json.gz", "b.json"):
         p = evtrace_cli("run", "-o", name, job, cwd=tmp_path)
         assert p.returncode == 0, p.stderr
@@ -203,9 +281,14 @@ def test_every_command_reads_what_run_and_merge_write(tmp_path: Path) -> None:
     for trace in ("a.json.gz", "b.json", "ab.json.gz", "aba.json"):
         summ = evtrace_cli("summary", trace, cwd=tmp_path)
         assert summ.returncode == 0 and summ.stderr == "", (trace, summ.stderr)
-        assert summ.stdout.splitlines()[0].startswith({"a.json.gz": "6 ", "b.json": "6 ", "ab.json.gz": "12 ", "aba.json": "18 "}[trace])
+        assert summ.stdout.splitlines()[0].startswith(
+            {"a.json.gz": "6 ", "b.json": "6 ", "ab.json.gz": "12 ", "aba.json": "18 "}[trace]
+        )
         rep = evtrace_cli("report", trace, cwd=tmp_path)
-        assert rep.returncode == 0 and rep.stdout.startswith(f"### evtrace report: `{trace}`"), (trace, rep.stderr)
+        assert rep.returncode == 0 and rep.stdout.startswith(f"### evtrace report: `{trace}`"), (
+            trace,
+            rep.stderr,
+        )
         svg = tmp_path / f"{trace}.svg"
         ren = evtrace_cli("render", trace, "-o", svg, cwd=tmp_path)
         assert ren.returncode == 0 and svg.exists(), (trace, ren.stderr)
@@ -213,15 +296,27 @@ def test_every_command_reads_what_run_and_merge_write(tmp_path: Path) -> None:
         assert mer.returncode == 0, (trace, mer.stderr)
     merged = evtrace_cli("summary", "aba.json", cwd=tmp_path).stdout.splitlines()
     assert merged[-5].split()[:3] == ["trace", "rank", "regions"]  # its ranks side by side
-    assert [row.split()[:4] for row in merged[-3:]] == [["trace", "0", "-", "6"], ["trace", "1", "-", "6"], ["trace", "2", "-", "6"]]
+    assert [row.split()[:4] for row in merged[-3:]] == [
+        ["trace", "0", "-", "6"],
+        ["trace", "1", "-", "6"],
+        ["trace", "2", "-", "6"],
+    ]
 
 
 def test_no_message_cites_an_internal_format_number(tmp_path: Path) -> None:
     (tmp_path / "bad_other.json").write_text(orjson.dumps({"traceEvents": [], "metadata": {"x": 1}}).decode())
-    (tmp_path / "bad_newer.json").write_text(orjson.dumps({"traceEvents": [], "metadata": {"evtrace": "9.0", "evtrace.format": 99}}).decode())
-    for name, says in (("bad_other.json", "is not an evtrace trace"), ("bad_newer.json", "written by evtrace 9.0")):
+    (tmp_path / "bad_newer.json").write_text(
+        orjson.dumps({"traceEvents": [], "metadata": {"evtrace": "9.0", "evtrace.format": 99}}).decode()
+    )
+    for name, says in (
+        ("bad_other.json", "is not an evtrace trace"),
+        ("bad_newer.json", "written by evtrace 9.0"),
+    ):
         for cmd in ("summary", "report", "merge"):
             args = [cmd, name] + (["-o", "m.json"] if cmd == "merge" else [])
             p = evtrace_cli(*args, cwd=tmp_path)
-            assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, (cmd, p.stderr)
+            assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, (
+                cmd,
+                p.stderr,
+            )
             assert "format" not in p.stderr, p.stderr

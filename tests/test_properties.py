@@ -20,8 +20,18 @@ from evtrace.session import REGION_DTYPE, Session, Stream, Thread
 from .checker import problems
 
 names = st.text(min_size=0, max_size=30)
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
-values = st.recursive(scalars, lambda v: st.one_of(st.lists(v, max_size=3), st.dictionaries(st.text(max_size=5), v, max_size=3)), max_leaves=6)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+)
+values = st.recursive(
+    scalars,
+    lambda v: st.one_of(st.lists(v, max_size=3), st.dictionaries(st.text(max_size=5), v, max_size=3)),
+    max_leaves=6,
+)
 
 
 def refuse(constant: str) -> None:
@@ -44,7 +54,11 @@ def sessions(draw: st.DrawFn) -> Session:
             r[i]["dev_start"], r[i]["dev_end"] = d0, d0 + draw(st.integers(0, 10**9))
         else:
             r[i]["device"], r[i]["stream"] = -1, -1
-    args = {i: draw(st.dictionaries(st.text(max_size=8), values, max_size=3)) for i in range(n) if draw(st.booleans())}
+    args = {
+        i: draw(st.dictionaries(st.text(max_size=8), values, max_size=3))
+        for i in range(n)
+        if draw(st.booleans())
+    }
     return Session(
         regions=r,
         names=name_list,
@@ -75,7 +89,9 @@ def test_export_is_strict_json_and_reads_back(s: Session) -> None:
         if f.startswith("dev_"):
             got, want = got[s.regions["device"] >= 0], want[s.regions["device"] >= 0]
         assert np.array_equal(got, want), f
-    assert [back.names[i] for i in back.regions["name"]] == [s.names[i].encode("utf-8", "replace").decode() for i in s.regions["name"]]
+    assert [back.names[i] for i in back.regions["name"]] == [
+        s.names[i].encode("utf-8", "replace").decode() for i in s.regions["name"]
+    ]
     assert set(back.args) == set(s.args)
 
 
@@ -87,5 +103,5 @@ def test_the_reader_refuses_junk_with_a_trace_error(data: bytes) -> None:
         p.write_bytes(data)
         try:
             evtrace.load(p)
-        except evtrace.export.chrome.TraceError:
+        except evtrace.TraceError:
             pass

@@ -92,7 +92,7 @@ def test_anchors_go_on_the_idle_side_stream_and_are_periodic() -> None:
 def test_background_resolver_with_real_threads(tmp_path: Path) -> None:
     """8 host threads × 4 streams, a real resolver thread: every span on its own lane."""
     clk = FakeClock(step=100)
-    clk.owner = None  # type: ignore[assignment]  # every thread's reads advance time
+    clk.owner = None  # every thread's reads advance time
     sim = SimBackend(clk)
     lock = threading.Lock()
 
@@ -123,7 +123,7 @@ def test_background_resolver_with_real_threads(tmp_path: Path) -> None:
     s.save(tmp_path / "threads.json.gz")
 
 
-def test_no_cuda_records_host_lanes_only(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_no_cuda_records_host_lanes_only(tmp_path: Path, capsys) -> None:
     with evtrace.record(tmp_path / "host.json", device=False) as r:
         with evtrace.region("a"):
             with evtrace.region("b"):
@@ -177,7 +177,9 @@ def test_adjacent_boundaries_share_one_event_and_stay_exact(tmp_path: Path) -> N
     parent = r[r["name"] == s.names.index("parent")][0]
     assert parent["dev_start"] <= leaf["dev_start"][0] and parent["dev_end"] == leaf["dev_end"][-1]
     gap = r[r["name"] == s.names.index("gap")][0]
-    assert gap["dev_end"] - gap["dev_start"] == pytest.approx(10_000, abs=100)  # the 50 µs kernel is not in it
+    assert gap["dev_end"] - gap["dev_start"] == pytest.approx(
+        10_000, abs=100
+    )  # the 50 µs kernel is not in it
 
 
 def test_refused_records_are_counted_and_cleared(tmp_path: Path) -> None:
@@ -199,10 +201,11 @@ def test_refused_records_are_counted_and_cleared(tmp_path: Path) -> None:
     assert len(sim.failures) >= 3
 
 
-def test_graph_capture_gets_host_spans_and_no_cuda_call(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_graph_capture_gets_host_spans_and_no_cuda_call(tmp_path: Path, capsys) -> None:
     """While a graph is captured nothing is recorded and the resolver makes no CUDA call (in
     torch's global capture mode either would break the capture); said once."""
     clk, sim, rec = started()
+    assert sim.capture is not None
     began, ended = sim.capture
     tok = rec.enter(name_key("before"), None)
     sim.launch(1000)
@@ -263,7 +266,7 @@ def test_a_long_run_of_short_polls_packs_regions_into_few_chunks() -> None:
 
 def test_two_threads_starting_sessions_at_once_get_one_session() -> None:
     clk = FakeClock()
-    clk.owner = None  # type: ignore[assignment]  # both threads read it
+    clk.owner = None  # both threads read it
     recs = [Recorder(SimBackend(clk), clk, background=False) for _ in range(2)]
     errors: list[BaseException] = []
     go = threading.Barrier(2)

@@ -69,7 +69,13 @@ def test_report_structure_golden(tmp_path: Path, request: pytest.FixtureRequest)
 
 def test_report_from_a_saved_trace_via_the_cli(tmp_path: Path) -> None:
     pipeline_trace(tmp_path / "t.json")
-    p = subprocess.run([sys.executable, "-m", "evtrace", "report", "t.json", "-o", "r.md"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "report", "t.json", "-o", "r.md"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     md = (tmp_path / "r.md").read_text()
     assert md.startswith("### evtrace report: `t.json`") and "opens offline in https://ui.perfetto.dev" in md
@@ -104,35 +110,66 @@ def test_svg_renders_with_a_real_renderer(tmp_path: Path) -> None:
     assert w == 1200
     # inside each lane's plot area there are coloured (not white or grey) pixels where slices are
     for y in range(30, h - 30, 22):
-        row = [img.getpixel((x, y + 10)) for x in range(200, w - 10, 4)]
+        pixels = [img.getpixel((x, y + 10)) for x in range(200, w - 10, 4)]
+        row = [px for px in pixels if isinstance(px, tuple)]
+        assert len(row) == len(pixels)  # RGB: every pixel is an (r, g, b) tuple
         coloured = sum(1 for r, g, b in row if max(r, g, b) - min(r, g, b) > 40)
         assert coloured > 10, f"lane at y={y} is blank"
 
 
 def test_cli_render_window_and_report_flag(tmp_path: Path) -> None:
     pipeline_trace(tmp_path / "t.json")
-    p = subprocess.run([sys.executable, "-m", "evtrace", "render", "t.json", "-o", "w.svg", "--window", "0:5ms"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "render", "t.json", "-o", "w.svg", "--window", "0:5ms"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert "window 0 ms – 5 ms since the start" in (tmp_path / "w.svg").read_text()
-    assert p.stderr.startswith("evtrace: wrote w.svg (") and len(p.stderr.splitlines()) == 1  # says what it wrote
-    bad = subprocess.run([sys.executable, "-m", "evtrace", "render", "t.json", "-o", "w.svg", "--window", "5:1"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (
+        p.stderr.startswith("evtrace: wrote w.svg (") and len(p.stderr.splitlines()) == 1
+    )  # says what it wrote
+    bad = subprocess.run(
+        [sys.executable, "-m", "evtrace", "render", "t.json", "-o", "w.svg", "--window", "5:1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "ends before it starts" in bad.stderr
     (tmp_path / "job.py").write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
     import os
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-m", "evtrace", "--report", "-o", "job.json.gz", "job.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "evtrace", "--report", "-o", "job.json.gz", "job.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "job.md").exists() and (tmp_path / "job.svg").exists()
 
 
 def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "evtrace", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "evtrace", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def one_line_error(p: subprocess.CompletedProcess[str], says: str) -> None:
     assert p.returncode == 2, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and says in p.stderr and "Traceback" not in p.stderr, (
+        p.stderr
+    )
 
 
 @pytest.mark.parametrize("command, out", [("render", "t.svg"), ("report", "t.md")])
@@ -151,18 +188,28 @@ def test_render_and_report_never_overwrite_their_input(tmp_path: Path, command: 
 
 
 @pytest.mark.parametrize("command, bad, good", [("render", "x.png", "x.svg"), ("report", "x.svg", "x.md")])
-def test_an_output_suffix_must_match_what_is_written(tmp_path: Path, command: str, bad: str, good: str) -> None:
+def test_an_output_suffix_must_match_what_is_written(
+    tmp_path: Path, command: str, bad: str, good: str
+) -> None:
     pipeline_trace(tmp_path / "t.json")
     one_line_error(cli(command, "t.json", "-o", bad, cwd=tmp_path), f"must end in {Path(good).suffix}")
     assert not (tmp_path / bad).exists()
     p = cli(command, "t.json", "-o", good, cwd=tmp_path)
-    assert p.returncode == 0 and p.stderr == f"evtrace: wrote {good}" + (f" ({p.stderr.split(' (', 1)[1]}" if command == "render" else "\n")
+    assert p.returncode == 0 and p.stderr == f"evtrace: wrote {good}" + (
+        f" ({p.stderr.split(' (', 1)[1]}" if command == "render" else "\n"
+    )
 
 
 def test_render_says_when_there_is_nothing_to_draw(tmp_path: Path) -> None:
     pipeline_trace(tmp_path / "t.json")
-    one_line_error(cli("render", "t.json", "-o", "w.svg", "--window", "100s:200s", cwd=tmp_path), "nothing was recorded on these lanes between 100 s and 200 s")
-    one_line_error(cli("render", "t.json", "-o", "w.svg", "--lanes", "^nope$", cwd=tmp_path), "--lanes '^nope$' matches no lane; the lanes are: host · MainThread, GPU 0 · stream 0 (default)")
+    one_line_error(
+        cli("render", "t.json", "-o", "w.svg", "--window", "100s:200s", cwd=tmp_path),
+        "nothing was recorded on these lanes between 100 s and 200 s",
+    )
+    one_line_error(
+        cli("render", "t.json", "-o", "w.svg", "--lanes", "^nope$", cwd=tmp_path),
+        "--lanes '^nope$' matches no lane; the lanes are: host · MainThread, GPU 0 · stream 0 (default)",
+    )
     with evtrace.record(tmp_path / "empty.json", device=False, quiet=True):
         pass
     one_line_error(cli("render", "empty.json", "-o", "w.svg", cwd=tmp_path), "holds no regions")
@@ -198,7 +245,9 @@ def test_render_picks_a_step_that_does_device_work_not_a_wait(tmp_path: Path) ->
     a, b = default_window(s)
     r = s.regions
     inside = [s.names[k] for k in r["name"][(r["host_start"] >= a) & (r["host_end"] <= b)].tolist()]
-    assert "Net (backward)" in inside and "data wait" not in inside, inside  # the repeating one with the most host time
+    assert "Net (backward)" in inside and "data wait" not in inside, (
+        inside
+    )  # the repeating one with the most host time
     texts = [t.text for t in ET.fromstring(render(s)).iter("{http://www.w3.org/2000/svg}text")]
     assert "Net (backward)" in texts and "data wait" not in texts
 

@@ -43,11 +43,22 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 def test_view_serves_the_one_file_with_cors_then_exits(trace: Path) -> None:
     port = free_port()
-    with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+    with subprocess.Popen(
+        [sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as p:
         url = p.stdout.readline().strip()  # type: ignore[union-attr]
         assert url == f"{UI}/#!/?url=http://127.0.0.1:{port}/my%20trace.json.gz"
         base = f"http://127.0.0.1:{port}"
-        for bad in ("/", "/status", "/../my%20trace.json.gz/..", "/etc/passwd", "/%2e%2e/" + trace.parent.name):
+        for bad in (
+            "/",
+            "/status",
+            "/../my%20trace.json.gz/..",
+            "/etc/passwd",
+            "/%2e%2e/" + trace.parent.name,
+        ):
             code, headers, _ = get(base + bad)
             assert code == 404, bad
             assert headers["Access-Control-Allow-Origin"] == UI
@@ -76,7 +87,12 @@ def test_view_binds_loopback_only(trace: Path) -> None:
     if not os.path.exists("/proc/net/tcp"):
         pytest.skip("no /proc/net/tcp (not Linux)")
     port = free_port()
-    with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+    with subprocess.Popen(
+        [sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as p:
         p.stdout.readline()  # type: ignore[union-attr]
         assert listening(port) == ["127.0.0.1"]
         get(f"http://127.0.0.1:{port}/my%20trace.json.gz")
@@ -85,16 +101,36 @@ def test_view_binds_loopback_only(trace: Path) -> None:
 
 def test_view_answers_head_and_options_and_keeps_serving(trace: Path) -> None:
     port = free_port()
-    with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+    with subprocess.Popen(
+        [sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as p:
         p.stdout.readline()  # type: ignore[union-attr]
         url = f"http://127.0.0.1:{port}/my%20trace.json.gz"
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as r:
-            assert r.status == 200 and int(r.headers["Content-Length"]) == trace.stat().st_size and r.read() == b""
+            assert (
+                r.status == 200
+                and int(r.headers["Content-Length"]) == trace.stat().st_size
+                and r.read() == b""
+            )
             assert r.headers["Access-Control-Allow-Origin"] == UI
-        pre = urllib.request.Request(url, method="OPTIONS", headers={"Origin": UI, "Access-Control-Request-Method": "GET", "Access-Control-Request-Private-Network": "true"})
+        pre = urllib.request.Request(
+            url,
+            method="OPTIONS",
+            headers={
+                "Origin": UI,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Private-Network": "true",
+            },
+        )
         with urllib.request.urlopen(pre, timeout=10) as r:
             assert r.status == 204
-            assert r.headers["Access-Control-Allow-Origin"] == UI and "GET" in r.headers["Access-Control-Allow-Methods"]
+            assert (
+                r.headers["Access-Control-Allow-Origin"] == UI
+                and "GET" in r.headers["Access-Control-Allow-Methods"]
+            )
             assert r.headers["Access-Control-Allow-Private-Network"] == "true"
         assert p.poll() is None  # probes are not the download: still serving
         code, _, body = get(url)
@@ -104,19 +140,36 @@ def test_view_answers_head_and_options_and_keeps_serving(trace: Path) -> None:
 
 def test_ctrl_c_on_a_waiting_view_exits_quietly(trace: Path) -> None:
     port = free_port()
-    with subprocess.Popen([sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
-        p.stdout.readline()  # type: ignore[union-attr]  (the URL: it is waiting)
+    with subprocess.Popen(
+        [sys.executable, "-m", "evtrace", "view", str(trace), "--no-browser", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as p:
+        assert p.stdout is not None and p.stderr is not None
+        p.stdout.readline()  # the URL: it is waiting
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=10) == 130
-        err = p.stderr.read()  # type: ignore[union-attr]
-    assert "Traceback" not in err and len([line for line in err.splitlines() if "note:" not in line]) <= 1, err
+        err = p.stderr.read()
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "note:" not in line]) <= 1, (
+        err
+    )
 
 
 def test_view_refuses_a_corrupt_trace(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json.gz"
     bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
-    p = subprocess.run([sys.executable, "-m", "evtrace", "view", str(bad), "--no-browser"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "not a complete gzip file" in p.stderr
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "view", str(bad), "--no-browser"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        p.returncode == 2
+        and len(p.stderr.strip().splitlines()) == 1
+        and "not a complete gzip file" in p.stderr
+    )
 
 
 def test_run_open_hands_the_deep_link_to_the_browser(tmp_path: Path) -> None:
@@ -132,8 +185,20 @@ def test_run_open_hands_the_deep_link_to_the_browser(tmp_path: Path) -> None:
     (tmp_path / "job.py").write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
     got = tmp_path / "fetched.bin"
     # any free port: the fixed 9001 may be taken (trace_processor --httpd, a parallel test)
-    env = {**os.environ, "BROWSER": f"{sys.executable} {fetcher} %s {got}", "CUDA_VISIBLE_DEVICES": "", "EVTRACE_VIEW_PORT": "0"}
-    p = subprocess.run([sys.executable, "-m", "evtrace", "run", "--open", "-o", "t.json.gz", "job.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "BROWSER": f"{sys.executable} {fetcher} %s {got}",
+        "CUDA_VISIBLE_DEVICES": "",
+        "EVTRACE_VIEW_PORT": "0",
+    }
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "run", "--open", "-o", "t.json.gz", "job.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert got.read_bytes() == (tmp_path / "t.json.gz").read_bytes()
     assert not Path(f"{got}.link").read_text().startswith("http://127.0.0.1:9001/")

@@ -28,10 +28,14 @@ def spin(ms: float) -> None:
 def no_sync(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every synchronize the program makes while the fixture is active."""
     calls: list[str] = []
-    for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize")):
+    for owner, name in (
+        (torch.cuda, "synchronize"),
+        (torch.cuda.Event, "synchronize"),
+        (torch.cuda.Stream, "synchronize"),
+    ):
         orig = getattr(owner, name)
 
-        def wrapped(*a, _orig=orig, _n=name, **k):  # type: ignore[no-untyped-def]
+        def wrapped(*a, _orig=orig, _n=name, **k):
             calls.append(_n)
             return _orig(*a, **k)
 
@@ -43,7 +47,7 @@ def test_spans_order_nest_and_never_precede_their_launch(tmp_path: Path, no_sync
     torch.cuda.synchronize()
     no_sync.clear()
     with evtrace.record(tmp_path / "t.json.gz", quiet=True) as r:
-        for i in range(20):
+        for _i in range(20):
             with evtrace.region("outer"):
                 spin(0.2)
                 with evtrace.region("inner"):
@@ -142,7 +146,7 @@ def test_regions_on_two_streams_get_two_lanes(tmp_path: Path) -> None:
 
 def test_the_pool_recycles_events(tmp_path: Path) -> None:
     with evtrace.record(tmp_path / "many.json.gz", quiet=True, pool_size=64) as r:
-        for i in range(20_000):
+        for _i in range(20_000):
             with evtrace.region("tiny"):
                 pass
     s = r.session
@@ -168,7 +172,20 @@ def test_anchors_drift_and_bound_are_recorded(tmp_path: Path) -> None:
 
 def test_sample_two_models_on_the_gpu(tmp_path: Path) -> None:
     out = tmp_path / "two_models.json.gz"
-    p = subprocess.run([sys.executable, "-m", "evtrace", "--no-hooks", "-o", str(out), str(ROOT / "samples" / "two_models.py")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evtrace",
+            "--no-hooks",
+            "-o",
+            str(out),
+            str(ROOT / "samples" / "two_models.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     doc = load_json(out)
     assert problems(doc) == []
@@ -317,16 +334,32 @@ torch.cuda.synchronize()
 
 def test_two_processes_on_one_gpu_then_merge(tmp_path: Path) -> None:
     (tmp_path / "proc.py").write_text(PROC)
-    procs = [subprocess.Popen([sys.executable, "-m", "evtrace", "--no-hooks", "-o", f"p{k}.json.gz", "proc.py", str(k + 1)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "evtrace", "--no-hooks", "-o", f"p{k}.json.gz", "proc.py", str(k + 1)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for k in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-2000:]
-    out = subprocess.run([sys.executable, "-m", "evtrace", "merge", "p0.json.gz", "p1.json.gz", "-o", "all.json.gz"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "evtrace", "merge", "p0.json.gz", "p1.json.gz", "-o", "all.json.gz"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     doc = load_json(tmp_path / "all.json.gz")
     assert problems(doc) == []
     names = sorted({e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"})
-    assert names == [f"trace {k} · {n}" for k in (0, 1) for n in (f"GPU 0 · {torch.cuda.get_device_name(0)}", "host")]
+    assert names == [
+        f"trace {k} · {n}" for k in (0, 1) for n in (f"GPU 0 · {torch.cuda.get_device_name(0)}", "host")
+    ]
     lanes = {(e["pid"], e["args"]["name"]) for e in doc["traceEvents"] if e["name"] == "thread_name"}
     assert sum(1 for _, n in lanes if n.startswith("stream")) == 3  # 1 stream in one, 2 in the other
     assert sum(1 for e in doc["traceEvents"] if e.get("cat") == "region") == 90
