@@ -10,9 +10,9 @@ START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evt
 
 
 from .api import record
+from .files import TraceError
 from .instrumentation import instrument
 from .regions import region
-from .files import TraceError
 from .session import Session
 
 load = Session.load

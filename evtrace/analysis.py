@@ -7,7 +7,8 @@ own trace writer (its counters) and the views above it use one implementation. n
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -43,7 +44,16 @@ class Row(NamedTuple):
 
 
 #: the column heads of a table of Rows, in field order
-COLUMNS = ("region", "count", "host p50", "host p95", "device p50", "device p95", "launch→start p50", "device busy")
+COLUMNS = (
+    "region",
+    "count",
+    "host p50",
+    "host p95",
+    "device p50",
+    "device p95",
+    "launch→start p50",
+    "device busy",
+)
 
 
 def fmt_ns(ns: float) -> str:
@@ -59,7 +69,7 @@ def fmt_ns(ns: float) -> str:
 
 
 def plural(n: int, word: str) -> str:
-    """"1 region", "2 regions"."""
+    """ "1 region", "2 regions"."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
@@ -81,7 +91,9 @@ def aligned(table: Sequence[Sequence[str]]) -> list[str]:
     """A text table: the first column left-aligned, the others right, a rule under the head."""
     widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
     lines = [
-        "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]).rstrip()
+        "  ".join(
+            [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        ).rstrip()
         for row in table
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -101,7 +113,10 @@ def busy_ns(start: np.ndarray, end: np.ndarray) -> int:
 def device_busy_ns(r: np.ndarray) -> int:
     """The union of the device spans of regions ``r``, per device, summed."""
     dv = r[r["device"] >= 0]
-    return sum(busy_ns(dv["dev_start"][dv["device"] == d], dv["dev_end"][dv["device"] == d]) for d in np.unique(dv["device"]))
+    return sum(
+        busy_ns(dv["dev_start"][dv["device"] == d], dv["dev_end"][dv["device"] == d])
+        for d in np.unique(dv["device"])
+    )
 
 
 def outermost(r: np.ndarray) -> np.ndarray:
@@ -147,7 +162,16 @@ def rows(s: Regions, skip: int = 0) -> list[Row]:
         dv = g[g["device"] >= 0]
         dev = dv["dev_end"] - dv["dev_start"]
         lead = dv["dev_start"] - dv["host_start"]
-        row = Row(name, len(g), pct(host, 50), pct(host, 95), pct(dev, 50), pct(dev, 95), pct(lead, 50), device_busy_ns(g))
+        row = Row(
+            name,
+            len(g),
+            pct(host, 50),
+            pct(host, 95),
+            pct(dev, 50),
+            pct(dev, 95),
+            pct(lead, 50),
+            device_busy_ns(g),
+        )
         out.append(row)
     out.sort(key=lambda t: (-t.device_busy, -t.n * t.host_p50 if t.host_p50 == t.host_p50 else 0, t.name))
     return out

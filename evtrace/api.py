@@ -9,8 +9,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from . import defaults
 from . import recorder as _rec
@@ -36,7 +37,9 @@ def rank_path(path: Path) -> Path:
     if rw is None:
         return path
     name = path.name
-    stem, suffix = (name[: -len(".json.gz")], ".json.gz") if name.endswith(".json.gz") else (path.stem, path.suffix)
+    stem, suffix = (
+        (name[: -len(".json.gz")], ".json.gz") if name.endswith(".json.gz") else (path.stem, path.suffix)
+    )
     return path.with_name(f"{stem}-rank{rw[0]}{suffix}")
 
 
@@ -112,7 +115,23 @@ class record:
         clock: Clock = time.perf_counter_ns,
     ) -> None:
         self._path = Path(path) if path is not None else None
-        self._opts: dict[str, Any] = dict(device=device, anchor_interval=anchor_interval, pool_size=pool_size, quiet=quiet, open=open, max_regions=max_regions, redact_argv=redact_argv, hooks=hooks, depth=depth, include=include, exclude=exclude, nvtx=nvtx, report=report, backend=backend, clock=clock)
+        self._opts: dict[str, Any] = dict(
+            device=device,
+            anchor_interval=anchor_interval,
+            pool_size=pool_size,
+            quiet=quiet,
+            open=open,
+            max_regions=max_regions,
+            redact_argv=redact_argv,
+            hooks=hooks,
+            depth=depth,
+            include=include,
+            exclude=exclude,
+            nvtx=nvtx,
+            report=report,
+            backend=backend,
+            clock=clock,
+        )
         self.quiet, self.open, self.report, self.redact_argv = quiet, open, report, redact_argv
         self._hooks: Any = None
         self._old_sigterm: Any = None
@@ -126,7 +145,10 @@ class record:
         if problem:
             raise ValueError(f"evtrace: {problem}")
         # first: importing torch for the backend or the hooks takes seconds, a SIGTERM then included
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        ):
             self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             self._start()
@@ -200,7 +222,10 @@ class record:
             try:
                 serve(self.path)
             except OSError as e:
-                print(f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}", file=sys.stderr)
+                print(
+                    f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}",
+                    file=sys.stderr,
+                )
 
     def _write_report(self) -> None:
         """The markdown report and the SVG timeline, beside the trace."""
@@ -234,11 +259,17 @@ def describe(s: Session, path: Path) -> str:
     lost = int(s.meta.get("dropped_device_spans", 0)) + int(s.meta.get("split_device_spans", 0))
     if lost:
         extra += f", {lost} device spans lost"
-    for key, what in (("dropped_regions", "oldest regions dropped (max_regions)"), ("unfinished_regions", "unfinished")):
+    for key, what in (
+        ("dropped_regions", "oldest regions dropped (max_regions)"),
+        ("unfinished_regions", "unfinished"),
+    ):
         if int(s.meta.get(key, 0)):
             extra += f", {s.meta[key]} {what}"
     clamped = int(s.meta.get("clamped_device_spans", 0))
     if clamped:
         extra += f", {clamped} clamped to their launch"
     said = "".join(f"\nevtrace: warning: {w}" for w in alignment_warnings(s.meta))
-    return f"evtrace: wrote {path} ({len(s)} regions, {s.device_spans} device spans{extra}); open it in https://ui.perfetto.dev or run: evtrace summary {path}{said}"
+    return (
+        f"evtrace: wrote {path} ({len(s)} regions, {s.device_spans} device spans{extra}); "
+        f"open it in https://ui.perfetto.dev or run: evtrace summary {path}{said}"
+    )

@@ -28,7 +28,13 @@ class _Patches:
         self._undo: list[tuple[Any, str, Any]] = []
 
     def set(self, owner: Any, name: str, value: Any) -> None:
-        self._undo.append((owner, name, owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name)))
+        self._undo.append(
+            (
+                owner,
+                name,
+                owner.__dict__.get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name),
+            )
+        )
         setattr(owner, name, value)
 
     def undo(self) -> None:
@@ -60,7 +66,9 @@ class Hooks:
     ``remove()`` restores every patched attribute and removes every module wrapper.
     """
 
-    def __init__(self, depth: int | None = defaults.HOOK_DEPTH, include: str | None = None, exclude: str | None = None) -> None:
+    def __init__(
+        self, depth: int | None = defaults.HOOK_DEPTH, include: str | None = None, exclude: str | None = None
+    ) -> None:
         import torch
 
         bind_torch()
@@ -70,11 +78,20 @@ class Hooks:
         self._instrumented: list[Instrumentation] = []
         self._local = threading.local()
         self._handles: list[Any] = []
-        for part in (self._install_modules, self._install_backward, self._install_optimizer, self._install_data, self._install_waits):
+        for part in (
+            self._install_modules,
+            self._install_backward,
+            self._install_optimizer,
+            self._install_data,
+            self._install_waits,
+        ):
             try:
                 part(torch)
             except Exception as e:  # a torch without that API: the rest still works
-                print(f"evtrace: warning: {part.__name__[9:]} hooks unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+                print(
+                    f"evtrace: warning: {part.__name__[9:]} hooks unavailable ({type(e).__name__}: {e})",
+                    file=sys.stderr,
+                )
 
     def _install_modules(self, torch: Any) -> None:
         module = torch.nn.Module

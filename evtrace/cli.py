@@ -26,8 +26,9 @@ import threading
 import traceback
 import types
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn
 
 from . import __version__, defaults
 from .api import default_path, output_problem, record
@@ -55,29 +56,70 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"evtrace {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="run a script or module under evtrace (the default command)")
-    run.add_argument("-o", "--output", type=Path, help="trace path (.json.gz or .json); default evtrace-<time>.json.gz")
+    run.add_argument(
+        "-o", "--output", type=Path, help="trace path (.json.gz or .json); default evtrace-<time>.json.gz"
+    )
     run.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
     run.add_argument("--no-cuda", action="store_true", help="record host lanes only")
     run.add_argument("--open", action="store_true", help="open the trace in ui.perfetto.dev when done")
-    run.add_argument("--max-regions", type=int, default=defaults.MAX_REGIONS, metavar="N", help="keep the newest N regions, drop (and count) older ones; 0: no limit")
-    run.add_argument("--redact", "--redact-argv", dest="redact_argv", action="store_true", help="keep only the script's name of the command line in the trace (by default: as given, with secret-looking option values redacted)")
-    run.add_argument("--no-hooks", action="store_true", help="trace only explicit evtrace regions: no modules, backward, optimizer, data or wait spans")
-    run.add_argument("--depth", type=int, default=defaults.HOOK_DEPTH, metavar="N", help=f"trace modules down to depth N below each top-level module (default {defaults.HOOK_DEPTH})")
+    run.add_argument(
+        "--max-regions",
+        type=int,
+        default=defaults.MAX_REGIONS,
+        metavar="N",
+        help="keep the newest N regions, drop (and count) older ones; 0: no limit",
+    )
+    run.add_argument(
+        "--redact",
+        "--redact-argv",
+        dest="redact_argv",
+        action="store_true",
+        help="keep only the script's name of the command line in the trace "
+        "(by default: as given, with secret-looking option values redacted)",
+    )
+    run.add_argument(
+        "--no-hooks",
+        action="store_true",
+        help="trace only explicit evtrace regions: no modules, backward, optimizer, data or wait spans",
+    )
+    run.add_argument(
+        "--depth",
+        type=int,
+        default=defaults.HOOK_DEPTH,
+        metavar="N",
+        help=f"trace modules down to depth N below each top-level module (default {defaults.HOOK_DEPTH})",
+    )
     run.add_argument("--include", metavar="REGEX", help="trace only modules whose path matches")
     run.add_argument("--exclude", metavar="REGEX", help="do not trace modules whose path matches")
-    run.add_argument("--nvtx", action="store_true", help="also emit every region as an NVTX range, for Nsight Systems")
-    run.add_argument("--report", action="store_true", help="also write a markdown report and an SVG timeline beside the trace")
-    run.add_argument("target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)")
-    summ = sub.add_parser("summary", help="print a table per region name; with several traces, ranks side by side")
+    run.add_argument(
+        "--nvtx", action="store_true", help="also emit every region as an NVTX range, for Nsight Systems"
+    )
+    run.add_argument(
+        "--report",
+        action="store_true",
+        help="also write a markdown report and an SVG timeline beside the trace",
+    )
+    run.add_argument(
+        "target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)"
+    )
+    summ = sub.add_parser(
+        "summary", help="print a table per region name; with several traces, ranks side by side"
+    )
     summ.add_argument("trace", type=Path, nargs="+")
-    summ.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)")
+    summ.add_argument(
+        "--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)"
+    )
     rep = sub.add_parser("report", help="one screen of GitHub markdown for a bug report")
     rep.add_argument("trace", type=Path)
     rep.add_argument("-o", "--output", type=Path, help="write here (.md) instead of standard output")
     ren = sub.add_parser("render", help="a static SVG timeline (GitHub shows it inline)")
     ren.add_argument("trace", type=Path)
     ren.add_argument("-o", "--output", type=Path, required=True, help="the SVG file to write (.svg)")
-    ren.add_argument("--window", metavar="START:END", help="times since the start, e.g. 1.5:2.5 (ms) or 200us:3ms; default: one representative step")
+    ren.add_argument(
+        "--window",
+        metavar="START:END",
+        help="times since the start, e.g. 1.5:2.5 (ms) or 200us:3ms; default: one representative step",
+    )
     ren.add_argument("--lanes", metavar="REGEX", help="only lanes whose name matches, e.g. 'GPU|MainThread'")
     merge = sub.add_parser("merge", help="merge per-rank or per-process traces onto one clock")
     merge.add_argument("traces", type=Path, nargs="+")
@@ -85,16 +127,45 @@ def _parser() -> argparse.ArgumentParser:
     view = sub.add_parser("view", help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)")
     view.add_argument("trace", type=Path)
     view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
-    view.add_argument("--port", type=int, help="the UI only fetches from port 9001 (the default, or $EVTRACE_VIEW_PORT); another port, 0 for any free one, is for your own tools")
-    dif = sub.add_parser("diff", help="what got slower between two traces, per region name, with a significance test")
+    view.add_argument(
+        "--port",
+        type=int,
+        help="the UI only fetches from port 9001 (the default, or $EVTRACE_VIEW_PORT); "
+        "another port, 0 for any free one, is for your own tools",
+    )
+    dif = sub.add_parser(
+        "diff", help="what got slower between two traces, per region name, with a significance test"
+    )
     dif.add_argument("before", type=Path)
     dif.add_argument("after", type=Path)
-    dif.add_argument("--markdown", action="store_true", help="a GitHub-flavoured markdown table, for a pull request")
-    dif.add_argument("--fail-above", type=float, metavar="PCT", help="exit 1 when a region is significantly slower by more than PCT %%")
-    dif.add_argument("--rank", type=int, metavar="N", help="compare rank N of merged traces (default: all ranks pooled)")
-    dif.add_argument("--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)")
-    dif.add_argument("--min-change", type=float, default=2.0, metavar="PCT", help="the smallest p50 change called slower or faster (default 2)")
-    dif.add_argument("--alpha", type=float, default=0.05, help="significance level, Holm-corrected over the rows (default 0.05)")
+    dif.add_argument(
+        "--markdown", action="store_true", help="a GitHub-flavoured markdown table, for a pull request"
+    )
+    dif.add_argument(
+        "--fail-above",
+        type=float,
+        metavar="PCT",
+        help="exit 1 when a region is significantly slower by more than PCT %%",
+    )
+    dif.add_argument(
+        "--rank", type=int, metavar="N", help="compare rank N of merged traces (default: all ranks pooled)"
+    )
+    dif.add_argument(
+        "--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)"
+    )
+    dif.add_argument(
+        "--min-change",
+        type=float,
+        default=2.0,
+        metavar="PCT",
+        help="the smallest p50 change called slower or faster (default 2)",
+    )
+    dif.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="significance level, Holm-corrected over the rows (default 0.05)",
+    )
     return p
 
 
@@ -153,7 +224,9 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _writable(path: Path | None, trace: bool = True, suffix: str | None = None, inputs: Sequence[Path] = ()) -> None:
+def _writable(
+    path: Path | None, trace: bool = True, suffix: str | None = None, inputs: Sequence[Path] = ()
+) -> None:
     """Refuse an output path that cannot be written (a trace's must end in .json or .json.gz,
     another output in ``suffix``), or that is one of the ``inputs``, also through a link."""
     if path is None:
@@ -223,7 +296,11 @@ def _merge(ns: argparse.Namespace) -> int:
         s.save(ns.output)
     except OSError as e:
         raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
-    print(f"evtrace: merged {_plural(len(ns.traces), 'trace')} ({_plural(len(s), 'region')}, {_plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}", file=sys.stderr)
+    print(
+        f"evtrace: merged {_plural(len(ns.traces), 'trace')} ({_plural(len(s), 'region')}, "
+        f"{_plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -253,7 +330,11 @@ def _view(ns: argparse.Namespace) -> int:
 def _run(ns: argparse.Namespace) -> int:
     # first: the checks and torch's import below take seconds; a SIGTERM then is answered too
     main_thread = threading.current_thread() is threading.main_thread()
-    old_sigterm = signal.signal(signal.SIGTERM, on_sigterm) if main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else None
+    old_sigterm = (
+        signal.signal(signal.SIGTERM, on_sigterm)
+        if main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        else None
+    )
     try:
         return _run_target(ns)
     except (KeyboardInterrupt, Terminated) as e:
@@ -364,7 +445,13 @@ def _run_script(given: str) -> None:
     with io.open_code(path) as f:
         code = compile(f.read(), path, "exec", dont_inherit=True)
     main = types.ModuleType("__main__")
-    main.__dict__.update(__file__=path, __cached__=None, __annotations__={}, __loader__=importlib.machinery.SourceFileLoader("__main__", path), __builtins__=builtins)
+    main.__dict__.update(
+        __file__=path,
+        __cached__=None,
+        __annotations__={},
+        __loader__=importlib.machinery.SourceFileLoader("__main__", path),
+        __builtins__=builtins,
+    )
     saved = sys.modules.get("__main__")
     sys.modules["__main__"] = main
     try:
@@ -383,7 +470,7 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _user_frames(tb):  # type: ignore[no-untyped-def]
+def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
     """Drop evtrace's and runpy's frames from the top of a traceback."""
     here = str(Path(__file__).parent)
     while tb is not None:
@@ -403,7 +490,9 @@ def _diff(ns: argparse.Namespace) -> int:
         raise UsageError("--min-change and --fail-above must be 0 or more")
     before, after = _load(ns.before), _load(ns.after)
     kind = DiffMarkdown if ns.markdown else DiffText
-    view = kind(str(ns.before), str(ns.after), rank=ns.rank, skip=ns.skip, alpha=ns.alpha, min_change=ns.min_change)
+    view = kind(
+        str(ns.before), str(ns.after), rank=ns.rank, skip=ns.skip, alpha=ns.alpha, min_change=ns.min_change
+    )
     try:
         d = view.compare(before, after)
     except DiffError as e:
@@ -411,7 +500,11 @@ def _diff(ns: argparse.Namespace) -> int:
     sys.stdout.write(view.format(d))
     bad = d.regressions(ns.fail_above) if ns.fail_above is not None else []
     if bad:  # one line on stderr, so that CI logs show why it failed
-        print(f"evtrace: {_plural(len(bad), 'region')} significantly slower by more than {ns.fail_above:g}%: " + ", ".join(f"{r.name} {r.change:+.0f}%" for r in bad), file=sys.stderr)
+        print(
+            f"evtrace: {_plural(len(bad), 'region')} significantly slower by more than {ns.fail_above:g}%: "
+            + ", ".join(f"{r.name} {r.change:+.0f}%" for r in bad),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

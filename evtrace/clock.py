@@ -20,8 +20,9 @@ anchors are chained by short steps, so float32 milliseconds stay sub-µs over ho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -87,11 +88,16 @@ def _bin_max(x: np.ndarray, y: np.ndarray, width: float) -> tuple[np.ndarray, np
     top = np.maximum.reduceat(y, starts)
     counts = np.diff(np.r_[starts, len(x)])
     hit = np.flatnonzero(y == np.repeat(top, counts))
-    first = np.r_[True, np.searchsorted(starts, hit[1:], side="right") != np.searchsorted(starts, hit[:-1], side="right")]
+    first = np.r_[
+        True,
+        np.searchsorted(starts, hit[1:], side="right") != np.searchsorted(starts, hit[:-1], side="right"),
+    ]
     return x[hit[first]], y[hit[first]]
 
 
-def _min_max(values: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, iters: int = 60) -> np.ndarray:
+def _min_max(
+    values: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, iters: int = 60
+) -> np.ndarray:
     """Minimise convex functions of one variable (vectorised) by golden-section search."""
     g = (np.sqrt(5.0) - 1) / 2
     a, b = lo.astype(np.float64).copy(), hi.astype(np.float64).copy()
@@ -137,7 +143,13 @@ def fit(
     by = by + 1e6 * bx
     mid = float(bx.mean())
     if np.ptp(bx) > 0:
-        slope = float(_min_max(lambda s: np.max(by[None, :] - s[:, None] * (bx[None, :] - mid), axis=1), np.array([1e6 - 1e3]), np.array([1e6 + 1e3]))[0])
+        slope = float(
+            _min_max(
+                lambda s: np.max(by[None, :] - s[:, None] * (bx[None, :] - mid), axis=1),
+                np.array([1e6 - 1e3]),
+                np.array([1e6 + 1e3]),
+            )[0]
+        )
     else:
         slope = 1e6
     r = y - slope * (x - mid)
@@ -166,7 +178,9 @@ def fit(
     tilt = _min_max(envelope, -limit, limit)
     local = envelope(tilt)
     host = y0 + base + slope * (knots - mid) + local + latency_ns
-    fitted = Alignment(knots + x0, host, slope, len(ax), 0, int(ok.sum()), float(latency_ns), (0.0, 0.0), (0.0, 0.0, 0.0))
+    fitted = Alignment(
+        knots + x0, host, slope, len(ax), 0, int(ok.sum()), float(latency_ns), (0.0, 0.0), (0.0, 0.0, 0.0)
+    )
 
     # what the data allow: in each second, how far the map lies above its tightest stamp
     gap = fitted.to_host(x + x0) - latency_ns - (y + y0)
@@ -175,7 +189,9 @@ def fit(
     late = int((delay > LATE_NS / 1e3).sum())
     bound = (float(np.percentile(per, 99)), float(per.max()))
     delays = (float(np.median(delay)), float(np.percentile(delay, 99)), float(delay.max()))
-    return Alignment(fitted.dev_ms, host, slope, len(ax), late, int(ok.sum()), float(latency_ns), bound, delays)
+    return Alignment(
+        fitted.dev_ms, host, slope, len(ax), late, int(ok.sum()), float(latency_ns), bound, delays
+    )
 
 
 #: above these, the end of a run and ``evtrace report`` warn in words
@@ -208,5 +224,8 @@ def alignment_warnings(meta: dict[str, Any]) -> list[str]:
             )
     spans, clamped = int(meta.get("device_spans", 0) or 0), int(meta.get("clamped_device_spans", 0) or 0)
     if spans and clamped > WARN_CLAMPED * spans:
-        out.append(f"{clamped} of {spans} device spans ({100 * clamped / spans:.1f}%) were placed before their launch and clamped: the alignment is off")
+        out.append(
+            f"{clamped} of {spans} device spans ({100 * clamped / spans:.1f}%) were placed before their "
+            "launch and clamped: the alignment is off"
+        )
     return out

@@ -11,8 +11,9 @@ frame around them. Off the hot path (resolver thread, session start/stop): every
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol
 
 Event = Any  # an opaque, reusable event handle owned by a backend
 
@@ -118,7 +119,7 @@ class CudaBackend:
         self._labels: dict[Any, str] = {}  # raw stream handle -> lane name
         self._streams: dict[int, Any] = {}  # raw handle -> torch Stream (for torch events)
         self._side = {i: torch.cuda.Stream(device=i) for i in range(n)}
-        for i, st in self._side.items():
+        for _i, st in self._side.items():
             self._labels[st.cuda_stream] = "evtrace anchors"
             self._streams[st.cuda_stream] = st
         self._rt = _Cudart.load(torch.version.cuda) if raw else None
@@ -143,7 +144,9 @@ class CudaBackend:
         label = f"stream {st.stream_id}" if st.cuda_stream == stream else f"stream {stream:#x}"
         self._labels[stream] = "stream 0 (default)" if stream == 0 else label
         if self._rt is None:
-            self._streams[stream] = st if st.cuda_stream == stream else self._torch.cuda.ExternalStream(stream, device=device)
+            self._streams[stream] = (
+                st if st.cuda_stream == stream else self._torch.cuda.ExternalStream(stream, device=device)
+            )
 
     def record_failed(self, code: int) -> None:
         """After a refused record: clear this thread's CUDA error, so that torch never sees it."""
@@ -224,12 +227,12 @@ class CudaBackend:
             finally:
                 ended()
 
-        setattr(graph, "capture_begin", capture_begin)
-        setattr(graph, "capture_end", capture_end)
+        graph.capture_begin = capture_begin
+        graph.capture_end = capture_end
 
         def undo() -> None:
-            setattr(graph, "capture_begin", begin)
-            setattr(graph, "capture_end", end)
+            graph.capture_begin = begin
+            graph.capture_end = end
 
         return undo
 

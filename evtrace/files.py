@@ -12,8 +12,9 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 
@@ -36,12 +37,20 @@ def write_bytes(chunks: Iterable[bytes] | bytes, path: Path) -> Path:
     written = 0
     try:
         with open(tmp, "wb") as raw:
-            f: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0) if path.suffix == ".gz" else raw
+            f: io.BufferedIOBase = (
+                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0)
+                if path.suffix == ".gz"
+                else raw
+            )
             for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
                 f.write(chunk)
                 written += len(chunk)
                 if not shown and time.monotonic() - start > PROGRESS_AFTER_S:
-                    print(f"evtrace: writing {path} ({written / 1e6:.0f} MB of JSON so far) ...", file=sys.stderr, flush=True)
+                    print(
+                        f"evtrace: writing {path} ({written / 1e6:.0f} MB of JSON so far) ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     shown = True
             if f is not raw:
                 f.close()
@@ -54,7 +63,11 @@ def write_bytes(chunks: Iterable[bytes] | bytes, path: Path) -> Path:
         raise
     if shown:
         took = time.monotonic() - start
-        print(f"evtrace: writing {path}: done, {path.stat().st_size / 1e6:.1f} MB in {took:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"evtrace: writing {path}: done, {path.stat().st_size / 1e6:.1f} MB in {took:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return path
 
 

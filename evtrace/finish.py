@@ -59,7 +59,9 @@ class Finishing:
     def __enter__(self) -> Finishing:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
-                if signal.getsignal(s) != signal.SIG_IGN:  # an ignored signal stays ignored (nohup, a background job)
+                if (
+                    signal.getsignal(s) != signal.SIG_IGN
+                ):  # an ignored signal stays ignored (nohup, a background job)
                     self._old[s] = signal.signal(s, self._on_signal)
         return self
 
@@ -74,7 +76,9 @@ class Finishing:
         self.got.append(signum)
         name = signal.Signals(signum).name
         if len(self.got) == 1:
-            print(f"evtrace: {name}: finishing {self.what} first (again to abort)", file=sys.stderr, flush=True)
+            print(
+                f"evtrace: {name}: finishing {self.what} first (again to abort)", file=sys.stderr, flush=True
+            )
         elif len(self.got) == 2:
             raise KeyboardInterrupt  # the writer removes its temp file on the way out
 
@@ -85,6 +89,10 @@ class Finishing:
         if not self.got:
             return
         if len(self.got) > 1 and not self.written:
-            print(f"evtrace: {signal.Signals(self.got[-1]).name}: stopped; {self.what} was not written", file=sys.stderr, flush=True)
+            print(
+                f"evtrace: {signal.Signals(self.got[-1]).name}: stopped; {self.what} was not written",
+                file=sys.stderr,
+                flush=True,
+            )
             die_by(self.got[0])
         signal.raise_signal(self.got[0])  # as if it came now: its handler (or the default) acts

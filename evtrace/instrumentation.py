@@ -16,7 +16,8 @@ import functools
 import re
 import threading
 import types
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from . import recorder as _rec
 
@@ -41,7 +42,14 @@ def compiling() -> bool:
 
 def bind_torch() -> None:
     """Import torch only when instrumenting, so that `evtrace summary` starts fast."""
-    global _is_compiling, _grad_enabled, _Tensor, _queue_callback, _graph_task_id, _sequential_forward, _global_hooks
+    global \
+        _is_compiling, \
+        _grad_enabled, \
+        _Tensor, \
+        _queue_callback, \
+        _graph_task_id, \
+        _sequential_forward, \
+        _global_hooks
     import torch
     import torch.nn.modules.module as tm
 
@@ -50,7 +58,12 @@ def bind_torch() -> None:
     _queue_callback = getattr(torch.autograd.Variable._execution_engine, "queue_callback", None)
     _graph_task_id = getattr(torch._C, "_current_graph_task_id", _graph_task_id)
     _sequential_forward = torch.nn.Sequential.forward
-    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks", "_global_backward_hooks")
+    names = (
+        "_global_forward_pre_hooks",
+        "_global_forward_hooks",
+        "_global_backward_pre_hooks",
+        "_global_backward_hooks",
+    )
     _global_hooks = tuple(getattr(tm, n, {}) for n in names)
 
 
@@ -247,7 +260,12 @@ def _sequential(seq: torch.nn.Sequential) -> Callable[[Any], Any]:  # noqa: F821
             plain = (
                 type(d.get("forward")) is _Forward
                 and d.get("_compiled_call_impl") is None
-                and not (d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"] or d["_backward_hooks"])
+                and not (
+                    d["_forward_pre_hooks"]
+                    or d["_forward_hooks"]
+                    or d["_backward_pre_hooks"]
+                    or d["_backward_hooks"]
+                )
             )
             if prev and plain:
                 nothing_launched()  # the child's start shares the last mark
@@ -260,7 +278,9 @@ def _sequential(seq: torch.nn.Sequential) -> Callable[[Any], Any]:  # noqa: F821
     return forward
 
 
-def select(model: torch.nn.Module, depth: int | None = None, include: str | None = None, exclude: str | None = None) -> list[tuple[str, torch.nn.Module]]:
+def select(
+    model: torch.nn.Module, depth: int | None = None, include: str | None = None, exclude: str | None = None
+) -> list[tuple[str, torch.nn.Module]]:
     """The (path, module) pairs to trace: the root is depth 0, its children depth 1, and so on.
 
     ``include``/``exclude`` are regexes searched in the path (the root's path is its class name).
@@ -288,7 +308,9 @@ class Instrumentation:
     then never share an event (a benchmark's comparison; see ``Recorder.nothing_launched``).
     """
 
-    def __init__(self, modules: Iterable[tuple[str, torch.nn.Module]], backward: bool = True, adjacent: bool = True) -> None:
+    def __init__(
+        self, modules: Iterable[tuple[str, torch.nn.Module]], backward: bool = True, adjacent: bool = True
+    ) -> None:
         bind_torch()
         self._saved: list[tuple[torch.nn.Module, Any]] = []
         for name, m in modules:
@@ -319,7 +341,14 @@ class Instrumentation:
         self.remove()
 
 
-def instrument(model: torch.nn.Module, *, depth: int | None = None, include: str | None = None, exclude: str | None = None, backward: bool = True) -> Instrumentation:
+def instrument(
+    model: torch.nn.Module,
+    *,
+    depth: int | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    backward: bool = True,
+) -> Instrumentation:
     """Trace ``model``'s forward, and its submodules' down to ``depth`` (None: all of them).
 
     Each module call becomes a region named by its path (``encoder.layers.3.attn``), on the host

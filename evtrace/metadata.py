@@ -48,7 +48,9 @@ class DeviceAlignment:
         return cls(**{f: _FIELDS[f](m.get(f, 0)) for f in _FIELDS})
 
 
-_FIELDS: dict[str, type] = {f.name: int if f.type in ("int", int) else float for f in dataclasses.fields(DeviceAlignment)}
+_FIELDS: dict[str, type] = {
+    f.name: int if f.type in ("int", int) else float for f in dataclasses.fields(DeviceAlignment)
+}
 
 
 def text(s: str) -> str:
@@ -91,7 +93,9 @@ def from_json(obj: dict[str, Any]) -> dict[str, Any]:
     meta = dict(obj)
     al = meta.get(ALIGNMENT)
     if isinstance(al, dict):
-        meta[ALIGNMENT] = {str(d): DeviceAlignment.from_mapping(g) for d, g in al.items() if isinstance(g, dict)}
+        meta[ALIGNMENT] = {
+            str(d): DeviceAlignment.from_mapping(g) for d, g in al.items() if isinstance(g, dict)
+        }
     return meta
 
 

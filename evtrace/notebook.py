@@ -75,7 +75,11 @@ def serve_once(path: Path) -> tuple[str | None, str]:
                 pass
             _serving[0].join(timeout=5)
         if port != 0 and not _port_free(port):
-            return None, f"127.0.0.1:{port} is in use (another evtrace view?); when it is free, run: evtrace view {path}"
+            return (
+                None,
+                f"127.0.0.1:{port} is in use (another evtrace view?); "
+                f"when it is free, run: evtrace view {path}",
+            )
         if port == 0:  # any free port: find it first, for the link
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -84,7 +88,10 @@ def serve_once(path: Path) -> tuple[str | None, str]:
         t = threading.Thread(target=_quiet_serve, args=(path, port), name="evtrace view", daemon=True)
         t.start()
         _serving = (t, f"http://127.0.0.1:{port}/{quote(path.name)}")
-    note = f"served once from 127.0.0.1:{port} for {SERVE_TIMEOUT_S / 60:.0f} min; from a remote kernel, forward the port (ssh -L {port}:127.0.0.1:{port})"
+    note = (
+        f"served once from 127.0.0.1:{port} for {SERVE_TIMEOUT_S / 60:.0f} min; "
+        f"from a remote kernel, forward the port (ssh -L {port}:127.0.0.1:{port})"
+    )
     if port != view.PORT:
         note += f"; ui.perfetto.dev only fetches from port {view.PORT}"
     return url, note
@@ -97,7 +104,9 @@ def _table_html(s: Session) -> str:
         name, *rest = cells(row)
         tds = "".join(f"<td>{html.escape(c)}</td>" for c in rest)
         body.append(f"<tr><td style='text-align:left'>{html.escape(name)}</td>{tds}</tr>")
-    return f"<table class='evtrace-summary'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (
+        f"<table class='evtrace-summary'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 def show(s: Session, path: Path, failed: str | None = None) -> None:
@@ -107,15 +116,20 @@ def show(s: Session, path: Path, failed: str | None = None) -> None:
     head = html.escape(text.splitlines()[0]) if text else ""
     saved = f"saved {path}" + (f" ({failed})" if failed else "")
     link = (
-        f"<a href='{html.escape(url)}' target='_blank' rel='noopener' style='display:inline-block;padding:4px 10px;border:1px solid #4e79a7;"
-        f"border-radius:4px;text-decoration:none'>Open in ui.perfetto.dev</a> <small>{html.escape(note)}</small>"
+        f"<a href='{html.escape(url)}' target='_blank' rel='noopener' "
+        "style='display:inline-block;padding:4px 10px;border:1px solid #4e79a7;"
+        "border-radius:4px;text-decoration:none'>Open in ui.perfetto.dev</a> "
+        f"<small>{html.escape(note)}</small>"
         if url
         else f"<small>{html.escape(note)}</small>"
     )
     display(
         {
             "text/plain": "\n".join([text, saved, f"open: {url}  ({note})" if url else note]),
-            "text/html": f"<div class='evtrace'><p>{head}</p>{_table_html(s)}<p>{html.escape(saved)}</p><p>{link}</p></div>",
+            "text/html": (
+                f"<div class='evtrace'><p>{head}</p>{_table_html(s)}"
+                f"<p>{html.escape(saved)}</p><p>{link}</p></div>"
+            ),
         },
         raw=True,
     )
@@ -133,8 +147,17 @@ def show(s: Session, path: Path, failed: str | None = None) -> None:
 class EvtraceMagics(Magics):
     @magic_arguments()
     @argument("-o", "--output", help="trace path (.json.gz or .json); default evtrace-<time>.json.gz")
-    @argument("--hooks", action="store_true", help="also trace modules, backward, optimizer, data and waits, as python -m evtrace does")
-    @argument("--depth", type=int, default=defaults.HOOK_DEPTH, help=f"with --hooks: trace modules down to depth N (default {defaults.HOOK_DEPTH})")
+    @argument(
+        "--hooks",
+        action="store_true",
+        help="also trace modules, backward, optimizer, data and waits, as python -m evtrace does",
+    )
+    @argument(
+        "--depth",
+        type=int,
+        default=defaults.HOOK_DEPTH,
+        help=f"with --hooks: trace modules down to depth N (default {defaults.HOOK_DEPTH})",
+    )
     @cell_magic
     def evtrace(self, line: str, cell: str) -> None:
         """Record the cell with evtrace; show its summary, timeline, path and a Perfetto link."""
@@ -151,7 +174,9 @@ class EvtraceMagics(Magics):
         if rec.session is None or not path.exists():
             raise UsageError(f"evtrace: could not write {path}")  # record() said why on stderr
         err = result.error_in_exec or result.error_before_exec
-        show(rec.session, path, f"the cell raised {type(err).__name__}; the trace ends there" if err else None)
+        show(
+            rec.session, path, f"the cell raised {type(err).__name__}; the trace ends there" if err else None
+        )
 
     @line_magic
     def evtrace_view(self, line: str) -> None:

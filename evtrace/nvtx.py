@@ -6,7 +6,8 @@ region calls. Imported only then: it imports torch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 Enter = Callable[[int, Any], Any]
 Exit = Callable[[Any], None]

@@ -33,7 +33,8 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,9 @@ from .device import Backend, Event
 from .session import REGION_DTYPE, Session, Stream, Thread
 
 # while recording, device times are float64 ms since the device's first anchor
-_LIVE_DTYPE = np.dtype([(n, np.float64 if n.startswith("dev_") else REGION_DTYPE[n]) for n in REGION_DTYPE.names or ()])
+_LIVE_DTYPE = np.dtype(
+    [(n, np.float64 if n.startswith("dev_") else REGION_DTYPE[n]) for n in REGION_DTYPE.names or ()]
+)
 
 #: the recorder regions report to; None when no session is active. Public, read-only outside
 #: this module (a module attribute, not a function: it is read once per region)
@@ -145,7 +148,9 @@ class Recorder:
         self.pool_size = pool_size
         self.max_events = max_events
         self.max_regions = max_regions
-        self._chunk = min(_CHUNK, max(1, max_regions // 8)) if max_regions else _CHUNK  # the ring drops by chunks
+        self._chunk = (
+            min(_CHUNK, max(1, max_regions // 8)) if max_regions else _CHUNK
+        )  # the ring drops by chunks
         self.anchor_tries = anchor_tries
         self.background = background
         ndev = len(backend.devices) if backend else 0
@@ -320,7 +325,11 @@ class Recorder:
         """Inside a CUDA graph capture no event is recorded: host spans only, said once."""
         self.captured += 1
         if self.captured == 1:
-            print("evtrace: regions inside a CUDA graph capture get host spans only; a region around replay() times the replay", file=sys.stderr)
+            print(
+                "evtrace: regions inside a CUDA graph capture get host spans only; "
+                "a region around replay() times the replay",
+                file=sys.stderr,
+            )
 
     def _grow(self, device: int) -> Event | None:
         """The pool is dry: add events up to ``max_events``, then drop device spans (counted)."""
@@ -601,19 +610,38 @@ class Recorder:
             lane = np.array(cols[6], dtype=np.uint64) * 256 + (dev + 1).astype(np.uint64)  # handles < 2^48
             keys, inverse = np.unique(lane, return_inverse=True)
             pairs = [(k % 256 - 1, k // 256) for k in keys.tolist()]
-            ix = np.array([self._streams.setdefault(p, len(self._streams)) if p[0] >= 0 else -1 for p in pairs], dtype=np.int32)
-            self._add_chunk(cols[0], cols[2], cols[3], cols[4], dev, ix[inverse.reshape(-1)], cols[7], cols[8])
+            ix = np.array(
+                [self._streams.setdefault(p, len(self._streams)) if p[0] >= 0 else -1 for p in pairs],
+                dtype=np.int32,
+            )
+            self._add_chunk(
+                cols[0], cols[2], cols[3], cols[4], dev, ix[inverse.reshape(-1)], cols[7], cols[8]
+            )
         else:
             self._add_chunk(cols[0], cols[2], cols[3], cols[4])
 
-    def _add_chunk(self, name: Any, thread: Any, h0: Any, h1: Any, dev: Any = -1, stream: Any = -1, t0: Any = np.nan, t1: Any = np.nan) -> None:
+    def _add_chunk(
+        self,
+        name: Any,
+        thread: Any,
+        h0: Any,
+        h1: Any,
+        dev: Any = -1,
+        stream: Any = -1,
+        t0: Any = np.nan,
+        t1: Any = np.nan,
+    ) -> None:
         chunk = np.empty(len(h0), dtype=_LIVE_DTYPE)
         chunk["name"], chunk["thread"], chunk["host_start"], chunk["host_end"] = name, thread, h0, h1
         chunk["device"], chunk["stream"], chunk["dev_start"], chunk["dev_end"] = dev, stream, t0, t1
         self._count += len(chunk)
         self._chunks.append(chunk)
         self._kept += len(chunk)
-        while self.max_regions and len(self._chunks) > 1 and self._kept - len(self._chunks[0]) >= self.max_regions:
+        while (
+            self.max_regions
+            and len(self._chunks) > 1
+            and self._kept - len(self._chunks[0]) >= self.max_regions
+        ):
             old = self._chunks.popleft()  # a ring of chunks: the oldest regions go first
             self._kept -= len(old)
             self._first_index += len(old)
@@ -713,7 +741,9 @@ class Recorder:
         )
 
 
-def _first_boundaries(start_ms: np.ndarray, end_ms: np.ndarray, h0: np.ndarray, h1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _first_boundaries(
+    start_ms: np.ndarray, end_ms: np.ndarray, h0: np.ndarray, h1: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each distinct device stamp with the host time of the earliest boundary that has it: where
     its mark was recorded (boundaries that share a mark share its stamp). Also, for each of
     the starts then the ends, the index of its stamp."""
@@ -760,4 +790,6 @@ def _forget_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_forget_in_child)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_forget_in_child
+    )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from threading import get_ident
-from typing import Any, Callable, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from . import recorder as _rec
 from .values import snapshot
@@ -122,4 +123,7 @@ def region(name_or_fn: Any = None, /, *, host_only: bool = False, **args: Any) -
         return Region(name_or_fn, args, host_only)
     if callable(name_or_fn) and not args and not host_only:
         return Region(None, None)(name_or_fn)
-    raise TypeError(f"region() takes a name (str) or a function, not {type(name_or_fn).__name__}; " 'use with evtrace.region("name") or @evtrace.region')
+    raise TypeError(
+        f"region() takes a name (str) or a function, not {type(name_or_fn).__name__}; "
+        'use with evtrace.region("name") or @evtrace.region'
+    )

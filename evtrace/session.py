@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -34,7 +35,16 @@ from .device import DeviceInfo
 from .files import TraceError, read_json, write_bytes
 from .metadata import json_value, text
 
-__all__ = ["REGION_DTYPE", "Session", "Stream", "Thread", "TraceError", "rank_labels", "trace_bytes", "trace_chunks"]
+__all__ = [
+    "REGION_DTYPE",
+    "Session",
+    "Stream",
+    "Thread",
+    "TraceError",
+    "rank_labels",
+    "trace_bytes",
+    "trace_chunks",
+]
 
 #: one row per region. Times are integer ns since the session origin, all on the host clock.
 #: device < 0: no device span (no CUDA, or the span was lost; see the metadata counts).
@@ -52,7 +62,13 @@ REGION_DTYPE = np.dtype(
 )
 
 #: metadata counts that add up over ranks when sessions are combined
-COUNTS = ("dropped_device_spans", "split_device_spans", "clamped_device_spans", "dropped_regions", "unfinished_regions")
+COUNTS = (
+    "dropped_device_spans",
+    "split_device_spans",
+    "clamped_device_spans",
+    "dropped_regions",
+    "unfinished_regions",
+)
 
 
 @dataclass(frozen=True)
@@ -98,8 +114,10 @@ class Session:
         return (
             self.regions.dtype == other.regions.dtype
             and np.array_equal(self.regions, other.regions)
-            and (self.names, self.threads, self.devices, self.streams) == (other.names, other.threads, other.devices, other.streams)
-            and (self.args, self.meta, self.pid, self.wall_origin_ns) == (other.args, other.meta, other.pid, other.wall_origin_ns)
+            and (self.names, self.threads, self.devices, self.streams)
+            == (other.names, other.threads, other.devices, other.streams)
+            and (self.args, self.meta, self.pid, self.wall_origin_ns)
+            == (other.args, other.meta, other.pid, other.wall_origin_ns)
             and self.ranks == other.ranks
         )
 
@@ -136,7 +154,9 @@ class Session:
         devices: list[DeviceInfo] = []
         streams: list[Stream] = []
         first = ranks[0].meta if ranks else {}
-        out_meta: dict[str, Any] = {k: first[k] for k in ("python", "torch", "cuda", "driver", "argv", "host_id") if k in first}
+        out_meta: dict[str, Any] = {
+            k: first[k] for k in ("python", "torch", "cuda", "driver", "argv", "host_id") if k in first
+        }
         out_meta.update(meta)
         for k in COUNTS:
             if any(k in s.meta for s in ranks):
@@ -162,13 +182,17 @@ class Session:
         regions = np.concatenate(parts) if parts else np.zeros(0, REGION_DTYPE)
         wall = min((s.wall_origin_ns for s in ranks), default=0)
         pid = ranks[0].pid if ranks else 0
-        return cls(regions, list(names), threads, devices, streams, args, out_meta, pid, wall, ranks=list(ranks))
+        return cls(
+            regions, list(names), threads, devices, streams, args, out_meta, pid, wall, ranks=list(ranks)
+        )
 
 
 def rank_labels(ranks: list[Session]) -> list[str]:
-    """"rank N" for each input that has a distinct rank, else "trace i"."""
+    """ "rank N" for each input that has a distinct rank, else "trace i"."""
     got = [r.meta.get("rank") for r in ranks]
-    return [f"rank {k}" if isinstance(k, int) and got.count(k) == 1 else f"trace {i}" for i, k in enumerate(got)]
+    return [
+        f"rank {k}" if isinstance(k, int) and got.count(k) == 1 else f"trace {i}" for i, k in enumerate(got)
+    ]
 
 
 # ---- the trace file: writing ----
@@ -220,8 +244,6 @@ def _lane_meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: in
     ]
 
 
-
-
 class _Lanes:
     """Where each region's host and device slice goes, with crossing spans split off."""
 
@@ -235,10 +257,14 @@ class _Lanes:
         rows = np.nonzero(self.has_dev)[0]
         self.dev_pid = dev_pid + r["device"].astype(np.int64)
         self.dev_tid = 1 + r["stream"].astype(np.int64)
-        tids, self.dev_extra = self._split(r["stream"][rows], self.dev_tid[rows], r["dev_start"][rows], r["dev_end"][rows])
+        tids, self.dev_extra = self._split(
+            r["stream"][rows], self.dev_tid[rows], r["dev_start"][rows], r["dev_end"][rows]
+        )
         self.dev_tid[rows] = tids
 
-    def _split(self, lane_ids: np.ndarray, base_tid: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
+    def _split(
+        self, lane_ids: np.ndarray, base_tid: np.ndarray, start: np.ndarray, end: np.ndarray
+    ) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
         tid = base_tid.copy()
         extras: dict[tuple[int, int], int] = {}
         for lane in np.unique(lane_ids):
@@ -272,7 +298,9 @@ def _meta_events(s: Session, lanes: _Lanes, place: _Place) -> list[dict[str, Any
     """All four M events for every lane: host first, then GPU 0, 1, ...; extra lanes after theirs."""
     events: list[dict[str, Any]] = []
 
-    def extra(found: dict[tuple[int, int], int], orig: int, pid: int, pname: str, psort: int, tname: str, tsort: int) -> None:
+    def extra(
+        found: dict[tuple[int, int], int], orig: int, pid: int, pname: str, psort: int, tname: str, tsort: int
+    ) -> None:
         for (o, k), tid in found.items():
             if o == orig:
                 suffix = " (overlap)" if k == 1 else f" (overlap {k})"
@@ -291,9 +319,10 @@ def _meta_events(s: Session, lanes: _Lanes, place: _Place) -> list[dict[str, Any
     return events
 
 
-_HOST = '{"ph":"X","cat":"region","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"args":{%s"region":%d,"host_dur_us":%.3f}}'
-_HOST_FLOW = '{"ph":"X","cat":"region","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"bind_id":%d,"flow_out":true,"args":{%s}}'
-_DEV = '{"ph":"X","cat":"device","name":%s,"pid":%d,"tid":%d,"ts":%.3f,"dur":%.3f,"bind_id":%d,"flow_in":true,"args":{%s}}'
+_SLICE = '{"ph":"X","cat":"%s","name":%%s,"pid":%%d,"tid":%%d,"ts":%%.3f,"dur":%%.3f,'
+_HOST = _SLICE % "region" + '"args":{%s"region":%d,"host_dur_us":%.3f}}'
+_HOST_FLOW = _SLICE % "region" + '"bind_id":%d,"flow_out":true,"args":{%s}}'
+_DEV = _SLICE % "device" + '"bind_id":%d,"flow_in":true,"args":{%s}}'
 _DEV_ARGS = '%s"region":%d,"host_dur_us":%.3f,"device_dur_us":%.3f,"launch_delay_us":%.3f'
 # a chunk whose regions all have no user args and either all or none a device slice: one
 # format call for the whole chunk (the per-row loop below costs ~0.5 µs more a region)
@@ -318,7 +347,11 @@ def _slices(s: Session, lanes: _Lanes, place: _Place) -> Iterator[str]:
     """
     r = s.regions
     names = [orjson.dumps(text(n)).decode() for n in s.names]
-    user = {i: orjson.dumps({text(str(k)): json_value(v) for k, v in a.items()}).decode()[1:-1] + "," for i, a in s.args.items() if a}
+    user = {
+        i: orjson.dumps({text(str(k)): json_value(v) for k, v in a.items()}).decode()[1:-1] + ","
+        for i, a in s.args.items()
+        if a
+    }
     with_args = np.zeros(len(r), dtype=bool)
     with_args[list(user)] = True
     pid, flow = place.host_pid, place.flow + 1  # flow ids: unique in the whole file, never 0
@@ -342,7 +375,10 @@ def _slices(s: Session, lanes: _Lanes, place: _Place) -> Iterator[str]:
             if any_dev:
                 bind = list(range(lo + flow, hi + flow))
                 dev_args = [index, hd, dd, lead]
-                yield _rows(_DEV_ROW, [name, pids, htid, h0, hd, bind, *dev_args, name, dpid, dtid, d0, dd, bind, *dev_args])
+                yield _rows(
+                    _DEV_ROW,
+                    [name, pids, htid, h0, hd, bind, *dev_args, name, dpid, dtid, d0, dd, bind, *dev_args],
+                )
             else:
                 yield _rows(_HOST_ROW, [name, pids, htid, h0, hd, index, hd])
             continue
@@ -375,7 +411,9 @@ def _counters(s: Session, place: _Place) -> Iterator[str]:
         o = np.lexsort((step, t))  # at one instant the finish counts first
         t, depth = t[o], np.cumsum(step[o])
         last = np.r_[t[1:] != t[:-1], True]  # one value per instant: the last
-        yield ",".join(_IN_FLIGHT % (pid, ts, n) for ts, n in zip((t[last] / 1000).tolist(), depth[last].tolist()))
+        yield ",".join(
+            _IN_FLIGHT % (pid, ts, n) for ts, n in zip((t[last] / 1000).tolist(), depth[last].tolist())
+        )
         lead = ((g["dev_start"] - g["host_start"]) / 1000).tolist()
         yield ",".join(_LEAD % (pid, ts, v) for ts, v in zip((g["host_start"] / 1000).tolist(), lead))
 
@@ -400,9 +438,9 @@ def _events(s: Session, lanes: _Lanes, place: _Place) -> Iterator[bytes]:
     if head:
         yield head
         sep = b","
-    for text in itertools.chain(_slices(s, lanes, place), _counters(s, place)):
-        if text:
-            yield sep + text.encode()
+    for piece in itertools.chain(_slices(s, lanes, place), _counters(s, place)):
+        if piece:
+            yield sep + piece.encode()
             sep = b","
 
 
@@ -452,7 +490,6 @@ def trace_bytes(s: Session) -> bytes:
     return b"".join(_chunks(s))
 
 
-
 # ---- the trace file: reading ----
 
 
@@ -460,18 +497,30 @@ def read(path: Path) -> Session:
     """Rebuild a Session from a trace evtrace wrote (a merged one: with its ``ranks``)."""
     doc = read_json(path)
     meta = doc.get("metadata") if isinstance(doc, dict) else None
-    if not isinstance(meta, dict) or not isinstance(doc.get("traceEvents"), list) or "evtrace.format" not in meta:
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(doc.get("traceEvents"), list)
+        or "evtrace.format" not in meta
+    ):
         if isinstance(meta, dict) and "evtrace.merged" in meta:
-            raise TraceError(f"{path} was merged by an older evtrace, which kept too little to read it back; merge its inputs again")
+            raise TraceError(
+                f"{path} was merged by an older evtrace, which kept too little to read it back; "
+                "merge its inputs again"
+            )
         raise TraceError(f"{path} is not an evtrace trace (no evtrace metadata)")
     if meta["evtrace.format"] != FORMAT:
-        raise TraceError(f"{path} was written by evtrace {meta.get('evtrace', '(unknown version)')}, which this evtrace cannot read; upgrade evtrace")
+        raise TraceError(
+            f"{path} was written by evtrace {meta.get('evtrace', '(unknown version)')}, "
+            "which this evtrace cannot read; upgrade evtrace"
+        )
     try:
         if "evtrace.ranks" in meta:
             return _rebuild_merged(doc["traceEvents"], meta)
         return _rebuild(doc["traceEvents"], meta)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise TraceError(f"{path} is an evtrace trace with damaged events ({type(e).__name__}: {e})") from None
+        raise TraceError(
+            f"{path} is an evtrace trace with damaged events ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _rebuild_merged(events: list[Any], meta: dict[str, Any]) -> Session:
@@ -490,7 +539,9 @@ def _rebuild_merged(events: list[Any], meta: dict[str, Any]) -> Session:
         s = _rebuild(evs, {**rank_meta, **own, "evtrace.pid": info["pid_base"]})
         s.pid = int(info["pid"])
         ranks.append(s)
-    merged = Session.combine(ranks, {k: v for k, v in meta.items() if k == "evtrace" or k.startswith("merge.")})
+    merged = Session.combine(
+        ranks, {k: v for k, v in meta.items() if k == "evtrace" or k.startswith("merge.")}
+    )
     if isinstance(meta.get("evtrace.meta"), dict):
         merged.meta = metadata.from_json(meta["evtrace.meta"])
     return merged
@@ -523,6 +574,7 @@ def _rebuild(events: list[Any], meta: dict[str, Any]) -> Session:
 
     def ns(us: Any) -> int:
         return int(round(float(us) * 1000))
+
     for i in range(n):
         h = hosts[i]
         row = regions[i]

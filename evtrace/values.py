@@ -46,7 +46,9 @@ def value(v: Any, depth: int = 0) -> Any:
     if t is int:
         if _INT_MIN <= v <= _INT_MAX:
             return v
-        return _cap(repr(v), MAX_REPR) if v.bit_length() < 10_000 else f"<int of {v.bit_length()} bits>"  # repr refuses beyond
+        return (
+            _cap(repr(v), MAX_REPR) if v.bit_length() < 10_000 else f"<int of {v.bit_length()} bits>"
+        )  # repr refuses beyond
     if t in _SCALARS:
         return v
     if t is list or t is tuple or t is dict:

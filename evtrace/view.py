@@ -43,7 +43,9 @@ class _Server(socketserver.TCPServer):
     allow_reuse_address = True
 
 
-def serve(path: Path, port: int | None = None, open_browser: bool = True, timeout: float | None = None) -> bool:
+def serve(
+    path: Path, port: int | None = None, open_browser: bool = True, timeout: float | None = None
+) -> bool:
     """Serve ``path`` once on loopback and point a browser at it. True once the file was sent.
 
     ``port``: None for $EVTRACE_VIEW_PORT or 9001; 0 for any free port."""
@@ -80,7 +82,9 @@ def serve(path: Path, port: int | None = None, open_browser: bool = True, timeou
             self.send_response(204)
             self.send_header("Access-Control-Allow-Origin", UI)
             self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
-            self.send_header("Access-Control-Allow-Headers", self.headers.get("Access-Control-Request-Headers") or "*")
+            self.send_header(
+                "Access-Control-Allow-Headers", self.headers.get("Access-Control-Request-Headers") or "*"
+            )
             self.send_header("Access-Control-Allow-Private-Network", "true")
             self.send_header("Access-Control-Max-Age", "600")
             self.send_header("Cache-Control", "no-cache")
@@ -99,7 +103,11 @@ def serve(path: Path, port: int | None = None, open_browser: bool = True, timeou
         try:
             url = url_for(name, port)
             if port != PORT:
-                print(f"evtrace: note: ui.perfetto.dev only fetches from 127.0.0.1:{PORT}; from port {port}, download the file there yourself", file=sys.stderr)
+                print(
+                    f"evtrace: note: ui.perfetto.dev only fetches from 127.0.0.1:{PORT}; "
+                    f"from port {port}, download the file there yourself",
+                    file=sys.stderr,
+                )
             if open_browser and webbrowser.open(url):  # some browsers return only once they are closed
                 print(f"evtrace: opened {url}", file=sys.stderr)
             elif not sent.is_set():

@@ -29,6 +29,8 @@ class View(Protocol):
 
 
 def suffix_of(name: str) -> str:
-    """".json.gz" for a gzipped trace, else the last suffix, lower case."""
+    """ ".json.gz" for a gzipped trace, else the last suffix, lower case."""
     lower = name.lower()
-    return ".json.gz" if lower.endswith(".json.gz") else ("." + lower.rsplit(".", 1)[1] if "." in lower else "")
+    return (
+        ".json.gz" if lower.endswith(".json.gz") else ("." + lower.rsplit(".", 1)[1] if "." in lower else "")
+    )

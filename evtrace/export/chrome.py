@@ -14,7 +14,18 @@ from typing import ClassVar
 from ..files import TraceError, read_json, write_bytes
 from ..session import DEVICE_PID, Session, rank_labels, sublanes, trace_bytes
 
-__all__ = ["DEVICE_PID", "ChromeTrace", "TraceError", "dumps", "load_json", "rank_labels", "read", "sublanes", "write", "write_bytes"]
+__all__ = [
+    "DEVICE_PID",
+    "ChromeTrace",
+    "TraceError",
+    "dumps",
+    "load_json",
+    "rank_labels",
+    "read",
+    "sublanes",
+    "write",
+    "write_bytes",
+]
 
 
 class ChromeTrace:

@@ -99,7 +99,9 @@ class Diff:
     def regressions(self, above: float) -> list[Row]:
         """Significantly slower rows whose change exceeds ``above`` % (also below ``min_change``:
         a gate asked for explicitly wins)."""
-        return [r for r in self.rows if r.tested and r.p < self.alpha and r.direction > 0 and r.change > above]
+        return [
+            r for r in self.rows if r.tested and r.p < self.alpha and r.direction > 0 and r.change > above
+        ]
 
 
 def pct(before: float, after: float) -> float:
@@ -143,7 +145,9 @@ def pick(s: Session, rank: int | None) -> tuple[list[Session], str]:
     if len(got) != 1:
         have = sorted({p.meta["rank"] for p in parts if isinstance(p.meta.get("rank"), int)})
         held = f"ranks {', '.join(map(str, have))}" if have else "no ranks"
-        raise DiffError(f"no rank {rank} in it (it holds {held})" if not got else f"rank {rank} is in it {len(got)} times")
+        raise DiffError(
+            f"no rank {rank} in it (it holds {held})" if not got else f"rank {rank} is in it {len(got)} times"
+        )
     return got, f"rank {rank}"
 
 
@@ -167,7 +171,15 @@ def sides(parts: list[Session], skip: int = 0) -> dict[str, Side]:
     return {name: Side(np.concatenate(h), np.concatenate(d), b) for name, (h, d, b) in acc.items()}
 
 
-def compare(before: Session, after: Session, *, rank: int | None = None, skip: int = 0, alpha: float = 0.05, min_change: float = 2.0) -> Diff:
+def compare(
+    before: Session,
+    after: Session,
+    *,
+    rank: int | None = None,
+    skip: int = 0,
+    alpha: float = 0.05,
+    min_change: float = 2.0,
+) -> Diff:
     """The rows of names both traces hold. DiffError when they share none, or lack ``rank``."""
     parts, scope = [], []
     for which, s in (("BEFORE", before), ("AFTER", after)):
@@ -180,7 +192,10 @@ def compare(before: Session, after: Session, *, rank: int | None = None, skip: i
     a, b = parts
     common = sorted(set(a) & set(b))
     if not common:
-        raise DiffError("the two traces have no region name in common" + (f" (after skipping {skip} of each)" if skip else ""))
+        raise DiffError(
+            "the two traces have no region name in common"
+            + (f" (after skipping {skip} of each)" if skip else "")
+        )
     tests: list[tuple[str, float, int]] = []
     for name in common:
         x, y = a[name], b[name]
@@ -191,7 +206,10 @@ def compare(before: Session, after: Session, *, rank: int | None = None, skip: i
         else:
             tests.append((kind, *mann_whitney(xs, ys)))
     adjusted = holm([t[1] for t in tests])
-    rows = [Row(n, a[n], b[n], kind, p, d, alpha, min_change) for n, (kind, _, d), p in zip(common, tests, adjusted)]
+    rows = [
+        Row(n, a[n], b[n], kind, p, d, alpha, min_change)
+        for n, (kind, _, d), p in zip(common, tests, adjusted)
+    ]
 
     def order(r: Row) -> tuple[bool, int, str]:
         if len(r.before.dev) or len(r.after.dev):
@@ -199,12 +217,25 @@ def compare(before: Session, after: Session, *, rank: int | None = None, skip: i
         return True, -int(r.after.host.sum() - r.before.host.sum()), r.name  # host only: by total host time
 
     rows.sort(key=order)
-    return Diff(rows, sorted(set(a) - set(b)), sorted(set(b) - set(a)), (scope[0], scope[1]), alpha, min_change, skip)
+    return Diff(
+        rows, sorted(set(a) - set(b)), sorted(set(b) - set(a)), (scope[0], scope[1]), alpha, min_change, skip
+    )
 
 
 # ---- rendering ----
 
-COLUMNS = ("region", "count", "host p50", "host p95", "device p50", "device p95", "device busy", "test", "p", "verdict")
+COLUMNS = (
+    "region",
+    "count",
+    "host p50",
+    "host p95",
+    "device p50",
+    "device p95",
+    "device busy",
+    "test",
+    "p",
+    "verdict",
+)
 
 
 def _change(before: float, after: float) -> str:
@@ -215,7 +246,7 @@ def _change(before: float, after: float) -> str:
 
 
 def _cell(before: float, after: float) -> str:
-    """"406 → 485 µs +19%": the unit once when both share it."""
+    """ "406 → 485 µs +19%": the unit once when both share it."""
     if before != before and after != after:
         return "-"
     a, b = fmt_ns(before), fmt_ns(after)
@@ -249,7 +280,12 @@ def _cells(r: Row) -> list[str]:
         busy,
         r.tested or "-",
         _p(r.p),
-        r.verdict + (f" {_change(r.before.p(r.tested, 50), r.after.p(r.tested, 50))}" if r.verdict in ("slower", "faster") else ""),
+        r.verdict
+        + (
+            f" {_change(r.before.p(r.tested, 50), r.after.p(r.tested, 50))}"
+            if r.verdict in ("slower", "faster")
+            else ""
+        ),
     ]
 
 
@@ -257,7 +293,8 @@ def _notes(d: Diff) -> list[str]:
     notes = [
         BUSY + ".",
         (
-            f"test: Mann–Whitney U of the tested durations, Holm-corrected over {sum(1 for r in d.rows if r.tested)} rows; "
+            "test: Mann–Whitney U of the tested durations, Holm-corrected over "
+            f"{sum(1 for r in d.rows if r.tested)} rows; "
             f"slower/faster: p < {d.alpha:g} and a p50 change of {d.min_change:g}% or more; "
             f"<{d.min_change:g}%: significant but smaller; n.s.: not significant."
         ),
@@ -289,7 +326,9 @@ def _md(cell: str) -> str:
 def markdown(d: Diff, before: str, after: str) -> str:
     """GitHub-flavoured markdown, for a pull request."""
     slower = [r for r in d.rows if r.verdict == "slower"]
-    summary = f"{len(slower)} of {len(d.rows)} regions significantly slower" + (": " + ", ".join(_md(r.name) for r in slower[:5]) if slower else "")
+    summary = f"{len(slower)} of {len(d.rows)} regions significantly slower" + (
+        ": " + ", ".join(_md(r.name) for r in slower[:5]) if slower else ""
+    )
     out = [
         f"**evtrace diff**: {_md(before)} ({d.scope[0]}) → {_md(after)} ({d.scope[1]})",
         "",
@@ -329,7 +368,9 @@ class DiffText:
 
     def compare(self, before: Session, after: Session) -> Diff:
         """The rows; DiffError when the sessions cannot be compared."""
-        return compare(before, after, rank=self.rank, skip=self.skip, alpha=self.alpha, min_change=self.min_change)
+        return compare(
+            before, after, rank=self.rank, skip=self.skip, alpha=self.alpha, min_change=self.min_change
+        )
 
     def format(self, d: Diff) -> str:
         return text(d, *self.labels)

@@ -13,7 +13,7 @@ and writing the files is the caller's job (the CLI's).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import __version__
 from ..session import COUNTS, Session
@@ -50,7 +50,8 @@ def merge(sessions: Sequence[Session], inputs: Sequence[str] = ()) -> Session:
     else:
         origins = [s.wall_origin_ns for s in ranks]
         method = (
-            "several hosts: wall-clock origins; uncertain by the hosts' clock synchronisation (NTP: typically 0.1-10 ms)"
+            "several hosts: wall-clock origins; uncertain by the hosts' clock synchronisation "
+            "(NTP: typically 0.1-10 ms)"
         )
     base = min(origins)
     meta = {"evtrace": __version__, "merge.method": method, "merge.inputs": list(inputs)}

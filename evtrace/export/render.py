@@ -21,7 +21,18 @@ from ..analysis import fmt_ns, outermost
 from ..session import Session, rank_labels
 
 WIDTH, LABEL_W, LANE_H, TOP = 1200, 190, 22, 28
-PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]
+PALETTE = [
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#e15759",
+    "#76b7b2",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+]
 MAX_SLICES = 4000
 # characters XML 1.0 forbids or that show as nothing: written as Python escapes, e.g. "\x00"
 _UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
@@ -46,13 +57,19 @@ class Drawn(NamedTuple):
 
 def _xml(text: str) -> str:
     """Text for an SVG element: XML-escaped, control characters and lone surrogates spelled out."""
-    return escape(_UNSHOWABLE.sub(lambda m: repr(m.group())[1:-1] if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text))
+    return escape(
+        _UNSHOWABLE.sub(
+            lambda m: repr(m.group())[1:-1] if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text
+        )
+    )
 
 
 def _distinct(values: list[int]) -> list[str]:
     """ns values in one unit (by the largest), with the fewest decimals that tell them apart."""
     big = max((abs(v) for v in values), default=0)
-    unit, scale = next(((u, sc) for u, sc in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)) if big >= sc), ("ns", 1.0))
+    unit, scale = next(
+        ((u, sc) for u, sc in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)) if big >= sc), ("ns", 1.0)
+    )
     out: list[str] = []
     for dec in range(0 if unit == "ns" else 10):
         out = [f"{v / scale:.{dec}f} {unit}" for v in values]
@@ -99,7 +116,12 @@ def default_window(s: Session) -> tuple[int, int]:
     top = work[outermost(r[work])]
     has_dev, end = _device_work(r, top)
     counts = np.bincount(r["name"][top], minlength=len(s.names))
-    for pick in (has_dev & (counts[r["name"][top]] > 1), counts[r["name"][top]] > 1, has_dev, np.ones(len(top), bool)):
+    for pick in (
+        has_dev & (counts[r["name"][top]] > 1),
+        counts[r["name"][top]] > 1,
+        has_dev,
+        np.ones(len(top), bool),
+    ):
         if pick.any():
             break
     cand, cend = top[pick], end[pick]
@@ -145,7 +167,9 @@ class Timeline:
     suffix: ClassVar[str] = ".svg"
     binary: ClassVar[bool] = False
 
-    def __init__(self, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = False) -> None:
+    def __init__(
+        self, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = False
+    ) -> None:
         self.window, self.lanes, self.strict = window, lanes, strict
 
     def draw(self, s: Session) -> Drawn:
@@ -161,7 +185,9 @@ def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None 
     return Timeline(window, lanes).render(s)
 
 
-def draw(s: Session, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = True) -> Drawn:
+def draw(
+    s: Session, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = True
+) -> Drawn:
     """The SVG and what it shows. ``strict``: NothingToDraw when no lane matches or the window is empty."""
     if strict and len(s) == 0:
         raise NothingToDraw("the trace holds no regions: nothing to draw")
@@ -185,8 +211,13 @@ def draw(s: Session, window: tuple[int, int] | None = None, lanes: str | None = 
     host_lane = keep(host_names)
     dev_lane = keep(dev_names)
     if strict and not lane_names:
-        raise NothingToDraw(f"--lanes {lanes!r} matches no lane; the lanes are: {', '.join(host_names + dev_names)}")
-    visible = np.nonzero((r["host_end"] >= t0) & (r["host_start"] <= t1) | ((r["device"] >= 0) & (r["dev_end"] >= t0) & (r["dev_start"] <= t1)))[0]
+        raise NothingToDraw(
+            f"--lanes {lanes!r} matches no lane; the lanes are: {', '.join(host_names + dev_names)}"
+        )
+    visible = np.nonzero(
+        (r["host_end"] >= t0) & (r["host_start"] <= t1)
+        | ((r["device"] >= 0) & (r["dev_end"] >= t0) & (r["dev_start"] <= t1))
+    )[0]
     capped = len(visible) > MAX_SLICES
     visible = visible[:MAX_SLICES]
     # every visible slice: (lane, start, end, region); nested slices get a row each within a lane
@@ -196,12 +227,19 @@ def draw(s: Session, window: tuple[int, int] | None = None, lanes: str | None = 
         th = int(row["thread"])
         if th in host_lane and row["host_end"] >= t0 and row["host_start"] <= t1:
             slices.append((host_lane[th], int(row["host_start"]), int(row["host_end"]), i))
-        if row["device"] >= 0 and int(row["stream"]) in dev_lane and row["dev_end"] >= t0 and row["dev_start"] <= t1:
+        if (
+            row["device"] >= 0
+            and int(row["stream"]) in dev_lane
+            and row["dev_end"] >= t0
+            and row["dev_start"] <= t1
+        ):
             slices.append((dev_lane[int(row["stream"])], int(row["dev_start"]), int(row["dev_end"]), i))
     if strict and not slices:
         end = int(max(r["host_end"].max(), r["dev_end"][r["device"] >= 0].max(initial=0)))
         wa, wb = _distinct([t0, t1])
-        raise NothingToDraw(f"nothing was recorded on these lanes between {wa} and {wb} (the trace ends at {fmt_ns(end)})")
+        raise NothingToDraw(
+            f"nothing was recorded on these lanes between {wa} and {wb} (the trace ends at {fmt_ns(end)})"
+        )
     slices.sort(key=lambda t: (t[0], t[1], -t[2]))
     depth: list[int] = []
     rows_in = [1] * len(lane_names)
@@ -217,12 +255,17 @@ def draw(s: Session, window: tuple[int, int] | None = None, lanes: str | None = 
         rows_in[lane] = max(rows_in[lane], len(stack))
     lane_y = np.r_[0, np.cumsum(rows_in)] * LANE_H + TOP
     plot_w = WIDTH - LABEL_W - 10
-    x = lambda t: LABEL_W + (min(max(t, t0), t1) - t0) * plot_w / (t1 - t0)  # noqa: E731
+
+    def x(t: float) -> float:
+        return LABEL_W + (min(max(t, t0), t1) - t0) * plot_w / (t1 - t0)
+
     height = int(lane_y[-1]) + 30
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+        f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">',
         f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#ffffff"/>',
-        '<defs><marker id="arrow" viewBox="0 0 6 6" refX="6" refY="3" markerWidth="6" markerHeight="6" orient="auto"><path d="M0,0 L6,3 L0,6 z" fill="#555"/></marker></defs>',
+        '<defs><marker id="arrow" viewBox="0 0 6 6" refX="6" refY="3" markerWidth="6" markerHeight="6" '
+        'orient="auto"><path d="M0,0 L6,3 L0,6 z" fill="#555"/></marker></defs>',
     ]
     for k, name in enumerate(lane_names):
         y, h = lane_y[k], rows_in[k] * LANE_H
@@ -233,7 +276,10 @@ def draw(s: Session, window: tuple[int, int] | None = None, lanes: str | None = 
     for tick, label in zip(ticks, _distinct(ticks)):
         xx = x(t0 + tick)
         out.append(f'<line x1="{xx:.1f}" y1="{TOP - 4}" x2="{xx:.1f}" y2="{height - 26}" stroke="#ddd"/>')
-        out.append(f'<text x="{xx:.1f}" y="{TOP - 8}" text-anchor="{"start" if tick == 0 else "middle"}" fill="#555">{_xml(label)}</text>')
+        out.append(
+            f'<text x="{xx:.1f}" y="{TOP - 8}" text-anchor="{"start" if tick == 0 else "middle"}" '
+            f'fill="#555">{_xml(label)}</text>'
+        )
     where: dict[tuple[int, int], tuple[int, float, float]] = {}  # (region, host or device) -> lane, x, y
     for (lane, a, b, i), d in zip(slices, depth):
         name = s.names[int(r["name"][i])]
@@ -241,17 +287,31 @@ def draw(s: Session, window: tuple[int, int] | None = None, lanes: str | None = 
         y = lane_y[lane] + d * LANE_H + 3
         xa, xb = x(a), x(b)
         w = max(xb - xa, 1.0)
-        out.append(f'<rect x="{xa:.1f}" y="{y}" width="{w:.1f}" height="{LANE_H - 6}" fill="{color}" fill-opacity="0.9" stroke="#222" stroke-width="0.3"><title>{_xml(f"{name}: {fmt_ns(b - a)}")}</title></rect>')
+        out.append(
+            f'<rect x="{xa:.1f}" y="{y}" width="{w:.1f}" height="{LANE_H - 6}" fill="{color}" '
+            f'fill-opacity="0.9" stroke="#222" stroke-width="0.3">'
+            f"<title>{_xml(f'{name}: {fmt_ns(b - a)}')}</title></rect>"
+        )
         if w > 40:
-            out.append(f'<text x="{xa + 3:.1f}" y="{y + 12}" fill="#fff">{_xml(name[: max(int((w - 6) // 6.5), 1)])}</text>')
+            out.append(
+                f'<text x="{xa + 3:.1f}" y="{y + 12}" fill="#fff">'
+                f"{_xml(name[: max(int((w - 6) // 6.5), 1)])}</text>"
+            )
         where[(i, 0 if lane in host_lane.values() else 1)] = (lane, xa, y)
     arrows = 0
-    for (i, kind), (lane, xa, y) in where.items():
+    for (i, kind), (_lane, xa, y) in where.items():
         if kind == 0 and (i, 1) in where and arrows < 12:
             _, xd, yd = where[(i, 1)]
-            out.append(f'<line x1="{xa:.1f}" y1="{y + LANE_H - 6}" x2="{xd:.1f}" y2="{yd}" stroke="#555" stroke-width="0.8" marker-end="url(#arrow)"/>')
+            out.append(
+                f'<line x1="{xa:.1f}" y1="{y + LANE_H - 6}" x2="{xd:.1f}" y2="{yd}" stroke="#555" '
+                'stroke-width="0.8" marker-end="url(#arrow)"/>'
+            )
             arrows += 1
     wa, wb = _distinct([t0, t1])
-    out.append(f'<text x="{LABEL_W}" y="{height - 8}" fill="#555">window {_xml(wa)} – {_xml(wb)} since the start ({_xml(fmt_ns(t1 - t0))}; ticks from its start); host lanes above, device lanes below; arrows: launch → execution</text>')
+    out.append(
+        f'<text x="{LABEL_W}" y="{height - 8}" fill="#555">window {_xml(wa)} – {_xml(wb)} since the start '
+        f"({_xml(fmt_ns(t1 - t0))}; ticks from its start); host lanes above, device lanes below; "
+        "arrows: launch → execution</text>"
+    )
     out.append("</svg>")
     return Drawn("\n".join(out) + "\n", len(lane_names), len(slices), (t0, t1), capped)

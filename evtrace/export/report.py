@@ -47,9 +47,22 @@ def machine(s: Session) -> str:
         held.append(f"host id `{m['host_id']}` (a hash of the host name and boot)")
     if m.get("gpus"):
         held.append("the GPU names")
-    versions = [name for key, name in (("python", "Python"), ("torch", "torch"), ("cuda", "CUDA"), ("driver", "the driver")) if m.get(key)]
+    versions = [
+        name
+        for key, name in (
+            ("python", "Python"),
+            ("torch", "torch"),
+            ("cuda", "CUDA"),
+            ("driver", "the driver"),
+        )
+        if m.get(key)
+    ]
     if versions:
-        held.append("the versions of " + (", ".join(versions[:-1]) + " and " if len(versions) > 1 else "") + versions[-1])
+        held.append(
+            "the versions of "
+            + (", ".join(versions[:-1]) + " and " if len(versions) > 1 else "")
+            + versions[-1]
+        )
     argv = m.get("argv")
     if argv:
         held.append(f"the command line as stored (`{_cell(' '.join(str(a) for a in argv))}`)")
@@ -86,20 +99,28 @@ class Report:
             merged = f"{plural(len(s.ranks), 'trace')} ({', '.join(rank_labels(s.ranks))})"
             lines += [f"**Merged:** {merged}; {m.get('merge.method', '?')}.", ""]
         counts = f"{plural(len(s), 'region')}, {plural(s.device_spans, 'device span')}"
-        lines += [f"**Top regions by device time** ({counts}, {fmt_ns(m.get('duration_ns', 0))} recorded)", ""]
+        lines += [
+            f"**Top regions by device time** ({counts}, {fmt_ns(m.get('duration_ns', 0))} recorded)",
+            "",
+        ]
         body = [
-            [t.name, str(t.n), *map(fmt_ns, t[2:7]), fmt_ns(t.device_busy) if t.device_busy else "-"] for t in top
+            [t.name, str(t.n), *map(fmt_ns, t[2:7]), fmt_ns(t.device_busy) if t.device_busy else "-"]
+            for t in top
         ]
         lines += _table(list(COLUMNS), body)
         lines.append("")
         frac, idle = gaps(s)
         if frac == frac:
             lines.append(
-                f"**GPU:** busy {100 * frac:.0f}%, idle {100 * (1 - frac):.0f}% of the time between its first and "
+                f"**GPU:** busy {100 * frac:.0f}%, idle {100 * (1 - frac):.0f}% "
+                "of the time between its first and "
                 "last span (by the innermost regions)."
             )
             if idle:
-                said = (f"{fmt_ns(g.end - g.start)} at {fmt_ns(g.start)} (host in `{_cell(g.host_doing)}`)" for g in idle)
+                said = (
+                    f"{fmt_ns(g.end - g.start)} at {fmt_ns(g.start)} (host in `{_cell(g.host_doing)}`)"
+                    for g in idle
+                )
                 lines.append("Longest idle gaps: " + "; ".join(said) + ".")
         else:
             lines.append("**GPU:** no device spans (no CUDA, or regions were host-only).")
@@ -111,7 +132,8 @@ class Report:
             lines.append(
                 "**Alignment:** "
                 + "; ".join(
-                    f"GPU {d}: {g.anchors:.0f} anchors ({g.anchors_late:.0f} stamped late), drift {g.drift_ppm:.3f} ppm, "
+                    f"GPU {d}: {g.anchors:.0f} anchors ({g.anchors_late:.0f} stamped late), "
+                    f"drift {g.drift_ppm:.3f} ppm, "
                     f"bound {g.bound_us_p99:.2f} µs (max {g.bound_us_max:.2f}), "
                     f"events stamped late by up to {g.stamp_delay_us_p99:.1f} µs (p99)"
                     for d, g in sorted(gpus.items())
@@ -119,9 +141,19 @@ class Report:
                 + ". The bound is how much earlier the stamps of each second would let the device lane sit."
             )
         lines += [f"> **Warning:** {w}." for w in alignment_warnings(m)]
-        keys = ("dropped_device_spans", "split_device_spans", "clamped_device_spans", "dropped_regions", "unfinished_regions")
+        keys = (
+            "dropped_device_spans",
+            "split_device_spans",
+            "clamped_device_spans",
+            "dropped_regions",
+            "unfinished_regions",
+        )
         lost = {k: m.get(k, 0) for k in keys}
-        lines.append("**Drops:** " + (", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items() if v) or "none") + ".")
+        lines.append(
+            "**Drops:** "
+            + (", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items() if v) or "none")
+            + "."
+        )
         lines.append(machine(s))
         size = f", {self.trace_size / 1024:.0f} KiB" if self.trace_size is not None else ""
         lines += [

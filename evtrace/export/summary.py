@@ -46,5 +46,14 @@ def ranks(sessions: list[Session], labels: list[str]) -> str:
         busy = sum(busy_ns(r["dev_start"][r["device"] == d], r["dev_end"][r["device"] == d]) for d in devices)
         rank = s.meta.get("rank")
         share = f"{100 * busy / dur:.0f}%" if busy and dur else "-"
-        table.append((label, str(rank) if rank is not None else "-", str(len(s)), fmt_ns(dur), fmt_ns(busy) if busy else "-", share))
+        table.append(
+            (
+                label,
+                str(rank) if rank is not None else "-",
+                str(len(s)),
+                fmt_ns(dur),
+                fmt_ns(busy) if busy else "-",
+                share,
+            )
+        )
     return "\n".join(aligned(table))

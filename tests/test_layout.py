@@ -1,0 +1,41 @@
+"""The package's seams: no module reaches into another module's private names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "evtrace"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = set()  # local names bound to evtrace modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("evtrace")):
+                for a in node.names:
+                    if _private(a.name):
+                        found.append(f"{path.name}: from {'.' * node.level}{node.module or ''} import {a.name}")
+                    modules.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                modules.update(a.asname or a.name for a in node.names if a.name.startswith("evtrace"))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in modules
+                and _private(node.attr)
+            ):
+                found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert found == []
+
+
+def test_every_module_says_what_it_owns() -> None:
+    missing = [p.name for p in sorted(PACKAGE.rglob("*.py")) if ast.get_docstring(ast.parse(p.read_text())) is None]
+    assert missing == []
