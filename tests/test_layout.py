@@ -21,7 +21,8 @@ def test_no_module_uses_another_modules_private_names() -> None:
             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("evtrace")):
                 for a in node.names:
                     if _private(a.name):
-                        found.append(f"{path.name}: from {'.' * node.level}{node.module or ''} import {a.name}")
+                        where = "." * node.level + (node.module or "")
+                        found.append(f"{path.name}: from {where} import {a.name}")
                     modules.add(a.asname or a.name)
             elif isinstance(node, ast.Import):
                 modules.update(a.asname or a.name for a in node.names if a.name.startswith("evtrace"))
@@ -37,5 +38,6 @@ def test_no_module_uses_another_modules_private_names() -> None:
 
 
 def test_every_module_says_what_it_owns() -> None:
-    missing = [p.name for p in sorted(PACKAGE.rglob("*.py")) if ast.get_docstring(ast.parse(p.read_text())) is None]
+    paths = sorted(PACKAGE.rglob("*.py"))
+    missing = [p.name for p in paths if ast.get_docstring(ast.parse(p.read_text())) is None]
     assert missing == []
