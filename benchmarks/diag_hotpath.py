@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -78,13 +79,17 @@ def p2_marks() -> None:
             model(xin)
         marks = be.records - before
         s = rec.stop()
-        print(f"P2 forward: share window {rec.share_ns} ns, {len(s) / 20:.0f} regions, {marks / 20:.1f} marks per forward", flush=True)
+        print(
+            f"P2 forward: share window {rec.share_ns} ns, {len(s) / 20:.0f} regions,"
+            f" {marks / 20:.1f} marks per forward",
+            flush=True,
+        )
 
 
 p2_marks()
 if sys.argv[1:] == ["marks"]:
     sys.exit()
-for rep in range(3):
+for _rep in range(3):
     bare = loop("bare", lambda: x.add_(1))
     rec = recorder.Recorder(CudaBackend(), pool_size=n + 100, background=False)
     rec.start()

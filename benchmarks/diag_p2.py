@@ -13,7 +13,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -87,10 +88,18 @@ variants = {
 }
 res = alternate(variants, 11)
 base = res.pop("untraced")
-print(f"untraced forward: {statistics.median(base):.0f} µs (min {min(base):.0f}, max {max(base):.0f}); 97 modules")
+print(
+    f"untraced forward: {statistics.median(base):.0f} µs (min {min(base):.0f}, max {max(base):.0f});"
+    " 97 modules"
+)
 for k, v in res.items():
     d = [a - b for a, b in zip(v, base)]
-    print(f"{k:34s} +{statistics.median(d):6.0f} µs/forward ({min(d):.0f}…{max(d):.0f}), {statistics.median(d) / 97:5.1f} µs/module, ratio {statistics.median([a / b for a, b in zip(v, base)]):.3f}", flush=True)
+    ratio = statistics.median([a / b for a, b in zip(v, base)])
+    print(
+        f"{k:34s} +{statistics.median(d):6.0f} µs/forward ({min(d):.0f}…{max(d):.0f}),"
+        f" {statistics.median(d) / 97:5.1f} µs/module, ratio {ratio:.3f}",
+        flush=True,
+    )
 
 
 def micro(label: str, fn: Callable[[], object], n: int = 100_000) -> None:

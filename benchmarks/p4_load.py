@@ -33,23 +33,58 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = []
     for i, res in enumerate(results):
         m = res["meta"]
-        lines.append(f"run {i + 1}: {res['seconds']:.0f} s, L = {res['L_us']:.2f} us, clamped {m.get('clamped_device_spans')} / {m.get('device_spans')} device spans, stop+save {res['stop_and_save_s']} s")
-        lines.append(f"  {'phase':8s} {'n':>7s} {'rtt<=8':>7s} {'rtt p50':>8s} | {'err p50':>8s} {'p95':>7s} {'p99':>7s} {'max':>7s} | {'|err-L| p50':>11s} {'p95':>7s} {'p99':>7s} {'max':>7s} {'neg':>4s}")
+        lines.append(
+            f"run {i + 1}: {res['seconds']:.0f} s, L = {res['L_us']:.2f} us,"
+            f" clamped {m.get('clamped_device_spans')} / {m.get('device_spans')} device spans,"
+            f" stop+save {res['stop_and_save_s']} s"
+        )
+        lines.append(
+            f"  {'phase':8s} {'n':>7s} {'rtt<=8':>7s} {'rtt p50':>8s}"
+            f" | {'err p50':>8s} {'p95':>7s} {'p99':>7s} {'max':>7s}"
+            f" | {'|err-L| p50':>11s} {'p95':>7s} {'p99':>7s} {'max':>7s} {'neg':>4s}"
+        )
         for ph, d in res["phases"].items():
             e, a = d["err_us"], d["abs_err_minus_L_us"]
             lines.append(
-                f"  {ph:8s} {d['n']:7d} {d['n_short']:7d} {f(d['rtt_us'], 'p50'):>8s} | {f(e, 'p50'):>8s} {f(e, 'p95'):>7s} {f(e, 'p99'):>7s} {f(e, 'max'):>7s} | "
-                f"{f(a, 'p50'):>11s} {f(a, 'p95'):>7s} {f(a, 'p99'):>7s} {f(a, 'max'):>7s} {d['n_err_negative']:4d}"
+                f"  {ph:8s} {d['n']:7d} {d['n_short']:7d} {f(d['rtt_us'], 'p50'):>8s}"
+                f" | {f(e, 'p50'):>8s} {f(e, 'p95'):>7s} {f(e, 'p99'):>7s} {f(e, 'max'):>7s} | "
+                f"{f(a, 'p50'):>11s} {f(a, 'p95'):>7s} {f(a, 'p99'):>7s} {f(a, 'max'):>7s}"
+                f" {d['n_err_negative']:4d}"
             )
         gpu = {ph: d["gpu_clock"] for ph, d in res["phases"].items() if "gpu_clock" in d}
         if gpu:  # independent of evtrace's alignment: the kernel's own GPU-clock stamps
-            lines.append(f"  {'GPU clock':8s} {'seen-set p50':>12s} | {'evtrace end - kernel end p5':>27s} {'p50':>6s} {'p95':>6s} | {'next kernel - kernel end p50':>28s} {'p95':>6s} | {'evtrace end - next kernel p50':>29s} {'p99':>6s} {'max':>6s}")
+            lines.append(
+                f"  {'GPU clock':8s} {'seen-set p50':>12s}"
+                f" | {'evtrace end - kernel end p5':>27s} {'p50':>6s} {'p95':>6s}"
+                f" | {'next kernel - kernel end p50':>28s} {'p95':>6s}"
+                f" | {'evtrace end - next kernel p50':>29s} {'p99':>6s} {'max':>6s}"
+            )
             for ph, d in gpu.items():
-                a, b, c, e = (d[k] for k in ("seen_minus_set_us", "evtrace_end_minus_kernel_end_us", "next_start_minus_kernel_end_us", "evtrace_end_minus_next_start_us"))
-                lines.append(f"  {ph:8s} {f(a, 'p50'):>12s} | {f(b, 'p5'):>27s} {f(b, 'p50'):>6s} {f(b, 'p95'):>6s} | {f(c, 'p50'):>28s} {f(c, 'p95'):>6s} | {f(e, 'p50'):>29s} {f(e, 'p99'):>6s} {f(e, 'max'):>6s}")
+                a, b, c, e = (
+                    d[k]
+                    for k in (
+                        "seen_minus_set_us",
+                        "evtrace_end_minus_kernel_end_us",
+                        "next_start_minus_kernel_end_us",
+                        "evtrace_end_minus_next_start_us",
+                    )
+                )
+                lines.append(
+                    f"  {ph:8s} {f(a, 'p50'):>12s}"
+                    f" | {f(b, 'p5'):>27s} {f(b, 'p50'):>6s} {f(b, 'p95'):>6s}"
+                    f" | {f(c, 'p50'):>28s} {f(c, 'p95'):>6s}"
+                    f" | {f(e, 'p50'):>29s} {f(e, 'p99'):>6s} {f(e, 'max'):>6s}"
+                )
         lines.append(f"  alignment: {m.get('alignment')}")
-    lines.append(f"(us; err = device end - host's flag set; over samples with round trip <= {RTT_OK_NS / 1000:.0f} us; neg = device end before the set: impossible)")
-    lines.append("(GPU clock: the kernel's own %globaltimer stamps, put on perf_counter by a line through the idle phase's samples; next kernel: a stamp kernel queued behind the end event)")
+    lines.append(
+        "(us; err = device end - host's flag set;"
+        f" over samples with round trip <= {RTT_OK_NS / 1000:.0f} us;"
+        " neg = device end before the set: impossible)"
+    )
+    lines.append(
+        "(GPU clock: the kernel's own %globaltimer stamps, put on perf_counter by a line through"
+        " the idle phase's samples; next kernel: a stamp kernel queued behind the end event)"
+    )
     return "\n".join(lines)
 
 
@@ -65,10 +100,22 @@ def main() -> None:
     t0 = time.perf_counter()
     truth = Truth()
     feeders = loads(truth.drv)
-    print(f"setup {time.perf_counter() - t0:.1f} s (compiled with {truth.drv.compiler} in {truth.drv.compile_s:.1f} s)", flush=True)
+    print(
+        f"setup {time.perf_counter() - t0:.1f} s"
+        f" (compiled with {truth.drv.compiler} in {truth.drv.compile_s:.1f} s)",
+        flush=True,
+    )
     results = []
     for i in range(a.repeat):
-        res = run(os.path.join(tempfile.gettempdir(), f"p4_load_{i}.json.gz"), a.seconds, phases, a.phase, truth, feeders, seed=i)
+        res = run(
+            os.path.join(tempfile.gettempdir(), f"p4_load_{i}.json.gz"),
+            a.seconds,
+            phases,
+            a.phase,
+            truth,
+            feeders,
+            seed=i,
+        )
         res["machine"] = machine()
         emit("P4_load", res)
         results.append(res)

@@ -28,8 +28,9 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +44,8 @@ __device__ __forceinline__ unsigned long long gtimer() {
 
 // gt[0]: GPU clock when the flag was seen, gt[1]: just before the ack (the kernel's end)
 extern "C" __global__ void truth_spin(volatile unsigned int* flag, volatile unsigned int* started,
-                                      volatile unsigned int* ack, volatile unsigned long long* gt, unsigned int seq,
-                                      unsigned int tail_fence) {
+                                      volatile unsigned int* ack, volatile unsigned long long* gt,
+                                      unsigned int seq, unsigned int tail_fence) {
     *started = seq;                       // lets the host know the kernel is resident and spinning
     __threadfence_system();
     while (*flag != seq) { }
@@ -90,7 +91,12 @@ def _nvcc(arch: str) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         src, out = Path(d, "truth.cu"), Path(d, "truth.cubin")
         src.write_text(SRC)
-        subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-O3", "-o", str(out), str(src)], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [nvcc, f"-arch={arch}", "-cubin", "-O3", "-o", str(out), str(src)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return out.read_bytes()
 
 
@@ -98,7 +104,10 @@ def _nvrtc(arch: str) -> bytes:
     """Fallback when nvcc is missing or fails: NVRTC from the CUDA toolkit or torch's wheels."""
     cands = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
     for p in sys.path:
-        cands += sorted(glob.glob(os.path.join(p, "nvidia", "*", "lib", "libnvrtc.so*")) + glob.glob(os.path.join(p, "nvidia", "*", "*", "lib", "libnvrtc.so*")))
+        cands += sorted(
+            glob.glob(os.path.join(p, "nvidia", "*", "lib", "libnvrtc.so*"))
+            + glob.glob(os.path.join(p, "nvidia", "*", "*", "lib", "libnvrtc.so*"))
+        )
     lib = None
     for c in cands:
         try:
@@ -132,7 +141,9 @@ class Driver:
         torch.zeros(1, device="cuda")  # torch creates (and makes current) the primary context first
         self.lib = lib = ctypes.CDLL("libcuda.so.1")
         lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuLaunchKernel.argtypes = (
+            [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        )
         lib.cuLaunchKernel.restype = ctypes.c_int
         self.check(lib.cuInit(0), "cuInit")
         dev, ctx = ctypes.c_int(), ctypes.c_void_p()
@@ -143,11 +154,15 @@ class Driver:
         try:
             image, self.compiler = _nvcc(_arch()), "nvcc"
         except (OSError, subprocess.CalledProcessError) as e:
-            print(f"truth: nvcc unavailable ({getattr(e, 'stderr', None) or e}); trying NVRTC", file=sys.stderr)
+            print(
+                f"truth: nvcc unavailable ({getattr(e, 'stderr', None) or e}); trying NVRTC", file=sys.stderr
+            )
             image, self.compiler = _nvrtc(_arch()), "nvrtc"
         self.compile_s = time.perf_counter() - t
         self.module = ctypes.c_void_p()
-        self.check(lib.cuModuleLoadData(ctypes.byref(self.module), ctypes.c_char_p(image)), "cuModuleLoadData")
+        self.check(
+            lib.cuModuleLoadData(ctypes.byref(self.module), ctypes.c_char_p(image)), "cuModuleLoadData"
+        )
 
     def check(self, rc: int, what: str) -> None:
         if rc:
@@ -157,7 +172,10 @@ class Driver:
 
     def function(self, name: str) -> ctypes.c_void_p:
         f = ctypes.c_void_p()
-        self.check(self.lib.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()), f"cuModuleGetFunction {name}")
+        self.check(
+            self.lib.cuModuleGetFunction(ctypes.byref(f), self.module, name.encode()),
+            f"cuModuleGetFunction {name}",
+        )
         return f
 
     def device_ptr(self, host_ptr: int) -> int:
@@ -176,7 +194,9 @@ class Launcher:
         self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in self.args])
 
     def launch(self, stream: int) -> None:
-        rc = self.drv.lib.cuLaunchKernel(self.f, self.grid, 1, 1, self.block, 1, 1, 0, ctypes.c_void_p(stream), self.params, None)
+        rc = self.drv.lib.cuLaunchKernel(
+            self.f, self.grid, 1, 1, self.block, 1, 1, 0, ctypes.c_void_p(stream), self.params, None
+        )
         if rc:
             self.drv.check(rc, "cuLaunchKernel")
 
@@ -198,11 +218,24 @@ class Truth:
         self.mem = torch.zeros(64, dtype=torch.int64, pin_memory=True)
         base = self.mem.data_ptr()
         self.flag, self.started, self.ack = (ctypes.c_uint32.from_address(base + 64 * k) for k in range(3))
-        self.gt_seen, self.gt_end, self.gt_next = (ctypes.c_uint64.from_address(base + 192 + 8 * k) for k in (0, 1, 8))
+        self.gt_seen, self.gt_end, self.gt_next = (
+            ctypes.c_uint64.from_address(base + 192 + 8 * k) for k in (0, 1, 8)
+        )
         d = self.drv.device_ptr(base)
         self.seq_arg = ctypes.c_uint32(0)
         self.tail_fence = ctypes.c_uint32(int(os.environ.get("TRUTH_TAIL_FENCE", "0")))
-        self.kernel = Launcher(self.drv, "truth_spin", [ctypes.c_uint64(d), ctypes.c_uint64(d + 64), ctypes.c_uint64(d + 128), ctypes.c_uint64(d + 192), self.seq_arg, self.tail_fence])
+        self.kernel = Launcher(
+            self.drv,
+            "truth_spin",
+            [
+                ctypes.c_uint64(d),
+                ctypes.c_uint64(d + 64),
+                ctypes.c_uint64(d + 128),
+                ctypes.c_uint64(d + 192),
+                self.seq_arg,
+                self.tail_fence,
+            ],
+        )
         self.stamper = Launcher(self.drv, "stamp_gt", [ctypes.c_uint64(d + 256)])
         self.rng = random.Random(seed)
         self.seq = 0
@@ -279,8 +312,14 @@ def copies(mib: int = 128, depth: int = 3) -> Feeder:
     """Pinned H2D and D2H copies, non_blocking, as a DataLoader with pin_memory feeds a model
     (two H2D per D2H, interleaved)."""
     n = mib << 20
-    h_src, h_dst = torch.empty(n, dtype=torch.uint8, pin_memory=True), torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    d_dst, d_src = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
+    h_src, h_dst = (
+        torch.empty(n, dtype=torch.uint8, pin_memory=True),
+        torch.empty(n, dtype=torch.uint8, pin_memory=True),
+    )
+    d_dst, d_src = (
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+        torch.empty(n, dtype=torch.uint8, device="cuda"),
+    )
 
     def h2d() -> None:
         d_dst.copy_(h_src, non_blocking=True)
@@ -294,7 +333,10 @@ def copies(mib: int = 128, depth: int = 3) -> Feeder:
 def matmuls(n: int = 8192, depth: int = 3) -> Feeder:
     """Compute-bound kernels (bf16 n x n matmuls, ~1 ms each at 8192) on a side stream, so the
     truth kernel still finds an SM on the main stream."""
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a, b = (
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+        torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+    )
     c = torch.empty_like(a)
 
     def mm() -> None:
@@ -308,7 +350,17 @@ def polling(drv: Driver, ms: float = 1.0, blocks: int = 1, threads: int = 1, dep
     thread by default, like the truth kernel: 4 warps made 99 % of round trips > 8 us on an H200."""
     mem = torch.zeros(32 * 64, dtype=torch.int32, pin_memory=True)
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
-    k = Launcher(drv, "poll_host", [ctypes.c_uint64(drv.device_ptr(mem.data_ptr())), ctypes.c_uint64(int(ms * 1e6)), ctypes.c_uint64(sink.data_ptr())], grid=blocks, block=threads)
+    k = Launcher(
+        drv,
+        "poll_host",
+        [
+            ctypes.c_uint64(drv.device_ptr(mem.data_ptr())),
+            ctypes.c_uint64(int(ms * 1e6)),
+            ctypes.c_uint64(sink.data_ptr()),
+        ],
+        grid=blocks,
+        block=threads,
+    )
     f = Feeder([lambda: k.launch(torch.cuda.current_stream().cuda_stream)], depth)
     f.keep = (mem, sink)  # type: ignore[attr-defined]
     return f
@@ -330,7 +382,15 @@ def gap(phase: str, rng: random.Random) -> None:
 
 
 # ---- one session: phases in turn, truth samples throughout ------------------------------------------
-def run(path: str | os.PathLike[str], seconds: float, phases: Sequence[str] = PHASES, phase_s: float = 3.0, truth: Truth | None = None, feeders: dict[str, Feeder] | None = None, seed: int = 0) -> dict[str, Any]:
+def run(
+    path: str | os.PathLike[str],
+    seconds: float,
+    phases: Sequence[str] = PHASES,
+    phase_s: float = 3.0,
+    truth: Truth | None = None,
+    feeders: dict[str, Feeder] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """One evtrace session of ``seconds`` cycling through ``phases``; returns per-phase figures."""
     import evtrace
 
@@ -374,7 +434,9 @@ def run(path: str | os.PathLike[str], seconds: float, phases: Sequence[str] = PH
     gts = np.array(truth.gts[-len(sets) :], dtype=np.int64).reshape(-1, 3)
     truth.gts.clear()
     assert r.session is not None
-    out = analyse(r.session, phases, np.array(tags), np.array(sets, dtype=np.int64), np.array(acks, dtype=np.int64), gts)
+    out = analyse(
+        r.session, phases, np.array(tags), np.array(sets, dtype=np.int64), np.array(acks, dtype=np.int64), gts
+    )
     out.update(seconds=seconds, phase_s=phase_s, stop_and_save_s=round(stop_s, 2))
     return out
 
@@ -384,10 +446,23 @@ def _pct(x: np.ndarray) -> dict[str, float]:
     if len(x) == 0:
         return {}
     q = np.percentile(x, [5, 50, 95, 99]) / 1000
-    return {"p5": round(float(q[0]), 3), "p50": round(float(q[1]), 3), "p95": round(float(q[2]), 3), "p99": round(float(q[3]), 3), "max": round(float(x.max()) / 1000, 3)}
+    return {
+        "p5": round(float(q[0]), 3),
+        "p50": round(float(q[1]), 3),
+        "p95": round(float(q[2]), 3),
+        "p99": round(float(q[3]), 3),
+        "max": round(float(x.max()) / 1000, 3),
+    }
 
 
-def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, acks: np.ndarray, gts: np.ndarray | None = None) -> dict[str, Any]:
+def analyse(
+    s: Any,
+    phases: Sequence[str],
+    tags: np.ndarray,
+    sets: np.ndarray,
+    acks: np.ndarray,
+    gts: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Match truth regions (in the order they began) to samples; err = device end - t_set, in us.
     L (the constant end-event latency) is the median err of the idle phase (else the first).
 
@@ -409,7 +484,9 @@ def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, a
     fit = short & (tags == ref)
     if gts is not None and len(gts) == len(sets) and fit.sum() > 10:
         x0 = int(gts[fit, 0][0])
-        slope, icept = np.polyfit((gts[fit, 0] - x0).astype(float), ((sets[fit] + acks[fit]) // 2 - sets[fit][0]).astype(float), 1)
+        slope, icept = np.polyfit(
+            (gts[fit, 0] - x0).astype(float), ((sets[fit] + acks[fit]) // 2 - sets[fit][0]).astype(float), 1
+        )
         y0 = int(sets[fit][0])
 
         def g(gt: np.ndarray) -> np.ndarray:
@@ -438,7 +515,12 @@ def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, a
                 "evtrace_end_minus_next_start_us": _pct(err[ms] + sets[ms] - g(gts[ms, 2])),
             }
     meta = s.meta
-    keep = {k: meta[k] for k in meta if k in ("clamped_device_spans", "device_spans", "dropped_device_spans", "regions") or any(w in k for w in ("align", "bound", "clamp", "warn"))}
+    keep = {
+        k: meta[k]
+        for k in meta
+        if k in ("clamped_device_spans", "device_spans", "dropped_device_spans", "regions")
+        or any(w in k for w in ("align", "bound", "clamp", "warn"))
+    }
     return {"L_us": round(L / 1000, 3), "phases": per, "meta": keep}
 
 
@@ -446,7 +528,13 @@ def analyse(s: Any, phases: Sequence[str], tags: np.ndarray, sets: np.ndarray, a
 def _smoke(n: int = 3000) -> None:
     truth = Truth()
     print(f"compiled with {truth.drv.compiler} in {truth.drv.compile_s:.2f} s", flush=True)
-    feeders: dict[str, Feeder | None] = {"idle": None, **loads(truth.drv), "polling 1x32": polling(truth.drv, threads=32), "polling 4x32": polling(truth.drv, blocks=4, threads=32), "gaps": None}
+    feeders: dict[str, Feeder | None] = {
+        "idle": None,
+        **loads(truth.drv),
+        "polling 1x32": polling(truth.drv, threads=32),
+        "polling 4x32": polling(truth.drv, blocks=4, threads=32),
+        "gaps": None,
+    }
     rng = random.Random(1)
     for ph, f in feeders.items():
         rtts = []
@@ -464,7 +552,12 @@ def _smoke(n: int = 3000) -> None:
             f.drain()
         x, gt = np.array(rtts), np.array(truth.gts[1:], dtype=np.int64).reshape(-1, 3)
         nxt = np.median(gt[:, 2] - gt[:, 1]) / 1e3 if len(gt) else float("nan")
-        print(f"{ph:12s} n={len(x)} rate={len(x) / (time.perf_counter() - t):.0f}/s rtt us p5/p50/p95 = {np.percentile(x, 5) / 1e3:.2f}/{np.median(x) / 1e3:.2f}/{np.percentile(x, 95) / 1e3:.2f}, <=8us: {(x <= RTT_OK_NS).mean():.1%}; next kernel start - kernel end p50 {nxt:.2f} us", flush=True)
+        print(
+            f"{ph:12s} n={len(x)} rate={len(x) / (time.perf_counter() - t):.0f}/s rtt us p5/p50/p95 ="
+            f" {np.percentile(x, 5) / 1e3:.2f}/{np.median(x) / 1e3:.2f}/{np.percentile(x, 95) / 1e3:.2f},"
+            f" <=8us: {(x <= RTT_OK_NS).mean():.1%}; next kernel start - kernel end p50 {nxt:.2f} us",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

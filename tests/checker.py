@@ -42,7 +42,10 @@ def problems(doc: Any) -> list[str]:
         elif ph == "X":
             ts, dur = _ns(ev.get("ts")), _ns(ev.get("dur"))
             if ts is None or dur is None or ts < 0 or dur < 0:
-                out.append(f"event {k}: X ts/dur {ev.get('ts')}/{ev.get('dur')} not a non-negative µs value with ≤3 decimals")
+                out.append(
+                    f"event {k}: X ts/dur {ev.get('ts')}/{ev.get('dur')}"
+                    " not a non-negative µs value with ≤3 decimals"
+                )
                 continue
             if not isinstance(ev.get("name"), str):
                 out.append(f"event {k}: X without a string name")
@@ -62,7 +65,14 @@ def problems(doc: Any) -> list[str]:
             ts = _ns(ev.get("ts"))
             if ts is None or ts < 0:
                 out.append(f"event {k}: counter ts {ev.get('ts')} not a non-negative µs value")
-            if not isinstance(args, dict) or not args or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in args.values()):
+            if (
+                not isinstance(args, dict)
+                or not args
+                or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in args.values()
+                )
+            ):
                 out.append(f"event {k}: counter args {args!r} are not finite numbers")
         else:
             out.append(f"event {k}: phase {ph!r} (only X, M and C are written)")
@@ -82,7 +92,10 @@ def problems(doc: Any) -> list[str]:
             while stack and stack[-1][1] <= s[0]:
                 stack.pop()
             if stack and s[1] > stack[-1][1]:
-                out.append(f"lane {lane}: {s[2]!r} [{s[0]}, {s[1]}) crosses {stack[-1][2]!r} [{stack[-1][0]}, {stack[-1][1]})")
+                out.append(
+                    f"lane {lane}: {s[2]!r} [{s[0]}, {s[1]})"
+                    f" crosses {stack[-1][2]!r} [{stack[-1][0]}, {stack[-1][1]})"
+                )
                 continue
             stack.append(s)
     return out

@@ -21,7 +21,9 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("EVTRACE_TEST_CUDA",
 
 
 def run(cmd: list[str], *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=300)
+    return subprocess.run(
+        [*cmd, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=300
+    )
 
 
 @pytest.fixture(params=FORMS, ids=lambda c: "python -m evtrace" if len(c) > 1 else "evtrace")
@@ -34,7 +36,16 @@ def test_the_console_script_is_installed() -> None:
 
 
 def test_sample_writes_a_trace_with_host_lanes(cli: list[str], tmp_path: Path) -> None:
-    p = run(cli, "--no-hooks", "-o", tmp_path / "s.json.gz", ROOT / "samples" / "two_models.py", "--iters", "3", cwd=tmp_path)
+    p = run(
+        cli,
+        "--no-hooks",
+        "-o",
+        tmp_path / "s.json.gz",
+        ROOT / "samples" / "two_models.py",
+        "--iters",
+        "3",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert "done:" in p.stdout
     last = p.stderr.strip().splitlines()[-1]
@@ -46,7 +57,22 @@ def test_sample_writes_a_trace_with_host_lanes(cli: list[str], tmp_path: Path) -
     assert summ.returncode == 0, summ.stderr
     lines = summ.stdout.splitlines()
     assert lines[0].startswith("24 regions, ") and "first 1 of each name skipped" in lines[0]
-    assert lines[1].split() == ["region", "count", "host", "p50", "host", "p95", "device", "p50", "device", "p95", "launch→start", "p50", "device", "busy"]
+    assert lines[1].split() == [
+        "region",
+        "count",
+        "host",
+        "p50",
+        "host",
+        "p95",
+        "device",
+        "p50",
+        "device",
+        "p95",
+        "launch→start",
+        "p50",
+        "device",
+        "busy",
+    ]
     model1 = next(line for line in lines if line.startswith("model1"))
     assert model1.split()[1] == "5"  # 6 model1 regions, first skipped
 
@@ -57,18 +83,26 @@ def test_the_script_runs_as_main_with_its_own_argv_path_and_exit_code(cli: list[
     (tmp_path / "sub" / "prog.py").write_text(
         "import json, sys, helper, evtrace\n"
         "with evtrace.region('r'):\n"
-        "    print(json.dumps({'name': __name__, 'argv': sys.argv, 'path0': sys.path[0], 'v': helper.VALUE}))\n"
+        "    print(json.dumps({'name': __name__, 'argv': sys.argv, 'path0': sys.path[0],"
+        " 'v': helper.VALUE}))\n"
         "sys.exit(int(sys.argv[1]))\n"
     )
     p = run(cli, "run", "-o", tmp_path / "t.json", "sub/prog.py", "3", "-o", "x", cwd=tmp_path)
     assert p.returncode == 3, p.stderr
     got = json.loads(p.stdout)
-    assert got == {"name": "__main__", "argv": ["sub/prog.py", "3", "-o", "x"], "path0": str(tmp_path / "sub"), "v": 7}
+    assert got == {
+        "name": "__main__",
+        "argv": ["sub/prog.py", "3", "-o", "x"],
+        "path0": str(tmp_path / "sub"),
+        "v": 7,
+    }
     assert evtrace.load(tmp_path / "t.json").names == ["r"]
 
 
 def test_an_exception_is_shown_after_the_trace_is_written(cli: list[str], tmp_path: Path) -> None:
-    (tmp_path / "bad.py").write_text("import evtrace\nwith evtrace.region('before'):\n    pass\nraise KeyError('boom')\n")
+    (tmp_path / "bad.py").write_text(
+        "import evtrace\nwith evtrace.region('before'):\n    pass\nraise KeyError('boom')\n"
+    )
     p = run(cli, "-o", tmp_path / "t.json", "bad.py", cwd=tmp_path)
     assert p.returncode == 1
     assert "KeyError: 'boom'" in p.stderr and 'bad.py", line 4' in p.stderr
@@ -78,7 +112,9 @@ def test_an_exception_is_shown_after_the_trace_is_written(cli: list[str], tmp_pa
 
 
 def test_dash_m_runs_a_module(cli: list[str], tmp_path: Path) -> None:
-    (tmp_path / "mymod.py").write_text("import sys, evtrace\nwith evtrace.region('m'):\n    print(__name__, sys.argv[1:])\n")
+    (tmp_path / "mymod.py").write_text(
+        "import sys, evtrace\nwith evtrace.region('m'):\n    print(__name__, sys.argv[1:])\n"
+    )
     p = run(cli, "-o", tmp_path / "m.json", "-m", "mymod", "a", "b", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "__main__ ['a', 'b']"
@@ -100,13 +136,18 @@ def test_dash_m_runs_a_module(cli: list[str], tmp_path: Path) -> None:
         (["run"], "no script given"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2_before_the_script_runs(cli: list[str], tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2_before_the_script_runs(
+    cli: list[str], tmp_path: Path, args: list[str], message: str
+) -> None:
     (tmp_path / "adir").mkdir()
     (tmp_path / "ro").mkdir(mode=0o500)
     (tmp_path / "ok.py").write_text("open('ran', 'w').close()\n")
     (tmp_path / "afile.txt").write_text("a regular file")
     if "ro/t.json" in args and os.geteuid() == 0:  # root writes into any directory (CI runs as root),
-        args, message = ["-o", "afile.txt/t.json", "ok.py"], "output directory afile.txt"  # but never under a file
+        args, message = (
+            ["-o", "afile.txt/t.json", "ok.py"],
+            "output directory afile.txt",
+        )  # but never under a file
     p = run(cli, *args, cwd=tmp_path)
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
@@ -144,7 +185,9 @@ def test_a_reader_that_leaves_early_gets_no_traceback(cli: list[str], tmp_path: 
     with evtrace.record(tmp_path / "t.json.gz", device=False, quiet=True):
         with evtrace.region("x"):
             pass
-    p = subprocess.Popen([*cli, "summary", "t.json.gz"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [*cli, "summary", "t.json.gz"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert p.stdout is not None and p.stderr is not None
     p.stdout.close()  # long before the trace is loaded and the table printed
     with p.stderr:
@@ -160,7 +203,9 @@ def test_version_and_no_arguments(cli: list[str], tmp_path: Path) -> None:
     assert p.returncode == 2
 
 
-@pytest.mark.parametrize("command", [["report", "t.json", "-o"], ["render", "t.json", "-o"], ["merge", "t.json", "-o"]])
+@pytest.mark.parametrize(
+    "command", [["report", "t.json", "-o"], ["render", "t.json", "-o"], ["merge", "t.json", "-o"]]
+)
 @pytest.mark.parametrize("out", ["afile.txt/out", "ro/out"])
 def test_an_unwritable_output_is_one_line_and_exit_2(tmp_path: Path, command: list[str], out: str) -> None:
     """Under a regular file nobody can write, root included; a read-only directory only stops others."""
@@ -175,4 +220,8 @@ def test_an_unwritable_output_is_one_line_and_exit_2(tmp_path: Path, command: li
         assert p.returncode == 0, p.stderr  # root may: what matters is that the one-line check ran above
         return
     assert p.returncode == 2, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and out.split("/")[0] in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert (
+        len(p.stderr.strip().splitlines()) == 1
+        and out.split("/")[0] in p.stderr
+        and "Traceback" not in p.stderr
+    ), p.stderr

@@ -268,7 +268,8 @@ def test_a_merged_trace_loads_as_a_session_with_its_ranks(
 def test_every_command_reads_what_run_and_merge_write(tmp_path: Path) -> None:
     job = tmp_path / "job.py"
     job.write_text(
-        "import evtrace\nfor i in range(3):\n    with evtrace.region('step'):\n        with evtrace.region('inner'):\n            pass\n"
+        "import evtrace\nfor i in range(3):\n    with evtrace.region('step'):\n"
+        "        with evtrace.region('inner'):\n            pass\n"
     )
     for name in ("a.json.gz", "b.json"):
         p = evtrace_cli("run", "-o", name, job, cwd=tmp_path)

@@ -13,7 +13,8 @@ import evtrace
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 SHOW = """
 import sys, warnings
-print(__name__, __file__, __spec__, __package__, __cached__, type(__loader__).__name__, __loader__.name, __loader__.path)
+print(__name__, __file__, __spec__, __package__, __cached__,
+      type(__loader__).__name__, __loader__.name, __loader__.path)
 print(sorted(globals()), sys.modules["__main__"].__dict__ is globals())
 print(sys.argv, sys.path[0])
 print(warnings.filters)
@@ -25,19 +26,46 @@ def test_the_script_sees_what_plain_python_gives(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "show.py").write_text(SHOW)
     args = ["./sub/show.py", "a", "--b=c"]
-    plain = subprocess.run([sys.executable, *args], cwd=tmp_path, env=ENV, check=False, capture_output=True, text=True, timeout=120)
-    under = subprocess.run([sys.executable, "-m", "evtrace", "-o", "t.json", *args], cwd=tmp_path, env=ENV, check=False, capture_output=True, text=True, timeout=120)
+    plain = subprocess.run(
+        [sys.executable, *args],
+        cwd=tmp_path,
+        env=ENV,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    under = subprocess.run(
+        [sys.executable, "-m", "evtrace", "-o", "t.json", *args],
+        cwd=tmp_path,
+        env=ENV,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert plain.returncode == 3 and plain.stderr == ""
     assert under.returncode == 3, under.stderr
     assert under.stdout == plain.stdout
-    assert f"__main__ {tmp_path}/./sub/show.py None None None SourceFileLoader" in under.stdout  # absolute, as given
+    assert (
+        f"__main__ {tmp_path}/./sub/show.py None None None SourceFileLoader" in under.stdout
+    )  # absolute, as given
 
 
 def test_sigterm_while_torch_imports_is_answered(tmp_path: Path) -> None:
     (tmp_path / "torch").mkdir()  # shadows torch under python -m (cwd first): an import that takes long
-    (tmp_path / "torch" / "__init__.py").write_text("import time\nprint('importing', flush=True)\ntime.sleep(60)\n")
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import time\nprint('importing', flush=True)\ntime.sleep(60)\n"
+    )
     (tmp_path / "job.py").write_text("print('ran')\n")
-    with subprocess.Popen([sys.executable, "-m", "evtrace", "-o", "t.json", "job.py"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+    with subprocess.Popen(
+        [sys.executable, "-m", "evtrace", "-o", "t.json", "job.py"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as p:
         assert p.stdout is not None and p.stdout.readline().strip() == "importing"
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
@@ -47,8 +75,18 @@ def test_sigterm_while_torch_imports_is_answered(tmp_path: Path) -> None:
 
 
 def test_a_sigint_traceback_shows_only_the_script(tmp_path: Path) -> None:
-    (tmp_path / "job.py").write_text("import time, evtrace\ndef wait():\n    print('ready', flush=True)\n    time.sleep(60)\nwith evtrace.region('r'):\n    wait()\n")
-    with subprocess.Popen([sys.executable, "-m", "evtrace", "--no-hooks", "-o", "t.json", "job.py"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+    (tmp_path / "job.py").write_text(
+        "import time, evtrace\ndef wait():\n    print('ready', flush=True)\n    time.sleep(60)\n"
+        "with evtrace.region('r'):\n    wait()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "evtrace", "--no-hooks", "-o", "t.json", "job.py"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as p:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)

@@ -36,7 +36,8 @@ def double(x):
 if __name__ == "__main__":
     ctx = sys.argv[1]
     with evtrace.region("load"):
-        got = sorted(int(b) for batch in DataLoader(Squares(), batch_size=2, num_workers=2, multiprocessing_context=ctx) for b in batch)
+        loader = DataLoader(Squares(), batch_size=2, num_workers=2, multiprocessing_context=ctx)
+        got = sorted(int(b) for batch in loader for b in batch)
     with evtrace.region("pool"):
         with mp.get_context(ctx).Pool(2) as pool:
             doubled = pool.map(double, range(4))
@@ -48,7 +49,14 @@ if __name__ == "__main__":
 def test_workers_under_evtrace(tmp_path: Path, ctx: str) -> None:
     (tmp_path / "loader.py").write_text(SCRIPT)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    p = subprocess.run([sys.executable, "-m", "evtrace", "-o", "w.json", "loader.py", ctx], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "-o", "w.json", "loader.py", ctx],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[0, 1, 4, 9, 16, 25, 36, 49] [0, 2, 4, 6]"
     s = evtrace.load(tmp_path / "w.json")
