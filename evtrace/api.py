@@ -85,7 +85,9 @@ class record:
     unmodified program: modules down to ``depth``, filtered by the ``include``/``exclude``
     regexes, backward, optimizer, data waits and host waits; see ``evtrace.autohooks.Hooks``),
     ``nvtx`` (also emit NVTX ranges), ``report`` (also write ``<name>.md`` and ``<name>.svg``
-    beside the trace), and, for tests and other devices, ``backend`` and ``clock``.
+    beside the trace), ``profiler`` (a ``torch.profiler.profile`` of the same run: its trace is
+    exported and merged into ours, on our clock, once both have stopped; see ``export.kineto``), and,
+    for tests and other devices, ``backend`` and ``clock``.
 
     SIGTERM while recording (main thread, default handler) writes the trace first, then ends
     the process as SIGTERM would. Ctrl-C raises KeyboardInterrupt as usual, through ``__exit__``.
@@ -111,6 +113,7 @@ class record:
         exclude: str | None = None,
         nvtx: bool = False,
         report: bool = False,
+        profiler: Any = None,
         backend: Backend | None = None,
         clock: Clock = time.perf_counter_ns,
     ) -> None:
@@ -138,6 +141,7 @@ class record:
         self.session = None
         self.path = None
         self._recorder: _rec.Recorder | None = None
+        self._profiler = profiler
 
     def __enter__(self) -> record:
         self.path = rank_path(self._path) if self._path else default_path()
@@ -211,6 +215,8 @@ class record:
                     if fin.written and not self.quiet:
                         print(describe(self.session, self.path), file=sys.stderr)
                     die_by(signal.SIGTERM)
+            if self._profiler is not None:
+                self._with_profiler(self._profiler)
             if not self.quiet:
                 sys.stdout.flush()  # keep the script's own output first
                 print(describe(self.session, self.path), file=sys.stderr)
@@ -226,6 +232,45 @@ class record:
                     f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}",
                     file=sys.stderr,
                 )
+
+    def _with_profiler(self, prof: Any) -> None:
+        """Merge torch.profiler's trace into the written one: now if it has stopped, else right
+        after it stops (``with profile() as prof, record(profiler=prof)`` exits us first)."""
+        if getattr(getattr(prof, "profiler", None), "kineto_results", None) is not None:
+            self._merge_profiler(prof)
+            return
+        stop = prof.stop
+
+        def stop_then_merge() -> None:
+            del prof.stop  # the profiler's own method again
+            stop()
+            self._merge_profiler(prof)
+
+        prof.stop = stop_then_merge
+
+    def _merge_profiler(self, prof: Any) -> None:
+        import tempfile
+
+        from .export.kineto import attach
+        from .files import read_json
+
+        assert self.session is not None and self.path is not None
+        with tempfile.TemporaryDirectory(prefix="evtrace-") as tmp:
+            kineto = Path(tmp) / "torch_profiler.json"
+            try:
+                prof.export_chrome_trace(str(kineto))
+                self.session = attach(self.session, read_json(kineto), "torch.profiler")
+                self.session.save(self.path)
+            except Exception as e:  # the evtrace trace is written already: keep it, say why
+                print(f"evtrace: could not merge the torch.profiler trace: {e}", file=sys.stderr)
+                return
+        if not self.quiet:
+            fit = self.session.meta["profiler"][str(len(self.session.meta["profiler"]) - 1)]
+            print(
+                f"evtrace: merged torch.profiler's trace into {self.path} ({fit['events_placed']} events; "
+                f"{fit['kernels_inside']}/{fit['kernels_placed']} kernels inside their region's span)",
+                file=sys.stderr,
+            )
 
     def _write_report(self) -> None:
         """The markdown report and the SVG timeline, beside the trace."""

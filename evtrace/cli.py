@@ -28,11 +28,12 @@ import types
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, defaults
 from .api import default_path, output_problem, record
 from .export.diff import DiffError, DiffMarkdown, DiffText
+from .export.kineto import is_kineto
 from .export.merge import merge
 from .export.render import NothingToDraw, Timeline
 from .export.report import Report
@@ -121,7 +122,11 @@ def _parser() -> argparse.ArgumentParser:
         help="times since the start, e.g. 1.5:2.5 (ms) or 200us:3ms; default: one representative step",
     )
     ren.add_argument("--lanes", metavar="REGEX", help="only lanes whose name matches, e.g. 'GPU|MainThread'")
-    merge = sub.add_parser("merge", help="merge per-rank or per-process traces onto one clock")
+    merge = sub.add_parser(
+        "merge",
+        help="merge per-rank or per-process traces onto one clock; "
+        "torch.profiler traces among them go under evtrace's lanes, on its clock",
+    )
     merge.add_argument("traces", type=Path, nargs="+")
     merge.add_argument("-o", "--output", type=Path, required=True, help="merged trace (.json.gz or .json)")
     view = sub.add_parser("view", help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)")
@@ -291,7 +296,26 @@ def _render(ns: argparse.Namespace) -> int:
 
 def _merge(ns: argparse.Namespace) -> int:
     _writable(ns.output, inputs=ns.traces)
-    s = merge([_load(p) for p in ns.traces], [str(p) for p in ns.traces])
+    sessions: list[Session] = []
+    profiles: list[tuple[dict[str, Any], str]] = []
+    for p in ns.traces:
+        try:
+            sessions.append(Session.load(p))
+            continue
+        except TraceError as e:
+            problem = str(e)
+        try:
+            doc = read_json(p)  # not evtrace's: perhaps a torch.profiler trace
+        except TraceError as e:
+            raise UsageError(str(e)) from None
+        if not is_kineto(doc):
+            if "not an evtrace trace" in problem:
+                problem = f"{p} is neither an evtrace trace nor a torch.profiler (Kineto) trace"
+            raise UsageError(problem)
+        profiles.append((doc, str(p)))
+    if not sessions:
+        raise UsageError("merge needs at least one evtrace trace (torch.profiler traces go onto its clock)")
+    s = merge(sessions, [str(p) for p in ns.traces], profiles)
     try:
         s.save(ns.output)
     except OSError as e:
@@ -301,6 +325,15 @@ def _merge(ns: argparse.Namespace) -> int:
         f"{_plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}",
         file=sys.stderr,
     )
+    fits = s.meta.get("profiler")
+    for fit in list(fits.values())[-len(profiles) :] if profiles and isinstance(fits, dict) else []:
+        print(
+            f"evtrace: {fit['source']}: {fit['events_placed']} profiler events placed; host clock "
+            f"{fit['host_correction_ns'] / 1000:+.3f} µs from the wall clock's; "
+            f"{fit['host_ops_inside_regions']}/{fit['host_ops_on_evtrace_threads']} CPU ops inside evtrace "
+            f"regions; {fit['kernels_inside']}/{fit['kernels_placed']} kernels inside their region's span",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -104,6 +104,9 @@ class Session:
     #: a merged trace (``evtrace merge``): one Session per input, on this one's clock; the
     #: fields above then hold all of them together. Empty for a single recording.
     ranks: list[Session] = field(default_factory=list)
+    #: a torch.profiler trace merged in (``export.kineto``): its lanes' M and X events as written,
+    #: on this session's clock, under pids from PROFILER_PID up. Not regions: the views skip them.
+    profiler: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -119,6 +122,7 @@ class Session:
             and (self.args, self.meta, self.pid, self.wall_origin_ns)
             == (other.args, other.meta, other.pid, other.wall_origin_ns)
             and self.ranks == other.ranks
+            and self.profiler == other.profiler
         )
 
     __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass with eq is
@@ -203,6 +207,7 @@ OVERLAP_TID = 0x7F000000  # first tid of the extra lanes for crossing spans
 OWN_ARGS = ("region", "host_dur_us", "device_dur_us", "launch_delay_us")
 HOST_PID_BASE = 1_000_000  # merged traces: input i's host is pid HOST_PID_BASE + i * PIDS_PER_INPUT,
 PIDS_PER_INPUT = 1_000  # its GPU d the next pid + d (never a real pid of another host)
+PROFILER_PID = 20_000_000  # torch.profiler lanes merged in: this pid and up (above the others)
 
 
 def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -453,7 +458,11 @@ def _chunks(s: Session) -> Iterator[bytes]:
     meta = metadata.flat(s.meta)
     meta.update({"evtrace.format": FORMAT, **{f"evtrace.{k}": v for k, v in _own(s, lanes).items()}})
     yield b'{"traceEvents":['
-    yield from _events(s, lanes, _place(s))
+    sep = b""
+    for chunk in _events(s, lanes, _place(s)):
+        yield chunk
+        sep = b","
+    yield from _profiler_events(s, sep)
     tail = {"displayTimeUnit": "ms", "baseTimeNanoseconds": s.wall_origin_ns, "metadata": meta}
     yield b"]," + orjson.dumps(tail, default=lambda o: text(repr(o)))[1:]
 
@@ -474,9 +483,16 @@ def _merged_chunks(s: Session) -> Iterator[bytes]:
         flow += len(r)
         ranks.append({"label": label, "pid_base": base, **_own(r, lanes)})
         meta.update({f"{label}.{k}": v for k, v in metadata.flat(r.meta).items()})
+    yield from _profiler_events(s, sep)
+    meta.update({k: v for k, v in metadata.flat(s.meta).items() if k.startswith("profiler.")})
     meta.update({"evtrace.format": FORMAT, "evtrace.ranks": ranks, "evtrace.meta": metadata.to_json(s.meta)})
     tail = {"displayTimeUnit": "ms", "baseTimeNanoseconds": s.wall_origin_ns, "metadata": meta}
     yield b"]," + orjson.dumps(tail, default=lambda o: text(repr(o)))[1:]
+
+
+def _profiler_events(s: Session, sep: bytes) -> Iterator[bytes]:
+    if s.profiler:
+        yield sep + orjson.dumps(s.profiler)[1:-1]
 
 
 def trace_chunks(s: Session) -> Iterator[bytes]:
@@ -514,9 +530,11 @@ def read(path: Path) -> Session:
             "which this evtrace cannot read; upgrade evtrace"
         )
     try:
-        if "evtrace.ranks" in meta:
-            return _rebuild_merged(doc["traceEvents"], meta)
-        return _rebuild(doc["traceEvents"], meta)
+        events = [ev for ev in doc["traceEvents"] if int(ev.get("pid", 0)) < PROFILER_PID]
+        s = (_rebuild_merged if "evtrace.ranks" in meta else _rebuild)(events, meta)
+        if len(events) < len(doc["traceEvents"]):
+            s.profiler = [ev for ev in doc["traceEvents"] if int(ev.get("pid", 0)) >= PROFILER_PID]
+        return s
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise TraceError(
             f"{path} is an evtrace trace with damaged events ({type(e).__name__}: {e})"

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from .. import __version__
 from ..session import COUNTS, Session
+from .kineto import attach, relabel
 
 __all__ = ["COUNTS", "merge"]
 
@@ -36,12 +38,21 @@ def _shifted(s: Session, shift: int) -> Session:
     return dataclasses.replace(s, regions=r, meta=meta, wall_origin_ns=s.wall_origin_ns - shift, ranks=[])
 
 
-def merge(sessions: Sequence[Session], inputs: Sequence[str] = ()) -> Session:
+def merge(
+    sessions: Sequence[Session],
+    inputs: Sequence[str] = (),
+    profiles: Sequence[tuple[dict[str, Any], str]] = (),
+) -> Session:
     """The merged session; inputs ordered by rank (then by position). A merged input gives its
-    ranks. ``inputs`` (e.g. the file names) are kept in the metadata as ``merge.inputs``."""
+    ranks. ``inputs`` (e.g. the file names) are kept in the metadata as ``merge.inputs``.
+    ``profiles``: torch.profiler (Kineto) traces with their names, placed on the merged clock
+    (``export.kineto``); profiler lanes an input already has are kept, on the merged clock."""
     ranks: list[Session] = []
+    carried: list[tuple[Session, Session]] = []  # (input with profiler lanes, its first rank)
     for s in sessions:
         ranks += s.ranks or [s]
+        if s.profiler:
+            carried.append((s, (s.ranks or [s])[0]))
     ranks.sort(key=lambda s: s.meta["rank"] if isinstance(s.meta.get("rank"), int) else 1 << 30)
     hosts = {s.meta.get("host_id") for s in ranks}
     if len(hosts) == 1 and None not in hosts and all("origin_perf_ns" in s.meta for s in ranks):
@@ -54,5 +65,19 @@ def merge(sessions: Sequence[Session], inputs: Sequence[str] = ()) -> Session:
             "(NTP: typically 0.1-10 ms)"
         )
     base = min(origins)
-    meta = {"evtrace": __version__, "merge.method": method, "merge.inputs": list(inputs)}
-    return Session.combine([_shifted(s, o - base) for s, o in zip(ranks, origins)], meta)
+    meta: dict[str, Any] = {"evtrace": __version__, "merge.method": method, "merge.inputs": list(inputs)}
+    out = Session.combine([_shifted(s, o - base) for s, o in zip(ranks, origins)], meta)
+    fits: dict[str, Any] = {}
+    for s, first in carried:
+        shift = origins[next(i for i, r in enumerate(ranks) if r is first)] - base
+        old = s.meta.get("profiler")
+        index: dict[int, int] = {}
+        for n, fit in old.items() if isinstance(old, dict) else []:
+            index[int(n)] = len(fits)
+            fits[str(len(fits))] = fit
+        out.profiler += relabel(s.profiler, shift, index)
+    if fits:
+        out.meta["profiler"] = fits
+    for doc, name in profiles:
+        out = attach(out, doc, name)
+    return out
