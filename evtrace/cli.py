@@ -310,7 +310,7 @@ def _merge(ns: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
         if not is_kineto(doc):
             if "not an evtrace trace" in problem:
-                problem = f"{p} is neither an evtrace trace nor a torch.profiler (Kineto) trace"
+                problem = f"{p} is not an evtrace trace, nor a torch.profiler (Kineto) trace"
             raise UsageError(problem)
         profiles.append((doc, str(p)))
     if not sessions:

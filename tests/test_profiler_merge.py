@@ -127,7 +127,7 @@ def test_cli_merges_a_kineto_trace_and_refuses_other_json(tmp_path: Path) -> Non
     bad = tmp_path / "bad.json"
     bad.write_text('{"traceEvents": [{"ph": "X", "name": "x", "ts": 1, "dur": 1, "pid": 1, "tid": 1}]}')
     r = cli("merge", run, bad, "-o", tmp_path / "x.json.gz")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "neither" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nor a torch.profiler" in r.stderr
     assert cli("merge", kineto, "-o", tmp_path / "y.json.gz").returncode == 2
     if Path(TP).exists():
         tp = tmp_path / "tp"
