@@ -15,6 +15,8 @@ import evtrace
 from evtrace import recorder
 from evtrace import session as chrome
 
+from .children import sigint_default
+
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 SLEEPER = """
 import sys, time, evtrace
@@ -35,14 +37,24 @@ def start(tmp_path: Path, under_cli: bool) -> subprocess.Popen[str]:
     else:
         script.write_text(SLEEPER + "with evtrace.record('t.json'):\n    work()\n")
         cmd = [sys.executable, "job.py"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_default,
+    )
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     return p
 
 
 @pytest.mark.parametrize("under_cli", [True, False], ids=["python -m evtrace", "with record()"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_writes_the_trace_and_keeps_the_signal_exit_status(tmp_path: Path, under_cli: bool, sig: int) -> None:
+def test_a_signal_writes_the_trace_and_keeps_the_signal_exit_status(
+    tmp_path: Path, under_cli: bool, sig: int
+) -> None:
     with start(tmp_path, under_cli) as p:
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
@@ -110,14 +122,21 @@ def test_max_regions_keeps_the_newest_and_counts_the_rest(tmp_path: Path) -> Non
     assert s.meta["dropped_regions"] == 5010 - len(s)
     kept = sorted(a["i"] for a in s.args.values())
     assert kept == list(range(10 - len(kept), 10))  # the newest args survive, re-indexed
-    for i, a in s.args.items():
+    for i, _a in s.args.items():
         assert s.names[s.regions["name"][i]] == "with args"
     s.save(tmp_path / "ring.json")
 
 
 def test_redact_argv(tmp_path: Path) -> None:
     (tmp_path / "job.py").write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
-    p = subprocess.run([sys.executable, "-m", "evtrace", "--redact-argv", "-o", "t.json", "job.py", "--token", "s3cret"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "--redact-argv", "-o", "t.json", "job.py", "--token", "s3cret"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     raw = (tmp_path / "t.json").read_text()
     assert "s3cret" not in raw and str(tmp_path) not in raw
@@ -127,11 +146,26 @@ def test_redact_argv(tmp_path: Path) -> None:
 def test_secret_option_values_are_redacted_by_default(tmp_path: Path) -> None:
     (tmp_path / "job.py").write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
     args = ["job.py", "--api-key", "k3y", "--token=t0ken", "db.password=hunter2", "--lr", "3"]
-    p = subprocess.run([sys.executable, "-m", "evtrace", "--no-hooks", "-o", "t.json", *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "--no-hooks", "-o", "t.json", *args],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     raw = (tmp_path / "t.json").read_text()
     assert "k3y" not in raw and "t0ken" not in raw and "hunter2" not in raw
-    assert evtrace.load(tmp_path / "t.json").meta["argv"] == ["job.py", "--api-key", "<redacted>", "--token=<redacted>", "db.password=<redacted>", "--lr", "3"]
+    assert evtrace.load(tmp_path / "t.json").meta["argv"] == [
+        "job.py",
+        "--api-key",
+        "<redacted>",
+        "--token=<redacted>",
+        "db.password=<redacted>",
+        "--lr",
+        "3",
+    ]
 
 
 def test_redact_keeps_only_the_script_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,9 +174,30 @@ def test_redact_keeps_only_the_script_name(tmp_path: Path, monkeypatch: pytest.M
         pass
     with evtrace.record(tmp_path / "b.json", device=False, quiet=True, redact_argv=True):
         pass
-    assert evtrace.load(tmp_path / "a.json").meta["argv"] == [str(tmp_path / "secret-project" / "train.py"), "--token", "<redacted>"]
+    assert evtrace.load(tmp_path / "a.json").meta["argv"] == [
+        str(tmp_path / "secret-project" / "train.py"),
+        "--token",
+        "<redacted>",
+    ]
     assert evtrace.load(tmp_path / "b.json").meta["argv"] == ["train.py", "<redacted>"]
     (tmp_path / "job.py").write_text("pass\n")
-    p = subprocess.run([sys.executable, "-m", "evtrace", "--redact", "--no-hooks", "-o", "c.json", str(tmp_path / "job.py"), "x"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evtrace",
+            "--redact",
+            "--no-hooks",
+            "-o",
+            "c.json",
+            str(tmp_path / "job.py"),
+            "x",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert evtrace.load(tmp_path / "c.json").meta["argv"] == ["job.py", "<redacted>"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import evtrace
 
+from .children import sigint_default
+
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 SHOW = """
 import sys, warnings
@@ -86,6 +88,7 @@ def test_a_sigint_traceback_shows_only_the_script(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_default,
     ) as p:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         p.send_signal(signal.SIGINT)

@@ -15,6 +15,8 @@ import pytest
 
 import evtrace
 
+from .children import sigint_default
+
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 N = 2_000_000
 WORK = f"""
@@ -39,7 +41,15 @@ def start(tmp_path: Path, under_cli: bool) -> tuple[subprocess.Popen[str], Path]
         cmd = [sys.executable, "job.py"]
     err = tmp_path / "stderr.txt"
     with open(err, "w") as f:
-        p = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=f, text=True)
+        p = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            text=True,
+            preexec_fn=sigint_default,
+        )
     return p, err
 
 
@@ -76,7 +86,9 @@ def big_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("under_cli", [True, False], ids=["python -m evtrace", "with record()"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_while_writing_finishes_the_trace_then_ends_by_it(big_dir: Path, under_cli: bool, sig: int) -> None:
+def test_a_signal_while_writing_finishes_the_trace_then_ends_by_it(
+    big_dir: Path, under_cli: bool, sig: int
+) -> None:
     tmp_path = big_dir
     p, err = start(tmp_path, under_cli)
     writing(tmp_path, p)
@@ -86,7 +98,9 @@ def test_a_signal_while_writing_finishes_the_trace_then_ends_by_it(big_dir: Path
     assert p.returncode == -sig, text  # 130 / 143 from a shell
     assert "finishing t.json.gz first" in text
     assert f"evtrace: wrote t.json.gz ({N} regions" in text
-    assert "Traceback" not in text or (sig == signal.SIGINT and not under_cli)  # the script's own KeyboardInterrupt
+    assert "Traceback" not in text or (
+        sig == signal.SIGINT and not under_cli
+    )  # the script's own KeyboardInterrupt
     assert leftovers(tmp_path) == []
     if under_cli and sig == signal.SIGINT:  # once: loading 2M regions takes seconds
         assert len(evtrace.load(tmp_path / "t.json.gz")) == N

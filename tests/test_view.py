@@ -15,6 +15,8 @@ import pytest
 
 import evtrace
 
+from .children import sigint_default
+
 UI = "https://ui.perfetto.dev"
 
 
@@ -145,6 +147,7 @@ def test_ctrl_c_on_a_waiting_view_exits_quietly(trace: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_default,
     ) as p:
         assert p.stdout is not None and p.stderr is not None
         p.stdout.readline()  # the URL: it is waiting
