@@ -6,11 +6,15 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def machine() -> dict[str, str]:
-    out = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    out = {
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     try:
         import torch
 

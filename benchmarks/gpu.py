@@ -15,11 +15,11 @@ import ctypes
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,7 +89,11 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
     rt = ctypes.CDLL("libcudart.so." + torch.version.cuda.split(".")[0])  # type: ignore[union-attr]
     rec_raw = rt.cudaEventRecord
     rec_raw.argtypes, rec_raw.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-    h1, h2, sp = ctypes.c_void_p(e1.cuda_event), ctypes.c_void_p(e2.cuda_event), ctypes.c_void_p(s.cuda_stream)
+    h1, h2, sp = (
+        ctypes.c_void_p(e1.cuda_event),
+        ctypes.c_void_p(e2.cuda_event),
+        ctypes.c_void_p(s.cuda_stream),
+    )
 
     def bare() -> float:
         return per_iter(n, lambda: x.add_(1))
@@ -175,7 +179,14 @@ def p1b(n: int = 200_000, trials: int = 7) -> dict[str, Any]:
         with evtrace.record(os.path.join(TMP, "p1b.json"), device=False, quiet=True):
             return loop(region_body)
 
-    res = alternate({"call": lambda: loop(empty), "no session": lambda: loop(region_body), "host-only session": host_session}, trials)
+    res = alternate(
+        {
+            "call": lambda: loop(empty),
+            "no session": lambda: loop(region_body),
+            "host-only session": host_session,
+        },
+        trials,
+    )
     out = {k: stat([v - b for v, b in zip(res[k], res["call"])]) for k in ("no session", "host-only session")}
     emit("P1b_ns_over_empty_call", out)
     return out
@@ -209,7 +220,10 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
     # reading's CPU cost, on an event long done, as the resolver would).
     rt = ctypes.PyDLL("libcudart.so." + torch.version.cuda.split(".")[0])  # type: ignore[union-attr]
     rec_raw, el = rt.cudaEventRecord, rt.cudaEventElapsedTime
-    rec_raw.argtypes, el.argtypes = [ctypes.c_void_p] * 2, [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
+    rec_raw.argtypes, el.argtypes = (
+        [ctypes.c_void_p] * 2,
+        [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p],
+    )
     ev_a, ev_b, ev_r = (torch.cuda.Event(enable_timing=True) for _ in range(3))
     ev_a.record(), ev_b.record(), ev_r.record()
     torch.cuda.synchronize()
@@ -323,7 +337,15 @@ def p3(iters: int = 10, trials: int = 21) -> dict[str, Any]:
             return pipeline("plain")
 
     pipeline("plain")
-    res = alternate({"untraced": lambda: pipeline("plain"), "evtrace": traced, "sync timing": lambda: pipeline("sync"), "torch.profiler": profiler}, trials)
+    res = alternate(
+        {
+            "untraced": lambda: pipeline("plain"),
+            "evtrace": traced,
+            "sync timing": lambda: pipeline("sync"),
+            "torch.profiler": profiler,
+        },
+        trials,
+    )
     return against_untraced("P3_ratio", res, "untraced step ms", 1e6)
 
 
@@ -426,10 +448,17 @@ def p4(seconds: float) -> dict[str, Any]:
     # (A) the profiler's own unix-ns kernel times, through a tight time_ns bracket at each end
     unix = None
     try:
-        kev = [e for e in prof.profiler.kineto_results.events() if "spin" in e.name() and e.device_type() == torch.autograd.DeviceType.CUDA]
+        kev = [
+            e
+            for e in prof.profiler.kineto_results.events()
+            if "spin" in e.name() and e.device_type() == torch.autograd.DeviceType.CUDA
+        ]
         kev.sort(key=lambda e: e.start_ns())
         wslope = (w_end[0] - w_start[0]) / (w_end[1] - w_start[1])
-        unix = np.array([w_start[0] + (e.start_ns() + e.duration_ns() - w_start[1]) * wslope for e in kev]) - r.rec.origin_ns
+        unix = (
+            np.array([w_start[0] + (e.start_ns() + e.duration_ns() - w_start[1]) * wslope for e in kev])
+            - r.rec.origin_ns
+        )
     except Exception as e:  # report, and fall back to (B)
         print("unix-ns mapping unavailable:", type(e).__name__, e)
     path = os.path.join(TMP, "p4_prof.json")
@@ -437,7 +466,9 @@ def p4(seconds: float) -> dict[str, Any]:
     with open(path) as f:
         doc = json.load(f)
     evs = doc["traceEvents"]
-    probe_ev = sorted((e for e in evs if e.get("name") == "probe" and e.get("ph") == "X"), key=lambda e: float(e["ts"]))
+    probe_ev = sorted(
+        (e for e in evs if e.get("name") == "probe" and e.get("ph") == "X"), key=lambda e: float(e["ts"])
+    )
     assert len(probe_ev) == len(probes), (len(probe_ev), len(probes))
     kx = np.array([float(e["ts"]) + float(e.get("dur", 0)) / 2 for e in probe_ev])
     py = np.array([(a + b) / 2 for a, b in probes], dtype=float) - r.rec.origin_ns
@@ -445,7 +476,10 @@ def p4(seconds: float) -> dict[str, Any]:
     slope, icept = np.polyfit(kx - k0, py, 1)
     probe_resid = py - (icept + slope * (kx - k0))
     to_perf = lambda us: icept + slope * (us - k0)  # noqa: E731
-    kernels = sorted((e for e in evs if e.get("cat") == "kernel" and "spin" in e.get("name", "")), key=lambda e: float(e["ts"]))
+    kernels = sorted(
+        (e for e in evs if e.get("cat") == "kernel" and "spin" in e.get("name", "")),
+        key=lambda e: float(e["ts"]),
+    )
     k_end = np.array([to_perf(float(e["ts"]) + float(e["dur"])) for e in kernels])
     assert s.meta["dropped_device_spans"] == 0 and s.device_spans == len(s)
     reg = s.regions
@@ -453,7 +487,11 @@ def p4(seconds: float) -> dict[str, Any]:
     d_end = reg["dev_end"][order].astype(float)
     n = min(len(k_end), len(d_end))
     err_us = (d_end[:n] - k_end[:n]) / 1000
-    err_unix = (d_end[: len(unix)] - unix[: len(d_end)]) / 1000 if unix is not None and len(unix) == len(d_end) else None
+    err_unix = (
+        (d_end[: len(unix)] - unix[: len(d_end)]) / 1000
+        if unix is not None and len(unix) == len(d_end)
+        else None
+    )
     # a single anchor (the first), as a one-shot calibration would do
     anc = [np.array(c, dtype=float) for c in zip(*r.rec.anchors(0))]
     single = evclock.fit(anc[0][:1], anc[1][:1], anc[2][:1])
@@ -482,10 +520,21 @@ def p4(seconds: float) -> dict[str, Any]:
             "p5_us": float(np.percentile(err_unix, 5)),
             "max_abs_us": float(np.max(np.abs(err_unix))),
             # the same for the regions of the run's first minute
-            "first_60s": {k: f(err_unix[reg["host_start"][order][: len(err_unix)] < 60e9]) for k, f in (("median_us", np.median), ("p95_abs_us", lambda e: np.percentile(np.abs(e), 95)), ("n", len))},
+            "first_60s": {
+                k: f(err_unix[reg["host_start"][order][: len(err_unix)] < 60e9])
+                for k, f in (
+                    ("median_us", np.median),
+                    ("p95_abs_us", lambda e: np.percentile(np.abs(e), 95)),
+                    ("n", len),
+                )
+            },
         },
         "profiler_json_keys": sorted(k for k in doc if k != "traceEvents")[:12],
-        "profiler_clock_fit": {"probes": len(probes), "resid_us_median_abs": float(np.median(np.abs(probe_resid)) / 1000), "ppm": float((slope / 1000 - 1) * 1e6)},
+        "profiler_clock_fit": {
+            "probes": len(probes),
+            "resid_us_median_abs": float(np.median(np.abs(probe_resid)) / 1000),
+            "ppm": float((slope / 1000 - 1) * 1e6),
+        },
         "anchors": al["anchors"],
         "drift_ppm": al["drift_ppm"],
         "anchors_late": al["anchors_late"],
@@ -495,7 +544,15 @@ def p4(seconds: float) -> dict[str, Any]:
         "over_100us": int((np.abs(err_us) > 100).sum()),
         # the worst few: where in the run, and how long evtrace's span and CUPTI's kernel were
         "worst": [
-            {"i": int(i), "of": n, "err_us": round(float(err_us[i]), 1), "at_s": round(float(reg["host_start"][order][i]) / 1e9, 3), "span_us": round(float(d_end[i] - reg["dev_start"][order][i]) / 1e3, 1), "kernel_us": round(float(kernels[i]["dur"]), 1), "host_us": round(float(reg["host_end"][order][i] - reg["host_start"][order][i]) / 1e3, 1)}
+            {
+                "i": int(i),
+                "of": n,
+                "err_us": round(float(err_us[i]), 1),
+                "at_s": round(float(reg["host_start"][order][i]) / 1e9, 3),
+                "span_us": round(float(d_end[i] - reg["dev_start"][order][i]) / 1e3, 1),
+                "kernel_us": round(float(kernels[i]["dur"]), 1),
+                "host_us": round(float(reg["host_end"][order][i] - reg["host_start"][order][i]) / 1e3, 1),
+            }
             for i in np.argsort(-np.abs(err_us))[:5]
         ],
     }
@@ -554,14 +611,31 @@ def anchors() -> dict[str, Any]:
     err = (fit.to_host(ms[busy]) - (lo[busy] + hi[busy]) / 2) / 1000
     rec.stop()
     ulp = {f"{x:g} ms": float(np.spacing(np.float32(x)) * 1000) for x in (1e3, 1e4, 1e6)}
-    out = {"anchor_cost_us": stat(costs), "interval_s": 1.0, "saturated_anchor_err_us": {"min": float(err.min()), "max": float(err.max()), "median": float(np.median(err))}, "float32_ulp_us_at": ulp}
+    out = {
+        "anchor_cost_us": stat(costs),
+        "interval_s": 1.0,
+        "saturated_anchor_err_us": {
+            "min": float(err.min()),
+            "max": float(err.max()),
+            "median": float(np.median(err)),
+        },
+        "float32_ulp_us_at": ulp,
+    }
     emit("anchors", out)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    figures: dict[str, Callable[[], dict[str, Any]]] = {"P1": p1, "P1b": p1b, "P2": p2, "P3": p3, "P6": p6, "anchors": anchors, "P4": lambda: p4(a.seconds)}
+    figures: dict[str, Callable[[], dict[str, Any]]] = {
+        "P1": p1,
+        "P1b": p1b,
+        "P2": p2,
+        "P3": p3,
+        "P6": p6,
+        "anchors": anchors,
+        "P4": lambda: p4(a.seconds),
+    }
     ap.add_argument("what", choices=["all", *(k.lower() for k in figures)])
     ap.add_argument("--seconds", type=float, default=60)
     a = ap.parse_args()

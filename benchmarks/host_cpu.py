@@ -1,6 +1,6 @@
 """Host-only figures, for the 2-core CPU machine: P1b (region cost) and P5 (1M regions).
 
-    python benchmarks/host_cpu.py [--regions 1000000]
+python benchmarks/host_cpu.py [--regions 1000000]
 """
 
 from __future__ import annotations
@@ -62,7 +62,13 @@ def p1b(n: int = 200_000, trials: int = 9) -> None:
             pc()
         return (time.perf_counter_ns() - t) / n
 
-    variants = {"bare": loop_bare, "with region": loop_region, "call": loop_fn_bare, "@region call": loop_fn_region, "perf_counter_ns": loop_clock}
+    variants = {
+        "bare": loop_bare,
+        "with region": loop_region,
+        "call": loop_fn_bare,
+        "@region call": loop_fn_region,
+        "perf_counter_ns": loop_clock,
+    }
     off = alternate(variants, trials)
     emit("P1b_no_session_ns", {k: stat(v) for k, v in off.items()})
 
@@ -73,7 +79,15 @@ def p1b(n: int = 200_000, trials: int = 9) -> None:
 
         return run
 
-    on = alternate({"bare": loop_bare, "with region": in_session(loop_region), "@region call": in_session(loop_fn_region), "call": loop_fn_bare}, trials)
+    on = alternate(
+        {
+            "bare": loop_bare,
+            "with region": in_session(loop_region),
+            "@region call": in_session(loop_fn_region),
+            "call": loop_fn_bare,
+        },
+        trials,
+    )
     emit("P1b_host_session_ns", {k: stat(v) for k, v in on.items()})
 
 
@@ -112,7 +126,18 @@ def p5(n: int) -> None:
     del s, rec
     rec, _, mem = record(True)
     rec.stop()
-    emit("P5", {"regions": n, "record_s": t_rec, "stop_s": t_stop, "export_s": t_save, "bytes_per_region_recording": mem, "gz_bytes": size, "gz_bytes_per_region": size / n})
+    emit(
+        "P5",
+        {
+            "regions": n,
+            "record_s": t_rec,
+            "stop_s": t_stop,
+            "export_s": t_save,
+            "bytes_per_region_recording": mem,
+            "gz_bytes": size,
+            "gz_bytes_per_region": size / n,
+        },
+    )
 
 
 def rss_mb() -> float:
@@ -136,7 +161,17 @@ def stress(n: int, max_regions: int) -> None:
             samples.append(round(rss_mb(), 1))
     t = time.perf_counter() - t0
     s = rec.stop()
-    emit("stress", {"regions": n, "max_regions": max_regions, "kept": len(s), "dropped": s.meta["dropped_regions"], "rss_mb_every_tenth": samples, "seconds": t})
+    emit(
+        "stress",
+        {
+            "regions": n,
+            "max_regions": max_regions,
+            "kept": len(s),
+            "dropped": s.meta["dropped_regions"],
+            "rss_mb_every_tenth": samples,
+            "seconds": t,
+        },
+    )
 
 
 if __name__ == "__main__":

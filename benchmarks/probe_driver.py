@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -64,8 +65,16 @@ bench("torch._C._cuda_getCurrentRawStream(0)", lambda: torch._C._cuda_getCurrent
 
 el_name = "cuEventElapsedTime_v2" if hasattr(drv, "cuEventElapsedTime_v2") else "cuEventElapsedTime"
 apis = {
-    "runtime": (fn(rt, "cudaEventRecord", [vp, vp]), fn(rt, "cudaEventQuery", [vp]), fn(rt, "cudaEventElapsedTime", [ctypes.POINTER(ctypes.c_float), vp, vp])),
-    "driver": (fn(drv, "cuEventRecord", [vp, vp]), fn(drv, "cuEventQuery", [vp]), fn(drv, el_name, [ctypes.POINTER(ctypes.c_float), vp, vp])),
+    "runtime": (
+        fn(rt, "cudaEventRecord", [vp, vp]),
+        fn(rt, "cudaEventQuery", [vp]),
+        fn(rt, "cudaEventElapsedTime", [ctypes.POINTER(ctypes.c_float), vp, vp]),
+    ),
+    "driver": (
+        fn(drv, "cuEventRecord", [vp, vp]),
+        fn(drv, "cuEventQuery", [vp]),
+        fn(drv, el_name, [ctypes.POINTER(ctypes.c_float), vp, vp]),
+    ),
 }
 print(f"driver elapsed symbol: {el_name}")
 for _round in range(2):

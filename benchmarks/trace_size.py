@@ -11,10 +11,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import evtrace  # noqa: E402
 from benchmarks.common import emit  # noqa: E402
 from tests.simdevice import FakeClock, SimBackend  # noqa: E402
-
-import evtrace  # noqa: E402
 
 N = 100_000
 tmp = tempfile.mkdtemp()
@@ -25,9 +24,12 @@ for kind in ("host-only", "device"):
     for suffix in (".json", ".json.gz"):
         path = os.path.join(tmp, f"size{suffix}")
         with evtrace.record(path, backend=backend, clock=clk, device=kind == "device", quiet=True):
-            for i in range(N):
+            for _i in range(N):
                 with evtrace.region("step"):
                     if backend:
                         backend.launch(10_000)
         out[suffix] = os.path.getsize(path) / N
-    emit(f"size_{kind}", {"regions": N, "bytes_per_region_json": out[".json"], "bytes_per_region_gz": out[".json.gz"]})
+    emit(
+        f"size_{kind}",
+        {"regions": N, "bytes_per_region_json": out[".json"], "bytes_per_region_gz": out[".json.gz"]},
+    )

@@ -14,9 +14,9 @@ import statistics
 import time
 
 import torch
+from models import Model1, Model2, setup, sync
 
 import evtrace
-from models import Model1, Model2, setup, sync
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ import argparse
 
 import numpy as np
 import torch
+from models import Model1, Model2, cpu_task, setup, sync
 
 import evtrace
-from models import Model1, Model2, cpu_task, setup, sync
 
 
 def main() -> None:

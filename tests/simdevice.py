@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,7 +51,15 @@ class SimEvent:
 class SimBackend:
     """A simulated device behind the recorder's ``Backend`` protocol (checked by mypy below)."""
 
-    def __init__(self, clock: FakeClock, ndev: int = 1, offset_ns: int = 123_456_789, drift_ppm: float = 20.0, latency_ns: int = 0, record_ns: int = 2000) -> None:
+    def __init__(
+        self,
+        clock: FakeClock,
+        ndev: int = 1,
+        offset_ns: int = 123_456_789,
+        drift_ppm: float = 20.0,
+        latency_ns: int = 0,
+        record_ns: int = 2000,
+    ) -> None:
         self.clock = clock
         self.record_ns = record_ns
         self.devices = [DeviceInfo(i, f"Sim GPU {i}") for i in range(ndev)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -81,7 +81,7 @@ def run_sim(seconds: int, drift_ppm: float, offset_ns: int = 987_654_321, anchor
     rec = Recorder(sim, clk, anchor_interval_s=anchor_s, background=False)
     rec.start()
     truth = []
-    for i in range(seconds * 10):
+    for _i in range(seconds * 10):
         n0 = len(sim.stamps)
         tok = rec.enter(name_key("step"), None)
         sim.launch(2_000_000)
@@ -127,7 +127,9 @@ def test_a_stamp_before_its_record_call_moves_the_map_not_the_spans(tmp_path) ->
     assert s.meta["alignment"]["0"]["anchors_late"] >= 2  # the anchors now look 50 µs late
 
 
-def loaded_run(seconds: int, late: Callable[[int, int], float], period_ns: int = 5_000_000, drift_ppm: float = 21.0):
+def loaded_run(
+    seconds: int, late: Callable[[int, int], float], period_ns: int = 5_000_000, drift_ppm: float = 21.0
+):
     """Regions with a 1 ms kernel every ``period_ns``, under a stamp delay ``late(stream, host)``.
     Returns the session and, per region, device end minus the true moment of its end stamp."""
     clk = FakeClock(step=300)
@@ -183,7 +185,11 @@ def test_poor_alignment_is_said_in_words_live_and_after_loading(tmp_path) -> Non
     """A stretch of late stamps, and late anchors, are warned about at the end of the run and in
     the report of the saved trace; a well-supported run gets no warning."""
     rng = np.random.default_rng(9)
-    s, _ = loaded_run(60, lambda stream, t: float(rng.uniform(10_000, 20_000)) if 15e9 <= t < 45e9 else 0.0, period_ns=20_000_000)
+    s, _ = loaded_run(
+        60,
+        lambda stream, t: float(rng.uniform(10_000, 20_000)) if 15e9 <= t < 45e9 else 0.0,
+        period_ns=20_000_000,
+    )
     said = clock.alignment_warnings(s.meta)
     assert any("may sit up to" in w for w in said) and any("stamped events up to" in w for w in said)
     path = s.save(tmp_path / "late.json")

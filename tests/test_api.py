@@ -14,7 +14,15 @@ from evtrace import recorder
 
 
 def test_public_names_are_pinned() -> None:
-    assert evtrace.__all__ == ["Session", "TraceError", "__version__", "instrument", "load", "record", "region"]
+    assert evtrace.__all__ == [
+        "Session",
+        "TraceError",
+        "__version__",
+        "instrument",
+        "load",
+        "record",
+        "region",
+    ]
     assert re.fullmatch(r"\d+\.\d+\.\d+", evtrace.__version__)
     assert (Path(evtrace.__file__).parent / "py.typed").exists()
 
@@ -52,10 +60,19 @@ def test_three_forms_of_region_and_nesting(tmp_path: Path) -> None:
     s = r.session
     assert s is not None
     got = sorted(s.names)
-    assert got == sorted(["outer", "named", "test_three_forms_of_region_and_nesting.<locals>.bare", "test_three_forms_of_region_and_nesting.<locals>.coro"])
+    assert got == sorted(
+        [
+            "outer",
+            "named",
+            "test_three_forms_of_region_and_nesting.<locals>.bare",
+            "test_three_forms_of_region_and_nesting.<locals>.coro",
+        ]
+    )
     outer = s.regions[s.regions["name"] == s.names.index("outer")][0]
     inner = s.regions[s.regions["name"] != s.names.index("outer")]
-    assert (inner["host_start"] >= outer["host_start"]).all() and (inner["host_end"] <= outer["host_end"]).all()
+    assert (inner["host_start"] >= outer["host_start"]).all() and (
+        inner["host_end"] <= outer["host_end"]
+    ).all()
     assert s.args[int((s.regions["name"] == s.names.index("named")).nonzero()[0][0])] == {"k": 1}
 
 
@@ -108,7 +125,7 @@ def test_trace_is_written_when_the_body_raises(tmp_path: Path) -> None:
     with pytest.raises(ZeroDivisionError):
         with evtrace.record(tmp_path / "e.json", device=False, quiet=True):
             with evtrace.region("boom"):
-                1 / 0
+                _ = 1 / 0
     assert evtrace.load(tmp_path / "e.json").names == ["boom"]
 
 

@@ -83,7 +83,10 @@ def test_markdown_is_a_gfm_table(traces: tuple[str, str], capsys: pytest.Capture
 
 def test_markdown_escapes_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for p in ("a.json", "b.json"):
-        with evtrace.record(tmp_path / p, device=False, clock=FakeClock(), quiet=True), evtrace.region("a|b *c*"):
+        with (
+            evtrace.record(tmp_path / p, device=False, clock=FakeClock(), quiet=True),
+            evtrace.region("a|b *c*"),
+        ):
             pass
     assert main(["diff", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--markdown"]) == 0
     out = capsys.readouterr().out
@@ -91,12 +94,19 @@ def test_markdown_escapes_names(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "too few" in out  # one sample per side: not tested
 
 
-def test_ranks_one_by_one_or_pooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ranks_one_by_one_or_pooled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     for when, slow in (("before", None), ("after", "forward")):
         for rank in (0, 1):
             monkeypatch.setenv("RANK", str(rank))
-            simulate(tmp_path / f"{when}.json.gz", seed=10 * rank + (when == "after"), slow=slow if rank == 1 else None, n=60)
+            simulate(
+                tmp_path / f"{when}.json.gz",
+                seed=10 * rank + (when == "after"),
+                slow=slow if rank == 1 else None,
+                n=60,
+            )
         parts = [str(tmp_path / f"{when}-rank{rank}.json.gz") for rank in (0, 1)]  # each rank its own file
         assert main(["merge", *parts, "-o", str(tmp_path / f"{when}.json.gz")]) == 0
     both = [str(tmp_path / "before.json.gz"), str(tmp_path / "after.json.gz")]
@@ -117,7 +127,10 @@ def test_ranks_one_by_one_or_pooled(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def _bad_inputs(tmp: Path, good: str) -> dict[str, tuple[list[str], str]]:
     (tmp / "bad.json").write_text("not json")
     (tmp / "bad_other.json").write_text('{"traceEvents": []}')
-    with evtrace.record(tmp / "other.json", device=False, clock=FakeClock(), quiet=True), evtrace.region("something else"):
+    with (
+        evtrace.record(tmp / "other.json", device=False, clock=FakeClock(), quiet=True),
+        evtrace.region("something else"),
+    ):
         pass
     return {
         "missing": ([str(tmp / "nope.json"), good], "cannot read"),
@@ -130,7 +143,13 @@ def _bad_inputs(tmp: Path, good: str) -> dict[str, tuple[list[str], str]]:
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, traces: tuple[str, str]) -> None:
     for case, (args, says) in _bad_inputs(tmp_path, traces[0]).items():
-        p = subprocess.run([sys.executable, "-m", "evtrace", "diff", *args], capture_output=True, text=True, timeout=60, check=False)
+        p = subprocess.run(
+            [sys.executable, "-m", "evtrace", "diff", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert p.returncode == 2, (case, p.stderr)
         assert p.stdout == "" and len(p.stderr.splitlines()) == 1, (case, p.stderr)
         assert p.stderr.startswith("evtrace: error:") and says in p.stderr, (case, p.stderr)
@@ -141,4 +160,6 @@ def test_mann_whitney_and_holm() -> None:
     p, direction = mann_whitney(np.array([1, 2, 3]), np.array([4, 5, 6]))
     assert p == pytest.approx(0.0809, abs=1e-4) and direction == 1
     assert mann_whitney(np.array([5, 5, 5]), np.array([5, 5])) == (1.0, 0)  # all tied
-    assert holm([0.01, float("nan"), 0.04, 0.03]) == pytest.approx([0.03, float("nan"), 0.06, 0.06], nan_ok=True)
+    assert holm([0.01, float("nan"), 0.04, 0.03]) == pytest.approx(
+        [0.03, float("nan"), 0.06, 0.06], nan_ok=True
+    )

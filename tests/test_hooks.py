@@ -52,7 +52,18 @@ def test_forward_spans_are_named_by_path_and_nest(tmp_path: Path) -> None:
             net(x)
     s = r.session
     assert s is not None
-    assert sorted(s.names) == sorted(["Net", "layers.0", "layers.0.attn", "layers.0.mlp", "layers.1", "layers.1.attn", "layers.1.mlp", "head"])
+    assert sorted(s.names) == sorted(
+        [
+            "Net",
+            "layers.0",
+            "layers.0.attn",
+            "layers.0.mlp",
+            "layers.1",
+            "layers.1.attn",
+            "layers.1.mlp",
+            "head",
+        ]
+    )
     reg = s.regions
     root = reg[reg["name"] == s.names.index("Net")][0]
     assert (reg["host_start"] >= root["host_start"]).all() and (reg["host_end"] <= root["host_end"]).all()
@@ -126,7 +137,14 @@ def test_include_exclude_and_depth() -> None:
     net = Net()
     names = lambda **k: [n for n, _ in select(net, **k)]  # noqa: E731
     assert names(depth=0) == ["Net"]
-    assert names(depth=None, include=r"\.mlp\.\d$") == ["layers.0.mlp.0", "layers.0.mlp.1", "layers.0.mlp.2", "layers.1.mlp.0", "layers.1.mlp.1", "layers.1.mlp.2"]
+    assert names(depth=None, include=r"\.mlp\.\d$") == [
+        "layers.0.mlp.0",
+        "layers.0.mlp.1",
+        "layers.0.mlp.2",
+        "layers.1.mlp.0",
+        "layers.1.mlp.1",
+        "layers.1.mlp.2",
+    ]
     assert "head" not in names(exclude="head")
 
 
@@ -151,7 +169,9 @@ def test_outputs_grads_state_dict_and_pickle_are_unchanged(tmp_path: Path) -> No
     buf.seek(0)
     back = torch.load(buf, weights_only=False)
     assert torch.equal(back(x), ref)
-    assert all(isinstance(m.__dict__.get("forward", m.forward), types.MethodType) for m in back.modules())  # plain
+    assert all(
+        isinstance(m.__dict__.get("forward", m.forward), types.MethodType) for m in back.modules()
+    )  # plain
     assert torch.equal(pickle.loads(pickle.dumps(net))(x), ref)
     assert torch.equal(copy.deepcopy(net)(x), ref)
     ins.remove()
@@ -178,7 +198,11 @@ def test_backward_spans_per_module_nest_in_reverse_order(tmp_path: Path) -> None
     bw = {n: reg[reg["name"] == s.names.index(n)] for n in s.names if n.endswith(" (backward)")}
     # every module that made a gradient, twice; the identity passes its input through: no span
     assert all(len(v) == 2 for v in bw.values())
-    assert "2 (backward)" not in bw and {"Sequential (backward)", "0 (backward)", "3.mlp.2 (backward)"} <= set(bw)
+    assert "2 (backward)" not in bw and {
+        "Sequential (backward)",
+        "0 (backward)",
+        "3.mlp.2 (backward)",
+    } <= set(bw)
     for step in range(2):
         span = {n: (int(v[step]["host_start"]), int(v[step]["host_end"])) for n, v in bw.items()}
         root = span.pop("Sequential (backward)")
@@ -195,7 +219,10 @@ def test_backward_spans_per_module_nest_in_reverse_order(tmp_path: Path) -> None
 
 def test_backward_spans_can_be_left_out(tmp_path: Path) -> None:
     net = Block()
-    with evtrace.instrument(net, backward=False), evtrace.record(tmp_path / "n.json", device=False, quiet=True) as r:
+    with (
+        evtrace.instrument(net, backward=False),
+        evtrace.record(tmp_path / "n.json", device=False, quiet=True) as r,
+    ):
         net(torch.randn(2, 8)).sum().backward()
     assert r.session is not None and not any(n.endswith("(backward)") for n in r.session.names)
 
@@ -214,7 +241,9 @@ def test_each_backward_pass_through_a_retained_graph_gets_its_spans(tmp_path: Pa
         assert len(spans) == 2 and spans["host_end"][0] <= spans["host_start"][1]
 
 
-def test_nvtx_backward_spans_use_ranges_that_may_end_on_another_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nvtx_backward_spans_use_ranges_that_may_end_on_another_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """NVTX push/pop is per thread; a backward span may end on another thread (the pass's end
     callback, a device thread), so it is a start/end range; forward spans stay push/pop."""
     import threading
@@ -231,7 +260,12 @@ def test_nvtx_backward_spans_use_ranges_that_may_end_on_another_thread(monkeypat
 
         return f
 
-    for op, name in (("push", "range_push"), ("pop", "range_pop"), ("start", "range_start"), ("end", "range_end")):
+    for op, name in (
+        ("push", "range_push"),
+        ("pop", "range_pop"),
+        ("start", "range_start"),
+        ("end", "range_end"),
+    ):
         monkeypatch.setattr(torch.cuda.nvtx, name, log(op))
     model = nn.Linear(3, 3)
     rec = recorder.Recorder(None, background=False, nvtx=True)

@@ -29,7 +29,11 @@ for i in range(20):
 
 
 def outputs(cell: Any, mime: str) -> list[str]:
-    return [o["data"][mime] for o in cell.outputs if o.get("output_type") == "display_data" and mime in o.get("data", {})]
+    return [
+        o["data"][mime]
+        for o in cell.outputs
+        if o.get("output_type") == "display_data" and mime in o.get("data", {})
+    ]
 
 
 def link(cell: Any) -> str:
@@ -48,7 +52,9 @@ def test_cell_magic_records_and_shows(tmp_path: Path, monkeypatch: pytest.Monkey
         nbformat.v4.new_code_cell(RECORD.format(path=path)),
         nbformat.v4.new_code_cell(f"%evtrace_view {path}"),
     ]
-    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     with client.setup_kernel():
         for i, cell in enumerate(nb.cells):
             client.execute_cell(cell, i)
@@ -72,7 +78,10 @@ def test_cell_magic_records_and_shows(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_bad_path_is_one_line(tmp_path: Path) -> None:
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("%load_ext evtrace"), nbformat.v4.new_code_cell(f"%evtrace_view {tmp_path / 'nope.json'}")]
+    nb.cells = [
+        nbformat.v4.new_code_cell("%load_ext evtrace"),
+        nbformat.v4.new_code_cell(f"%evtrace_view {tmp_path / 'nope.json'}"),
+    ]
     client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True)
     client.execute()
     err = [o for o in nb.cells[1].outputs if o.get("output_type") in ("error", "stream")]
@@ -82,4 +91,9 @@ def test_bad_path_is_one_line(tmp_path: Path) -> None:
 
 def test_import_evtrace_does_not_import_ipython() -> None:
     code = "import sys, evtrace; print('IPython' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "False"
+    )

@@ -61,7 +61,11 @@ def host_only(path: Path) -> Session:
 
 def differences(a: Session, b: Session) -> list[str]:
     """Which fields differ, for a readable failure (``==`` says only whether)."""
-    out = [f for f in ("names", "threads", "devices", "streams", "args", "meta", "pid", "wall_origin_ns") if getattr(a, f) != getattr(b, f)]
+    out = [
+        f
+        for f in ("names", "threads", "devices", "streams", "args", "meta", "pid", "wall_origin_ns")
+        if getattr(a, f) != getattr(b, f)
+    ]
     if a.regions.dtype != b.regions.dtype or not np.array_equal(a.regions, b.regions):
         out.append("regions")
     if len(a.ranks) != len(b.ranks) or any(x != y for x, y in zip(a.ranks, b.ranks)):

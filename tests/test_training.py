@@ -77,7 +77,9 @@ def script(tmp_path: Path) -> Path:
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("EVTRACE_TEST_CUDA", "")}
-    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_training_step_is_traced_without_changing_it(tmp_path: Path, script: Path) -> None:
@@ -96,7 +98,9 @@ def test_training_step_is_traced_without_changing_it(tmp_path: Path, script: Pat
     waits = [n for n in names if n.startswith("wait ")]
     on_gpu = bool(s.devices)
     line = TRAIN.splitlines().index('            print(f"{loss.item():.6f}")') + 1
-    assert waits == ([f"wait .item() train.py:{line}"] if on_gpu else [])  # .item() of a CPU tensor waits for nothing
+    assert waits == (
+        [f"wait .item() train.py:{line}"] if on_gpu else []
+    )  # .item() of a CPU tensor waits for nothing
     count = {n: int((s.regions["name"] == s.names.index(n)).sum()) for n in names}
     assert count["optimizer.step (AdamW)"] == count["backward"] == count["Net"] == 8
     assert count["data wait"] >= 8
@@ -106,10 +110,15 @@ def test_training_step_is_traced_without_changing_it(tmp_path: Path, script: Pat
     r = s.regions
     rows = {n: r[r["name"] == s.names.index(n)] for n in ["backward", *module_bw]}
     lanes = {s.threads[i].name for n in module_bw for i in rows[n]["thread"]}
-    assert lanes == ({"MainThread"} if not on_gpu else {n for n in lanes if n.startswith("autograd thread")}) and len(lanes) == 1
+    assert (
+        lanes == ({"MainThread"} if not on_gpu else {n for n in lanes if n.startswith("autograd thread")})
+        and len(lanes) == 1
+    )
     for step in range(8):  # inside the step's backward, innermost last to begin, in reverse layer order
         b, net, l0, l1, head = (rows[n][step] for n in ["backward", *module_bw])
-        assert b["host_start"] <= net["host_start"] <= head["host_start"] < l1["host_start"] < l0["host_start"]
+        assert (
+            b["host_start"] <= net["host_start"] <= head["host_start"] < l1["host_start"] < l0["host_start"]
+        )
         assert head["host_end"] <= l1["host_start"] and l1["host_end"] <= l0["host_start"]
         assert l0["host_end"] <= net["host_end"] <= b["host_end"]
     if on_gpu:  # forward and backward execute on the device, on the default stream
@@ -120,26 +129,63 @@ def test_training_step_is_traced_without_changing_it(tmp_path: Path, script: Pat
 def test_depth_include_exclude_and_no_hooks(tmp_path: Path, script: Path) -> None:
     r = run(tmp_path, "-m", "evtrace", "--depth", "0", "-o", "d0.json", "train.py")
     assert r.returncode == 0, r.stderr
-    assert {n for n in evtrace.load(tmp_path / "d0.json").names if not n.startswith(("wait", "data", "optimizer", "backward"))} == {"Net", "MSELoss", "Net (backward)", "MSELoss (backward)"}
-    r = run(tmp_path, "-m", "evtrace", "--depth", "9", "--include", r"attn|^Net$", "--exclude", "layers.1", "-o", "inc.json", "train.py")
+    assert {
+        n
+        for n in evtrace.load(tmp_path / "d0.json").names
+        if not n.startswith(("wait", "data", "optimizer", "backward"))
+    } == {"Net", "MSELoss", "Net (backward)", "MSELoss (backward)"}
+    r = run(
+        tmp_path,
+        "-m",
+        "evtrace",
+        "--depth",
+        "9",
+        "--include",
+        r"attn|^Net$",
+        "--exclude",
+        "layers.1",
+        "-o",
+        "inc.json",
+        "train.py",
+    )
     assert r.returncode == 0, r.stderr
-    mods = {n for n in evtrace.load(tmp_path / "inc.json").names if not n.startswith(("wait", "data", "optimizer", "backward"))}
+    mods = {
+        n
+        for n in evtrace.load(tmp_path / "inc.json").names
+        if not n.startswith(("wait", "data", "optimizer", "backward"))
+    }
     assert mods == {"Net", "layers.0.attn", "Net (backward)", "layers.0.attn (backward)"}
     r = run(tmp_path, "-m", "evtrace", "--no-hooks", "-o", "none.json", "train.py")
     assert r.returncode == 0, r.stderr
     assert len(evtrace.load(tmp_path / "none.json")) == 0
     bad = run(tmp_path, "-m", "evtrace", "--include", "(", "-o", "x.json", "train.py")
-    assert bad.returncode == 2 and "not a regular expression" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert (
+        bad.returncode == 2
+        and "not a regular expression" in bad.stderr
+        and len(bad.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_hooks_are_removed_when_the_session_ends(tmp_path: Path) -> None:
     import torch
 
-    before = (torch.nn.Module.__call__, torch.autograd.backward, torch.optim.Optimizer.zero_grad, torch.Tensor.item, torch.cuda.synchronize)
+    before = (
+        torch.nn.Module.__call__,
+        torch.autograd.backward,
+        torch.optim.Optimizer.zero_grad,
+        torch.Tensor.item,
+        torch.cuda.synchronize,
+    )
     model = torch.nn.Linear(2, 2)
     with evtrace.record(tmp_path / "h.json", device=False, quiet=True, hooks=True):
         model(torch.ones(1, 2)).sum().item()
         assert torch.nn.Module.__call__ is not before[0]
-    after = (torch.nn.Module.__call__, torch.autograd.backward, torch.optim.Optimizer.zero_grad, torch.Tensor.item, torch.cuda.synchronize)
+    after = (
+        torch.nn.Module.__call__,
+        torch.autograd.backward,
+        torch.optim.Optimizer.zero_grad,
+        torch.Tensor.item,
+        torch.cuda.synchronize,
+    )
     assert after == before
     assert "forward" not in model.__dict__

@@ -34,12 +34,16 @@ def args_of(s: evtrace.Session, name: str) -> list[dict[str, object]]:
 
 
 @pytest.mark.parametrize("under_cli", [True, False], ids=["python -m evtrace", "with record()"])
-def test_an_arg_without_a_repr_is_a_marker_and_the_session_is_written(tmp_path: Path, under_cli: bool) -> None:
+def test_an_arg_without_a_repr_is_a_marker_and_the_session_is_written(
+    tmp_path: Path, under_cli: bool
+) -> None:
     if under_cli:
         (tmp_path / "job.py").write_text(BAD)
         cmd = [sys.executable, "-m", "evtrace", "--no-cuda", "-o", "t.json", "job.py"]
     else:
-        (tmp_path / "job.py").write_text(f"import evtrace\nwith evtrace.record('t.json', device=False):\n    exec({BAD!r})\n")
+        (tmp_path / "job.py").write_text(
+            f"import evtrace\nwith evtrace.record('t.json', device=False):\n    exec({BAD!r})\n"
+        )
         cmd = [sys.executable, "job.py"]
     p = subprocess.run(cmd, cwd=tmp_path, env=ENV, check=False, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -51,7 +55,10 @@ def test_an_arg_without_a_repr_is_a_marker_and_the_session_is_written(tmp_path: 
 
 def test_an_arg_is_kept_as_it_was_when_the_region_began(tmp_path: Path) -> None:
     xs = [1, 2]
-    with evtrace.record(tmp_path / "t.json", device=False, quiet=True), evtrace.region("r", xs=xs, nested={"a": xs}):
+    with (
+        evtrace.record(tmp_path / "t.json", device=False, quiet=True),
+        evtrace.region("r", xs=xs, nested={"a": xs}),
+    ):
         xs.append(3)
         xs.append(4)
     assert args_of(evtrace.load(tmp_path / "t.json"), "r") == [{"xs": [1, 2], "nested": {"a": [1, 2]}}]
