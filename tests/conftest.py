@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from evtrace.export.chrome import load_json
+from evtrace.files import read_json as load_json
 
 from .checker import problems
 

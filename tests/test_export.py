@@ -13,6 +13,11 @@ import pytest
 import torch  # noqa: F401  (the metadata names the torch the program uses)
 
 import evtrace
+from evtrace.export import View
+from evtrace.export.chrome import ChromeTrace
+from evtrace.export.render import Timeline
+from evtrace.export.report import Report
+from evtrace.export.summary import Summary
 from evtrace.files import read_json as load_json
 from evtrace.session import DEVICE_PID, sublanes
 from evtrace.session import trace_bytes as dumps
@@ -368,3 +373,30 @@ def test_a_long_write_says_so_on_stderr(
     monkeypatch.setattr(files, "PROGRESS_AFTER_S", 60.0)
     s.save(quick)
     assert capsys.readouterr().err == ""  # a quick write prints nothing
+
+
+VIEWS = [ChromeTrace(), ChromeTrace(compress=False), Summary(), Report(), Timeline()]
+
+
+@pytest.mark.parametrize("view", VIEWS, ids=lambda v: f"{type(v).__name__}{v.suffix}")
+def test_every_view_renders_a_session_and_the_empty_one(tmp_path: Path, view: View) -> None:
+    """One shape for every view: its suffix, bytes or text as it declares; an empty session gives
+    output or, where there is nothing to show, a clear ValueError (the CLI's one-line exit 2)."""
+    s, _ = sim_session(tmp_path / "v.json")
+    out = view.render(s)
+    assert isinstance(out, bytes if view.binary else str) and len(out) > 0
+    assert view.suffix.startswith(".")
+    with evtrace.record(tmp_path / "empty.json", device=False, quiet=True) as r:
+        pass
+    assert r.session is not None
+    try:
+        empty = view.render(r.session)
+    except ValueError as e:
+        assert "nothing" in str(e)
+    else:
+        assert isinstance(empty, bytes if view.binary else str)
+    if isinstance(view, ChromeTrace):  # the trace view writes what save writes
+        assert isinstance(out, bytes)
+        path = tmp_path / f"via_view{'.json.gz' if view.compress else '.json'}"
+        path.write_bytes(out)
+        assert evtrace.load(path) == s

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import evtrace
 from evtrace.device import DeviceInfo
-from evtrace.export.chrome import load_json
+from evtrace.files import read_json as load_json
 from evtrace.session import REGION_DTYPE, Session, Stream, Thread
 
 from .checker import problems

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import evtrace
-from evtrace.export.chrome import load_json
+from evtrace.files import read_json as load_json
 
 from ..checker import problems
 
