@@ -19,6 +19,7 @@ driver API on torch's current stream.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import glob
 import os
 import random
@@ -521,6 +522,8 @@ def analyse(
         if k in ("clamped_device_spans", "device_spans", "dropped_device_spans", "regions")
         or any(w in k for w in ("align", "bound", "clamp", "warn"))
     }
+    if isinstance(keep.get("alignment"), dict):  # typed per device: as plain JSON for RESULT lines
+        keep["alignment"] = {d: dataclasses.asdict(a) for d, a in keep["alignment"].items()}
     return {"L_us": round(L / 1000, 3), "phases": per, "meta": keep}
 
 
