@@ -43,6 +43,20 @@ def p1b(n: int = 200_000, trials: int = 9) -> None:
                 pass
         return (time.perf_counter_ns() - t) / n
 
+    def loop_region_new() -> float:  # as users write it: a new region each iteration
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            with evtrace.region("r"):
+                pass
+        return (time.perf_counter_ns() - t) / n
+
+    def loop_region_arg() -> float:
+        t = time.perf_counter_ns()
+        for i in range(n):
+            with evtrace.region("r", step=i):
+                pass
+        return (time.perf_counter_ns() - t) / n
+
     def loop_fn_bare() -> float:
         t = time.perf_counter_ns()
         for _ in range(n):
@@ -64,7 +78,9 @@ def p1b(n: int = 200_000, trials: int = 9) -> None:
 
     variants = {
         "bare": loop_bare,
-        "with region": loop_region,
+        "with region (one object reused)": loop_region,
+        "with region(...) per iteration": loop_region_new,
+        "with region(..., step=i)": loop_region_arg,
         "call": loop_fn_bare,
         "@region call": loop_fn_region,
         "perf_counter_ns": loop_clock,
@@ -82,7 +98,9 @@ def p1b(n: int = 200_000, trials: int = 9) -> None:
     on = alternate(
         {
             "bare": loop_bare,
-            "with region": in_session(loop_region),
+            "with region (one object reused)": in_session(loop_region),
+            "with region(...) per iteration": in_session(loop_region_new),
+            "with region(..., step=i)": in_session(loop_region_arg),
             "@region call": in_session(loop_fn_region),
             "call": loop_fn_bare,
         },
@@ -95,7 +113,6 @@ def p5(n: int) -> None:
     """Record n host-only regions and export them to .json.gz; then memory per region while
     recording (a second run under tracemalloc, which slows recording, so it is not timed)."""
     path = os.path.join(tempfile.gettempdir(), "p5.json.gz")
-    reg = evtrace.region("step")
 
     def record(trace_memory: bool) -> tuple[recorder.Recorder, float, float]:
         gc.collect()
@@ -105,7 +122,7 @@ def p5(n: int) -> None:
         rec.start()
         t0 = time.perf_counter()
         for _ in range(n):
-            with reg:
+            with evtrace.region("step"):
                 pass
         t_rec = time.perf_counter() - t0
         rec.poll(final=True)
@@ -133,6 +150,7 @@ def p5(n: int) -> None:
             "record_s": t_rec,
             "stop_s": t_stop,
             "export_s": t_save,
+            "stop_and_write_s": t_stop + t_save,  # what a user waits for at the end of a run
             "bytes_per_region_recording": mem,
             "gz_bytes": size,
             "gz_bytes_per_region": size / n,
@@ -149,12 +167,11 @@ def stress(n: int, max_regions: int) -> None:
     """An hour's worth of regions (at ~1 kHz, a few million) under the default ring: flat memory."""
     rec = recorder.Recorder(None, max_regions=max_regions)
     rec.start()
-    reg = evtrace.region("step")
     samples = []
     step = n // 10
     t0 = time.perf_counter()
     for i in range(n):
-        with reg:
+        with evtrace.region("step"):
             pass
         if i % step == step - 1:
             time.sleep(0.05)  # let the resolver catch up, as it would in a real hour

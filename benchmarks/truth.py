@@ -401,7 +401,6 @@ def run(
     tags: list[int] = []
     sets: list[int] = []
     acks: list[int] = []
-    reg = evtrace.region("truth")
     torch.cuda.synchronize()
     truth.gts.clear()
     truth.gts_pending = False
@@ -417,7 +416,7 @@ def run(
                 while time.perf_counter() < ph_end:
                     if feeder is not None:
                         feeder.top_up()
-                    with reg:
+                    with evtrace.region("truth"):
                         truth.launch()
                     truth.stamp()
                     t_set, t_ack = truth.release()
