@@ -8,7 +8,24 @@ resets SIGPIPE, SIGXFZ and SIGXFSZ only. So such children are started with
 from __future__ import annotations
 
 import signal
+import subprocess
+from pathlib import Path
 
 
 def sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def started(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A child that prints "ready" once it is where the test wants to signal it; waited for."""
+    p = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_default,
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p

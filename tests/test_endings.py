@@ -15,7 +15,7 @@ import evtrace
 from evtrace import recorder
 from evtrace import session as chrome
 
-from .children import sigint_default
+from .children import started
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 SLEEPER = """
@@ -37,17 +37,7 @@ def start(tmp_path: Path, under_cli: bool) -> subprocess.Popen[str]:
     else:
         script.write_text(SLEEPER + "with evtrace.record('t.json'):\n    work()\n")
         cmd = [sys.executable, "job.py"]
-    p = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=sigint_default,
-    )
-    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-    return p
+    return started(cmd, tmp_path, ENV)
 
 
 @pytest.mark.parametrize("under_cli", [True, False], ids=["python -m evtrace", "with record()"])

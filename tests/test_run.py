@@ -10,7 +10,7 @@ from pathlib import Path
 
 import evtrace
 
-from .children import sigint_default
+from .children import started
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 SHOW = """
@@ -28,23 +28,9 @@ def test_the_script_sees_what_plain_python_gives(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "show.py").write_text(SHOW)
     args = ["./sub/show.py", "a", "--b=c"]
-    plain = subprocess.run(
-        [sys.executable, *args],
-        cwd=tmp_path,
-        env=ENV,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    under = subprocess.run(
-        [sys.executable, "-m", "evtrace", "-o", "t.json", *args],
-        cwd=tmp_path,
-        env=ENV,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    plain, under = (
+        subprocess.run(cmd, cwd=tmp_path, env=ENV, check=False, capture_output=True, text=True, timeout=120)
+        for cmd in ([sys.executable, *args], [sys.executable, "-m", "evtrace", "-o", "t.json", *args])
     )
     assert plain.returncode == 3 and plain.stderr == ""
     assert under.returncode == 3, under.stderr
@@ -81,16 +67,9 @@ def test_a_sigint_traceback_shows_only_the_script(tmp_path: Path) -> None:
         "import time, evtrace\ndef wait():\n    print('ready', flush=True)\n    time.sleep(60)\n"
         "with evtrace.region('r'):\n    wait()\n"
     )
-    with subprocess.Popen(
-        [sys.executable, "-m", "evtrace", "--no-hooks", "-o", "t.json", "job.py"],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=sigint_default,
+    with started(
+        [sys.executable, "-m", "evtrace", "--no-hooks", "-o", "t.json", "job.py"], tmp_path, ENV
     ) as p:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     assert p.returncode == -signal.SIGINT, err  # 130 from a shell
