@@ -41,6 +41,7 @@ class Backend(Protocol):
     @property
     def devices(self) -> Sequence[DeviceInfo]: ...
     def hot_path(self) -> HotPath: ...  # bound once per session
+    def native_runtime(self) -> str | None: ...  # the CUDA runtime's soname, for the native core
     def learn_stream(self, device: int, stream: int) -> None: ...  # first sight, while current
     def record_failed(self, code: int) -> None: ...
     def new_event(self, device: int) -> Event: ...
@@ -63,9 +64,10 @@ class _Cudart:
 
     NOT_READY = 600  # cudaErrorNotReady
 
-    def __init__(self, lib: ctypes.PyDLL) -> None:
+    def __init__(self, lib: ctypes.PyDLL, soname: str) -> None:
         vp = ctypes.c_void_p
         self.lib = lib
+        self.soname = soname
         self.create = lib.cudaEventCreateWithFlags
         self.create.argtypes, self.create.restype = [ctypes.POINTER(vp), ctypes.c_uint], ctypes.c_int
         self.record = lib.cudaEventRecord
@@ -86,7 +88,7 @@ class _Cudart:
             return None
         name = f"libcudart.so.{cuda_version.split('.')[0]}"
         try:
-            return cls(ctypes.PyDLL(name))
+            return cls(ctypes.PyDLL(name), name)
         except (OSError, AttributeError):
             return None
 
@@ -137,6 +139,11 @@ class CudaBackend:
     def hot_path(self) -> HotPath:
         """torch's C getters for the device and the raw stream, and the runtime's record."""
         return HotPath(self._get_device, self._raw_stream, self._record)
+
+    def native_runtime(self) -> str | None:
+        """The soname of the CUDA runtime whose events these are: the core then records, queries
+        and reads them itself, and resolves without the GIL. None with torch's events."""
+        return self._rt.soname if self._rt is not None else None
 
     def learn_stream(self, device: int, stream: int) -> None:
         """First sight of a stream (it is current right now): name it as torch numbers it."""

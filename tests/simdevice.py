@@ -87,6 +87,9 @@ class SimBackend:
     def hot_path(self) -> HotPath:
         return HotPath(self.get_device, self.raw_stream, self.record)
 
+    def native_runtime(self) -> str | None:
+        return None  # the core calls this backend's Python methods
+
     def get_device(self) -> int:
         return self.device
 

@@ -92,6 +92,7 @@ class FakeCudart:
     """ctypes-shaped stand-ins: 0 is success, 600 is not ready."""
 
     NOT_READY = 600
+    soname = None  # not a library the core can load: it calls these through Python
 
     def __init__(self, clock: list[float]) -> None:
         self.clock = clock
@@ -189,6 +190,6 @@ def test_cudart_binds_the_calls_it_needs() -> None:
             setattr(self, name, f)
             return f
 
-    rt = dev._Cudart(Lib())  # type: ignore[arg-type]
+    rt = dev._Cudart(Lib(), "libcudart.so.13")  # type: ignore[arg-type]
     assert rt.record.argtypes == [ctypes.c_void_p, ctypes.c_void_p] and rt.record.restype is ctypes.c_int
     assert dev._Cudart.load(None) is None

@@ -291,24 +291,48 @@ def test_two_threads_starting_sessions_at_once_get_one_session() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_fork_while_the_resolver_holds_its_lock_leaves_the_child_usable() -> None:
-    """A lock held by another thread at fork() stays held in the child for ever: fork waits."""
-    held, release = threading.Event(), threading.Event()
+    """A lock held by another thread at fork() would stay held in the child for ever: with the
+    resolver mid-pass at the fork, the child still records a session of its own, and the parent
+    its own to the end."""
+    clk = FakeClock()
+    clk.owner = None  # the resolver thread reads it too
+    sim = SimBackend(clk)
+    armed, held, release = threading.Event(), threading.Event(), threading.Event()
+    query = sim.query
 
-    def resolver_like() -> None:
-        with recorder._cuda_calls:
+    def slow_query(ev: Any) -> bool:  # the resolver's pass holds the core's device-call lock here
+        if armed.is_set() and threading.current_thread().name == "evtrace-resolver":
             held.set()
             release.wait(5)
+        return query(ev)
 
-    t = threading.Thread(target=resolver_like)
-    t.start()
-    held.wait(5)
+    sim.query = slow_query  # type: ignore[method-assign]
+    rec = Recorder(sim, clk, poll_s=0.001)
+    rec.start()
+    armed.set()
+    region_around_kernel(rec, sim, 1000)
+    assert held.wait(5)
     threading.Timer(0.2, release.set).start()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork in a threaded process
         pid = os.fork()
-    if pid == 0:  # child: both locks must be free
-        ok = recorder._cuda_calls.acquire(timeout=2) and recorder._names_lock.acquire(timeout=2)
-        os._exit(0 if ok else 1)
-    t.join()
+    if pid == 0:  # child: no session of its parent's, the locks free, a session of its own works
+        ok = recorder.current is None and recorder._names_lock.acquire(timeout=2)
+        recorder._names_lock.release()
+        done = threading.Event()
+
+        def child_session() -> None:
+            c = FakeClock()
+            r = Recorder(SimBackend(c), c, background=False)
+            r.start()
+            region_around_kernel(r, r.backend, 1000)  # type: ignore[arg-type]
+            done.set() if r.stop().device_spans == 1 else None
+
+        th = threading.Thread(target=child_session, daemon=True)
+        th.start()
+        th.join(5)
+        os._exit(0 if ok and done.is_set() else 1)
+    s = rec.stop()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    assert s.device_spans == 1

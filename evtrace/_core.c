@@ -1,0 +1,1589 @@
+/* evtrace's native core: the region hot path, the event pool and the resolver.
+ *
+ * The seam with Python (evtrace/recorder.py owns the session, this file the hot loop):
+ *   Core(backend-facing callables, options)  one per session
+ *   Core.enter/exit/enter_host/exit_host      tokens for Python callers (module hooks, decorators)
+ *   Region, region()                          the `with evtrace.region(...)` object, all in C
+ *   Core.poll()                               one resolver pass (Python-backend sessions, tests)
+ *   Core.run()/halt()                         the resolver on a native thread (CUDA sessions)
+ *   Core.take()                               finished rows, packed as recorder._LIVE_DTYPE
+ *
+ * Every hot-path call runs with the GIL held, so what only hot paths touch (thread states, open
+ * stacks, host rows) needs no lock. The resolver shares three things with them, each under its
+ * own mutex and never held across a Python call: the queue of finished device regions, the
+ * event pools, and the rows it resolved. With a native CUDA runtime (found by soname at run time:
+ * no CUDA headers or toolkit at build time) the resolver never touches Python, so it runs
+ * without the GIL and costs the launching thread nothing but those mutexes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define NEVER (-(INT64_C(1) << 62))
+#define ALWAYS (INT64_C(1) << 62)
+#define MAX_ERRORS 10
+#define CUDA_NOT_READY 600
+
+/* ---- rows: recorder._LIVE_DTYPE, packed -------------------------------------------------- */
+#pragma pack(push, 1)
+typedef struct {
+    int32_t name, thread;
+    int64_t h0, h1;
+    int16_t device;
+    int32_t stream;
+    double t0, t1;
+} Row;
+#pragma pack(pop)
+
+typedef struct {
+    Py_ssize_t at; /* the row's index */
+    PyObject *args; /* owned */
+} ArgsAt;
+
+typedef struct {
+    Row *v;
+    Py_ssize_t n, cap;
+    ArgsAt *args;
+    Py_ssize_t nargs, capargs;
+} Rows;
+
+/* A mark: one recorded event, shared by the boundaries that had nothing launched between them.
+ * Referenced by its thread's last mark, open entries and finished records; freed by whoever drops
+ * the last reference. Its event goes back to the pool as soon as the resolver has read it. */
+typedef struct {
+    uintptr_t ev;
+    double ms;
+    int stamped, dev;
+    int refs; /* atomic */
+} Mark;
+
+typedef struct {
+    PyObject *owner; /* the Region entered (borrowed: `with` keeps it alive), or NULL */
+    uint64_t id;     /* the token of enter(), or 0 */
+    int32_t key;
+    int host, cross, dev;
+    PyObject *args, *extra; /* owned */
+    int64_t h0;
+    uintptr_t s;
+    Mark *m;
+} Entry;
+
+typedef struct {
+    int32_t key, thread;
+    PyObject *args; /* owned, handed to the row */
+    int64_t h0, h1;
+    int d0, d1;
+    uintptr_t s0, s1;
+    Mark *m0, *m1;
+} Done;
+
+typedef struct {
+    uint64_t gen;
+    int32_t ix;
+    Entry *open;
+    Py_ssize_t nopen, capopen;
+    Mark *last_m;
+    int last_d;
+    uintptr_t last_s;
+    int64_t last_t;
+} TState;
+
+typedef struct {
+    int d;
+    uintptr_t s;
+    Done *q;
+    Py_ssize_t head, n, cap;
+} Waiting;
+
+typedef struct {
+    int64_t lo, hi;
+    uintptr_t ev;
+} Pending;
+
+typedef struct {
+    int64_t lo, hi;
+    double ms;
+} Anchor;
+
+typedef struct {
+    uintptr_t *v;
+    Py_ssize_t n, cap;
+} Pool;
+
+typedef struct {
+    int (*record)(void *, void *);
+    int (*query)(void *);
+    int (*elapsed)(float *, void *, void *);
+    int (*last_error)(void);
+} Cudart;
+
+typedef struct Core {
+    PyObject_HEAD
+    uint64_t gen;
+    int ndev, multi, active;
+    int64_t share_ns, anchor_interval_ns, poll_ns;
+    Py_ssize_t chunk;
+    /* Python side: the clock (NULL: perf_counter_ns), backend calls, recorder callbacks */
+    PyObject *clock, *get_device, *raw_stream, *py_record, *py_query, *py_elapsed, *record_failed,
+        *learn_stream, *new_event, *on_thread, *on_full, *on_capture, *nvtx_push, *nvtx_pop,
+        *nvtx_start, *nvtx_end, *names, *events;
+    Cudart rt;
+    int native;
+    uintptr_t *side;
+    /* hot-path state (GIL) */
+    TState **threads;
+    Py_ssize_t nthreads, capthreads;
+    uint64_t next_id;
+    uintptr_t *seen;
+    Py_ssize_t nseen, capseen;
+    Rows hrows; /* rows finished on the hot path (host-only, unfinished) */
+    Py_ssize_t *created;
+    int64_t max_events;
+    long dropped_device, failed_records, captured;
+    /* shared, each under its mutex */
+    pthread_mutex_t qmu, pmu, rmu, pass_mu;
+    Done *done;
+    Py_ssize_t ndone, capdone;
+    Pool *pools;
+    Rows drows; /* rows the resolver finished */
+    long split_device;
+    /* resolver-owned (under pass_mu) */
+    Waiting *waiting;
+    Py_ssize_t nwaiting;
+    uintptr_t *streams; /* (d, s) pairs in stream-index order */
+    Py_ssize_t nstreams, capstreams;
+    int *has_ref;
+    uintptr_t *ref_ev;
+    double *ref_ms;
+    Pending **pending;
+    Py_ssize_t *npending, *cappending;
+    Anchor **anchors;
+    Py_ssize_t *nanchors, *capanchors;
+    int64_t last_anchor;
+    int anchor_tries;
+    char *errors[MAX_ERRORS];
+    int nerrors;
+    /* the native resolver thread */
+    pthread_t thread;
+    int running, stopping;
+    pthread_cond_t wake;
+} Core;
+
+static PyTypeObject CoreType, RegionType;
+static Core *g_current;          /* the recording core: read by Region per entry */
+static uint64_t g_gen;           /* sessions started, so that a thread's state names its session */
+static __thread TState *tls;     /* this thread's state in session tls_gen (freed once that ends) */
+static __thread uint64_t tls_gen;
+static int g_capturing;          /* CUDA graph captures in progress */
+static pthread_mutex_t g_calls = PTHREAD_MUTEX_INITIALIZER; /* held by a resolver pass's CUDA calls */
+static PyObject *g_name_keys, *g_name_key, *g_snapshot, *g_decorate, *g_region_slow;
+static Py_ssize_t g_max_str = 1000;
+
+/* ---- small helpers ---------------------------------------------------------------------- */
+
+static int grow(void **v, Py_ssize_t *cap, Py_ssize_t need, size_t size) {
+    if (need <= *cap) return 0;
+    Py_ssize_t c = *cap ? *cap : 16;
+    while (c < need) c *= 2;
+    void *p = realloc(*v, (size_t)c * size);
+    if (!p) return -1;
+    *v = p;
+    *cap = c;
+    return 0;
+}
+#define GROW(v, cap, need) grow((void **)&(v), &(cap), (need), sizeof(*(v)))
+
+static inline int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* what time.perf_counter_ns reads on Linux */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* The session clock: -1 with an exception set if a Python clock fails. */
+static inline int64_t now(Core *c) {
+    if (!c->clock) return mono_ns();
+    PyObject *r = PyObject_CallNoArgs(c->clock);
+    if (!r) return -1;
+    int64_t t = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    return t;
+}
+
+/* Lock a mutex that a Python-mode resolver may hold while it waits for the GIL. */
+static void lock_gil_free(pthread_mutex_t *mu) {
+    if (pthread_mutex_trylock(mu) == 0) return;
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(mu);
+    Py_END_ALLOW_THREADS
+}
+
+static void add_error(Core *c, const char *msg) {
+    if (c->nerrors < MAX_ERRORS) c->errors[c->nerrors++] = strdup(msg);
+}
+
+static int rows_push(Rows *r, const Row *row, PyObject *args) {
+    if (GROW(r->v, r->cap, r->n + 1) < 0) return -1;
+    if (args) {
+        if (GROW(r->args, r->capargs, r->nargs + 1) < 0) return -1;
+        r->args[r->nargs++] = (ArgsAt){r->n, args};
+    }
+    r->v[r->n++] = *row;
+    return 0;
+}
+
+/* ---- the event pool and marks ---------------------------------------------------------- */
+
+static void pool_put(Core *c, int d, uintptr_t ev) {
+    pthread_mutex_lock(&c->pmu);
+    Pool *p = &c->pools[d];
+    if (GROW(p->v, p->cap, p->n + 1) == 0) p->v[p->n++] = ev;
+    pthread_mutex_unlock(&c->pmu);
+}
+
+static uintptr_t pool_take(Core *c, int d) {
+    uintptr_t ev = 0;
+    pthread_mutex_lock(&c->pmu);
+    Pool *p = &c->pools[d];
+    if (p->n) ev = p->v[--p->n];
+    pthread_mutex_unlock(&c->pmu);
+    return ev;
+}
+
+static void mark_drop(Core *c, Mark *m) {
+    if (m && __atomic_sub_fetch(&m->refs, 1, __ATOMIC_ACQ_REL) == 0) {
+        if (m->ev) pool_put(c, m->dev, m->ev); /* never read (e.g. unfinished): reusable all the same */
+        free(m);
+    }
+}
+
+static inline void mark_keep(Mark *m) {
+    if (m) __atomic_add_fetch(&m->refs, 1, __ATOMIC_RELAXED);
+}
+
+/* A new event from the backend (hot path, GIL): 0 if it failed (exception set). */
+static uintptr_t new_event(Core *c, int d) {
+    PyObject *ev = PyObject_CallFunction(c->new_event, "i", d);
+    if (!ev) return 0;
+    uintptr_t h;
+    if (c->native) {
+        h = (uintptr_t)PyLong_AsVoidPtr(ev);
+        Py_DECREF(ev);
+        if (PyErr_Occurred()) return 0;
+    } else { /* a Python object: the core keeps it alive, and its address is the handle */
+        if (PyList_Append(c->events, ev) < 0) {
+            Py_DECREF(ev);
+            return 0;
+        }
+        h = (uintptr_t)ev;
+        Py_DECREF(ev);
+    }
+    return h;
+}
+
+/* The pool is dry: add up to 256 events (up to max_events), else drop the device span. */
+static uintptr_t pool_grow(Core *c, int d) {
+    Py_ssize_t n = c->max_events - c->created[d];
+    if (n > 256) n = 256;
+    if (n <= 0) {
+        c->dropped_device++;
+        return 0;
+    }
+    c->created[d] += n;
+    uintptr_t first = new_event(c, d);
+    for (Py_ssize_t i = 1; first && i < n; i++) {
+        uintptr_t ev = new_event(c, d);
+        if (!ev) break;
+        pool_put(c, d, ev);
+    }
+    return first;
+}
+
+/* ---- backend calls ---------------------------------------------------------------------- */
+
+static PyObject *handle_obj(Core *c, uintptr_t h) {
+    return c->native ? PyLong_FromVoidPtr((void *)h) : (Py_INCREF((PyObject *)h), (PyObject *)h);
+}
+
+/* record: 0, an error code, or -1 with a Python exception */
+static int b_record(Core *c, uintptr_t ev, uintptr_t s) {
+    if (c->native) return c->rt.record((void *)ev, (void *)s);
+    PyObject *e = handle_obj(c, ev), *st = PyLong_FromSize_t(s);
+    PyObject *r = (e && st) ? PyObject_CallFunctionObjArgs(c->py_record, e, st, NULL) : NULL;
+    Py_XDECREF(e);
+    Py_XDECREF(st);
+    if (!r) return -1;
+    long rc = PyLong_AsLong(r);
+    Py_DECREF(r);
+    return rc == -1 && PyErr_Occurred() ? -1 : (int)rc;
+}
+
+/* query: 1 done, 0 not yet, -1 failed (native: error recorded; Python: exception set) */
+static int b_query(Core *c, uintptr_t ev) {
+    if (c->native) {
+        int rc = c->rt.query((void *)ev);
+        if (rc == 0) return 1;
+        c->rt.last_error();
+        if (rc == CUDA_NOT_READY) return 0;
+        char msg[96];
+        snprintf(msg, sizeof msg, "RuntimeError: cudaEventQuery failed with CUDA error %d", rc);
+        add_error(c, msg);
+        return -1;
+    }
+    PyObject *e = handle_obj(c, ev);
+    PyObject *r = e ? PyObject_CallOneArg(c->py_query, e) : NULL;
+    Py_XDECREF(e);
+    if (!r) return -1;
+    int t = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return t;
+}
+
+static int b_elapsed(Core *c, uintptr_t a, uintptr_t b, double *ms) {
+    if (c->native) {
+        float f = 0;
+        int rc = c->rt.elapsed(&f, (void *)a, (void *)b);
+        if (rc != 0) {
+            c->rt.last_error();
+            char msg[96];
+            snprintf(msg, sizeof msg, "RuntimeError: cudaEventElapsedTime failed with CUDA error %d", rc);
+            add_error(c, msg);
+            return -1;
+        }
+        *ms = f;
+        return 0;
+    }
+    PyObject *x = handle_obj(c, a), *y = handle_obj(c, b);
+    PyObject *r = (x && y) ? PyObject_CallFunctionObjArgs(c->py_elapsed, x, y, NULL) : NULL;
+    Py_XDECREF(x);
+    Py_XDECREF(y);
+    if (!r) return -1;
+    *ms = PyFloat_AsDouble(r);
+    Py_DECREF(r);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* ---- thread states ---------------------------------------------------------------------- */
+
+static TState *new_tstate(Core *c) {
+    if (GROW(c->threads, c->capthreads, c->nthreads + 1) < 0) return (TState *)PyErr_NoMemory();
+    TState *t = calloc(1, sizeof(TState));
+    if (!t) return (TState *)PyErr_NoMemory();
+    t->gen = c->gen;
+    t->ix = (int32_t)c->nthreads;
+    t->last_t = NEVER;
+    t->last_d = -1;
+    t->last_s = (uintptr_t)-1;
+    c->threads[c->nthreads++] = t;
+    tls = t;
+    tls_gen = c->gen;
+    PyObject *r = PyObject_CallNoArgs(c->on_thread); /* the recorder names the lane */
+    if (!r) return NULL;
+    Py_DECREF(r);
+    return t;
+}
+
+static inline TState *tstate(Core *c) {
+    return tls_gen == c->gen && tls ? tls : new_tstate(c);
+}
+
+static void free_tstate(Core *c, TState *t) {
+    for (Py_ssize_t i = 0; i < t->nopen; i++) {
+        Py_XDECREF(t->open[i].args);
+        Py_XDECREF(t->open[i].extra);
+        mark_drop(c, t->open[i].m);
+    }
+    mark_drop(c, t->last_m);
+    free(t->open);
+    free(t);
+}
+
+/* ---- the hot path ----------------------------------------------------------------------- */
+
+static void in_capture(Core *c) {
+    if (++c->captured == 1)
+        PySys_WriteStderr(
+            "evtrace: regions inside a CUDA graph capture get host spans only; "
+            "a region around replay() times the replay\n");
+}
+
+/* Record a pooled event on stream s of device d: a new mark (refs 1), or NULL. -1 on error. */
+static int make_mark(Core *c, int d, uintptr_t s, Mark **out) {
+    *out = NULL;
+    if (__atomic_load_n(&g_capturing, __ATOMIC_RELAXED)) {
+        in_capture(c);
+        return 0;
+    }
+    int known = 0;
+    for (Py_ssize_t i = 0; i < c->nseen; i++)
+        if (c->seen[i] == s) known = 1;
+    if (!known) {
+        if (GROW(c->seen, c->capseen, c->nseen + 1) < 0) return PyErr_NoMemory(), -1;
+        c->seen[c->nseen++] = s;
+        PyObject *r = PyObject_CallFunction(c->learn_stream, "iK", d, (unsigned long long)s);
+        if (!r) return -1;
+        Py_DECREF(r);
+    }
+    uintptr_t ev = pool_take(c, d);
+    if (!ev) {
+        ev = pool_grow(c, d);
+        if (!ev) return PyErr_Occurred() ? -1 : 0;
+    }
+    int rc = b_record(c, ev, s);
+    if (rc != 0) {
+        pool_put(c, d, ev);
+        if (rc < 0) return -1;
+        if (c->native) c->rt.last_error(); /* torch must never see our refused record */
+        PyObject *r = PyObject_CallFunction(c->record_failed, "i", rc);
+        if (!r) return -1;
+        Py_DECREF(r);
+        c->failed_records++;
+        return 0;
+    }
+    Mark *m = malloc(sizeof(Mark));
+    if (!m) return PyErr_NoMemory(), -1;
+    m->ev = ev;
+    m->ms = 0;
+    m->stamped = 0;
+    m->dev = d;
+    m->refs = 1;
+    *out = m;
+    return 0;
+}
+
+/* The current device and stream, and a mark there: shared with the thread's last one when
+ * nothing can have been launched since (closer than one record), else new. The returned mark
+ * carries a reference for the caller. */
+static int boundary(Core *c, TState *t, int64_t h, int *d, uintptr_t *s, Mark **m) {
+    *d = 0;
+    if (c->multi) {
+        PyObject *r = PyObject_CallNoArgs(c->get_device);
+        if (!r) return -1;
+        *d = (int)PyLong_AsLong(r);
+        Py_DECREF(r);
+        if (*d == -1 && PyErr_Occurred()) return -1;
+    }
+    PyObject *dv = PyLong_FromLong(*d);
+    PyObject *r = dv ? PyObject_CallOneArg(c->raw_stream, dv) : NULL;
+    Py_XDECREF(dv);
+    if (!r) return -1;
+    *s = (uintptr_t)PyLong_AsUnsignedLongLongMask(r);
+    Py_DECREF(r);
+    if (h - t->last_t < c->share_ns && t->last_s == *s && t->last_d == *d) {
+        *m = t->last_m;
+        mark_keep(*m);
+        t->last_t = h;
+        return 0;
+    }
+    Mark *nm;
+    if (make_mark(c, *d, *s, &nm) < 0) return -1;
+    mark_drop(c, t->last_m);
+    t->last_m = nm;
+    mark_keep(nm);
+    *m = nm;
+    t->last_d = *d;
+    t->last_s = *s;
+    int64_t after = now(c);
+    if (after == -1 && PyErr_Occurred()) return -1;
+    t->last_t = after;
+    return 0;
+}
+
+static int call_nvtx_name(PyObject *fn, Core *c, int32_t key, PyObject **keep) {
+    PyObject *name = PyList_GetItem(c->names, key);
+    if (!name) return -1;
+    PyObject *r = PyObject_CallOneArg(fn, name);
+    if (!r) return -1;
+    if (keep)
+        *keep = r;
+    else
+        Py_DECREF(r);
+    return 0;
+}
+
+/* Open a region on this thread: an entry on its stack. args: a new reference (or NULL), kept. */
+static int do_enter(Core *c, PyObject *owner, uint64_t id, int32_t key, PyObject *args, int host, int cross) {
+    int64_t h0 = now(c); /* first: the gap to the last mark must be as short as it really was */
+    if (h0 == -1 && PyErr_Occurred()) goto fail;
+    TState *t = tstate(c);
+    if (!t) goto fail;
+    PyObject *extra = NULL;
+    if (cross && c->nvtx_start) {
+        if (call_nvtx_name(c->nvtx_start, c, key, &extra) < 0) goto fail;
+    } else if (c->nvtx_push && call_nvtx_name(c->nvtx_push, c, key, NULL) < 0)
+        goto fail;
+    Entry e = {owner, id, key, host, cross, 0, args, extra, h0, 0, NULL};
+    if (!host && c->ndev) {
+        if (boundary(c, t, h0, &e.dev, &e.s, &e.m) < 0) {
+            Py_XDECREF(extra);
+            goto fail;
+        }
+    }
+    if (GROW(t->open, t->capopen, t->nopen + 1) < 0) {
+        Py_XDECREF(extra);
+        mark_drop(c, e.m);
+        PyErr_NoMemory();
+        goto fail;
+    }
+    t->open[t->nopen++] = e;
+    return 0;
+fail:
+    Py_XDECREF(args);
+    return -1;
+}
+
+static int drain_if_full(Core *c) {
+    if (c->hrows.n < c->chunk && c->drows.n < c->chunk) return 0; /* drows.n: a racy read, fine */
+    PyObject *r = PyObject_CallNoArgs(c->on_full);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Close entry i of thread t's stack, on the calling thread's clock and stream. */
+static int do_exit(Core *c, TState *t, Py_ssize_t i) {
+    Entry e = t->open[i];
+    memmove(&t->open[i], &t->open[i + 1], (size_t)(t->nopen - i - 1) * sizeof(Entry));
+    t->nopen--;
+    int rc = 0;
+    if (e.host || !c->ndev) {
+        int64_t h1 = now(c);
+        if (h1 == -1 && PyErr_Occurred()) rc = -1;
+        /* stream -1 without args, else as the device queue wrote it (0 in a device session) */
+        Row row = {e.key, t->ix, e.h0, h1, -1, e.args && c->ndev ? 0 : -1, NAN, NAN};
+        if (rc == 0 && rows_push(&c->hrows, &row, e.args) < 0) rc = -1, PyErr_NoMemory();
+        if (rc < 0) Py_XDECREF(e.args);
+    } else {
+        TState *me = tstate(c);
+        int d = 0;
+        uintptr_t s = 0;
+        Mark *m1 = NULL;
+        int64_t h1 = 0;
+        if (!me) rc = -1;
+        if (rc == 0) {
+            /* before the record: the device cannot stamp the end earlier than this */
+            h1 = now(c);
+            if (h1 == -1 && PyErr_Occurred()) rc = -1;
+        }
+        if (rc == 0 && boundary(c, me, h1, &d, &s, &m1) < 0) rc = -1;
+        if (rc == 0) {
+            Done r = {e.key, t->ix, e.args, e.h0, h1, e.dev, d, e.s, s, e.m, m1};
+            pthread_mutex_lock(&c->qmu);
+            int ok = GROW(c->done, c->capdone, c->ndone + 1) == 0;
+            if (ok) c->done[c->ndone++] = r;
+            pthread_mutex_unlock(&c->qmu);
+            if (!ok) rc = -1, PyErr_NoMemory();
+            else e.m = NULL, e.args = NULL; /* handed over */
+            if (!ok) mark_drop(c, m1);
+        }
+        Py_XDECREF(e.args);
+        mark_drop(c, e.m);
+    }
+    if (e.extra) { /* an NVTX range of a cross-thread span */
+        PyObject *r = PyObject_CallOneArg(c->nvtx_end, e.extra);
+        Py_DECREF(e.extra);
+        if (!r) rc = -1;
+        Py_XDECREF(r);
+    } else if (c->nvtx_pop && !e.cross) {
+        PyObject *r = PyObject_CallNoArgs(c->nvtx_pop);
+        if (!r) rc = -1;
+        Py_XDECREF(r);
+    }
+    if (rc == 0) rc = drain_if_full(c);
+    return rc;
+}
+
+/* Find an open entry by owner or token: this thread first (top down), then the others. */
+static TState *find_entry(Core *c, PyObject *owner, uint64_t id, Py_ssize_t *at) {
+    TState *me = tls_gen == c->gen ? tls : NULL;
+    if (me)
+        for (Py_ssize_t i = me->nopen - 1; i >= 0; i--)
+            if (owner ? me->open[i].owner == owner : me->open[i].id == id) return *at = i, me;
+    for (Py_ssize_t k = 0; k < c->nthreads; k++) {
+        TState *t = c->threads[k];
+        if (t == me) continue;
+        for (Py_ssize_t i = t->nopen - 1; i >= 0; i--)
+            if (owner ? t->open[i].owner == owner : t->open[i].id == id) return *at = i, t;
+    }
+    return NULL;
+}
+
+/* args as the trace keeps them: the dict itself when every value is a plain scalar, else
+ * values.snapshot(args). A new reference. */
+static PyObject *snapshot(PyObject *args) {
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(args, &pos, &k, &v)) {
+        PyTypeObject *t = Py_TYPE(v);
+        if (t == &PyLong_Type) {
+            int over;
+            (void)PyLong_AsLongLongAndOverflow(v, &over);
+            if (over) goto slow; /* values.snapshot knows the bounds beyond int64 */
+        } else if (t == &PyUnicode_Type) {
+            if (PyUnicode_GET_LENGTH(v) > g_max_str) goto slow;
+        } else if (t != &PyFloat_Type && t != &PyBool_Type && v != Py_None)
+            goto slow;
+    }
+    Py_INCREF(args);
+    return args;
+slow:
+    return PyObject_CallOneArg(g_snapshot, args);
+}
+
+/* ---- Core: Python methods ---------------------------------------------------------------- */
+
+static PyObject *Core_enter_impl(Core *c, PyObject *const *a, Py_ssize_t n, int host, int cross) {
+    if (n != 2) return PyErr_Format(PyExc_TypeError, "enter(key, args) takes 2 arguments");
+    int32_t key = (int32_t)PyLong_AsLong(a[0]);
+    if (key == -1 && PyErr_Occurred()) return NULL;
+    uint64_t id = ++c->next_id;
+    PyObject *args = a[1] == Py_None ? NULL : (Py_INCREF(a[1]), a[1]);
+    if (!c->active) {
+        Py_XDECREF(args);
+        return PyLong_FromUnsignedLongLong(id);
+    }
+    if (do_enter(c, NULL, id, key, args, host || !c->ndev, cross) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(id);
+}
+
+static PyObject *Core_enter(Core *c, PyObject *const *a, Py_ssize_t n) { return Core_enter_impl(c, a, n, 0, 0); }
+static PyObject *Core_enter_host(Core *c, PyObject *const *a, Py_ssize_t n) { return Core_enter_impl(c, a, n, 1, 0); }
+static PyObject *Core_enter_cross(Core *c, PyObject *const *a, Py_ssize_t n) { return Core_enter_impl(c, a, n, 0, 1); }
+
+static PyObject *Core_exit(Core *c, PyObject *tok) {
+    uint64_t id = PyLong_AsUnsignedLongLong(tok);
+    if (id == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t at;
+    TState *t = c->active ? find_entry(c, NULL, id, &at) : NULL;
+    if (t && do_exit(c, t, at) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_share_next(Core *c, PyObject *unused) {
+    if (c->active) {
+        TState *t = tstate(c);
+        if (!t) return NULL;
+        t->last_t = ALWAYS;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---- the resolver ------------------------------------------------------------------------ */
+
+static Waiting *waiting_for(Core *c, int d, uintptr_t s) {
+    for (Py_ssize_t i = 0; i < c->nwaiting; i++)
+        if (c->waiting[i].d == d && c->waiting[i].s == s) return &c->waiting[i];
+    Waiting *w = realloc(c->waiting, (size_t)(c->nwaiting + 1) * sizeof(Waiting));
+    if (!w) return NULL;
+    c->waiting = w;
+    w = &c->waiting[c->nwaiting++];
+    memset(w, 0, sizeof *w);
+    w->d = d;
+    w->s = s;
+    return w;
+}
+
+static int waiting_push(Waiting *w, const Done *r) {
+    if (w->n == w->cap) { /* grow as a ring: unwrap into the new block */
+        Py_ssize_t cap = w->cap ? w->cap * 2 : 64;
+        Done *q = malloc((size_t)cap * sizeof(Done));
+        if (!q) return -1;
+        for (Py_ssize_t i = 0; i < w->n; i++) q[i] = w->q[(w->head + i) % w->cap];
+        free(w->q);
+        w->q = q;
+        w->cap = cap;
+        w->head = 0;
+    }
+    w->q[(w->head + w->n) % w->cap] = *r;
+    w->n++;
+    return 0;
+}
+
+static int32_t stream_index(Core *c, int d, uintptr_t s) {
+    for (Py_ssize_t i = 0; i < c->nstreams; i++)
+        if (c->streams[2 * i] == (uintptr_t)d && c->streams[2 * i + 1] == s) return (int32_t)i;
+    if (GROW(c->streams, c->capstreams, 2 * c->nstreams + 2) < 0) return -1;
+    c->streams[2 * c->nstreams] = (uintptr_t)d;
+    c->streams[2 * c->nstreams + 1] = s;
+    return (int32_t)c->nstreams++;
+}
+
+/* 1 if the mark is done, 0 if not, -1 on error */
+static inline int mark_done(Core *c, Mark *m) { return m->stamped ? 1 : b_query(c, m->ev); }
+
+/* Give a done mark its device ms against the device's latest anchor (a short, float32-safe
+ * elapsed) and return its event to the pool. Once: a mark may be shared. */
+static int stamp(Core *c, Mark *m) {
+    if (m->stamped) return 0;
+    double e;
+    if (b_elapsed(c, c->ref_ev[m->dev], m->ev, &e) < 0) return -1;
+    m->ms = c->ref_ms[m->dev] + e;
+    m->stamped = 1;
+    uintptr_t ev = m->ev;
+    m->ev = 0;
+    pool_put(c, m->dev, ev);
+    return 0;
+}
+
+static int emit_row(Core *c, const Done *r, int16_t dev, int32_t stream, double t0, double t1) {
+    Row row = {r->key, r->thread, r->h0, r->h1, dev, stream, t0, t1};
+    pthread_mutex_lock(&c->rmu);
+    int rc = rows_push(&c->drows, &row, r->args);
+    pthread_mutex_unlock(&c->rmu);
+    return rc;
+}
+
+static int finish(Core *c, Done *r) {
+    if (r->m0 && stamp(c, r->m0) < 0) return -1;
+    if (r->m1 && stamp(c, r->m1) < 0) return -1;
+    int rc;
+    if (r->m0 && r->m1 && r->d0 == r->d1) {
+        int32_t ix = stream_index(c, r->d0, r->s0);
+        rc = ix < 0 ? -1 : emit_row(c, r, (int16_t)r->d0, ix, r->m0->ms, r->m1->ms);
+    } else { /* one end had no event (pool dry, record refused), or two devices */
+        c->split_device += r->m0 && r->m1;
+        rc = emit_row(c, r, -1, 0, NAN, NAN);
+    }
+    mark_drop(c, r->m0);
+    mark_drop(c, r->m1);
+    return rc;
+}
+
+/* Each device: the tightest of a few host-bracketed records on its idle side stream. */
+static int anchor_all(Core *c) {
+    for (int d = 0; d < c->ndev; d++) {
+        Pending best = {0, 0, 0};
+        for (int i = 0; i < c->anchor_tries; i++) {
+            uintptr_t ev = pool_take(c, d);
+            if (!ev) break; /* the hot path grows the pool; an anchor waits for the next round */
+            int64_t lo = now(c);
+            int rc = b_record(c, ev, c->side[d]);
+            int64_t hi = now(c);
+            if (rc != 0) {
+                pool_put(c, d, ev);
+                if (rc < 0) return -1;
+                if (c->native) c->rt.last_error();
+                continue;
+            }
+            if (!c->native && (lo == -1 || hi == -1) && PyErr_Occurred()) { /* no GIL natively */
+                pool_put(c, d, ev);
+                return -1;
+            }
+            if (!best.ev || hi - lo < best.hi - best.lo) {
+                if (best.ev) pool_put(c, d, best.ev);
+                best.lo = lo, best.hi = hi, best.ev = ev;
+            } else
+                pool_put(c, d, ev);
+        }
+        if (best.ev) {
+            if (GROW(c->pending[d], c->cappending[d], c->npending[d] + 1) < 0) return -1;
+            c->pending[d][c->npending[d]++] = best;
+        }
+    }
+    c->last_anchor = now(c);
+    return c->last_anchor == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Chain completed anchors: each one's device time is the previous one's plus a short elapsed. */
+static int resolve_anchors(Core *c) {
+    for (int d = 0; d < c->ndev; d++) {
+        Py_ssize_t k = 0;
+        while (k < c->npending[d]) {
+            Pending p = c->pending[d][k];
+            int q = b_query(c, p.ev);
+            if (q < 0) return -1;
+            if (!q) break;
+            double ms = 0;
+            if (c->has_ref[d]) {
+                double e;
+                if (b_elapsed(c, c->ref_ev[d], p.ev, &e) < 0) return -1;
+                ms = c->ref_ms[d] + e;
+                pool_put(c, d, c->ref_ev[d]);
+            }
+            c->has_ref[d] = 1;
+            c->ref_ev[d] = p.ev;
+            c->ref_ms[d] = ms;
+            if (GROW(c->anchors[d], c->capanchors[d], c->nanchors[d] + 1) < 0) return -1;
+            c->anchors[d][c->nanchors[d]++] = (Anchor){p.lo, p.hi, ms};
+            k++;
+        }
+        memmove(c->pending[d], c->pending[d] + k, (size_t)(c->npending[d] - k) * sizeof(Pending));
+        c->npending[d] -= k;
+    }
+    return 0;
+}
+
+/* Finished regions to the queue of their end mark's stream (its start mark's if the end has none). */
+static int queue_done(Core *c) {
+    pthread_mutex_lock(&c->qmu);
+    Done *batch = c->done;
+    Py_ssize_t n = c->ndone;
+    c->done = NULL;
+    c->ndone = c->capdone = 0;
+    pthread_mutex_unlock(&c->qmu);
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Done *r = &batch[i];
+        if (rc < 0) { /* out of memory: what is left loses its device span, nothing else */
+            mark_drop(c, r->m0), mark_drop(c, r->m1), r->m0 = r->m1 = NULL;
+            emit_row(c, r, -1, 0, NAN, NAN);
+            continue;
+        }
+        if (!r->m0 && !r->m1) {
+            rc = emit_row(c, r, -1, 0, NAN, NAN);
+            continue;
+        }
+        Waiting *w = r->m1 ? waiting_for(c, r->d1, r->s1) : waiting_for(c, r->d0, r->s0);
+        if (!w || waiting_push(w, r) < 0) {
+            rc = -1;
+            i--; /* this one too, as above */
+        }
+    }
+    free(batch);
+    return rc;
+}
+
+static int resolve_device(Core *c) {
+    int64_t t = now(c);
+    if (t == -1 && PyErr_Occurred()) return -1;
+    if (t - c->last_anchor >= c->anchor_interval_ns && anchor_all(c) < 0) return -1;
+    if (resolve_anchors(c) < 0) return -1;
+    for (Py_ssize_t k = 0; k < c->nwaiting; k++) {
+        Waiting *w = &c->waiting[k];
+        if (!w->n) continue;
+        /* stream order: once the newest mark on this stream is done, all before it are */
+        Done *last = &w->q[(w->head + w->n - 1) % w->cap];
+        int all = mark_done(c, last->m1 ? last->m1 : last->m0);
+        if (all < 0) return -1;
+        while (w->n) {
+            Done *r = &w->q[w->head];
+            if (!all) {
+                int dn = mark_done(c, r->m1 ? r->m1 : r->m0);
+                if (dn < 0) return -1;
+                if (!dn) break; /* later marks on this stream are not done either */
+            }
+            if (r->m0 && r->m1 && r->s0 != r->s1) {
+                int dn = mark_done(c, r->m0); /* begun on another stream: has it got there? */
+                if (dn < 0) return -1;
+                if (!dn) break;
+            }
+            if ((r->m0 && !c->has_ref[r->d0]) || (r->m1 && !c->has_ref[r->d1]))
+                break; /* that device's first anchor has not resolved yet */
+            Done rec = *r;
+            w->head = (w->head + 1) % w->cap;
+            w->n--;
+            if (finish(c, &rec) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+/* One resolver pass. With the GIL (Python backends) it may raise; natively it records errors. */
+static int pass(Core *c) {
+    if (!c->ndev) return 0;
+    if (queue_done(c) < 0) return -1;
+    pthread_mutex_lock(&g_calls); /* a CUDA graph capture waits for this block, and holds the next */
+    int rc = 0;
+    if (!__atomic_load_n(&g_capturing, __ATOMIC_RELAXED)) rc = resolve_device(c);
+    pthread_mutex_unlock(&g_calls);
+    return rc;
+}
+
+static PyObject *Core_poll(Core *c, PyObject *unused) {
+    if (c->native) {
+        Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&c->pass_mu);
+        pass(c);
+        pthread_mutex_unlock(&c->pass_mu);
+        Py_END_ALLOW_THREADS
+        Py_RETURN_NONE;
+    }
+    lock_gil_free(&c->pass_mu);
+    int rc = pass(c);
+    pthread_mutex_unlock(&c->pass_mu);
+    if (rc < 0) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static void *resolver_main(void *arg) {
+    Core *c = arg;
+    pthread_mutex_lock(&c->pass_mu);
+    while (!c->stopping) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        int64_t ns = ts.tv_nsec + c->poll_ns;
+        ts.tv_sec += ns / 1000000000;
+        ts.tv_nsec = ns % 1000000000;
+        pthread_cond_timedwait(&c->wake, &c->pass_mu, &ts);
+        if (c->stopping) break;
+        if (pass(c) < 0 && c->nerrors == 0) add_error(c, "MemoryError: the resolver ran out of memory");
+    }
+    pthread_mutex_unlock(&c->pass_mu);
+    return NULL;
+}
+
+static PyObject *Core_run(Core *c, PyObject *unused) {
+    if (!c->native) return PyErr_Format(PyExc_RuntimeError, "a native resolver needs the native runtime");
+    if (c->running) Py_RETURN_NONE;
+    c->stopping = 0;
+    if (pthread_create(&c->thread, NULL, resolver_main, c) != 0)
+        return PyErr_Format(PyExc_OSError, "could not start the resolver thread");
+    c->running = 1;
+    Py_RETURN_NONE;
+}
+
+static void halt(Core *c) {
+    if (!c->running) return;
+    pthread_mutex_lock(&c->pass_mu);
+    c->stopping = 1;
+    pthread_cond_signal(&c->wake);
+    pthread_mutex_unlock(&c->pass_mu);
+    pthread_join(c->thread, NULL);
+    c->running = 0;
+}
+
+static PyObject *Core_halt(Core *c, PyObject *unused) {
+    Py_BEGIN_ALLOW_THREADS halt(c);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_anchor_now(Core *c, PyObject *unused) {
+    lock_gil_free(&c->pass_mu);
+    int rc = anchor_all(c);
+    pthread_mutex_unlock(&c->pass_mu);
+    if (rc < 0) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_resolve_anchors(Core *c, PyObject *unused) {
+    lock_gil_free(&c->pass_mu);
+    int rc = resolve_anchors(c);
+    pthread_mutex_unlock(&c->pass_mu);
+    if (rc < 0) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The host brackets of the last anchor taken on each device (share window at start). */
+static PyObject *Core_last_brackets(Core *c, PyObject *unused) {
+    PyObject *out = PyList_New(0);
+    for (int d = 0; out && d < c->ndev; d++) {
+        Pending *p = c->npending[d] ? &c->pending[d][c->npending[d] - 1] : NULL;
+        PyObject *x = p ? Py_BuildValue("(LL)", (long long)p->lo, (long long)p->hi) : (Py_INCREF(Py_None), Py_None);
+        if (!x || PyList_Append(out, x) < 0) Py_CLEAR(out);
+        Py_XDECREF(x);
+    }
+    return out;
+}
+
+static PyObject *Core_anchors(Core *c, PyObject *arg) {
+    long d = PyLong_AsLong(arg);
+    if (d == -1 && PyErr_Occurred()) return NULL;
+    if (d < 0 || d >= c->ndev) return PyErr_Format(PyExc_IndexError, "no device %ld", d);
+    lock_gil_free(&c->pass_mu);
+    PyObject *out = PyList_New(c->nanchors[d]);
+    for (Py_ssize_t i = 0; out && i < c->nanchors[d]; i++) {
+        Anchor a = c->anchors[d][i];
+        PyObject *x = Py_BuildValue("(LLd)", (long long)a.lo, (long long)a.hi, a.ms);
+        if (!x) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, x);
+    }
+    pthread_mutex_unlock(&c->pass_mu);
+    return out;
+}
+
+static PyObject *Core_streams(Core *c, PyObject *unused) {
+    lock_gil_free(&c->pass_mu);
+    PyObject *out = PyList_New(c->nstreams);
+    for (Py_ssize_t i = 0; out && i < c->nstreams; i++) {
+        PyObject *x = Py_BuildValue("(nK)", (Py_ssize_t)c->streams[2 * i], (unsigned long long)c->streams[2 * i + 1]);
+        if (!x) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, x);
+    }
+    pthread_mutex_unlock(&c->pass_mu);
+    return out;
+}
+
+/* Append rows to a buffer, and their args with their global row indices (base: the index of the
+ * buffer's first row) to two lists; empties the source. */
+static int take_rows(Rows *r, char **buf, Py_ssize_t *len, Py_ssize_t base, PyObject *at, PyObject *args) {
+    Py_ssize_t first = base + *len / (Py_ssize_t)sizeof(Row);
+    if (r->n) {
+        char *b = realloc(*buf, (size_t)(*len) + (size_t)r->n * sizeof(Row));
+        if (!b) return -1;
+        memcpy(b + *len, r->v, (size_t)r->n * sizeof(Row));
+        *buf = b;
+        *len += r->n * (Py_ssize_t)sizeof(Row);
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < r->nargs; i++) {
+        PyObject *k = rc ? NULL : PyLong_FromSsize_t(first + r->args[i].at);
+        if (!k || PyList_Append(at, k) < 0 || PyList_Append(args, r->args[i].args) < 0) rc = -1;
+        Py_XDECREF(k);
+        Py_DECREF(r->args[i].args);
+    }
+    free(r->v);
+    free(r->args);
+    memset(r, 0, sizeof *r);
+    return rc;
+}
+
+/* take(base) -> (rows as bytes in recorder._LIVE_DTYPE, [row index], [args]): everything
+ * finished so far; row indices count from base */
+static PyObject *Core_take(Core *c, PyObject *arg) {
+    Py_ssize_t base = PyLong_AsSsize_t(arg);
+    if (base == -1 && PyErr_Occurred()) return NULL;
+    Rows dr;
+    pthread_mutex_lock(&c->rmu);
+    dr = c->drows;
+    memset(&c->drows, 0, sizeof c->drows);
+    pthread_mutex_unlock(&c->rmu);
+    PyObject *at = PyList_New(0), *args = PyList_New(0);
+    char *buf = NULL;
+    Py_ssize_t len = 0;
+    int rc = at && args ? take_rows(&c->hrows, &buf, &len, base, at, args) : -1;
+    if (take_rows(&dr, &buf, &len, base, at ? at : Py_None, args ? args : Py_None) < 0) rc = -1;
+    PyObject *b = rc == 0 ? PyBytes_FromStringAndSize(buf ? buf : "", len) : NULL;
+    free(buf);
+    if (!b) {
+        Py_XDECREF(at);
+        Py_XDECREF(args);
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+    }
+    return Py_BuildValue("(NNN)", b, at, args);
+}
+
+/* Regions still open keep their host span, closed at end_ns and marked unfinished. */
+static PyObject *Core_close_open(Core *c, PyObject *arg) {
+    int64_t end = PyLong_AsLongLong(arg);
+    if (end == -1 && PyErr_Occurred()) return NULL;
+    long n = 0;
+    for (Py_ssize_t k = 0; k < c->nthreads; k++) {
+        TState *t = c->threads[k];
+        for (Py_ssize_t i = 0; i < t->nopen; i++) {
+            Entry *e = &t->open[i];
+            PyObject *a = e->args ? PyDict_Copy(e->args) : PyDict_New();
+            if (!a || PyDict_SetItemString(a, "unfinished", Py_True) < 0) {
+                Py_XDECREF(a);
+                return NULL;
+            }
+            Row row = {e->key, t->ix, e->h0, end > e->h0 ? end : e->h0, -1, c->ndev ? 0 : -1, NAN, NAN};
+            if (rows_push(&c->hrows, &row, a) < 0) {
+                Py_DECREF(a);
+                return PyErr_NoMemory();
+            }
+            Py_CLEAR(e->args);
+            Py_CLEAR(e->extra);
+            mark_drop(c, e->m);
+            e->m = NULL;
+            n++;
+        }
+        t->nopen = 0;
+    }
+    return PyLong_FromLong(n);
+}
+
+static void core_free_state(Core *c);
+
+static PyObject *Core_activate(Core *c, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    if (on) {
+        c->gen = ++g_gen;
+        c->active = 1;
+        Py_XSETREF(g_current, (Py_INCREF(c), c));
+    } else {
+        c->active = 0;
+        if (g_current == c) Py_CLEAR(g_current);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Counters: (dropped device spans, failed records, graph-capture skips, split spans, errors). */
+static PyObject *Core_counts(Core *c, PyObject *unused) {
+    PyObject *errs = PyList_New(0);
+    for (int i = 0; errs && i < c->nerrors; i++) {
+        PyObject *s = PyUnicode_FromString(c->errors[i]);
+        if (!s || PyList_Append(errs, s) < 0) Py_CLEAR(errs);
+        Py_XDECREF(s);
+    }
+    if (!errs) return NULL;
+    return Py_BuildValue("(llllN)", c->dropped_device, c->failed_records, c->captured, c->split_device, errs);
+}
+
+/* After stop: no more events are taken; the pools' events go back to the backend's close(). */
+static PyObject *Core_close(Core *c, PyObject *unused) {
+    Py_BEGIN_ALLOW_THREADS halt(c);
+    Py_END_ALLOW_THREADS
+    c->active = 0;
+    if (g_current == c) Py_CLEAR(g_current);
+    c->max_events = 0;
+    pthread_mutex_lock(&c->pmu);
+    for (int d = 0; d < c->ndev; d++) c->pools[d].n = 0;
+    pthread_mutex_unlock(&c->pmu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_fill(Core *c, PyObject *const *a, Py_ssize_t n);
+
+static PyMethodDef Core_methods[] = {
+    {"enter", (PyCFunction)(void (*)(void))Core_enter, METH_FASTCALL, "enter(key, args) -> token"},
+    {"enter_host", (PyCFunction)(void (*)(void))Core_enter_host, METH_FASTCALL, "host lane only"},
+    {"enter_cross", (PyCFunction)(void (*)(void))Core_enter_cross, METH_FASTCALL, "may end on another thread"},
+    {"exit", (PyCFunction)Core_exit, METH_O, "exit(token)"},
+    {"share_next", (PyCFunction)Core_share_next, METH_NOARGS, "the next boundary shares the last mark"},
+    {"poll", (PyCFunction)Core_poll, METH_NOARGS, "one resolver pass"},
+    {"run", (PyCFunction)Core_run, METH_NOARGS, "start the native resolver thread"},
+    {"halt", (PyCFunction)Core_halt, METH_NOARGS, "stop and join it"},
+    {"anchor_now", (PyCFunction)Core_anchor_now, METH_NOARGS, "anchor every device"},
+    {"resolve_anchors", (PyCFunction)Core_resolve_anchors, METH_NOARGS, "resolve the anchors stamped so far"},
+    {"last_brackets", (PyCFunction)Core_last_brackets, METH_NOARGS, "the newest pending anchor's brackets"},
+    {"anchors", (PyCFunction)Core_anchors, METH_O, "a device's resolved anchors"},
+    {"streams", (PyCFunction)Core_streams, METH_NOARGS, "(device, handle) by stream index"},
+    {"take", (PyCFunction)Core_take, METH_O, "take(base): rows finished so far"},
+    {"close_open", (PyCFunction)Core_close_open, METH_O, "close the regions still open"},
+    {"activate", (PyCFunction)Core_activate, METH_O, "make this the recording core, or not"},
+    {"counts", (PyCFunction)Core_counts, METH_NOARGS, "counters and resolver errors"},
+    {"close", (PyCFunction)Core_close, METH_NOARGS, "after stop: take no more events"},
+    {"fill", (PyCFunction)(void (*)(void))Core_fill, METH_FASTCALL, "fill(device, n): events for the pool"},
+    {NULL},
+};
+
+static PyObject *opt(PyObject *kw, const char *name) {
+    PyObject *v = kw ? PyDict_GetItemString(kw, name) : NULL;
+    if (!v || v == Py_None) return NULL;
+    Py_INCREF(v);
+    return v;
+}
+
+static int load_cudart(Core *c, const char *soname) {
+    void *h = dlopen(soname, RTLD_NOW | RTLD_NOLOAD);
+    if (!h) h = dlopen(soname, RTLD_NOW);
+    if (!h) return -1;
+    c->rt.record = (int (*)(void *, void *))dlsym(h, "cudaEventRecord");
+    c->rt.query = (int (*)(void *))dlsym(h, "cudaEventQuery");
+    c->rt.elapsed = (int (*)(float *, void *, void *))dlsym(h, "cudaEventElapsedTime");
+    c->rt.last_error = (int (*)(void))dlsym(h, "cudaGetLastError");
+    return c->rt.record && c->rt.query && c->rt.elapsed && c->rt.last_error ? 0 : -1;
+}
+
+/* Core(ndev, **options): see recorder.Recorder for what each is. */
+static int Core_init(Core *c, PyObject *args, PyObject *kw) {
+    int ndev;
+    if (!PyArg_ParseTuple(args, "i", &ndev)) return -1;
+    if (ndev < 0 || ndev > 32767) return PyErr_Format(PyExc_ValueError, "bad device count %d", ndev), -1;
+    c->ndev = ndev;
+    c->multi = ndev > 1;
+#define O(f) c->f = opt(kw, #f)
+    O(clock); O(get_device); O(raw_stream); O(py_record); O(py_query); O(py_elapsed); O(record_failed);
+    O(learn_stream); O(new_event); O(on_thread); O(on_full); O(nvtx_push); O(nvtx_pop); O(nvtx_start);
+    O(nvtx_end); O(names);
+#undef O
+    c->events = PyList_New(0);
+    if (!c->events || !c->on_thread || !c->on_full || !c->names)
+        return PyErr_SetString(PyExc_TypeError, "Core needs on_thread, on_full and names"), -1;
+    PyObject *v;
+#define I(f, dflt) c->f = (v = kw ? PyDict_GetItemString(kw, #f) : NULL) ? PyLong_AsLongLong(v) : (dflt)
+    I(share_ns, 0); I(anchor_interval_ns, 100000000); I(poll_ns, 10000000); I(chunk, 16384);
+    I(max_events, 1 << 16); I(anchor_tries, 5);
+#undef I
+    if (PyErr_Occurred()) return -1;
+    PyObject *lib = kw ? PyDict_GetItemString(kw, "cudart") : NULL;
+    if (lib && lib != Py_None) {
+        const char *so = PyUnicode_AsUTF8(lib);
+        if (!so) return -1;
+        if (load_cudart(c, so) < 0)
+            return PyErr_Format(PyExc_OSError, "could not load the CUDA runtime %s", so), -1;
+        c->native = 1;
+    }
+    if (ndev) {
+        if (!c->get_device || !c->raw_stream || !c->learn_stream || !c->new_event || !c->record_failed ||
+            (!c->native && (!c->py_record || !c->py_query || !c->py_elapsed)))
+            return PyErr_SetString(PyExc_TypeError, "Core needs the backend's calls"), -1;
+        PyObject *side = kw ? PyDict_GetItemString(kw, "side") : NULL;
+        if (!side || !PyList_Check(side) || PyList_GET_SIZE(side) != ndev)
+            return PyErr_SetString(PyExc_TypeError, "Core needs each device's side stream"), -1;
+        c->side = calloc((size_t)ndev, sizeof(uintptr_t));
+        c->pools = calloc((size_t)ndev, sizeof(Pool));
+        c->created = calloc((size_t)ndev, sizeof(Py_ssize_t));
+        c->has_ref = calloc((size_t)ndev, sizeof(int));
+        c->ref_ev = calloc((size_t)ndev, sizeof(uintptr_t));
+        c->ref_ms = calloc((size_t)ndev, sizeof(double));
+        c->pending = calloc((size_t)ndev, sizeof(Pending *));
+        c->npending = calloc((size_t)ndev, sizeof(Py_ssize_t));
+        c->cappending = calloc((size_t)ndev, sizeof(Py_ssize_t));
+        c->anchors = calloc((size_t)ndev, sizeof(Anchor *));
+        c->nanchors = calloc((size_t)ndev, sizeof(Py_ssize_t));
+        c->capanchors = calloc((size_t)ndev, sizeof(Py_ssize_t));
+        if (!c->side || !c->pools || !c->created || !c->has_ref || !c->ref_ev || !c->ref_ms || !c->pending ||
+            !c->npending || !c->cappending || !c->anchors || !c->nanchors || !c->capanchors)
+            return PyErr_NoMemory(), -1;
+        for (int d = 0; d < ndev; d++) {
+            c->side[d] = (uintptr_t)PyLong_AsUnsignedLongLongMask(PyList_GET_ITEM(side, d));
+            if (GROW(c->seen, c->capseen, c->nseen + 1) < 0) return PyErr_NoMemory(), -1;
+            c->seen[c->nseen++] = c->side[d];
+        }
+        if (PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+/* Fill device d's pool with n events (session start, off the hot path). */
+static PyObject *Core_fill(Core *c, PyObject *const *a, Py_ssize_t n) {
+    if (n != 2) return PyErr_Format(PyExc_TypeError, "fill(device, n)");
+    long d = PyLong_AsLong(a[0]), k = PyLong_AsLong(a[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (d < 0 || d >= c->ndev) return PyErr_Format(PyExc_IndexError, "no device %ld", d);
+    for (long i = 0; i < k; i++) {
+        uintptr_t ev = new_event(c, (int)d);
+        if (!ev) return NULL;
+        pool_put(c, (int)d, ev);
+    }
+    c->created[d] += k;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Core *c = (Core *)type->tp_alloc(type, 0);
+    if (!c) return NULL;
+    pthread_mutex_init(&c->qmu, NULL);
+    pthread_mutex_init(&c->pmu, NULL);
+    pthread_mutex_init(&c->rmu, NULL);
+    pthread_mutex_init(&c->pass_mu, NULL);
+    pthread_cond_init(&c->wake, NULL);
+    c->last_anchor = NEVER;
+    return (PyObject *)c;
+}
+
+static void rows_free(Rows *r) {
+    for (Py_ssize_t i = 0; i < r->nargs; i++) Py_XDECREF(r->args[i].args);
+    free(r->v);
+    free(r->args);
+    memset(r, 0, sizeof *r);
+}
+
+static void done_free(Core *c, Done *r) {
+    Py_XDECREF(r->args);
+    mark_drop(c, r->m0);
+    mark_drop(c, r->m1);
+}
+
+static void core_free_state(Core *c) {
+    for (Py_ssize_t k = 0; k < c->nthreads; k++) free_tstate(c, c->threads[k]);
+    free(c->threads);
+    c->threads = NULL;
+    c->nthreads = 0;
+    for (Py_ssize_t i = 0; i < c->ndone; i++) done_free(c, &c->done[i]);
+    free(c->done);
+    c->done = NULL;
+    c->ndone = 0;
+    for (Py_ssize_t k = 0; k < c->nwaiting; k++) {
+        Waiting *w = &c->waiting[k];
+        for (Py_ssize_t i = 0; i < w->n; i++) done_free(c, &w->q[(w->head + i) % w->cap]);
+        free(w->q);
+    }
+    free(c->waiting);
+    c->waiting = NULL;
+    c->nwaiting = 0;
+    rows_free(&c->hrows);
+    rows_free(&c->drows);
+}
+
+static void Core_dealloc(Core *c) {
+    halt(c); /* the native thread must be gone before its memory is */
+    core_free_state(c);
+    for (int d = 0; d < c->ndev; d++) {
+        free(c->pools ? c->pools[d].v : NULL);
+        free(c->pending ? c->pending[d] : NULL);
+        free(c->anchors ? c->anchors[d] : NULL);
+    }
+    free(c->pools), free(c->side), free(c->created), free(c->has_ref), free(c->ref_ev), free(c->ref_ms);
+    free(c->pending), free(c->npending), free(c->cappending), free(c->anchors), free(c->nanchors);
+    free(c->capanchors), free(c->seen), free(c->streams);
+    for (int i = 0; i < c->nerrors; i++) free(c->errors[i]);
+    Py_XDECREF(c->clock), Py_XDECREF(c->get_device), Py_XDECREF(c->raw_stream), Py_XDECREF(c->py_record);
+    Py_XDECREF(c->py_query), Py_XDECREF(c->py_elapsed), Py_XDECREF(c->record_failed);
+    Py_XDECREF(c->learn_stream), Py_XDECREF(c->new_event), Py_XDECREF(c->on_thread), Py_XDECREF(c->on_full);
+    Py_XDECREF(c->nvtx_push), Py_XDECREF(c->nvtx_pop), Py_XDECREF(c->nvtx_start), Py_XDECREF(c->nvtx_end);
+    Py_XDECREF(c->names), Py_XDECREF(c->events);
+    pthread_mutex_destroy(&c->qmu);
+    pthread_mutex_destroy(&c->pmu);
+    pthread_mutex_destroy(&c->rmu);
+    pthread_mutex_destroy(&c->pass_mu);
+    pthread_cond_destroy(&c->wake);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyMemberDef Core_members[] = {
+    {"native", T_INT, offsetof(Core, native), READONLY, "events through the native CUDA runtime"},
+    {"share_ns", T_LONGLONG, offsetof(Core, share_ns), 0, "the share window"},
+    {NULL},
+};
+
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "evtrace._core.Core",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One session's native store: hot path, event pool, resolver.",
+    .tp_new = Core_new,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_members = Core_members,
+};
+
+/* ---- Region ------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name, *args;
+    int32_t key;
+    int host_only;
+} Region;
+
+static int region_key(PyObject *name, int32_t *key) {
+    if (name == Py_None) return *key = -1, 0;
+    PyObject *k = PyDict_GetItemWithError(g_name_keys, name);
+    if (!k) {
+        if (PyErr_Occurred()) return -1;
+        k = PyObject_CallOneArg(g_name_key, name);
+        if (!k) return -1;
+        *key = (int32_t)PyLong_AsLong(k);
+        Py_DECREF(k);
+    } else
+        *key = (int32_t)PyLong_AsLong(k);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *make_region(PyObject *name, PyObject *args, int host_only) {
+    int32_t key;
+    if (region_key(name, &key) < 0) return NULL;
+    Region *r = PyObject_New(Region, &RegionType);
+    if (!r) return NULL;
+    Py_INCREF(name);
+    r->name = name;
+    r->args = args && args != Py_None && PyDict_GET_SIZE(args) ? (Py_INCREF(args), args) : NULL;
+    r->key = key;
+    r->host_only = host_only;
+    return (PyObject *)r;
+}
+
+static PyObject *Region_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    PyObject *name, *a = Py_None;
+    int host_only = 0;
+    static char *kws[] = {"name", "args", "host_only", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Op", kws, &name, &a, &host_only)) return NULL;
+    if (name != Py_None && !PyUnicode_Check(name)) return PyErr_Format(PyExc_TypeError, "a region's name is a str");
+    if (a != Py_None && !PyDict_Check(a)) return PyErr_Format(PyExc_TypeError, "a region's args are a dict");
+    return make_region(name, a, host_only);
+}
+
+static void Region_dealloc(Region *r) {
+    Py_XDECREF(r->name);
+    Py_XDECREF(r->args);
+    PyObject_Free(r);
+}
+
+static PyObject *Region_enter(Region *r, PyObject *unused) {
+    Core *c = g_current;
+    if (c) {
+        if (r->key < 0)
+            return PyErr_Format(PyExc_TypeError,
+                                "region() needs a name when used with \"with\": with evtrace.region(\"step\"): ...");
+        PyObject *args = NULL;
+        if (r->args && !(args = snapshot(r->args))) return NULL;
+        if (do_enter(c, (PyObject *)r, 0, r->key, args, r->host_only || !c->ndev, 0) < 0) return NULL;
+    }
+    Py_INCREF(r);
+    return (PyObject *)r;
+}
+
+static PyObject *Region_exit(Region *r, PyObject *const *a, Py_ssize_t n) {
+    Core *c = g_current;
+    Py_ssize_t at;
+    TState *t = c ? find_entry(c, (PyObject *)r, 0, &at) : NULL;
+    if (t && do_exit(c, t, at) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* @region("name"): the wrapper is regions.py's */
+static PyObject *Region_call(Region *r, PyObject *args, PyObject *kw) {
+    PyObject *fn;
+    if (kw && PyDict_GET_SIZE(kw)) return PyErr_Format(PyExc_TypeError, "a region decorates one function");
+    if (!PyArg_ParseTuple(args, "O", &fn)) return NULL;
+    return PyObject_CallFunctionObjArgs(g_decorate, (PyObject *)r, fn, NULL);
+}
+
+static PyObject *Region_repr(Region *r) { return PyUnicode_FromFormat("region(%R)", r->name); }
+
+static PyMethodDef Region_methods[] = {
+    {"__enter__", (PyCFunction)Region_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Region_exit, METH_FASTCALL, NULL},
+    {NULL},
+};
+
+static PyMemberDef Region_members[] = {
+    {"name", T_OBJECT, offsetof(Region, name), READONLY, "the region's name (None: named when it decorates)"},
+    {"args", T_OBJECT, offsetof(Region, args), READONLY, "its args (None: none)"},
+    {"key", T_INT, offsetof(Region, key), READONLY, "the interned name's key (-1: no name)"},
+    {"host_only", T_BOOL, offsetof(Region, host_only), READONLY, "no device span"},
+    {NULL},
+};
+
+static PyTypeObject RegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "evtrace.Region",
+    .tp_basicsize = sizeof(Region),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A named span. Near-free when no session is recording.\n\n"
+              "One Region object may be entered by several threads at once: each exit closes the span its\n"
+              "own thread opened. Args are snapshot on entry (see evtrace.values).",
+    .tp_new = Region_new,
+    .tp_dealloc = (destructor)Region_dealloc,
+    .tp_repr = (reprfunc)Region_repr,
+    .tp_call = (ternaryfunc)Region_call,
+    .tp_methods = Region_methods,
+    .tp_members = Region_members,
+};
+
+/* region(name, /, *, host_only=False, **args): the common case here, the rest in regions.py. */
+static PyObject *region_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    PyObject *first = n ? a[0] : Py_None;
+    Py_ssize_t nk = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (n <= 1 && PyUnicode_CheckExact(first)) {
+        int host_only = 0;
+        PyObject *args = NULL;
+        for (Py_ssize_t i = 0; i < nk; i++) {
+            PyObject *k = PyTuple_GET_ITEM(kwnames, i), *v = a[n + i];
+            if (PyUnicode_CompareWithASCIIString(k, "host_only") == 0) {
+                if ((host_only = PyObject_IsTrue(v)) < 0) goto fail;
+            } else {
+                if (!args && !(args = PyDict_New())) goto fail;
+                if (PyDict_SetItem(args, k, v) < 0) goto fail;
+            }
+        }
+        PyObject *r = make_region(first, args, host_only);
+        Py_XDECREF(args);
+        return r;
+    fail:
+        Py_XDECREF(args);
+        return NULL;
+    }
+    /* a function to decorate, keyword args alone, or a mistake: regions.py says which */
+    PyObject *pos = PyTuple_New(n);
+    if (!pos) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(pos, i, (Py_INCREF(a[i]), a[i]));
+    PyObject *kw = nk ? PyDict_New() : NULL;
+    for (Py_ssize_t i = 0; kw && i < nk; i++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), a[n + i]) < 0) Py_CLEAR(kw);
+    PyObject *r = (nk && !kw) ? NULL : PyObject_Call(g_region_slow, pos, kw);
+    Py_DECREF(pos);
+    Py_XDECREF(kw);
+    return r;
+}
+
+/* ---- module functions -------------------------------------------------------------------- */
+
+/* bind(**parts): the Python parts the core calls (names from recorder.py, the rest from regions.py) */
+static PyObject *bind(PyObject *mod, PyObject *args, PyObject *kw) {
+    static char *kws[] = {"name_keys", "name_key", "snapshot", "decorate", "region_slow", "max_str", NULL};
+    PyObject *nk = NULL, *nkf = NULL, *snap = NULL, *dec = NULL, *slow = NULL;
+    Py_ssize_t max_str = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$O!OOOOn", kws, &PyDict_Type, &nk, &nkf, &snap, &dec, &slow,
+                                     &max_str))
+        return NULL;
+#define SET(g, v) \
+    if (v) Py_XSETREF(g, (Py_INCREF(v), v))
+    SET(g_name_keys, nk);
+    SET(g_name_key, nkf);
+    SET(g_snapshot, snap);
+    SET(g_decorate, dec);
+    SET(g_region_slow, slow);
+#undef SET
+    if (max_str >= 0) g_max_str = max_str;
+    Py_RETURN_NONE;
+}
+
+static PyObject *capture_began(PyObject *mod, PyObject *unused) {
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&g_calls);
+    g_capturing++;
+    pthread_mutex_unlock(&g_calls);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *capture_ended(PyObject *mod, PyObject *unused) {
+    Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&g_calls);
+    if (g_capturing > 0) g_capturing--;
+    pthread_mutex_unlock(&g_calls);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *capturing(PyObject *mod, PyObject *unused) { return PyLong_FromLong(g_capturing); }
+
+/* After a fork, in the child: one thread, ours. Locks that a thread of the parent held (the
+ * resolver's, mid-pass) would stay held for ever: they start afresh. The child does not record
+ * into its parent's session. (Nothing is locked before the fork: the forking thread would hold
+ * the locks across GIL switches, and a resolver waiting on them with the GIL would deadlock.) */
+static PyObject *after_fork_in_child(PyObject *mod, PyObject *unused) {
+    Core *c = g_current;
+    pthread_mutex_init(&g_calls, NULL);
+    if (c) {
+        pthread_mutex_init(&c->qmu, NULL);
+        pthread_mutex_init(&c->pmu, NULL);
+        pthread_mutex_init(&c->rmu, NULL);
+        pthread_mutex_init(&c->pass_mu, NULL);
+        c->running = 0; /* its resolver thread does not exist here */
+        c->active = 0;
+    }
+    g_capturing = 0;
+    tls = NULL;
+    tls_gen = 0;
+    Py_CLEAR(g_current);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"region", (PyCFunction)(void (*)(void))region_fn, METH_FASTCALL | METH_KEYWORDS,
+     "region(name, /, *, host_only=False, **args)\n--\n\n"
+     "A span on the host lane of this thread and, with CUDA, on the current stream.\n\n"
+     "``with region(\"step\", batch=3): ...``, ``@region`` (named after the function) or\n"
+     "``@region(\"load\")``. Keyword args become slice args in the trace.\n\n"
+     "``host_only=True`` records no device span: for host work such as a CPU task, whose\n"
+     "event pair would only show the stream idling (or waiting behind earlier work)."},
+    {"bind", (PyCFunction)(void (*)(void))bind, METH_VARARGS | METH_KEYWORDS, "regions.py's Python parts"},
+    {"capture_began", capture_began, METH_NOARGS, "a CUDA graph capture begins (waits for the resolver)"},
+    {"capture_ended", capture_ended, METH_NOARGS, "a CUDA graph capture ended"},
+    {"capturing", capturing, METH_NOARGS, "captures in progress"},
+    {"after_fork_in_child", after_fork_in_child, METH_NOARGS, "fresh locks, no session"},
+    {NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "evtrace._core", "evtrace's native core", -1, module_methods};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&RegionType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0 ||
+        PyModule_AddObjectRef(m, "Region", (PyObject *)&RegionType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,125 @@
+"""Session building: a stopped recorder's rows become a Session, device times on the host clock.
+
+Runs once, at ``stop()``: sorts the rows, aligns each device's stamps through its anchors and
+region marks (``evtrace.clock``), clamps what the constraints forbid, and gathers the metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import clock as _clock
+from .meta import environment
+from .metadata import DeviceAlignment
+from .recorder import name_of
+from .session import REGION_DTYPE, Session, Stream
+
+if TYPE_CHECKING:
+    from .recorder import Recorder
+
+
+def session(rec: Recorder, end_ns: int) -> Session:
+    """The Session of a stopped recorder: its rows in the order they began, device times aligned
+    to the host clock (``evtrace.clock``), and what the recording counted."""
+    counts = rec.counts()
+    live, kept_args = rec.finished()
+    order = np.argsort(live["host_start"], kind="stable")  # regions in the order they began
+    live = live[order]
+    new_index = np.empty_like(order)
+    new_index[order] = np.arange(len(order))
+    args = {int(new_index[i]): a for i, a in kept_args.items()}
+    o = rec.origin_ns
+    regions = np.zeros(len(live), REGION_DTYPE)
+    keys, regions["name"] = np.unique(live["name"], return_inverse=True)  # global name keys -> 0..n-1
+    for f in ("thread", "device", "stream"):
+        regions[f] = live[f]
+    regions["host_start"] = live["host_start"] - o
+    regions["host_end"] = live["host_end"] - o
+    devices = list(rec.backend.devices) if rec.backend else []
+    align: dict[str, DeviceAlignment] = {}
+    clamped = 0
+    for d in range(len(devices)):
+        rows = regions["device"] == d
+        a = rec.anchors(d)
+        if not a:
+            continue
+        lo, hi, ms = (np.array(c) for c in zip(*a))
+        h0, h1 = live["host_start"][rows], live["host_end"][rows]
+        stamps, first, where = _first_boundaries(live["dev_start"][rows], live["dev_end"][rows], h0, h1)
+        fit = _clock.fit(lo, hi, ms, first, stamps, latency_ns=max(rec.share_ns, 0))
+        t0 = fit.to_host(live["dev_start"][rows]) - o
+        t1 = fit.to_host(live["dev_end"][rows]) - o
+        s0, s1 = np.rint(t0).astype(np.int64), np.rint(t1).astype(np.int64)
+        # A device span never starts at or before its host launch. A start mark shared with
+        # an earlier boundary may be stamped before this region began, as early as the
+        # boundary that recorded it: moved to just after the launch. Only a stamp placed
+        # before its own record call breaks the map's constraints, and is counted.
+        made = first[where[: len(h0)]] - o
+        clamped_d = int((s0 < np.rint(made)).sum())
+        h0 = regions["host_start"][rows]
+        s0 = np.where(s0 <= h0, h0 + 1, s0)
+        s1 = np.maximum(s1, s0)
+        regions["dev_start"][rows] = s0
+        regions["dev_end"][rows] = s1
+        clamped += clamped_d
+        align[str(d)] = DeviceAlignment(
+            anchors=fit.anchors,
+            anchors_late=fit.anchors_late,
+            stamps=fit.stamps,
+            drift_ppm=round(fit.drift_ppm, 3),
+            latency_us=round(fit.latency_ns / 1e3, 3),
+            bound_us_p99=round(fit.bound_us[0], 3),
+            bound_us_max=round(fit.bound_us[1], 3),
+            stamp_delay_us_p50=round(fit.anchor_delay_us[0], 3),
+            stamp_delay_us_p99=round(fit.anchor_delay_us[1], 3),
+            stamp_delay_us_max=round(fit.anchor_delay_us[2], 3),
+            clamped_spans=clamped_d,
+        )
+    nodev = regions["device"] < 0
+    streams = [Stream(d, rec.backend.stream_label(d, s)) for (d, s) in rec.streams()]  # type: ignore[union-attr]
+    meta: dict[str, Any] = environment(devices)
+    meta.update(
+        argv=rec.argv,
+        regions=int(len(regions)),
+        device_spans=int((~nodev).sum()),
+        dropped_device_spans=counts["dropped_device"] + counts["failed_records"],
+        split_device_spans=counts["split_device"],
+        clamped_device_spans=clamped,
+        unfinished_regions=rec.unfinished,
+        marks_skipped_in_graph_capture=counts["captured"],
+        dropped_regions=rec.dropped_regions,
+        share_window_ns=max(rec.share_ns, 0),
+        alignment=align,
+        duration_ns=end_ns - o,
+        origin_perf_ns=o,
+    )
+    if counts["resolver_errors"]:
+        meta["resolver_errors"] = counts["resolver_errors"]
+    names = [name_of(k) for k in keys.tolist()]
+    return Session(
+        regions=regions,
+        names=names,
+        threads=rec.threads(),
+        devices=devices,
+        streams=streams,
+        args=args,
+        meta=meta,
+        pid=os.getpid(),
+        wall_origin_ns=rec.wall_origin_ns,
+    )
+
+
+def _first_boundaries(
+    start_ms: np.ndarray, end_ms: np.ndarray, h0: np.ndarray, h1: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct device stamp with the host time of the earliest boundary that has it: where
+    its mark was recorded (boundaries that share a mark share its stamp). Also, for each of
+    the starts then the ends, the index of its stamp."""
+    both = np.concatenate([start_ms, end_ms])
+    stamps, where = np.unique(both, return_inverse=True)
+    first = np.full(len(stamps), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, where, np.concatenate([h0, h1]))
+    return stamps, first, where.reshape(-1)

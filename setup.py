@@ -1,0 +1,23 @@
+"""The native core (evtrace/_core.c): plain C against the CPython API. The CUDA runtime is found
+by soname at run time, so it builds with no GPU, CUDA headers or toolkit."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "evtrace._core",
+            ["evtrace/_core.c"],
+            extra_compile_args=[
+                "-O2",
+                "-std=c11",
+                "-Wall",
+                "-Wextra",
+                "-Wno-unused-parameter",
+                "-Wno-missing-field-initializers",
+                "-Wno-cast-function-type",
+            ],
+            libraries=["dl", "pthread"],
+        )
+    ]
+)
