@@ -146,14 +146,14 @@ typedef struct Core {
     Rows hrows; /* rows finished on the hot path (host-only, unfinished) */
     Py_ssize_t *created;
     int64_t max_events;
-    long dropped_device, failed_records, captured;
+    long captured;
     /* shared, each under its mutex */
     pthread_mutex_t qmu, pmu, rmu, pass_mu;
     Done *done;
     Py_ssize_t ndone, capdone;
     Pool *pools;
     Rows drows; /* rows the resolver finished */
-    long split_device;
+    long split_device, lost; /* regions begun and ended on two devices; regions that lost their device span */
     /* resolver-owned (under pass_mu) */
     Waiting *waiting;
     Py_ssize_t nwaiting;
@@ -224,6 +224,7 @@ static void lock_gil_free(pthread_mutex_t *mu) {
 }
 
 static void add_error(Core *c, const char *msg) {
+    if (c->nerrors && strcmp(c->errors[c->nerrors - 1], msg) == 0) return; /* a failing pass repeats itself */
     if (c->nerrors < MAX_ERRORS) c->errors[c->nerrors++] = strdup(msg);
 }
 
@@ -290,10 +291,7 @@ static uintptr_t new_event(Core *c, int d) {
 static uintptr_t pool_grow(Core *c, int d) {
     Py_ssize_t n = c->max_events - c->created[d];
     if (n > 256) n = 256;
-    if (n <= 0) {
-        c->dropped_device++;
-        return 0;
-    }
+    if (n <= 0) return 0; /* the region loses its device span, counted as lost when resolved */
     c->created[d] += n;
     uintptr_t first = new_event(c, d);
     for (Py_ssize_t i = 1; first && i < n; i++) {
@@ -442,7 +440,6 @@ static int make_mark(Core *c, int d, uintptr_t s, Mark **out) {
         PyObject *r = PyObject_CallFunction(c->record_failed, "i", rc);
         if (!r) return -1;
         Py_DECREF(r);
-        c->failed_records++;
         return 0;
     }
     Mark *m = malloc(sizeof(Mark));
@@ -554,8 +551,7 @@ static int do_exit(Core *c, TState *t, Py_ssize_t i) {
     if (e.host || !c->ndev) {
         int64_t h1 = now(c);
         if (h1 == -1 && PyErr_Occurred()) rc = -1;
-        /* stream -1 without args, else as the device queue wrote it (0 in a device session) */
-        Row row = {e.key, t->ix, e.h0, h1, -1, e.args && c->ndev ? 0 : -1, NAN, NAN};
+        Row row = {e.key, t->ix, e.h0, h1, -1, -1, NAN, NAN};
         if (rc == 0 && rows_push(&c->hrows, &row, e.args) < 0) rc = -1, PyErr_NoMemory();
         if (rc < 0) Py_XDECREF(e.args);
     } else {
@@ -738,6 +734,12 @@ static int emit_row(Core *c, const Done *r, int16_t dev, int32_t stream, double 
     return rc;
 }
 
+/* A region that keeps its host span only: an event was missing, or could not be read. */
+static int emit_lost(Core *c, const Done *r) {
+    c->lost++;
+    return emit_row(c, r, -1, -1, NAN, NAN);
+}
+
 static int finish(Core *c, Done *r) {
     if (r->m0 && stamp(c, r->m0) < 0) return -1;
     if (r->m1 && stamp(c, r->m1) < 0) return -1;
@@ -745,10 +747,11 @@ static int finish(Core *c, Done *r) {
     if (r->m0 && r->m1 && r->d0 == r->d1) {
         int32_t ix = stream_index(c, r->d0, r->s0);
         rc = ix < 0 ? -1 : emit_row(c, r, (int16_t)r->d0, ix, r->m0->ms, r->m1->ms);
-    } else { /* one end had no event (pool dry, record refused), or two devices */
-        c->split_device += r->m0 && r->m1;
-        rc = emit_row(c, r, -1, 0, NAN, NAN);
-    }
+    } else if (r->m0 && r->m1) { /* begun and ended on two devices */
+        c->split_device++;
+        rc = emit_row(c, r, -1, -1, NAN, NAN);
+    } else /* one end had no event (pool dry, record refused, a graph capture) */
+        rc = emit_lost(c, r);
     mark_drop(c, r->m0);
     mark_drop(c, r->m1);
     return rc;
@@ -831,11 +834,11 @@ static int queue_done(Core *c) {
         Done *r = &batch[i];
         if (rc < 0) { /* out of memory: what is left loses its device span, nothing else */
             mark_drop(c, r->m0), mark_drop(c, r->m1), r->m0 = r->m1 = NULL;
-            emit_row(c, r, -1, 0, NAN, NAN);
+            emit_lost(c, r);
             continue;
         }
         if (!r->m0 && !r->m1) {
-            rc = emit_row(c, r, -1, 0, NAN, NAN);
+            rc = emit_lost(c, r);
             continue;
         }
         Waiting *w = r->m1 ? waiting_for(c, r->d1, r->s1) : waiting_for(c, r->d0, r->s0);
@@ -1066,6 +1069,26 @@ static PyObject *Core_take(Core *c, PyObject *arg) {
     return Py_BuildValue("(NNN)", b, at, args);
 }
 
+/* After the final pass at stop: what could still not be resolved (a device error that lasted)
+ * keeps its host span, counted as lost, rather than vanishing. */
+static PyObject *Core_flush(Core *c, PyObject *unused) {
+    lock_gil_free(&c->pass_mu);
+    int rc = queue_done(c);
+    for (Py_ssize_t k = 0; k < c->nwaiting; k++) {
+        Waiting *w = &c->waiting[k];
+        for (; w->n; w->n--, w->head = (w->head + 1) % w->cap) {
+            Done *r = &w->q[w->head];
+            mark_drop(c, r->m0);
+            mark_drop(c, r->m1);
+            r->m0 = r->m1 = NULL;
+            if (emit_lost(c, r) < 0) rc = -1;
+        }
+    }
+    pthread_mutex_unlock(&c->pass_mu);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 /* Regions still open keep their host span, closed at end_ns and marked unfinished. */
 static PyObject *Core_close_open(Core *c, PyObject *arg) {
     int64_t end = PyLong_AsLongLong(arg);
@@ -1080,7 +1103,7 @@ static PyObject *Core_close_open(Core *c, PyObject *arg) {
                 Py_XDECREF(a);
                 return NULL;
             }
-            Row row = {e->key, t->ix, e->h0, end > e->h0 ? end : e->h0, -1, c->ndev ? 0 : -1, NAN, NAN};
+            Row row = {e->key, t->ix, e->h0, end > e->h0 ? end : e->h0, -1, -1, NAN, NAN};
             if (rows_push(&c->hrows, &row, a) < 0) {
                 Py_DECREF(a);
                 return PyErr_NoMemory();
@@ -1112,7 +1135,8 @@ static PyObject *Core_activate(Core *c, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* Counters: (dropped device spans, failed records, graph-capture skips, split spans, errors). */
+/* Counters: (regions that lost their device span, marks skipped in graph captures, regions split
+ * over two devices, resolver errors). */
 static PyObject *Core_counts(Core *c, PyObject *unused) {
     PyObject *errs = PyList_New(0);
     for (int i = 0; errs && i < c->nerrors; i++) {
@@ -1121,7 +1145,7 @@ static PyObject *Core_counts(Core *c, PyObject *unused) {
         Py_XDECREF(s);
     }
     if (!errs) return NULL;
-    return Py_BuildValue("(llllN)", c->dropped_device, c->failed_records, c->captured, c->split_device, errs);
+    return Py_BuildValue("(lllN)", c->lost, c->captured, c->split_device, errs);
 }
 
 /* After stop: no more events are taken; the pools' events go back to the backend's close(). */
@@ -1155,6 +1179,7 @@ static PyMethodDef Core_methods[] = {
     {"streams", (PyCFunction)Core_streams, METH_NOARGS, "(device, handle) by stream index"},
     {"take", (PyCFunction)Core_take, METH_O, "take(base): rows finished so far"},
     {"close_open", (PyCFunction)Core_close_open, METH_O, "close the regions still open"},
+    {"flush", (PyCFunction)Core_flush, METH_NOARGS, "what is still unresolved keeps its host span"},
     {"activate", (PyCFunction)Core_activate, METH_O, "make this the recording core, or not"},
     {"counts", (PyCFunction)Core_counts, METH_NOARGS, "counters and resolver errors"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "after stop: take no more events"},

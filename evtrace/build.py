@@ -85,7 +85,7 @@ def session(rec: Recorder, end_ns: int) -> Session:
         argv=rec.argv,
         regions=int(len(regions)),
         device_spans=int((~nodev).sum()),
-        dropped_device_spans=counts["dropped_device"] + counts["failed_records"],
+        dropped_device_spans=counts["lost_device"],
         split_device_spans=counts["split_device"],
         clamped_device_spans=clamped,
         unfinished_regions=rec.unfinished,

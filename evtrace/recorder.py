@@ -253,6 +253,9 @@ class Recorder:
                 b.synchronize(d)
         self.unfinished = self._core.close_open(end_ns)
         self.poll(final=True)
+        if b is not None:
+            self._core.flush()
+            self._drain()
         from .build import session
 
         s = session(self, end_ns)
@@ -279,11 +282,11 @@ class Recorder:
         return s
 
     def counts(self) -> dict[str, Any]:
-        """What the core counted: device spans lost, records refused, marks skipped in captures."""
-        dropped, failed, captured, split, errors = self._core.counts()
+        """What the core counted: regions that lost their device span (pool dry, record refused, a
+        graph capture, a device error), marks skipped in captures, regions split over two devices."""
+        lost, captured, split, errors = self._core.counts()
         return dict(
-            dropped_device=dropped,
-            failed_records=failed,
+            lost_device=lost,
             captured=captured,
             split_device=split,
             resolver_errors=[*self.resolver_errors, *errors],
