@@ -8,11 +8,14 @@ for the anchors (an event recorded on an idle side stream, bracketed by host sta
 The mapping is the tightest one those constraints allow, the minimum-delay idea behind NTP's
 clock filters and convex-hull synchronisation: the least-delayed stamps touch it and any stamp
 that was delayed (an anchor taken while copies were in flight, a mark queued behind a kernel)
-lies below it and does not pull it. Drift comes from the whole run; a local correction, the
-upper envelope of the stamps within ``WINDOW_S`` of each knot, follows the drift's slow wander
-and bridges stretches where every stamp was late. The envelope sits one minimum delay before
-the stamps; adding the shortest record call seen (``latency_ns``) places a prompt stamp where
-the end of its record call was, which matched CUPTI's kernel times within 1 µs before.
+lies below it and does not pull it. Drift comes from the whole run, under a prior (real clocks
+drift 0.7-23 ppm against perf_counter) that only a short run feels: its few stamps, whose
+delays differ by more than the drift moves them, cannot pin the drift, which stays near 0
+there. A local correction, the upper envelope of the stamps within ``WINDOW_S`` of each knot,
+follows the drift's slow wander and bridges stretches where every stamp was late. The envelope
+sits one minimum delay before the stamps; adding the shortest record call seen (``latency_ns``)
+places a prompt stamp where the end of its record call was, which matched CUPTI's kernel times
+within 1 µs before.
 
 Each mark's device time comes from a short ``elapsed_time`` against the latest anchor, and
 anchors are chained by short steps, so float32 milliseconds stay sub-µs over hours.
@@ -32,6 +35,18 @@ Clock = Callable[[], int]  # host clock in integer ns (time.perf_counter_ns by d
 
 #: stamps are first reduced to the least-delayed one per bin of this much device time
 BIN_MS = 25.0
+#: the drift is searched within this much (ppm, i.e. ns per device ms off 1e6). GPU clocks
+#: measured against perf_counter drift 0.7 to 22.7 ppm (H100, H200: BENCHMARKS.md); 200 is
+#: eight times the most seen, and no more than a short run's noise reaches: two stamps 25 ms
+#: apart whose delays differ by 5 µs make a line 200 ppm off (the old bound, 1000 ppm, was
+#: reached, and put the ends of a 30 ms run 25 µs off)
+DRIFT_MAX_PPM = 200.0
+#: the drift's prior: normal, this wide (ppm), about the largest drift measured
+DRIFT_PPM = 25.0
+#: the prior's weight against the stamps: a bin's least-delayed stamp is taken to be late by
+#: about this much (the scale of an exponential). H200 stamps up to 4.8 µs after the record
+#: call when idle, more under load. Only runs of a few bins feel it (``_run_slope``)
+DELAY_NS = 5000.0
 #: the local envelope is re-fitted at knots this far apart ...
 KNOT_MS = 500.0
 #: ... from the stamps within this much device time on either side
@@ -113,6 +128,30 @@ def _min_max(
     return (a + b) / 2
 
 
+def _run_slope(bx: np.ndarray, by: np.ndarray) -> float:
+    """The run's slope (host ns per device ms) from the ``n`` bins' least-delayed stamps.
+
+    Of the lines above every stamp, the one lowest at the stamps' mean device time ``mid`` is
+    the most likely if delays are exponential with scale ``DELAY_NS``: the delays it implies
+    sum to ``n`` times its height at ``mid`` (less the stamps' mean). With a normal prior of
+    width ``DRIFT_PPM`` on the drift, the most probable line minimises that height plus
+    ``DELAY_NS / (2 n DRIFT_PPM²)`` times the squared drift in ppm. A long run's stamps pin the
+    drift and the prior does not move it; a short run's few stamps, whose delays differ by more
+    than the drift moves them, leave it near 0, and their line then stays within their delays.
+    """
+    if np.ptp(bx) <= 0:
+        return 1e6
+    mid = float(bx.mean())
+    k = DELAY_NS / (2 * len(bx) * DRIFT_PPM**2)
+    r = DRIFT_MAX_PPM
+
+    def cost(s: np.ndarray) -> np.ndarray:
+        top: np.ndarray = np.max(by[None, :] - s[:, None] * (bx[None, :] - mid), axis=1)
+        return top + k * (s - 1e6) ** 2
+
+    return float(_min_max(cost, np.array([1e6 - r]), np.array([1e6 + r]))[0])
+
+
 def fit(
     lo_ns: np.ndarray,
     hi_ns: np.ndarray,
@@ -142,16 +181,7 @@ def fit(
     bx, by = _bin_max(x, y - 1e6 * x, BIN_MS)
     by = by + 1e6 * bx
     mid = float(bx.mean())
-    if np.ptp(bx) > 0:
-        slope = float(
-            _min_max(
-                lambda s: np.max(by[None, :] - s[:, None] * (bx[None, :] - mid), axis=1),
-                np.array([1e6 - 1e3]),
-                np.array([1e6 + 1e3]),
-            )[0]
-        )
-    else:
-        slope = 1e6
+    slope = _run_slope(bx, by)
     r = y - slope * (x - mid)
     base = float(r.max())
 
