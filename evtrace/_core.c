@@ -897,6 +897,18 @@ static int pass(Core *c) {
     return rc;
 }
 
+/* One resolver step by hand (with the GIL), between the resolver's own passes. */
+static PyObject *by_hand(Core *c, int (*step)(Core *)) {
+    lock_gil_free(&c->pass_mu);
+    int rc = step(c);
+    pthread_mutex_unlock(&c->pass_mu);
+    if (rc < 0) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Core_poll(Core *c, PyObject *unused) {
     if (c->native) {
         Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&c->pass_mu);
@@ -905,14 +917,7 @@ static PyObject *Core_poll(Core *c, PyObject *unused) {
         Py_END_ALLOW_THREADS
         Py_RETURN_NONE;
     }
-    lock_gil_free(&c->pass_mu);
-    int rc = pass(c);
-    pthread_mutex_unlock(&c->pass_mu);
-    if (rc < 0) {
-        if (!PyErr_Occurred()) PyErr_NoMemory();
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return by_hand(c, pass);
 }
 
 static void *resolver_main(void *arg) {
@@ -958,27 +963,9 @@ static PyObject *Core_halt(Core *c, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Core_anchor_now(Core *c, PyObject *unused) {
-    lock_gil_free(&c->pass_mu);
-    int rc = anchor_all(c);
-    pthread_mutex_unlock(&c->pass_mu);
-    if (rc < 0) {
-        if (!PyErr_Occurred()) PyErr_NoMemory();
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
+static PyObject *Core_anchor_now(Core *c, PyObject *unused) { return by_hand(c, anchor_all); }
 
-static PyObject *Core_resolve_anchors(Core *c, PyObject *unused) {
-    lock_gil_free(&c->pass_mu);
-    int rc = resolve_anchors(c);
-    pthread_mutex_unlock(&c->pass_mu);
-    if (rc < 0) {
-        if (!PyErr_Occurred()) PyErr_NoMemory();
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
+static PyObject *Core_resolve_anchors(Core *c, PyObject *unused) { return by_hand(c, resolve_anchors); }
 
 /* The host brackets of the last anchor taken on each device (share window at start). */
 static PyObject *Core_last_brackets(Core *c, PyObject *unused) {
