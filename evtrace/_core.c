@@ -1314,7 +1314,29 @@ static void core_free_state(Core *c) {
     rows_free(&c->drows);
 }
 
+/* The Python objects a core holds: its callbacks are bound methods of its Recorder, which holds
+ * the core, so the collector must see them to free a finished session. */
+#define CORE_OBJECTS(X)                                                                                \
+    X(clock) X(get_device) X(raw_stream) X(py_record) X(py_query) X(py_elapsed) X(record_failed)      \
+    X(learn_stream) X(new_event) X(on_thread) X(on_full) X(nvtx_push) X(nvtx_pop) X(nvtx_start)       \
+    X(nvtx_end) X(names) X(events)
+
+static int Core_traverse(Core *c, visitproc visit, void *arg) {
+#define VISIT(f) Py_VISIT(c->f);
+    CORE_OBJECTS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int Core_clear(Core *c) {
+#define CLEAR(f) Py_CLEAR(c->f);
+    CORE_OBJECTS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
 static void Core_dealloc(Core *c) {
+    PyObject_GC_UnTrack(c);
     halt(c); /* the native thread must be gone before its memory is */
     core_free_state(c);
     for (int d = 0; d < c->ndev; d++) {
@@ -1326,11 +1348,7 @@ static void Core_dealloc(Core *c) {
     free(c->pending), free(c->npending), free(c->cappending), free(c->anchors), free(c->nanchors);
     free(c->capanchors), free(c->seen), free(c->streams);
     for (int i = 0; i < c->nerrors; i++) free(c->errors[i]);
-    Py_XDECREF(c->clock), Py_XDECREF(c->get_device), Py_XDECREF(c->raw_stream), Py_XDECREF(c->py_record);
-    Py_XDECREF(c->py_query), Py_XDECREF(c->py_elapsed), Py_XDECREF(c->record_failed);
-    Py_XDECREF(c->learn_stream), Py_XDECREF(c->new_event), Py_XDECREF(c->on_thread), Py_XDECREF(c->on_full);
-    Py_XDECREF(c->nvtx_push), Py_XDECREF(c->nvtx_pop), Py_XDECREF(c->nvtx_start), Py_XDECREF(c->nvtx_end);
-    Py_XDECREF(c->names), Py_XDECREF(c->events);
+    Core_clear(c);
     pthread_mutex_destroy(&c->qmu);
     pthread_mutex_destroy(&c->pmu);
     pthread_mutex_destroy(&c->rmu);
@@ -1349,8 +1367,10 @@ static PyMemberDef Core_members[] = {
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "evtrace._core.Core",
     .tp_basicsize = sizeof(Core),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "One session's native store: hot path, event pool, resolver.",
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
     .tp_new = Core_new,
     .tp_init = (initproc)Core_init,
     .tp_dealloc = (destructor)Core_dealloc,

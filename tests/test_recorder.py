@@ -336,3 +336,23 @@ def test_a_fork_while_the_resolver_holds_its_lock_leaves_the_child_usable() -> N
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert s.device_spans == 1
+
+
+@pytest.mark.parametrize("device", [False, True])
+def test_a_finished_session_is_freed(device: bool) -> None:
+    """The core holds its recorder's callbacks and the recorder holds the core: the collector must
+    see that cycle, or every session would keep its regions for the life of the process."""
+    import gc
+    import weakref
+
+    clk = FakeClock()
+    rec = Recorder(SimBackend(clk) if device else None, clk, background=False)
+    rec.start()
+    for i in range(100):
+        with evtrace.region("x", i=i):
+            pass
+    assert len(rec.stop().regions) == 100
+    ref = weakref.ref(rec)
+    del rec
+    gc.collect()
+    assert ref() is None
