@@ -67,10 +67,11 @@ def instrumented(model: nn.Module, adjacent: bool = True) -> Instrumentation:
 
 
 @contextlib.contextmanager
-def live(share: bool = True, raw_events: bool = True) -> Iterator[recorder.Recorder]:
+def live(share: bool = True, raw_events: bool = True, **kw: Any) -> Iterator[recorder.Recorder]:
     """A device session as ``record()`` runs one (resolver thread, default pool and anchors),
-    without writing a file. ``share=False``: a share window of 0, every boundary its own event."""
-    rec = recorder.Recorder(CudaBackend(raw=raw_events), share_ns=None if share else 0)
+    without writing a file. ``share=False``: a share window of 0, every boundary its own event;
+    ``kw``: other Recorder options (``background=False``: no resolver until stop)."""
+    rec = recorder.Recorder(CudaBackend(raw=raw_events), share_ns=None if share else 0, **kw)
     rec.start()
     try:
         yield rec
@@ -207,9 +208,11 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
                 model(x)
             return per_iter(fwd, lambda: model(x))
 
-    def evtrace_all(share: bool, adjacent: bool = True, raw_events: bool = True) -> Callable[[], float]:
+    def evtrace_all(
+        share: bool, adjacent: bool = True, raw_events: bool = True, **kw: Any
+    ) -> Callable[[], float]:
         def run() -> float:
-            with instrumented(model, adjacent) as ins, live(share, raw_events):
+            with instrumented(model, adjacent) as ins, live(share, raw_events, **kw):
                 assert len(ins) == 97
                 return timed()
 
@@ -283,6 +286,8 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
             "evtrace, no Sequential adjacency": evtrace_all(True, adjacent=False),
             "evtrace, event pair per module": evtrace_all(False, adjacent=False),
             "evtrace, torch events": evtrace_all(True, raw_events=False),
+            "evtrace, resolver off (hot path only)": evtrace_all(True, background=False, pool_size=8192),
+            "evtrace, resolver every 50 ms": evtrace_all(True, poll_s=0.05),
             "floor: no-op forward wrappers": floor(False, False),
             "floor: wrappers recording one raw event per boundary": floor(True, False),
             "floor: ... and reading one per boundary": floor(True, True),
