@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import signal
@@ -167,7 +168,15 @@ class record:
                 signal.signal(signal.SIGTERM, self._old_sigterm)
                 self._old_sigterm = None
             raise
+        atexit.register(self._at_exit)
         return self
+
+    def _at_exit(self) -> None:
+        """The interpreter is exiting with this session still open (entered, never exited): write
+        it, rather than lose what it recorded."""
+        if self._recorder is not None:
+            print("evtrace: the program is ending with a session still open: writing it", file=sys.stderr)
+            self.__exit__()
 
     def _start(self) -> None:
         global _said_no_cuda
@@ -195,6 +204,7 @@ class record:
 
     def __exit__(self, exc_type: Any = None, exc: Any = None, tb: Any = None) -> None:
         assert self._recorder is not None and self.path is not None
+        atexit.unregister(self._at_exit)
         with Finishing(self.path) as fin:  # from here on a signal waits until the trace is written
             if self._hooks is not None:  # first: nothing evtrace does from here on is traced
                 self._hooks.remove()

@@ -80,6 +80,23 @@ def test_a_region_still_open_at_the_end_is_closed_and_marked(tmp_path: Path) -> 
     assert back.args == s.args
 
 
+def test_a_session_never_exited_is_written_when_the_program_ends(tmp_path: Path) -> None:
+    """``record().__enter__()`` with no exit (a notebook-style start): the program's end writes it."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import evtrace\n"
+        "evtrace.record('t.json').__enter__()\n"
+        "for i in range(3):\n"
+        "    with evtrace.region('step', i=i):\n"
+        "        pass\n"
+    )
+    p = subprocess.run([sys.executable, "job.py"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "session still open: writing it" in p.stderr
+    s = evtrace.load(tmp_path / "t.json")
+    assert s.names == ["step"] and len(s.regions) == 3
+
+
 def test_a_killed_writer_leaves_no_half_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "keep.json.gz"
     with evtrace.record(out, device=False, quiet=True) as r:
