@@ -217,8 +217,8 @@ def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     already open goes to the first sub-lane where it nests.
     """
     out = np.zeros(len(start), dtype=np.int32)
-    if len(start) < 2:
-        return out
+    if len(start) < 2 or (np.all(start[1:] >= end[:-1]) and np.all(end >= start)):
+        return out  # already in order and flat (the host lane of a loop), without sorting
     order = np.lexsort((-end, start))
     s, e = start[order], end[order]
     if np.all(s[1:] >= e[:-1]):  # flat: nothing nests, nothing crosses
@@ -256,26 +256,36 @@ class _Lanes:
         r = s.regions
         self.overlap: list[list[int]] = []  # [extra tid, original tid]
         self._next = OVERLAP_TID
-        host_tid = np.array([t.tid for t in s.threads] or [0], dtype=np.int64)[r["thread"]]
-        self.host_tid, self.host_extra = self._split(r["thread"], host_tid, r["host_start"], r["host_end"])
+        # each pass over a column of the structured array reads all of it: one copy, then passes
+        thread, start, end = (np.ascontiguousarray(r[f]) for f in ("thread", "host_start", "host_end"))
+        tids = np.array([t.tid for t in s.threads] or [0], dtype=np.int64)
+        one = len(r) > 0 and thread.min() == thread.max()
+        host_tid = np.full(len(r), tids[thread[0]]) if one else tids[thread]
+        self.host_tid, self.host_extra = self._split(thread, host_tid, start, end)
         self.has_dev = r["device"] >= 0
-        rows = np.nonzero(self.has_dev)[0]
-        self.dev_pid = dev_pid + r["device"].astype(np.int64)
-        self.dev_tid = 1 + r["stream"].astype(np.int64)
-        tids, self.dev_extra = self._split(
-            r["stream"][rows], self.dev_tid[rows], r["dev_start"][rows], r["dev_end"][rows]
-        )
-        self.dev_tid[rows] = tids
+        rows = np.flatnonzero(self.has_dev)
+        self.dev_pid = self.dev_tid = np.zeros(len(r), np.int64)  # the host only: never read
+        self.dev_extra: dict[tuple[int, int], int] = {}
+        if len(rows):
+            self.dev_pid = dev_pid + r["device"].astype(np.int64)
+            self.dev_tid = 1 + r["stream"].astype(np.int64)
+            tids, self.dev_extra = self._split(
+                r["stream"][rows], self.dev_tid[rows], r["dev_start"][rows], r["dev_end"][rows]
+            )
+            self.dev_tid[rows] = tids
 
     def _split(
         self, lane_ids: np.ndarray, base_tid: np.ndarray, start: np.ndarray, end: np.ndarray
     ) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
-        tid = base_tid.copy()
+        tid = base_tid
         extras: dict[tuple[int, int], int] = {}
-        for lane in np.unique(lane_ids):
-            rows = np.nonzero(lane_ids == lane)[0]
-            sub = sublanes(start[rows], end[rows])
+        one = len(lane_ids) > 0 and lane_ids.min() == lane_ids.max()
+        for lane in [lane_ids[0]] if one else np.flatnonzero(np.bincount(lane_ids)).tolist():
+            # one lane (one thread, or one stream): its columns as they are, nothing gathered
+            rows = np.arange(len(lane_ids)) if one else np.flatnonzero(lane_ids == lane)
+            sub = sublanes(start, end) if one else sublanes(start[rows], end[rows])
             for k in np.unique(sub[sub > 0]).tolist():
+                tid = tid.copy() if tid is base_tid else tid
                 orig = int(base_tid[rows[0]])
                 extras[(orig, k)] = self._next
                 self.overlap.append([self._next, orig])
