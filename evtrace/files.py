@@ -25,7 +25,7 @@ class TraceError(Exception):
     """A file that is not a readable evtrace trace (missing, truncated, not JSON, not evtrace's)."""
 
 
-def write_bytes(chunks: Iterable[bytes] | bytes, path: Path) -> Path:
+def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path:
     """Write atomically (temp file, then rename), gzip when ``path`` ends in ``.gz``.
 
     The temp file is removed on any exception, KeyboardInterrupt and SystemExit included, and the

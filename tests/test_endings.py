@@ -105,7 +105,7 @@ def test_a_killed_writer_leaves_no_half_file(tmp_path: Path, monkeypatch: pytest
     before = out.read_bytes()
 
     def broken(*a: object) -> object:
-        yield "{"
+        yield bytearray(b",{")  # what _slices yields: text in bytes, each row led by a comma
         raise KeyboardInterrupt  # the writer dies half way
 
     monkeypatch.setattr(chrome, "_slices", broken)
