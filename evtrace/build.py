@@ -25,15 +25,21 @@ def session(rec: Recorder, end_ns: int) -> Session:
     """The Session of a stopped recorder: its rows in the order they began, device times aligned
     to the host clock (``evtrace.clock``), and what the recording counted."""
     counts = rec.counts()
-    live, kept_args = rec.finished()
-    order = np.argsort(live["host_start"], kind="stable")  # regions in the order they began
-    live = live[order]
-    new_index = np.empty_like(order)
-    new_index[order] = np.arange(len(order))
-    args = {int(new_index[i]): a for i, a in kept_args.items()}
+    live, args = rec.finished()
+    hs = live["host_start"]
+    if len(hs) > 1 and not (hs[1:] >= hs[:-1]).all():  # rows come in the order regions ended
+        order = np.argsort(hs, kind="stable")  # regions in the order they began
+        live = live[order]
+        new_index = np.empty_like(order)
+        new_index[order] = np.arange(len(order))
+        args = {int(new_index[i]): a for i, a in args.items()}
     o = rec.origin_ns
     regions = np.zeros(len(live), REGION_DTYPE)
-    keys, regions["name"] = np.unique(live["name"], return_inverse=True)  # global name keys -> 0..n-1
+    # global name keys -> 0..n-1, in key order (a table lookup: keys are small ints)
+    used = np.zeros(int(live["name"].max()) + 1 if len(live) else 0, bool)
+    used[live["name"]] = True
+    keys = np.flatnonzero(used)
+    regions["name"] = (np.cumsum(used) - 1)[live["name"]]
     for f in ("thread", "device", "stream"):
         regions[f] = live[f]
     regions["host_start"] = live["host_start"] - o
