@@ -16,7 +16,8 @@ def _ns(v: Any) -> int | None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
         return None
     ns = round(v * 1000)
-    return ns if abs(v * 1000 - ns) < 1e-3 else None  # at most three decimals of µs
+    # at most three decimals of µs; a float's own rounding grows with it (past ~2.4 h of µs, more than 1e-3)
+    return ns if abs(v * 1000 - ns) < max(1e-3, 2 * math.ulp(v) * 1000) else None
 
 
 def problems(doc: Any) -> list[str]:
