@@ -1566,8 +1566,6 @@ static PyObject *capture_ended(PyObject *mod, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *capturing(PyObject *mod, PyObject *unused) { return PyLong_FromLong(g_capturing); }
-
 /* After a fork, in the child: one thread, ours. Locks that a thread of the parent held (the
  * resolver's, mid-pass) would stay held for ever: they start afresh. The child does not record
  * into its parent's session. (Nothing is locked before the fork: the forking thread would hold
@@ -1601,7 +1599,6 @@ static PyMethodDef module_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))bind, METH_VARARGS | METH_KEYWORDS, "regions.py's Python parts"},
     {"capture_began", capture_began, METH_NOARGS, "a CUDA graph capture begins (waits for the resolver)"},
     {"capture_ended", capture_ended, METH_NOARGS, "a CUDA graph capture ended"},
-    {"capturing", capturing, METH_NOARGS, "captures in progress"},
     {"after_fork_in_child", after_fork_in_child, METH_NOARGS, "fresh locks, no session"},
     {NULL},
 };

@@ -169,23 +169,19 @@ def test_depth_include_exclude_and_no_hooks(tmp_path: Path, script: Path) -> Non
 def test_hooks_are_removed_when_the_session_ends(tmp_path: Path) -> None:
     import torch
 
-    before = (
-        torch.nn.Module.__call__,
-        torch.autograd.backward,
-        torch.optim.Optimizer.zero_grad,
-        torch.Tensor.item,
-        torch.cuda.synchronize,
-    )
+    def patched() -> tuple[object, ...]:  # what the hooks replace while a session records
+        return (
+            torch.nn.Module.__call__,
+            torch.autograd.backward,
+            torch.optim.Optimizer.zero_grad,
+            torch.Tensor.item,
+            torch.cuda.synchronize,
+        )
+
+    before = patched()
     model = torch.nn.Linear(2, 2)
     with evtrace.record(tmp_path / "h.json", device=False, quiet=True, hooks=True):
         model(torch.ones(1, 2)).sum().item()
         assert torch.nn.Module.__call__ is not before[0]
-    after = (
-        torch.nn.Module.__call__,
-        torch.autograd.backward,
-        torch.optim.Optimizer.zero_grad,
-        torch.Tensor.item,
-        torch.cuda.synchronize,
-    )
-    assert after == before
+    assert patched() == before
     assert "forward" not in model.__dict__
