@@ -184,6 +184,10 @@ static __thread uint64_t tls_gen;
 static int g_capturing;          /* CUDA graph captures in progress */
 static pthread_mutex_t g_calls = PTHREAD_MUTEX_INITIALIZER; /* held by a resolver pass's CUDA calls */
 static PyObject *g_name_keys, *g_name_key, *g_snapshot, *g_decorate, *g_region_slow;
+/* instrumentation.py's parts for forward(): torch.compiler's globals (its "is compiling" flag),
+ * torch.is_grad_enabled, and the Python that watches a module's backward */
+static PyObject *g_compiler_globals, *g_compiling_flag, *g_grad_enabled, *g_watch, *g_forward_type,
+    *g_global_hooks, *g_frame;
 static Py_ssize_t g_max_str = 1000;
 
 /* ---- small helpers ---------------------------------------------------------------------- */
@@ -657,15 +661,6 @@ static PyObject *Core_exit(Core *c, PyObject *tok) {
     Py_ssize_t at;
     TState *t = c->active ? find_entry(c, NULL, id, &at) : NULL;
     if (t && do_exit(c, t, at) < 0) return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *Core_share_next(Core *c, PyObject *unused) {
-    if (c->active) {
-        TState *t = tstate(c);
-        if (!t) return NULL;
-        t->last_t = ALWAYS;
-    }
     Py_RETURN_NONE;
 }
 
@@ -1155,7 +1150,6 @@ static PyMethodDef Core_methods[] = {
     {"enter_host", (PyCFunction)(void (*)(void))Core_enter_host, METH_FASTCALL, "host lane only"},
     {"enter_cross", (PyCFunction)(void (*)(void))Core_enter_cross, METH_FASTCALL, "may end on another thread"},
     {"exit", (PyCFunction)Core_exit, METH_O, "exit(token)"},
-    {"share_next", (PyCFunction)Core_share_next, METH_NOARGS, "the next boundary shares the last mark"},
     {"poll", (PyCFunction)Core_poll, METH_NOARGS, "one resolver pass"},
     {"run", (PyCFunction)Core_run, METH_NOARGS, "start the native resolver thread"},
     {"halt", (PyCFunction)Core_halt, METH_NOARGS, "stop and join it"},
@@ -1528,6 +1522,189 @@ static PyObject *region_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyO
     return r;
 }
 
+/* ---- forward ----------------------------------------------------------------------------- */
+
+/* Whether torch is tracing Python for a graph (export, AOT): torch.compiler's own flag. Dynamo
+ * never runs forward() while it traces: it inlines instrumentation.py's polyfill instead. */
+static int compiling(void) {
+    if (!g_compiler_globals) return 0;
+    PyObject *v = PyDict_GetItemWithError(g_compiler_globals, g_compiling_flag);
+    if (!v) return PyErr_Occurred() ? -1 : 0;
+    return PyObject_IsTrue(v);
+}
+
+/* Whether a frame evaluator (PEP 523) is installed: torch.compile's, while a compiled call runs on
+ * some thread. Dynamo compiles the first Python frame it meets below nn.Module's own (skipped)
+ * frames; C has none, so forward() then goes through a Python frame of instrumentation.py's. */
+static int evaluating(void) {
+    return (void *)_PyInterpreterState_GetEvalFrameFunc(PyInterpreterState_Get()) != (void *)_PyEval_EvalFrameDefault;
+}
+
+/* forward(fn, key, bkey, /, *args, **kwargs): fn(*args, **kwargs) as region key, and with grad
+ * enabled (bkey >= 0) its backward watched as region bkey. An instrumented module's forward is
+ * functools.partial(forward, fn, key, bkey): nn.Module calls straight into C. forward_here: the
+ * same, never through that Python frame. */
+static PyObject *forward_impl(PyObject *const *a, size_t nargsf, PyObject *kwnames, int here) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (n < 3) return PyErr_Format(PyExc_TypeError, "forward(fn, key, bkey, /, *args, **kwargs)");
+    if (!here && g_frame && evaluating()) return PyObject_Vectorcall(g_frame, a, (size_t)n, kwnames);
+    PyObject *fn = a[0];
+    Core *c = g_current;
+    int comp = c && c->active ? compiling() : 1;
+    if (comp < 0) return NULL;
+    if (comp) return PyObject_Vectorcall(fn, a + 3, n - 3, kwnames);
+    int32_t key = (int32_t)PyLong_AsLong(a[1]);
+    long bkey = PyLong_AsLong(a[2]);
+    if ((key == -1 || bkey == -1) && PyErr_Occurred()) return NULL;
+    Py_INCREF(c); /* fn may stop the session */
+    uint64_t id = ++c->next_id;
+    if (do_enter(c, NULL, id, key, NULL, !c->ndev, 0) < 0) {
+        Py_DECREF(c);
+        return NULL;
+    }
+    PyObject *res = PyObject_Vectorcall(fn, a + 3, n - 3, kwnames);
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    if (!res) PyErr_Fetch(&et, &ev, &tb);
+    Py_ssize_t at;
+    TState *t = c->active ? find_entry(c, NULL, id, &at) : NULL;
+    int rc = t ? do_exit(c, t, at) : 0;
+    Py_DECREF(c);
+    if (!res) {
+        if (rc < 0) PyErr_Clear(); /* fn's own error is the one to see */
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    if (rc < 0) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    if (bkey < 0 || !g_grad_enabled) return res;
+    PyObject *on = PyObject_CallNoArgs(g_grad_enabled);
+    int grad = on ? PyObject_IsTrue(on) : -1;
+    Py_XDECREF(on);
+    if (grad <= 0) {
+        if (grad < 0) Py_CLEAR(res);
+        return res;
+    }
+    /* the backward's watcher (Python, rare enough): args as a tuple, kwargs as a dict */
+    Py_ssize_t nk = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *pos = PyTuple_New(n - 3), *kw = PyDict_New(), *r = NULL;
+    if (!pos || !kw) goto done;
+    for (Py_ssize_t i = 3; i < n; i++) PyTuple_SET_ITEM(pos, i - 3, (Py_INCREF(a[i]), a[i]));
+    for (Py_ssize_t i = 0; i < nk; i++)
+        if (PyDict_SetItem(kw, PyTuple_GET_ITEM(kwnames, i), a[n + i]) < 0) goto done;
+    r = PyObject_CallFunctionObjArgs(g_watch, a[2], pos, kw, res, NULL);
+done:
+    Py_XDECREF(pos);
+    Py_XDECREF(kw);
+    if (!r) Py_CLEAR(res);
+    Py_XDECREF(r);
+    return res;
+}
+
+static PyObject *forward_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyObject *kwnames) {
+    return forward_impl(a, nargsf, kwnames, 0);
+}
+
+static PyObject *forward_here_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyObject *kwnames) {
+    return forward_impl(a, nargsf, kwnames, 1);
+}
+
+/* A child that nn.Module calls straight into forward(): an instrumented forward, no hooks, not
+ * compiled. Its first and last boundaries are the first and last things it does. */
+static int plain_child(PyObject *m) {
+    static PyObject *names[6];
+    static const char *const strs[6] = {"forward", "_compiled_call_impl", "_forward_pre_hooks",
+                                        "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"};
+    for (int i = 0; i < 6; i++)
+        if (!names[i] && !(names[i] = PyUnicode_InternFromString(strs[i]))) return -1;
+    PyObject *d = PyObject_GenericGetDict(m, NULL);
+    if (!d) return -1;
+    int plain = 0;
+    PyObject *f = PyDict_GetItemWithError(d, names[0]);
+    if (!f || (PyObject *)Py_TYPE(f) != g_forward_type) goto out;
+    PyObject *cc = PyDict_GetItemWithError(d, names[1]);
+    if (cc && cc != Py_None) goto out;
+    for (int i = 2; i < 6; i++) {
+        PyObject *h = PyDict_GetItemWithError(d, names[i]);
+        int some = h ? PyObject_IsTrue(h) : 0;
+        if (some) {
+            if (some < 0) plain = -1;
+            goto out;
+        }
+    }
+    plain = 1;
+out:
+    if (PyErr_Occurred()) plain = -1;
+    Py_DECREF(d);
+    return plain;
+}
+
+/* sequential(seq, input): nn.Sequential.forward, telling the core which boundaries are adjacent.
+ * Between the container's start, its children and its end nothing runs but this loop, so a plain
+ * child shares its start with the boundary before it, and the container's end shares the last
+ * child's end: one event per boundary instead of two per child. */
+static PyObject *sequential_fn(PyObject *mod, PyObject *const *a, Py_ssize_t n) {
+    if (n != 2) return PyErr_Format(PyExc_TypeError, "sequential(seq, input)");
+    Core *c = g_current;
+    int share = c && c->active && g_forward_type;
+    if (share) {
+        int comp = compiling();
+        if (comp < 0) return NULL;
+        share = !comp;
+    }
+    for (Py_ssize_t i = 0; share && g_global_hooks && i < PyTuple_GET_SIZE(g_global_hooks); i++) {
+        int some = PyObject_IsTrue(PyTuple_GET_ITEM(g_global_hooks, i));
+        if (some < 0) return NULL;
+        share = !some;
+    }
+    PyObject *it = PyObject_GetIter(a[0]);
+    if (!it) return NULL;
+    if (share) Py_INCREF(c); /* a child may stop the session */
+    PyObject *x = (Py_INCREF(a[1]), a[1]), *m;
+    int prev = 1; /* the last boundary is the container's own start */
+    while (x && (m = PyIter_Next(it))) {
+        int plain = share ? plain_child(m) : 0;
+        TState *t = NULL;
+        if (plain > 0 && prev && c->active && !(t = tstate(c))) plain = -1;
+        if (plain < 0) {
+            Py_DECREF(m);
+            Py_CLEAR(x);
+            break;
+        }
+        if (t) t->last_t = ALWAYS; /* the child's start shares the last mark */
+        Py_SETREF(x, PyObject_CallOneArg(m, x));
+        Py_DECREF(m);
+        prev = plain;
+    }
+    if (x && PyErr_Occurred()) Py_CLEAR(x);
+    if (x && share && prev && c->active) {
+        TState *t = tstate(c);
+        if (!t) Py_CLEAR(x);
+        else t->last_t = ALWAYS; /* the container's end shares the last child's */
+    }
+    if (share) Py_DECREF(c);
+    Py_DECREF(it);
+    return x;
+}
+
+/* bind_forward(compiler_globals, grad_enabled, watch, forward_type, global_hooks, frame):
+ * instrumentation.py's parts, once torch is imported */
+static PyObject *bind_forward(PyObject *mod, PyObject *args) {
+    PyObject *g, *grad, *watch, *ftype, *hooks, *frame;
+    if (!PyArg_ParseTuple(args, "O!OOO!O!O", &PyDict_Type, &g, &grad, &watch, &PyType_Type, &ftype, &PyTuple_Type,
+                          &hooks, &frame))
+        return NULL;
+    if (!g_compiling_flag && !(g_compiling_flag = PyUnicode_InternFromString("_is_compiling_flag"))) return NULL;
+    Py_XSETREF(g_compiler_globals, (Py_INCREF(g), g));
+    Py_XSETREF(g_grad_enabled, (Py_INCREF(grad), grad));
+    Py_XSETREF(g_watch, (Py_INCREF(watch), watch));
+    Py_XSETREF(g_forward_type, (Py_INCREF(ftype), ftype));
+    Py_XSETREF(g_global_hooks, (Py_INCREF(hooks), hooks));
+    Py_XSETREF(g_frame, (Py_INCREF(frame), frame));
+    Py_RETURN_NONE;
+}
+
 /* ---- module functions -------------------------------------------------------------------- */
 
 /* bind(**parts): the Python parts the core calls (names from recorder.py, the rest from regions.py) */
@@ -1597,6 +1774,13 @@ static PyMethodDef module_methods[] = {
      "``host_only=True`` records no device span: for host work such as a CPU task, whose\n"
      "event pair would only show the stream idling (or waiting behind earlier work)."},
     {"bind", (PyCFunction)(void (*)(void))bind, METH_VARARGS | METH_KEYWORDS, "regions.py's Python parts"},
+    {"forward", (PyCFunction)(void (*)(void))forward_fn, METH_FASTCALL | METH_KEYWORDS,
+     "forward(fn, key, bkey, /, *args, **kwargs): an instrumented module's forward as a region"},
+    {"forward_here", (PyCFunction)(void (*)(void))forward_here_fn, METH_FASTCALL | METH_KEYWORDS,
+     "forward(), never through instrumentation.py's Python frame"},
+    {"sequential", (PyCFunction)(void (*)(void))sequential_fn, METH_FASTCALL,
+     "sequential(seq, input): nn.Sequential.forward, its adjacent boundaries sharing events"},
+    {"bind_forward", bind_forward, METH_VARARGS, "instrumentation.py's parts, once torch is imported"},
     {"capture_began", capture_began, METH_NOARGS, "a CUDA graph capture begins (waits for the resolver)"},
     {"capture_ended", capture_ended, METH_NOARGS, "a CUDA graph capture ended"},
     {"after_fork_in_child", after_fork_in_child, METH_NOARGS, "fresh locks, no session"},

@@ -19,6 +19,7 @@ import types
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from . import _core
 from . import recorder as _rec
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 _MISSING = object()
 # torch's, bound once instrument() runs
 _is_compiling: Callable[[], bool] = lambda: False  # noqa: E731
-_grad_enabled: Callable[[], bool] = lambda: False  # noqa: E731
 _Tensor: Any = None
 _queue_callback: Callable[[Callable[[], None]], None] | None = None
 _graph_task_id: Callable[[], int] = threading.get_ident  # which backward pass runs: torch's, where it has it
@@ -42,19 +42,12 @@ def compiling() -> bool:
 
 def bind_torch() -> None:
     """Import torch only when instrumenting, so that `evtrace summary` starts fast."""
-    global \
-        _is_compiling, \
-        _grad_enabled, \
-        _Tensor, \
-        _queue_callback, \
-        _graph_task_id, \
-        _sequential_forward, \
-        _global_hooks
+    global _is_compiling, _Tensor, _queue_callback, _graph_task_id, _sequential_forward, _global_hooks
     import torch
     import torch.nn.modules.module as tm
 
     _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _is_compiling)
-    _grad_enabled, _Tensor = torch.is_grad_enabled, torch.Tensor
+    _Tensor = torch.Tensor
     _queue_callback = getattr(torch.autograd.Variable._execution_engine, "queue_callback", None)
     _graph_task_id = getattr(torch._C, "_current_graph_task_id", _graph_task_id)
     _sequential_forward = torch.nn.Sequential.forward
@@ -65,6 +58,34 @@ def bind_torch() -> None:
         "_global_backward_hooks",
     )
     _global_hooks = tuple(getattr(tm, n, {}) for n in names)
+    compiler = getattr(torch, "compiler", None)
+    _core.bind_forward(
+        vars(compiler) if compiler else {}, torch.is_grad_enabled, _watched, _Forward, _global_hooks, _frame
+    )
+    _polyfill(getattr(compiler, "substitute_in_graph", None))
+
+
+_polyfilled = False
+
+
+def _polyfill(substitute: Any) -> None:
+    """Tell dynamo to trace the Python twins of ``_core.forward`` and ``_core.sequential`` (C, which
+    it cannot trace). A torch without ``substitute_in_graph`` (before 2.5) splits the graph at each
+    instrumented module instead: still correct, slower."""
+    global _polyfilled
+    if _polyfilled or substitute is None:
+        return
+    pairs = (
+        (_core.forward, _traced_forward),
+        (_core.forward_here, _traced_forward),
+        (_core.sequential, _traced_sequential),
+    )
+    for c_fn, twin in pairs:
+        try:
+            substitute(c_fn, skip_signature_check=True)(twin)
+        except TypeError:  # no skip_signature_check: a builtin has no signature to check anyway
+            substitute(c_fn)(twin)
+    _polyfilled = True
 
 
 # ---- per-module backward spans --------------------------------------------------------------
@@ -205,32 +226,20 @@ def _plain_forward(module: torch.nn.Module) -> Any:  # noqa: F821
     return types.MethodType(type(module).forward, module)
 
 
-class _Forward:
+class _Forward(functools.partial):  # type: ignore[type-arg]
     """``module.forward`` as a region named after the module's path, and with grad enabled its
-    backward as a region named ``<path> (backward)``. A no-op without a session, and while
-    torch.compile traces (the compiled graph is not split, its modules are not traced)."""
+    backward as a region named ``<path> (backward)``: ``_core.forward(fn, key, bkey, ...)``, so that
+    nn.Module calls straight into C. A no-op without a session. Dynamo traces ``_traced_forward``
+    in its place: a compiled graph is not split, and the modules inside it are not traced."""
 
-    __slots__ = ("fn", "name", "key", "bkey", "module", "__weakref__")
+    module: torch.nn.Module
+    name: str
 
-    def __init__(self, module: torch.nn.Module, fn: Any, name: str, backward: bool = True) -> None:
-        self.module = module
-        self.fn = fn
-        self.name = name
-        self.key = _rec.name_key(name)
-        self.bkey = _rec.name_key(f"{name} (backward)") if backward else -1
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        rec = _rec.current
-        if rec is None or _is_compiling():
-            return self.fn(*args, **kwargs)
-        tok = rec.enter(self.key, None)
-        try:
-            result = self.fn(*args, **kwargs)
-        finally:
-            rec.exit(tok)
-        if self.bkey >= 0 and _grad_enabled():
-            _watch_backward(rec, self.bkey, args, kwargs, result)
-        return result
+    def __new__(cls, module: torch.nn.Module, fn: Any, name: str, backward: bool = True) -> _Forward:
+        bkey = _rec.name_key(f"{name} (backward)") if backward else -1
+        self = super().__new__(cls, _core.forward, fn, _rec.name_key(name), bkey)
+        self.module, self.name = module, name
+        return self
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_plain_forward, (self.module,))
@@ -239,43 +248,27 @@ class _Forward:
         return f"<evtrace forward of {self.name}>"
 
 
-def _sequential(seq: torch.nn.Sequential) -> Callable[[Any], Any]:  # noqa: F821
-    """``nn.Sequential.forward`` as torch runs it, telling the recorder which boundaries are
-    adjacent. Between the container's start, its children and its end nothing runs but this
-    loop, so a child that nn.Module calls straight (an evtrace forward, no hooks, not compiled:
-    its first and last boundaries are the first and last things it does) shares its start with
-    the boundary before it, and the container's end shares the last child's end: one event per
-    boundary instead of two per child."""
+def _traced_forward(fn: Any, key: int, bkey: int, /, *args: Any, **kwargs: Any) -> Any:
+    """What dynamo traces in place of ``_core.forward``: the module's own forward, nothing else."""
+    return fn(*args, **kwargs)
 
-    def forward(input: Any) -> Any:
-        rec = _rec.current
-        if rec is None or _is_compiling() or any(_global_hooks):
-            for module in seq:
-                input = module(input)
-            return input
-        nothing_launched = rec.nothing_launched()
-        prev = True  # the last boundary is the container's own start
-        for module in seq:
-            d = module.__dict__  # nn.Module's own test for calling forward straight, inlined
-            plain = (
-                type(d.get("forward")) is _Forward
-                and d.get("_compiled_call_impl") is None
-                and not (
-                    d["_forward_pre_hooks"]
-                    or d["_forward_hooks"]
-                    or d["_backward_pre_hooks"]
-                    or d["_backward_hooks"]
-                )
-            )
-            if prev and plain:
-                nothing_launched()  # the child's start shares the last mark
-            input = module(input)
-            prev = plain
-        if prev:
-            nothing_launched()  # the container's end shares the last child's
-        return input
 
-    return forward
+def _frame(fn: Any, key: int, bkey: int, /, *args: Any, **kwargs: Any) -> Any:
+    """``_core.forward`` through a Python frame, for dynamo to compile while a compiled call runs."""
+    return _core.forward_here(fn, key, bkey, *args, **kwargs)
+
+
+def _watched(key: int, args: Any, kwargs: Any, result: Any) -> None:
+    rec = _rec.current
+    if rec is not None:
+        _watch_backward(rec, key, args, kwargs, result)
+
+
+def _traced_sequential(seq: Any, input: Any, /) -> Any:
+    """What dynamo traces in place of ``_core.sequential``: ``nn.Sequential.forward``."""
+    for module in seq:
+        input = module(input)
+    return input
 
 
 def select(
@@ -305,7 +298,7 @@ class Instrumentation:
     """What ``instrument`` changed; ``remove()`` (or leaving the ``with`` block) undoes it.
 
     ``adjacent=False`` runs an ``nn.Sequential`` as any other module: its children's boundaries
-    then never share an event (a benchmark's comparison; see ``Recorder.nothing_launched``).
+    then never share an event (a benchmark's comparison; see ``_core.sequential``).
     """
 
     def __init__(
@@ -319,7 +312,7 @@ class Instrumentation:
             prev = m.__dict__.get("forward", _MISSING)
             fn = prev if prev is not _MISSING else m.forward
             if adjacent and prev is _MISSING and type(m).forward is _sequential_forward:
-                fn = _sequential(m)  # type: ignore[arg-type]  # an nn.Sequential by its forward
+                fn = functools.partial(_core.sequential, m)  # an nn.Sequential by its forward
             m.__dict__["forward"] = _Forward(m, fn, name, backward)
             self._saved.append((m, prev))
 

@@ -18,8 +18,6 @@ is theirs to touch:
   lane and, with a device, the current stream. ``enter_host``/``exit_host``: host lane only.
   ``enter_cross``/``exit_cross``: for a span that may end on another thread than it began
   (backward spans); the same calls, except that NVTX ranges are then start/end, not push/pop.
-- ``Recorder.nothing_launched()``: for a caller that knows nothing is launched between two
-  boundaries on its thread (``nn.Sequential``'s loop), so that they share one event.
 - Options: ``nvtx=True`` emits every region as an NVTX range too; ``share_ns`` fixes the
   window in which boundaries share an event (0: never share; None: measured at start).
 - Diagnostics, off the hot path, for benchmarks: ``anchor_now()``, ``anchors(device)``,
@@ -182,17 +180,6 @@ class Recorder:
     def _new_thread(self) -> None:
         """The core met a new thread: name its lane (the core numbers them in this order)."""
         self._thread_info.append(Thread(threading.get_native_id(), _thread_name()))
-
-    def nothing_launched(self) -> Callable[[], None]:
-        """This thread's promise, as a function: call it to say that nothing has been launched on
-        this thread since its last region boundary, nor will be before its next one. The next
-        boundary then shares the last one's event (one record instead of two).
-
-        For a caller that runs nothing else between two boundaries (``nn.Sequential``'s loop
-        between its children's forwards). Fetch it once per loop; a call is one C call.
-        """
-        share: Callable[[], None] = self._core.share_next
-        return share
 
     # ---- session lifecycle ----------------------------------------------------------------
     def start(self) -> None:

@@ -45,3 +45,32 @@ def test_cli_hooks_with_a_compiled_model(tmp_path: Path) -> None:
     assert torch.allclose(y, ref)
     s = r.session
     assert s is not None and set(s.names) == {"OptimizedModule", "OptimizedModule (backward)", "backward"}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_instrumented_model_compiles_to_one_graph(tmp_path: Path) -> None:
+    """Dynamo traces through the instrumented modules' forwards (C) as through plain ones: one
+    graph, no breaks, and nothing recorded of the compiled call."""
+    if not hasattr(torch.compiler, "substitute_in_graph"):
+        pytest.skip("torch before 2.5 splits the graph at each instrumented module")
+    torch._dynamo.reset()  # an earlier test's compiled code would serve this call
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with evtrace.instrument(model), evtrace.record(tmp_path / "g.json", device=False, quiet=True) as r:
+        cm = torch.compile(model, backend=backend)
+        got = cm(x)
+        eager = model(x)
+    assert len(graphs) == 1
+    assert torch.allclose(got, eager)
+    s = r.session
+    assert s is not None
+    assert not torch._dynamo.utils.counters["graph_break"]
+    # the eager call alone: the model and its three modules
+    assert sorted(s.names[k] for k in s.regions["name"]) == ["0", "1", "2", "Sequential"]

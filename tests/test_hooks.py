@@ -282,3 +282,23 @@ def test_nvtx_backward_spans_use_ranges_that_may_end_on_another_thread(
     (start,) = [c for c in calls if c[0] == "start"]
     assert start[1] == "Linear (backward)"
     assert calls.count(("end", 100)) == 1
+
+
+def test_an_exception_in_a_forward_propagates_and_its_spans_close(tmp_path: Path) -> None:
+    class Boom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("boom")
+
+    model = nn.Sequential(nn.Linear(2, 2), Boom(), nn.Linear(2, 2))
+    with evtrace.instrument(model), evtrace.record(tmp_path / "e.json", device=False, quiet=True) as r:
+        with pytest.raises(ValueError, match="^boom$"):
+            model(torch.zeros(1, 2))
+        model[0](torch.zeros(1, 2))  # the stack is clean: a later call is a span of its own
+    s = r.session
+    assert s is not None
+    names = [s.names[k] for k in s.regions["name"]]
+    assert sorted(names) == ["0", "0", "1", "Sequential"]
+    reg = s.regions
+    outer = reg[names.index("Sequential")]
+    boom = reg[names.index("1")]
+    assert outer["host_start"] <= boom["host_start"] <= boom["host_end"] <= outer["host_end"]
