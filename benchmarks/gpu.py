@@ -1,6 +1,6 @@
 """GPU figures for BENCHMARKS.md, each measured side by side with its alternatives in one run.
 
-    python benchmarks/gpu.py all                 # P1, P1b, P2, P3, P4 (60 s), anchors: ~4 min
+    python benchmarks/gpu.py all                 # P1, P1b, P2, P2h, P3, P4 (60 s), anchors: ~5 min
     python benchmarks/gpu.py p4 --seconds 600    # the 10-minute alignment run
 
 Every figure alternates its variants trial by trial and reports medians with min/max.
@@ -194,7 +194,9 @@ def p1b(n: int = 200_000, trials: int = 7) -> dict[str, Any]:
 
 
 # ---- P2: launch-bound model, every module traced ----------------------------------------------
-def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
+def p2(fwd: int = 50, trials: int = 9, headline: bool = False) -> dict[str, Any]:
+    """P2, 48 x (Linear 256, GELU), every module traced, against the untraced forward. ``headline``:
+    only evtrace and torch.profiler, so that each trial's three runs lie close together in time."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for _ in range(48):
@@ -279,6 +281,9 @@ def p2(fwd: int = 50, trials: int = 9) -> dict[str, Any]:
         with torch.profiler.profile(activities=acts):
             return timed()
 
+    if headline:
+        variants = {"untraced": timed, "evtrace, every module": evtrace_all(True), "torch.profiler": profiler}
+        return against_untraced("P2_headline", alternate(variants, trials), "untraced forward µs", 1000)
     res = alternate(
         {
             "untraced": timed,
@@ -636,6 +641,7 @@ def main() -> None:
         "P1": p1,
         "P1b": p1b,
         "P2": p2,
+        "P2h": lambda: p2(fwd=a.fwd, trials=a.trials, headline=True),
         "P3": p3,
         "P6": p6,
         "anchors": anchors,
@@ -643,6 +649,8 @@ def main() -> None:
     }
     ap.add_argument("what", choices=["all", *(k.lower() for k in figures)])
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--trials", type=int, default=31, help="P2h's alternations")
+    ap.add_argument("--fwd", type=int, default=50, help="P2h's forwards a trial")
     a = ap.parse_args()
     emit("machine", machine())
     table = {k: run() for k, run in figures.items() if a.what in ("all", k.lower())}
