@@ -640,8 +640,8 @@ def main() -> None:
     figures: dict[str, Callable[[], dict[str, Any]]] = {
         "P1": p1,
         "P1b": p1b,
-        "P2": p2,
-        "P2h": lambda: p2(fwd=a.fwd, trials=a.trials, headline=True),
+        "P2": lambda: p2(fwd=a.fwd, trials=a.trials or 9),
+        "P2h": lambda: p2(fwd=a.fwd, trials=a.trials or 31, headline=True),
         "P3": p3,
         "P6": p6,
         "anchors": anchors,
@@ -649,8 +649,8 @@ def main() -> None:
     }
     ap.add_argument("what", choices=["all", *(k.lower() for k in figures)])
     ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--trials", type=int, default=31, help="P2h's alternations")
-    ap.add_argument("--fwd", type=int, default=50, help="P2h's forwards a trial")
+    ap.add_argument("--trials", type=int, help="P2's alternations (default 9; P2h: 31)")
+    ap.add_argument("--fwd", type=int, default=50, help="P2's forwards a trial")
     a = ap.parse_args()
     emit("machine", machine())
     table = {k: run() for k, run in figures.items() if a.what in ("all", k.lower())}

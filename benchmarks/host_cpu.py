@@ -1,4 +1,5 @@
-"""Host-only figures, for the 2-core CPU machine: P1b (region cost) and P5 (1M regions).
+"""Host-only figures, for the 2-core CPU machine: P1b (region cost), an instrumented module's
+cost, and P5 (1M regions).
 
 python benchmarks/host_cpu.py [--regions 1000000]
 """
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import alternate, emit, machine, stat  # noqa: E402
@@ -109,6 +111,41 @@ def p1b(n: int = 200_000, trials: int = 9) -> None:
     emit("P1b_host_session_ns", {k: stat(v) for k, v in on.items()})
 
 
+def modules(n: int = 2000, trials: int = 9) -> None:
+    """ns a module call adds when ``instrument(model)`` traces it: an nn.Sequential of 96
+    nn.Identity (nothing of their own to do), ``torch.no_grad()``, minus the plain forward."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(*(nn.Identity() for _ in range(96)))
+    x = torch.zeros(1)
+
+    def forward() -> float:
+        t = time.perf_counter_ns()
+        for _ in range(n):
+            model(x)
+        return (time.perf_counter_ns() - t) / n / 97  # the 96 children and the container
+
+    def traced(session: bool) -> Callable[[], float]:
+        def run() -> float:
+            with evtrace.instrument(model):
+                if not session:
+                    return forward()
+                with evtrace.record(
+                    os.path.join(tempfile.gettempdir(), "mod.json"), device=False, quiet=True
+                ):
+                    return forward()
+
+        return run
+
+    with torch.no_grad():
+        res = alternate(
+            {"plain": forward, "no session": traced(False), "host-only session": traced(True)}, trials
+        )
+    out = {k: stat([a - b for a, b in zip(v, res["plain"])]) for k, v in res.items() if k != "plain"}
+    emit("modules_ns_over_plain", out | {"plain forward, ns a module": stat(res["plain"])})
+
+
 def p5(n: int) -> None:
     """Record n host-only regions and export them to .json.gz; then memory per region while
     recording (a second run under tracemalloc, which slows recording, so it is not timed)."""
@@ -194,11 +231,13 @@ def stress(n: int, max_regions: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--regions", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=["p1b", "p5", "stress"])
+    ap.add_argument("--only", choices=["p1b", "modules", "p5", "stress"])
     a = ap.parse_args()
     emit("machine", machine() | {"cores": str(os.cpu_count())})
     if a.only in (None, "p1b"):
         p1b()
+    if a.only in (None, "modules"):
+        modules()
     if a.only in (None, "p5"):
         p5(a.regions)
     if a.only in (None, "stress"):
