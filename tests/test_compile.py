@@ -48,7 +48,7 @@ def test_cli_hooks_with_a_compiled_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.11's reset() imports torch.jit.script_method
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.11: reset() imports a deprecated jit API
 def test_an_instrumented_model_compiles_to_one_graph(tmp_path: Path) -> None:
     """Dynamo traces through the instrumented modules' forwards (C) as through plain ones: one
     graph, no breaks, and nothing recorded of the compiled call."""
