@@ -1,28 +1,116 @@
-"""Files: atomic writes (temp file, then rename; gzip by suffix) and reading JSON that may be
-gzipped. ``TraceError`` is what reading a file that is not a usable trace raises.
+"""Files: atomic writes (temp file, then rename; gzip by suffix, deflated on worker threads) and
+reading JSON that may be gzipped. ``TraceError`` is what reading a file that is not a usable trace
+raises.
 
-Imports nothing of evtrace: the session's save and load, merge and the CLI's text outputs use it.
+Imports nothing of evtrace: the session's save and load, the Chrome view, merge and the CLI's text
+outputs use it.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import os
+import struct
 import sys
 import time
 import zlib
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Generator, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-PROGRESS_AFTER_S = 1.0  # a write that takes longer says so on stderr
+PROGRESS_AFTER_S = 1.0  # a write that takes over this long says so on stderr
+GZIP_LEVEL = 3
+PIECE = 1 << 20  # the text is deflated in pieces of about this many bytes, several at once
 
 
 class TraceError(Exception):
     """A file that is not a readable evtrace trace (missing, truncated, not JSON, not evtrace's)."""
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial (zlib's crc32.c; reflected bits)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                return p
+        m >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^n) modulo the polynomial
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of A + B from those of A and B and the length of B (zlib's, which Python's
+    zlib module lacks): pieces checksummed on several threads give the file's one CRC."""
+    p, k = 1 << 31, 3  # x^(8 * len2): len2 bytes of zeros appended
+    while len2:
+        if len2 & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        len2 >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
+def _deflate(text: list[bytes | bytearray], level: int) -> tuple[bytes, int, int]:
+    """One piece: its raw deflate data, unfinished and ending on a byte boundary (so that pieces
+    join into one stream), its CRC-32 and its length."""
+    z = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out, crc, size = [], 0, 0
+    for t in text:
+        out.append(z.compress(t))
+        crc = zlib.crc32(t, crc)
+        size += len(t)
+    out.append(z.flush(zlib.Z_SYNC_FLUSH))
+    return b"".join(out), crc, size
+
+
+def gzip_stream(chunks: Iterable[bytes | bytearray], level: int = GZIP_LEVEL) -> Generator[bytes, None, None]:
+    """The gzip file of the chunks' concatenation, in pieces, as pigz makes it: one member whose
+    deflate stream is ~1 MB pieces compressed independently on worker threads while the caller
+    makes the next chunks (zlib releases the GIL).
+    """
+    # no file name, no time: the same trace gives the same file (OS unknown, as GzipFile writes)
+    yield b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(4, cpus)
+    pool: ThreadPoolExecutor | None = None
+    jobs: deque[Future[tuple[bytes, int, int]]] = deque()
+    text: list[bytes | bytearray] = []
+    crc = size = pending = 0
+
+    def done(piece: tuple[bytes, int, int]) -> bytes:
+        nonlocal crc, size
+        data, piece_crc, piece_size = piece
+        crc, size = crc32_combine(crc, piece_crc, piece_size), size + piece_size
+        return data
+
+    try:
+        for chunk in chunks:
+            text.append(chunk)
+            pending += len(chunk)
+            if pending >= PIECE:
+                pool = pool or ThreadPoolExecutor(workers, thread_name_prefix="evtrace-gzip")
+                jobs.append(pool.submit(_deflate, text, level))
+                text, pending = [], 0
+                while jobs and (jobs[0].done() or len(jobs) > workers + 1):  # in order; memory bounded
+                    yield done(jobs.popleft().result())
+        for job in jobs:
+            yield done(job.result())
+        yield done(_deflate(text, level)) + b"\x03\x00"  # and the final block, empty
+        yield struct.pack("<II", crc, size & 0xFFFFFFFF)
+    finally:
+        if pool:  # on an error too: no worker outlives the write
+            pool.shutdown(cancel_futures=True)
 
 
 def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path:
@@ -34,26 +122,26 @@ def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     start = time.monotonic()
     shown = False
-    written = 0
+
+    def text() -> Generator[bytes | bytearray, None, None]:
+        nonlocal shown
+        written = 0
+        for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
+            written += len(chunk)
+            if not shown and time.monotonic() - start > PROGRESS_AFTER_S:
+                print(
+                    f"evtrace: writing {path} ({written / 1e6:.0f} MB of JSON so far) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                shown = True
+            yield chunk
+
     try:
-        with open(tmp, "wb") as raw:
-            f: io.BufferedIOBase = (
-                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0)
-                if path.suffix == ".gz"
-                else raw
-            )
-            for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
-                f.write(chunk)
-                written += len(chunk)
-                if not shown and time.monotonic() - start > PROGRESS_AFTER_S:
-                    print(
-                        f"evtrace: writing {path} ({written / 1e6:.0f} MB of JSON so far) ...",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    shown = True
-            if f is not raw:
-                f.close()
+        # closed on the way out: gzip's workers stop with the write, an interrupted one too
+        with open(tmp, "wb") as f, closing(gzip_stream(text()) if path.suffix == ".gz" else text()) as out:
+            for piece in out:
+                f.write(piece)
         os.replace(tmp, path)
     except BaseException:  # a signal or an error mid-write: no half file, no temp file left
         try:

@@ -1,11 +1,13 @@
 """The trace writer's speed-ups keep its bytes: events formatted many at once are the bytes one
-``%`` format per event wrote."""
+``%`` format per event wrote, and the gzip pieces compressed on worker threads make one gzip file."""
 
 from __future__ import annotations
 
 import gzip
 import os
 import subprocess
+import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evtrace
-from evtrace import session
+from evtrace import files, session
 from evtrace.device import DeviceInfo
+from evtrace.files import crc32_combine, gzip_stream
 from evtrace.session import REGION_DTYPE, Session, Stream, Thread, trace_bytes
 
 from .checker import problems
@@ -141,6 +144,41 @@ def test_events_are_the_bytes_one_format_per_event_wrote(s: Session, block_bytes
         assert_formatted_as_before(s)
     finally:
         session.BLOCK_BYTES = old
+
+
+def test_crc32_combine() -> None:
+    rng = np.random.default_rng(1)
+    for size_a, size_b in [(0, 0), (1, 0), (0, 1), (5, 3), (1 << 20, 12345), (7, (1 << 21) + 1)]:
+        a, b = rng.bytes(size_a), rng.bytes(size_b)
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+@pytest.mark.parametrize("piece", [1, 1000, files.PIECE])
+def test_gzip_pieces_make_one_gzip_file(piece: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "PIECE", piece)
+    rng = np.random.default_rng(2)
+    chunks = [rng.bytes(int(k)) + b"abc" * int(k) for k in rng.integers(0, 5000, 300)]
+    text = b"".join(chunks)
+    z = b"".join(gzip_stream(chunks))
+    assert gzip.decompress(z) == text
+    assert zlib.decompress(z, wbits=31) == text  # one member: zlib alone reads it, CRC and length checked
+    assert z[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, no time
+    assert b"".join(gzip_stream(chunks)) == z  # the same text, the same file
+    assert gzip.decompress(b"".join(gzip_stream([]))) == b""
+
+
+def test_gzip_workers_stop_with_a_failed_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "PIECE", 10)
+
+    def chunks():
+        for _ in range(50):
+            yield b"x" * 100
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        for _ in gzip_stream(chunks()):
+            pass
+    assert not [t for t in threading.enumerate() if t.name.startswith("evtrace-gzip")]
 
 
 def test_a_big_trace_imports_into_perfetto_without_errors(tmp_path: Path) -> None:

@@ -6,14 +6,14 @@ the exporters' shape (a suffix, binary output, ``render(session)``).
 
 from __future__ import annotations
 
-import gzip
 from typing import ClassVar
 
-from ..session import Session, trace_bytes
+from ..files import gzip_stream
+from ..session import Session, trace_bytes, trace_chunks
 
 
 class ChromeTrace:
-    """The trace document; gzipped when ``compress`` (the ``.json.gz`` suffix)."""
+    """The trace document; gzipped when ``compress`` (the ``.json.gz`` suffix), as ``save`` writes it."""
 
     suffix: ClassVar[str] = ".json.gz"
     binary: ClassVar[bool] = True
@@ -22,5 +22,4 @@ class ChromeTrace:
         self.compress = compress
 
     def render(self, s: Session) -> bytes:
-        raw = trace_bytes(s)
-        return gzip.compress(raw, compresslevel=3, mtime=0) if self.compress else raw
+        return b"".join(gzip_stream(trace_chunks(s))) if self.compress else trace_bytes(s)
