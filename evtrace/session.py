@@ -256,40 +256,36 @@ class _Lanes:
         r = s.regions
         self.overlap: list[list[int]] = []  # [extra tid, original tid]
         self._next = OVERLAP_TID
-        # each pass over a column of the structured array reads all of it: one copy, then passes
-        thread, start, end = (np.ascontiguousarray(r[f]) for f in ("thread", "host_start", "host_end"))
         tids = np.array([t.tid for t in s.threads] or [0], dtype=np.int64)
-        one = len(r) > 0 and thread.min() == thread.max()
-        host_tid = np.full(len(r), tids[thread[0]]) if one else tids[thread]
-        self.host_tid, self.host_extra = self._split(thread, host_tid, start, end)
+        self.host_tid, self.host_extra = self._split(r["thread"], tids, r["host_start"], r["host_end"])
         self.has_dev = r["device"] >= 0
         rows = np.flatnonzero(self.has_dev)
         self.dev_pid = self.dev_tid = np.zeros(len(r), np.int64)  # the host only: never read
         self.dev_extra: dict[tuple[int, int], int] = {}
         if len(rows):
             self.dev_pid = dev_pid + r["device"].astype(np.int64)
-            self.dev_tid = 1 + r["stream"].astype(np.int64)
-            tids, self.dev_extra = self._split(
-                r["stream"][rows], self.dev_tid[rows], r["dev_start"][rows], r["dev_end"][rows]
+            self.dev_tid = np.zeros(len(r), np.int64)
+            self.dev_tid[rows], self.dev_extra = self._split(
+                r["stream"][rows], 1 + np.arange(len(s.streams)), r["dev_start"][rows], r["dev_end"][rows]
             )
-            self.dev_tid[rows] = tids
 
     def _split(
-        self, lane_ids: np.ndarray, base_tid: np.ndarray, start: np.ndarray, end: np.ndarray
+        self, lane_ids: np.ndarray, tid_of: np.ndarray, start: np.ndarray, end: np.ndarray
     ) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
-        tid = base_tid
+        """Each span's tid: its lane's (``tid_of[lane id]``), or an extra lane's where it would cross."""
+        # one lane (one thread, or one stream): one tid, as a view, and nothing gathered
+        one = len(lane_ids) > 0 and bool((lane_ids == lane_ids[0]).all())
+        tid = np.broadcast_to(tid_of[lane_ids[0]], len(lane_ids)) if one else tid_of[lane_ids]
         extras: dict[tuple[int, int], int] = {}
-        one = len(lane_ids) > 0 and lane_ids.min() == lane_ids.max()
-        for lane in [lane_ids[0]] if one else np.flatnonzero(np.bincount(lane_ids)).tolist():
-            # one lane (one thread, or one stream): its columns as they are, nothing gathered
-            rows = np.arange(len(lane_ids)) if one else np.flatnonzero(lane_ids == lane)
-            sub = sublanes(start, end) if one else sublanes(start[rows], end[rows])
+        for lane in [int(lane_ids[0])] if one else np.flatnonzero(np.bincount(lane_ids)).tolist():
+            rows: slice | np.ndarray = slice(None) if one else np.flatnonzero(lane_ids == lane)
+            sub = sublanes(start[rows], end[rows])
             for k in np.unique(sub[sub > 0]).tolist():
-                tid = tid.copy() if tid is base_tid else tid
-                orig = int(base_tid[rows[0]])
-                extras[(orig, k)] = self._next
-                self.overlap.append([self._next, orig])
-                tid[rows[sub == k]] = self._next
+                tid = tid if tid.flags.writeable else tid.copy()
+                extras[(int(tid_of[lane]), k)] = self._next
+                self.overlap.append([self._next, int(tid_of[lane])])
+                moved = np.flatnonzero(sub == k)
+                tid[moved if isinstance(rows, slice) else rows[moved]] = self._next
                 self._next += 1
         return tid, extras
 
