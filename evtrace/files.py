@@ -24,7 +24,9 @@ from typing import Any
 import orjson
 
 PROGRESS_AFTER_S = 1.0  # a write that takes over this long says so on stderr
-GZIP_LEVEL = 3
+# level 2 costs ~15 % less CPU than 3 for ~2.5 % more bytes (137 MB of trace text, 1M host-only
+# regions: 0.46 s of deflate for 15.4 MB instead of 0.54 s for 15.0 MB); deflate is most of a write
+GZIP_LEVEL = 2
 PIECE = 1 << 20  # the text is deflated in pieces of about this many bytes, several at once
 
 
