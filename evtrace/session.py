@@ -219,9 +219,12 @@ def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     out = np.zeros(len(start), dtype=np.int32)
     if len(start) < 2 or (np.all(start[1:] >= end[:-1]) and np.all(end >= start)):
         return out  # already in order and flat (the host lane of a loop), without sorting
-    order = np.lexsort((-end, start))
-    s, e = start[order], end[order]
-    if np.all(s[1:] >= e[:-1]):  # flat: nothing nests, nothing crosses
+    if np.all((start[1:] > start[:-1]) | ((start[1:] == start[:-1]) & (end[1:] <= end[:-1]))):
+        order, s, e = np.arange(len(start)), start, end  # already by start, the longer first
+    else:
+        order = np.lexsort((-end, start))
+        s, e = start[order], end[order]
+    if np.all(s[1:] >= e[:-1]) or _nested(s, e):  # flat, or nested: nothing crosses
         return out
     stacks: list[list[int]] = []
     lane_of = np.zeros(len(start), dtype=np.int32)
@@ -238,6 +241,19 @@ def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
             lane_of[k] = len(stacks) - 1
     out[order] = lane_of
     return out
+
+
+def _nested(s: np.ndarray, e: np.ndarray) -> bool:
+    """Whether spans sorted by start, the longer first, nest without crossing (touching spans are
+    siblings), without a stack: as parentheses (ends before starts at one instant, the inner end
+    first), each span's end must come at the depth its start opened."""
+    if not np.all(e > s):
+        s, e = s[e > s], e[e > s]  # a span of no length crosses nothing
+    ends = len(e) - 1 - np.argsort(e[::-1], kind="stable")  # by end, the later start first
+    end_at = e[ends]
+    opened = np.arange(1, len(s) + 1) - np.searchsorted(end_at, s, side="right")
+    closing = np.searchsorted(s, end_at, side="left") - np.arange(len(s))
+    return bool(np.array_equal(opened[ends], closing))
 
 
 def _lane_meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: int) -> list[dict[str, Any]]:

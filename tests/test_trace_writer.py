@@ -146,6 +146,52 @@ def test_events_are_the_bytes_one_format_per_event_wrote(s: Session, block_bytes
         session.BLOCK_BYTES = old
 
 
+def stack_sublanes(start: list[int], end: list[int]) -> list[int]:
+    """sublanes as it always worked, span by span with a stack per sub-lane."""
+    stacks: list[list[int]] = []
+    out = [0] * len(start)
+    for i in sorted(range(len(start)), key=lambda i: (start[i], -end[i])):
+        for lane, stack in enumerate(stacks):
+            while stack and stack[-1] <= start[i]:
+                stack.pop()
+            if not stack or end[i] <= stack[-1]:
+                stack.append(end[i])
+                out[i] = lane
+                break
+        else:
+            stacks.append([end[i]])
+            out[i] = len(stacks) - 1
+    return out
+
+
+def nested_spans(rng: np.random.Generator, lo: int, hi: int, depth: int) -> list[tuple[int, int]]:
+    """Spans that nest (or touch) and never cross, as with-blocks on one thread make them."""
+    out: list[tuple[int, int]] = []
+    t = lo
+    while t < hi and depth and rng.random() < 0.8:
+        a = int(rng.integers(t, hi + 1))
+        b = int(rng.integers(a, hi + 1))
+        out += [(a, b)] * int(rng.integers(1, 3)) + nested_spans(rng, a, b, depth - 1)
+        t = b
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(-2, 12)), min_size=0, max_size=30), st.randoms())
+def test_sublanes_as_span_by_span(spans: list[tuple[int, int]], random: Any) -> None:
+    """The vectorised shortcuts (in order and flat; nested without crossing) give the lanes the
+    stack gives, for any spans, and for spans that nest, in any order."""
+    rng = np.random.default_rng(random.getrandbits(32))
+    pairs = [(a, a + d) for a, d in spans]  # some of no length, some ending before they start
+    nested = nested_spans(rng, 0, 40, 4)
+    rng.shuffle(nested)
+    in_order = sorted(pairs, key=lambda x: (x[0], -x[1])), sorted(nested, key=lambda x: (x[0], -x[1]))
+    for case in (pairs, nested, *in_order):
+        start, end = [a for a, _ in case], [b for _, b in case]
+        got = session.sublanes(np.array(start, np.int64), np.array(end, np.int64)).tolist()
+        assert got == stack_sublanes(start, end), case
+
+
 def test_crc32_combine() -> None:
     rng = np.random.default_rng(1)
     for size_a, size_b in [(0, 0), (1, 0), (0, 1), (5, 3), (1 << 20, 12345), (7, (1 << 21) + 1)]:
