@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -356,6 +356,7 @@ def _meta_events(s: Session, lanes: _Lanes, place: _Place) -> list[dict[str, Any
 BLOCK_BYTES = 2 << 20  # a block's matrix: fits the caches, and is a piece for the gzip workers
 
 _Part = bytes | np.ndarray  # a literal, or text in columns: one row per event
+Spans = Sequence[tuple[int, int]]
 
 
 def _digits(out: np.ndarray, a: np.ndarray, pad: bool) -> None:
@@ -413,13 +414,6 @@ def _pick(texts: list[bytes], table: np.ndarray, index: np.ndarray) -> _Part:
     return picked
 
 
-def _only(rows: np.ndarray, parts: list[_Part]) -> list[_Part]:
-    """``parts`` blanked on the rows not in ``rows`` (a mask)."""
-    return [
-        np.where(rows[:, None], np.frombuffer(p, np.uint8) if isinstance(p, bytes) else p, 0) for p in parts
-    ]
-
-
 class _Matrix:
     """Blocks of rows, one after another, in one reused matrix. Its literal columns are written
     when the layout changes; a field keeps the widest width it has had (its padding is dropped
@@ -428,28 +422,35 @@ class _Matrix:
     def __init__(self) -> None:
         self._shape: tuple[int, tuple[bytes | None, ...]] = (0, ())  # rows, literals in place
         self._widths: tuple[int, ...] = ()
+        self._blanked = False  # literals blanked on some rows: to be written again
         self._buf = bytearray()
         self._m = np.empty((0, 0), np.uint8)
 
-    def text(self, n: int, parts: list[_Part]) -> bytearray:
-        """The ``n`` rows, each its parts side by side, each led by a comma."""
+    def text(
+        self, n: int, parts: list[_Part], blank: np.ndarray | None = None, spans: Spans = ()
+    ) -> bytearray:
+        """The ``n`` rows, each its parts side by side, each led by a comma; on the ``blank`` rows
+        (a mask) without the parts ``parts[i:j]`` for each ``(i, j)`` of ``spans``."""
         shape = (n, tuple(p if isinstance(p, bytes) else None for p in parts))
         widths = tuple(len(p) if isinstance(p, bytes) else p.shape[1] for p in parts)
         if shape == self._shape:
             widths = tuple(map(max, widths, self._widths))
         starts = list(itertools.accumulate(widths, initial=1))  # after the comma
+        literals = self._blanked
         if (shape, widths) != (self._shape, self._widths):
-            self._shape, self._widths = shape, widths
+            self._shape, self._widths, literals = shape, widths, True
             self._buf = bytearray(n * starts[-1])
             self._m = np.frombuffer(self._buf, np.uint8).reshape(n, -1)
             self._m[:, 0] = ord(",")
-            for p, at in zip(parts, starts):
-                if isinstance(p, bytes):
-                    self._m[:, at : at + len(p)] = np.frombuffer(p, np.uint8)
         for p, at, end in zip(parts, starts, starts[1:]):
             if not isinstance(p, bytes):
                 self._m[:, at : at + p.shape[1]] = p
                 self._m[:, at + p.shape[1] : end] = 0
+            elif literals:
+                self._m[:, at:end] = np.frombuffer(p, np.uint8)
+        self._blanked = blank is not None and bool(blank.any())
+        for i, j in spans if self._blanked else ():
+            self._m[blank, starts[i] : starts[j]] = 0
         return self._buf.translate(None, b"\0")
 
 
@@ -513,15 +514,16 @@ def _slices(s: Session, lanes: _Lanes, place: _Place) -> Iterator[bytearray]:
         d0, d1, h0 = (np.where(dev, c[f], 0) for f in ("dev_start", "dev_end", "host_start"))
         bind = _int(np.arange(lo + flow, hi + flow))
         dd = _us(d1 - d0)
-        flow_out: list[_Part] = [b',"bind_id":', bind, b',"flow_out":true']
+        flow_out: list[_Part] = [b',"bind_id":', bind, b',"flow_out":true']  # parts of a device row
         dev_args: list[_Part] = [b',"device_dur_us":', dd, b',"launch_delay_us":', _us(d0 - h0)]
         device: list[_Part] = [b'}},{"ph":"X","cat":"device","name":', name, b',"pid":']
         device += [_int(np.where(dev, lanes.dev_pid[lo:hi], 0)), b',"tid":']
         device += [_int(np.where(dev, lanes.dev_tid[lo:hi], 0)), b',"ts":', _us(d0), b',"dur":', dd]
         device += [b',"bind_id":', bind, b',"flow_in":true', *host_args, *dev_args]
-        if not dev.all():
-            flow_out, dev_args, device = _only(dev, flow_out), _only(dev, dev_args), _only(dev, device)
-        yield matrix.text(n, [*host, *flow_out, *host_args, *dev_args, *device, b"}}"])
+        parts: list[_Part] = [*host, *flow_out, *host_args, *dev_args, *device, b"}}"]
+        rest = len(host) + len(flow_out) + len(host_args)  # dev_args and device from there
+        spans = [(len(host), len(host) + len(flow_out)), (rest, len(parts) - 1)]
+        yield matrix.text(n, parts, ~dev, spans)  # the device parts blanked on rows without
 
 
 def _counters(s: Session, place: _Place) -> Iterator[bytearray]:
