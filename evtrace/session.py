@@ -356,7 +356,7 @@ def _meta_events(s: Session, lanes: _Lanes, place: _Place) -> list[dict[str, Any
 BLOCK_BYTES = 2 << 20  # a block's matrix: fits the caches, and is a piece for the gzip workers
 
 _Part = bytes | np.ndarray  # a literal, or text in columns: one row per event
-Spans = Sequence[tuple[int, int]]
+_Spans = Sequence[tuple[int, int]]  # [i, j) ranges of parts
 
 
 def _digits(out: np.ndarray, a: np.ndarray, pad: bool) -> None:
@@ -373,8 +373,9 @@ def _digits(out: np.ndarray, a: np.ndarray, pad: bool) -> None:
 
 
 def _number(v: np.ndarray, decimals: bool) -> np.ndarray:
-    """Integers as ``%d`` writes them, or (``decimals``) integer ns as µs as ``%.3f`` writes
-    ns / 1000, exactly (up to 52 days). Built one contiguous row per digit place, transposed."""
+    """Integers as ``%d`` writes them, or (``decimals``) integer ns as µs with three decimals,
+    exactly: what ``%.3f`` of ns / 1000 wrote, up to 52 days (where floats start to round).
+    Built one contiguous row per digit place, then transposed."""
     a = np.abs(v)
     whole = a // 1000 if decimals else a
     sign = int(bool((v < 0).any()))
@@ -396,7 +397,7 @@ def _int(v: np.ndarray) -> _Part:
 
 
 def _us(ns: np.ndarray) -> np.ndarray:
-    """Integer ns as µs with three decimals, as ``%.3f`` writes ns / 1000."""
+    """Integer ns as µs with three decimals."""
     return _number(ns, True)
 
 
@@ -427,7 +428,7 @@ class _Matrix:
         self._m = np.empty((0, 0), np.uint8)
 
     def text(
-        self, n: int, parts: list[_Part], blank: np.ndarray | None = None, spans: Spans = ()
+        self, n: int, parts: list[_Part], blank: np.ndarray | None = None, spans: _Spans = ()
     ) -> bytearray:
         """The ``n`` rows, each its parts side by side, each led by a comma; on the ``blank`` rows
         (a mask) without the parts ``parts[i:j]`` for each ``(i, j)`` of ``spans``."""
