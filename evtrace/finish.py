@@ -26,6 +26,19 @@ def on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated("SIGTERM")
 
 
+def _default_in_child() -> None:
+    """A forked child (a DataLoader or Pool worker) records nothing, so SIGTERM there acts as it
+    would without evtrace: the process ends at once. Raised as an exception instead, it unwinds the
+    worker wherever it is, between taking a queue's lock and releasing it too, and the pool's
+    other workers wait on that lock for ever."""
+    if signal.getsignal(signal.SIGTERM) is on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_default_in_child)
+
+
 def die_by(signum: int) -> None:
     """End the process as ``signum`` would (exit status 128 + signum from a shell), quietly:
     no traceback, no atexit work. Python itself ends so after an uncaught KeyboardInterrupt."""

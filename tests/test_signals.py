@@ -124,3 +124,22 @@ def test_a_second_signal_aborts_the_write_and_says_so(big_dir: Path, under_cli: 
     assert "Traceback" not in text
     assert leftovers(tmp_path) == []
     assert not (tmp_path / "t.json.gz").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_has_sigterm_s_default_action(tmp_path: Path) -> None:
+    """A worker forked while recording (a DataLoader or Pool worker) records nothing: SIGTERM ends
+    it at once, as without evtrace, instead of unwinding it (a Pool worker unwound while it held
+    its queue's lock left the pool's other workers, and the pool's terminate(), waiting for ever)."""
+    with evtrace.record(tmp_path / "f.json", device=False, quiet=True):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the parent's is evtrace's
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, b"1" if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else b"0")
+            os._exit(0)
+        os.close(w)
+        got = os.read(r, 1)
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert got == b"1"
