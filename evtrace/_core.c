@@ -1525,7 +1525,7 @@ static PyObject *region_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyO
 /* ---- forward ----------------------------------------------------------------------------- */
 
 /* Whether torch is tracing Python for a graph (export, AOT): torch.compiler's own flag. Dynamo
- * never runs forward() while it traces: it inlines instrumentation.py's polyfill instead. */
+ * never runs forward() while it traces: it inlines forward()'s Python twin instead. */
 static int compiling(void) {
     if (!g_compiler_globals) return 0;
     PyObject *v = PyDict_GetItemWithError(g_compiler_globals, g_compiling_flag);
