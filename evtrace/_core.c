@@ -655,12 +655,17 @@ static PyObject *Core_enter(Core *c, PyObject *const *a, Py_ssize_t n) { return 
 static PyObject *Core_enter_host(Core *c, PyObject *const *a, Py_ssize_t n) { return Core_enter_impl(c, a, n, 1, 0); }
 static PyObject *Core_enter_cross(Core *c, PyObject *const *a, Py_ssize_t n) { return Core_enter_impl(c, a, n, 0, 1); }
 
+/* Close the open region with token id, wherever it is; none if the session has stopped. */
+static int exit_id(Core *c, uint64_t id) {
+    Py_ssize_t at;
+    TState *t = c->active ? find_entry(c, NULL, id, &at) : NULL;
+    return t ? do_exit(c, t, at) : 0;
+}
+
 static PyObject *Core_exit(Core *c, PyObject *tok) {
     uint64_t id = PyLong_AsUnsignedLongLong(tok);
     if (id == (uint64_t)-1 && PyErr_Occurred()) return NULL;
-    Py_ssize_t at;
-    TState *t = c->active ? find_entry(c, NULL, id, &at) : NULL;
-    if (t && do_exit(c, t, at) < 0) return NULL;
+    if (exit_id(c, id) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1565,9 +1570,7 @@ static PyObject *forward_impl(PyObject *const *a, size_t nargsf, PyObject *kwnam
     PyObject *res = PyObject_Vectorcall(fn, a + 3, n - 3, kwnames);
     PyObject *et = NULL, *ev = NULL, *tb = NULL;
     if (!res) PyErr_Fetch(&et, &ev, &tb);
-    Py_ssize_t at;
-    TState *t = c->active ? find_entry(c, NULL, id, &at) : NULL;
-    int rc = t ? do_exit(c, t, at) : 0;
+    int rc = exit_id(c, id);
     Py_DECREF(c);
     if (!res) {
         if (rc < 0) PyErr_Clear(); /* fn's own error is the one to see */

@@ -13,7 +13,11 @@ an ordinary one; ``remove()`` restores the instance exactly.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import re
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterable
@@ -62,17 +66,21 @@ def bind_torch() -> None:
     _core.bind_forward(
         vars(compiler) if compiler else {}, torch.is_grad_enabled, _watched, _Forward, _global_hooks, _frame
     )
-    _polyfill(getattr(compiler, "substitute_in_graph", None))
+    if "torch._dynamo" in sys.modules:
+        _polyfill()
+    elif not any(isinstance(f, _OnDynamoImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OnDynamoImport())  # importing dynamo costs ~1 s: only once it is in use
 
 
 _polyfilled = False
 
 
-def _polyfill(substitute: Any) -> None:
+def _polyfill() -> None:
     """Tell dynamo to trace the Python twins of ``_core.forward`` and ``_core.sequential`` (C, which
     it cannot trace). A torch without ``substitute_in_graph`` (before 2.5) splits the graph at each
     instrumented module instead: still correct, slower."""
     global _polyfilled
+    substitute = getattr(getattr(sys.modules["torch"], "compiler", None), "substitute_in_graph", None)
     if _polyfilled or substitute is None:
         return
     pairs = (
@@ -86,6 +94,31 @@ def _polyfill(substitute: Any) -> None:
         except TypeError:  # no skip_signature_check: a builtin has no signature to check anyway
             substitute(c_fn)(twin)
     _polyfilled = True
+
+
+class _OnDynamoImport(importlib.abc.MetaPathFinder):
+    """Registers the twins as soon as ``torch._dynamo`` is imported (``torch.compile`` does), before
+    dynamo can trace anything: the import itself is left to torch's own finder."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "torch._dynamo":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        loader = spec.loader if spec else None
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_polyfill(module: types.ModuleType) -> None:
+            exec_module(module)
+            try:
+                _polyfill()
+            except Exception as e:  # never break the user's torch.compile
+                print(f"evtrace: compiled graphs split at instrumented modules ({e})", file=sys.stderr)
+
+        loader.exec_module = exec_then_polyfill  # type: ignore[method-assign]
+        return spec
 
 
 # ---- per-module backward spans --------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,41 @@ def test_an_instrumented_model_compiles_to_one_graph(tmp_path: Path) -> None:
     assert not torch._dynamo.utils.counters["graph_break"]
     # the eager call alone: the model and its three modules
     assert sorted(s.names[k] for k in s.regions["name"]) == ["0", "1", "2", "Sequential"]
+
+
+LATE = """
+import sys, torch, evtrace
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
+x = torch.randn(3, 4)
+graphs = []
+def backend(gm, example_inputs):
+    graphs.append(gm)
+    return gm.forward
+with evtrace.instrument(model), evtrace.record("g.json", device=False, quiet=True):
+    print("dynamo imported by instrument():", "torch._dynamo" in sys.modules)
+    fn = model if sys.argv[1] == "model" else (lambda x: model(x).sum() * 2)
+    cm = torch.compile(fn, backend=backend)
+    cm(x)
+    cm(x)
+import torch._dynamo.utils
+print("graphs", len(graphs), "breaks", len(torch._dynamo.utils.counters["graph_break"]))
+"""
+
+
+@pytest.mark.parametrize("what", ["model", "function"])
+def test_dynamo_imported_after_instrument_still_sees_one_graph(tmp_path: Path, what: str) -> None:
+    """instrument() does not import dynamo (a second of start-up); torch.compile, later, does, and
+    the C forwards' twins are registered before dynamo traces: a compiled model, or a compiled
+    function that calls it, is still one graph with no breaks."""
+    if not hasattr(torch.compiler, "substitute_in_graph"):
+        pytest.skip("torch before 2.5 splits the graph at each instrumented module")
+    (tmp_path / "late.py").write_text(LATE)
+    p = subprocess.run(
+        [sys.executable, "-W", "ignore", "late.py", what],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["dynamo imported by instrument(): False", "graphs 1 breaks 0"]
