@@ -31,6 +31,14 @@
 #define MAX_ERRORS 10
 #define CUDA_NOT_READY 600
 
+/* Why a region has no device span: every region is in the trace, and each lost span is counted
+ * under its reason (recorder.counts()). */
+enum { WHY_POOL, WHY_REFUSED, WHY_CAPTURE, WHY_HOT_ERROR, WHY_NEW_DEVICE, WHY_UNREADABLE, WHY_SPLIT, NWHY };
+static const char *const why_names[NWHY] = {
+    "event_pool_exhausted", "record_refused", "graph_capture", "device_call_failed",
+    "device_not_seen_at_start", "unreadable_event", "split_over_devices",
+};
+
 /* ---- rows: recorder._LIVE_DTYPE, packed -------------------------------------------------- */
 #pragma pack(push, 1)
 typedef struct {
@@ -42,34 +50,44 @@ typedef struct {
 } Row;
 #pragma pack(pop)
 
+/* Region args travel as JSON object text, encoded on entry (a copy: the trace keeps what they
+ * were then): plain bytes that need no GIL to move, drop or write out. */
 typedef struct {
-    Py_ssize_t at; /* the row's index */
-    PyObject *args; /* owned */
-} ArgsAt;
+    char *p; /* malloc'd, or NULL: no args */
+    Py_ssize_t n;
+} Args;
 
+/* Finished rows, and the args of those that have any: row index and end offset in the blob. */
 typedef struct {
     Row *v;
     Py_ssize_t n, cap;
-    ArgsAt *args;
-    Py_ssize_t nargs, capargs;
+    int64_t *at, *end;
+    Py_ssize_t nat, capat, capend;
+    char *blob;
+    Py_ssize_t nblob, capblob;
 } Rows;
 
 /* A mark: one recorded event, shared by the boundaries that had nothing launched between them.
- * Referenced by its thread's last mark, open entries and finished records; freed by whoever drops
- * the last reference. Its event goes back to the pool as soon as the resolver has read it. */
-typedef struct {
-    uintptr_t ev;
+ * Referenced by its thread's last mark, open entries, finished records and the resolver's queue
+ * of its stream, which stamps it as soon as it is done (against the latest anchor: a short
+ * elapsed, whatever the region's length) and returns its event to the pool. */
+typedef struct Mark {
+    uintptr_t ev, s;
     double ms;
-    int stamped, dev;
-    int refs; /* atomic */
+    uint64_t seq; /* record order: stream order on one stream */
+    int dev;
+    int state; /* resolver-owned: 0 waiting, 1 stamped, -1 could not be read */
+    int refs;  /* atomic */
+    struct Mark *next; /* in the resolver's inbox */
 } Mark;
 
 typedef struct {
     PyObject *owner; /* the Region entered (borrowed: `with` keeps it alive), or NULL */
     uint64_t id;     /* the token of enter(), or 0 */
     int32_t key;
-    int host, cross, dev;
-    PyObject *args, *extra; /* owned */
+    int host, cross, dev, why;
+    Args args;       /* owned */
+    PyObject *extra; /* owned */
     int64_t h0;
     uintptr_t s;
     Mark *m;
@@ -77,9 +95,9 @@ typedef struct {
 
 typedef struct {
     int32_t key, thread;
-    PyObject *args; /* owned, handed to the row */
+    Args args; /* owned, handed to the row */
     int64_t h0, h1;
-    int d0, d1;
+    int d0, d1, why; /* why: the reason a missing mark is missing */
     uintptr_t s0, s1;
     Mark *m0, *m1;
 } Done;
@@ -90,17 +108,18 @@ typedef struct {
     Entry *open;
     Py_ssize_t nopen, capopen;
     Mark *last_m;
-    int last_d;
+    int last_d, last_why;
     uintptr_t last_s;
     int64_t last_t;
 } TState;
 
+/* The marks recorded on one stream and not yet stamped, in record order */
 typedef struct {
     int d;
     uintptr_t s;
-    Done *q;
+    Mark **v;
     Py_ssize_t head, n, cap;
-} Waiting;
+} MarkQ;
 
 typedef struct {
     int64_t lo, hi;
@@ -153,10 +172,15 @@ typedef struct Core {
     Py_ssize_t ndone, capdone;
     Pool *pools;
     Rows drows; /* rows the resolver finished */
-    long split_device, lost; /* regions begun and ended on two devices; regions that lost their device span */
+    long lost[NWHY]; /* regions without a device span, by why */
+    Mark *inbox;   /* marks recorded since the resolver's last pass, newest first (atomic) */
+    uint64_t seq;  /* marks recorded (GIL) */
+    long hot_errors; /* device calls on the hot path that failed: their regions kept host spans */
     /* resolver-owned (under pass_mu) */
-    Waiting *waiting;
-    Py_ssize_t nwaiting;
+    MarkQ *mq;
+    Py_ssize_t nmq;
+    Done *pend; /* finished regions whose marks are not all stamped yet */
+    Py_ssize_t npend, cappend;
     uintptr_t *streams; /* (d, s) pairs in stream-index order */
     Py_ssize_t nstreams, capstreams;
     int *has_ref;
@@ -183,7 +207,7 @@ static __thread TState *tls;     /* this thread's state in session tls_gen (free
 static __thread uint64_t tls_gen;
 static int g_capturing;          /* CUDA graph captures in progress */
 static pthread_mutex_t g_calls = PTHREAD_MUTEX_INITIALIZER; /* held by a resolver pass's CUDA calls */
-static PyObject *g_name_keys, *g_name_key, *g_snapshot, *g_decorate, *g_region_slow;
+static PyObject *g_name_keys, *g_name_key, *g_encode, *g_decorate, *g_region_slow;
 /* instrumentation.py's parts for forward(): torch.compiler's globals (its "is compiling" flag),
  * torch.is_grad_enabled, and the Python that watches a module's backward */
 static PyObject *g_compiler_globals, *g_compiling_flag, *g_grad_enabled, *g_watch, *g_forward_type,
@@ -228,18 +252,51 @@ static void lock_gil_free(pthread_mutex_t *mu) {
 }
 
 static void add_error(Core *c, const char *msg) {
-    if (c->nerrors && strcmp(c->errors[c->nerrors - 1], msg) == 0) return; /* a failing pass repeats itself */
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* the hot path's and the resolver's */
+    pthread_mutex_lock(&mu);
+    if (c->nerrors && strcmp(c->errors[c->nerrors - 1], msg) == 0) {
+        pthread_mutex_unlock(&mu);
+        return; /* a failing pass repeats itself */
+    }
     if (c->nerrors < MAX_ERRORS) c->errors[c->nerrors++] = strdup(msg);
+    pthread_mutex_unlock(&mu);
 }
 
-static int rows_push(Rows *r, const Row *row, PyObject *args) {
+static inline void args_free(Args *a) {
+    free(a->p);
+    a->p = NULL;
+    a->n = 0;
+}
+
+/* Append a row and a copy of its args (the caller keeps its own). */
+static int rows_push(Rows *r, const Row *row, const Args *a) {
     if (GROW(r->v, r->cap, r->n + 1) < 0) return -1;
-    if (args) {
-        if (GROW(r->args, r->capargs, r->nargs + 1) < 0) return -1;
-        r->args[r->nargs++] = (ArgsAt){r->n, args};
+    if (a && a->p) {
+        if (GROW(r->at, r->capat, r->nat + 1) < 0 || GROW(r->end, r->capend, r->nat + 1) < 0 ||
+            GROW(r->blob, r->capblob, r->nblob + a->n) < 0)
+            return -1;
+        memcpy(r->blob + r->nblob, a->p, (size_t)a->n);
+        r->nblob += a->n;
+        r->at[r->nat] = r->n;
+        r->end[r->nat++] = r->nblob;
     }
     r->v[r->n++] = *row;
     return 0;
+}
+
+static void rows_free(Rows *r) {
+    free(r->v), free(r->at), free(r->end), free(r->blob);
+    memset(r, 0, sizeof *r);
+}
+
+/* Append src's rows to dst, with their args (best effort: out of memory, the rest are lost). */
+static void rows_append(Rows *dst, const Rows *src) {
+    Py_ssize_t j = 0, from = 0;
+    for (Py_ssize_t i = 0; i < src->n; i++) {
+        Args a = {NULL, 0};
+        if (j < src->nat && src->at[j] == i) a.p = src->blob + from, a.n = src->end[j] - from, from = src->end[j++];
+        if (rows_push(dst, &src->v[i], &a) < 0) return;
+    }
 }
 
 /* ---- the event pool and marks ---------------------------------------------------------- */
@@ -396,7 +453,7 @@ static inline TState *tstate(Core *c) {
 
 static void free_tstate(Core *c, TState *t) {
     for (Py_ssize_t i = 0; i < t->nopen; i++) {
-        Py_XDECREF(t->open[i].args);
+        args_free(&t->open[i].args);
         Py_XDECREF(t->open[i].extra);
         mark_drop(c, t->open[i].m);
     }
@@ -414,11 +471,36 @@ static void in_capture(Core *c) {
             "a region around replay() times the replay\n");
 }
 
-/* Record a pooled event on stream s of device d: a new mark (refs 1), or NULL. -1 on error. */
-static int make_mark(Core *c, int d, uintptr_t s, Mark **out) {
+/* A device call on the hot path raised. A CUDA failure must never reach user code: the region
+ * keeps its host span and loses its device span (counted), and the first failure is said once.
+ * 0 if it was handled; -1 to propagate what is not an error of the device's (KeyboardInterrupt). */
+static int hot_failed(Core *c) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyObject *msg = ev ? PyObject_Str(ev) : NULL;
+    const char *m = msg ? PyUnicode_AsUTF8(msg) : NULL;
+    if (!m) PyErr_Clear();
+    char line[320];
+    snprintf(line, sizeof line, "%s: %s (on the hot path)", et ? ((PyTypeObject *)et)->tp_name : "Error", m ? m : "?");
+    if (c->hot_errors++ == 0)
+        PySys_WriteStderr("evtrace: a device call failed while recording (%.300s); regions keep their host spans, "
+                          "and the device spans lost are counted in the trace\n", line);
+    add_error(c, line);
+    Py_XDECREF(msg);
+    Py_XDECREF(et);
+    Py_XDECREF(ev);
+    Py_XDECREF(tb);
+    return 0;
+}
+
+/* Record a pooled event on stream s of device d: a new mark (refs 2: the caller's and the
+ * resolver's queue), or NULL with the reason in *why. -1 on error. */
+static int make_mark(Core *c, int d, uintptr_t s, Mark **out, int *why) {
     *out = NULL;
     if (__atomic_load_n(&g_capturing, __ATOMIC_RELAXED)) {
         in_capture(c);
+        *why = WHY_CAPTURE;
         return 0;
     }
     int known = 0;
@@ -434,7 +516,7 @@ static int make_mark(Core *c, int d, uintptr_t s, Mark **out) {
     uintptr_t ev = pool_take(c, d);
     if (!ev) {
         ev = pool_grow(c, d);
-        if (!ev) return PyErr_Occurred() ? -1 : 0;
+        if (!ev) return PyErr_Occurred() ? -1 : (*why = WHY_POOL, 0);
     }
     int rc = b_record(c, ev, s);
     if (rc != 0) {
@@ -444,47 +526,64 @@ static int make_mark(Core *c, int d, uintptr_t s, Mark **out) {
         PyObject *r = PyObject_CallFunction(c->record_failed, "i", rc);
         if (!r) return -1;
         Py_DECREF(r);
+        *why = WHY_REFUSED;
         return 0;
     }
     Mark *m = malloc(sizeof(Mark));
     if (!m) return PyErr_NoMemory(), -1;
     m->ev = ev;
+    m->s = s;
     m->ms = 0;
-    m->stamped = 0;
+    m->seq = ++c->seq;
     m->dev = d;
-    m->refs = 1;
+    m->state = 0;
+    m->refs = 2;
+    /* to the resolver's inbox: every hot path holds the GIL, so only the resolver's exchange
+     * races with this push */
+    Mark *head = __atomic_load_n(&c->inbox, __ATOMIC_RELAXED);
+    do m->next = head;
+    while (!__atomic_compare_exchange_n(&c->inbox, &head, m, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED));
     *out = m;
     return 0;
 }
 
 /* The current device and stream, and a mark there: shared with the thread's last one when
  * nothing can have been launched since (closer than one record), else new. The returned mark
- * carries a reference for the caller. */
-static int boundary(Core *c, TState *t, int64_t h, int *d, uintptr_t *s, Mark **m) {
+ * carries a reference for the caller; NULL (with *why) if the device span is lost. */
+static int boundary(Core *c, TState *t, int64_t h, int *d, uintptr_t *s, Mark **m, int *why) {
     *d = 0;
+    *s = 0;
+    *m = NULL;
     if (c->multi) {
         PyObject *r = PyObject_CallNoArgs(c->get_device);
-        if (!r) return -1;
+        if (!r) goto failed;
         *d = (int)PyLong_AsLong(r);
         Py_DECREF(r);
-        if (*d == -1 && PyErr_Occurred()) return -1;
+        if (*d == -1 && PyErr_Occurred()) goto failed;
+        if (*d < 0 || *d >= c->ndev) { /* a device the session did not see at its start */
+            *d = 0;
+            *why = WHY_NEW_DEVICE;
+            return 0;
+        }
     }
     PyObject *dv = PyLong_FromLong(*d);
     PyObject *r = dv ? PyObject_CallOneArg(c->raw_stream, dv) : NULL;
     Py_XDECREF(dv);
-    if (!r) return -1;
+    if (!r) goto failed;
     *s = (uintptr_t)PyLong_AsUnsignedLongLongMask(r);
     Py_DECREF(r);
     if (h - t->last_t < c->share_ns && t->last_s == *s && t->last_d == *d) {
         *m = t->last_m;
+        *why = t->last_why;
         mark_keep(*m);
         t->last_t = h;
         return 0;
     }
     Mark *nm;
-    if (make_mark(c, *d, *s, &nm) < 0) return -1;
+    if (make_mark(c, *d, *s, &nm, why) < 0) goto failed;
     mark_drop(c, t->last_m);
     t->last_m = nm;
+    t->last_why = *why;
     mark_keep(nm);
     *m = nm;
     t->last_d = *d;
@@ -493,6 +592,9 @@ static int boundary(Core *c, TState *t, int64_t h, int *d, uintptr_t *s, Mark **
     if (after == -1 && PyErr_Occurred()) return -1;
     t->last_t = after;
     return 0;
+failed:
+    *why = WHY_HOT_ERROR;
+    return hot_failed(c);
 }
 
 static int call_nvtx_name(PyObject *fn, Core *c, int32_t key, PyObject **keep) {
@@ -507,34 +609,32 @@ static int call_nvtx_name(PyObject *fn, Core *c, int32_t key, PyObject **keep) {
     return 0;
 }
 
-/* Open a region on this thread: an entry on its stack. args: a new reference (or NULL), kept. */
+static int encode_args(PyObject *args, Args *out);
+
+/* Open a region on this thread: an entry on its stack, with a copy of args (a dict, or NULL). */
 static int do_enter(Core *c, PyObject *owner, uint64_t id, int32_t key, PyObject *args, int host, int cross) {
     int64_t h0 = now(c); /* first: the gap to the last mark must be as short as it really was */
-    if (h0 == -1 && PyErr_Occurred()) goto fail;
+    if (h0 == -1 && PyErr_Occurred()) return -1;
     TState *t = tstate(c);
-    if (!t) goto fail;
+    if (!t) return -1;
     PyObject *extra = NULL;
     if (cross && c->nvtx_start) {
-        if (call_nvtx_name(c->nvtx_start, c, key, &extra) < 0) goto fail;
+        if (call_nvtx_name(c->nvtx_start, c, key, &extra) < 0) return -1;
     } else if (c->nvtx_push && call_nvtx_name(c->nvtx_push, c, key, NULL) < 0)
-        goto fail;
-    Entry e = {owner, id, key, host, cross, 0, args, extra, h0, 0, NULL};
-    if (!host && c->ndev) {
-        if (boundary(c, t, h0, &e.dev, &e.s, &e.m) < 0) {
-            Py_XDECREF(extra);
-            goto fail;
-        }
-    }
+        return -1;
+    Entry e = {owner, id, key, host, cross, 0, 0, {NULL, 0}, extra, h0, 0, NULL};
+    if (!host && c->ndev && boundary(c, t, h0, &e.dev, &e.s, &e.m, &e.why) < 0) goto fail;
+    if (args && encode_args(args, &e.args) < 0) goto fail; /* after the record: off the gap */
     if (GROW(t->open, t->capopen, t->nopen + 1) < 0) {
-        Py_XDECREF(extra);
-        mark_drop(c, e.m);
         PyErr_NoMemory();
         goto fail;
     }
     t->open[t->nopen++] = e;
     return 0;
 fail:
-    Py_XDECREF(args);
+    Py_XDECREF(extra);
+    mark_drop(c, e.m);
+    args_free(&e.args);
     return -1;
 }
 
@@ -546,93 +646,188 @@ static int drain_if_full(Core *c) {
     return 0;
 }
 
-/* Close entry i of thread t's stack, on the calling thread's clock and stream. */
+/* Close entry i of thread t's stack, on the calling thread's clock and stream. Whatever fails,
+ * the region is kept: with its host span at least. */
 static int do_exit(Core *c, TState *t, Py_ssize_t i) {
     Entry e = t->open[i];
     memmove(&t->open[i], &t->open[i + 1], (size_t)(t->nopen - i - 1) * sizeof(Entry));
     t->nopen--;
     int rc = 0;
+    /* before the record: the device cannot stamp the end earlier than this */
+    int64_t h1 = now(c);
+    if (h1 == -1 && PyErr_Occurred()) rc = -1, h1 = e.h0;
     if (e.host || !c->ndev) {
-        int64_t h1 = now(c);
-        if (h1 == -1 && PyErr_Occurred()) rc = -1;
         Row row = {e.key, t->ix, e.h0, h1, -1, -1, NAN, NAN};
-        if (rc == 0 && rows_push(&c->hrows, &row, e.args) < 0) rc = -1, PyErr_NoMemory();
-        if (rc < 0) Py_XDECREF(e.args);
+        if (rows_push(&c->hrows, &row, &e.args) < 0 && rc == 0) rc = -1, PyErr_NoMemory();
     } else {
-        TState *me = tstate(c);
-        int d = 0;
+        int d = 0, why = e.why;
         uintptr_t s = 0;
         Mark *m1 = NULL;
-        int64_t h1 = 0;
-        if (!me) rc = -1;
         if (rc == 0) {
-            /* before the record: the device cannot stamp the end earlier than this */
-            h1 = now(c);
-            if (h1 == -1 && PyErr_Occurred()) rc = -1;
+            TState *me = tstate(c);
+            int w1 = 0;
+            if (!me || boundary(c, me, h1, &d, &s, &m1, &w1) < 0) rc = -1;
+            if (e.m && !m1) why = me ? w1 : WHY_HOT_ERROR;
         }
-        if (rc == 0 && boundary(c, me, h1, &d, &s, &m1) < 0) rc = -1;
-        if (rc == 0) {
-            Done r = {e.key, t->ix, e.args, e.h0, h1, e.dev, d, e.s, s, e.m, m1};
-            pthread_mutex_lock(&c->qmu);
-            int ok = GROW(c->done, c->capdone, c->ndone + 1) == 0;
-            if (ok) c->done[c->ndone++] = r;
-            pthread_mutex_unlock(&c->qmu);
-            if (!ok) rc = -1, PyErr_NoMemory();
-            else e.m = NULL, e.args = NULL; /* handed over */
-            if (!ok) mark_drop(c, m1);
+        Done r = {e.key, t->ix, e.args, e.h0, h1, e.dev, d, why, e.s, s, e.m, m1};
+        pthread_mutex_lock(&c->qmu);
+        int ok = GROW(c->done, c->capdone, c->ndone + 1) == 0;
+        if (ok) c->done[c->ndone++] = r;
+        pthread_mutex_unlock(&c->qmu);
+        if (ok)
+            e.m = NULL, e.args.p = NULL; /* handed over */
+        else {
+            mark_drop(c, m1);
+            if (rc == 0) rc = -1, PyErr_NoMemory();
         }
-        Py_XDECREF(e.args);
         mark_drop(c, e.m);
     }
+    args_free(&e.args);
     if (e.extra) { /* an NVTX range of a cross-thread span */
         PyObject *r = PyObject_CallOneArg(c->nvtx_end, e.extra);
         Py_DECREF(e.extra);
-        if (!r) rc = -1;
+        if (!r && rc == 0) rc = -1;
+        else if (!r) PyErr_Clear();
         Py_XDECREF(r);
     } else if (c->nvtx_pop && !e.cross) {
         PyObject *r = PyObject_CallNoArgs(c->nvtx_pop);
-        if (!r) rc = -1;
+        if (!r && rc == 0) rc = -1;
+        else if (!r) PyErr_Clear();
         Py_XDECREF(r);
     }
     if (rc == 0) rc = drain_if_full(c);
     return rc;
 }
 
-/* Find an open entry by owner or token: this thread first (top down), then the others. */
+/* The calling thread's open entry for a Region object (a thread closes only what it opened), or
+ * for a token (unique: a cross-thread span may end on another thread), top down. */
 static TState *find_entry(Core *c, PyObject *owner, uint64_t id, Py_ssize_t *at) {
     TState *me = tls_gen == c->gen ? tls : NULL;
     if (me)
         for (Py_ssize_t i = me->nopen - 1; i >= 0; i--)
             if (owner ? me->open[i].owner == owner : me->open[i].id == id) return *at = i, me;
+    if (owner) return NULL;
     for (Py_ssize_t k = 0; k < c->nthreads; k++) {
         TState *t = c->threads[k];
         if (t == me) continue;
         for (Py_ssize_t i = t->nopen - 1; i >= 0; i--)
-            if (owner ? t->open[i].owner == owner : t->open[i].id == id) return *at = i, t;
+            if (t->open[i].id == id) return *at = i, t;
     }
     return NULL;
 }
 
-/* args as the trace keeps them: the dict itself when every value is a plain scalar, else
- * values.snapshot(args). A new reference. */
-static PyObject *snapshot(PyObject *args) {
+/* ---- args: JSON object text, encoded on entry --------------------------------------------- */
+
+typedef struct {
+    char *p;
+    Py_ssize_t n, cap;
+} Buf;
+
+static inline int put(Buf *b, const char *s, Py_ssize_t n) {
+    if (GROW(b->p, b->cap, b->n + n) < 0) return -1;
+    memcpy(b->p + b->n, s, (size_t)n);
+    b->n += n;
+    return 0;
+}
+
+/* A str as a JSON string: 0, 1 if the slow path must take it (too long, surrogates), -1 */
+static int put_str(Buf *b, PyObject *v) {
+    if (PyUnicode_GET_LENGTH(v) > g_max_str) return 1;
+    Py_ssize_t n;
+    const char *u = PyUnicode_AsUTF8AndSize(v, &n);
+    if (!u) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeError)) return -1;
+        PyErr_Clear();
+        return 1;
+    }
+    if (GROW(b->p, b->cap, b->n + 2 + 6 * n) < 0) return -1; /* worst case: every byte \u00XX */
+    char *o = b->p + b->n;
+    *o++ = '"';
+    static const char hex[] = "0123456789abcdef";
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)u[i];
+        if (ch >= 0x20 && ch != '"' && ch != '\\') {
+            *o++ = (char)ch;
+        } else if (ch == '"' || ch == '\\') {
+            *o++ = '\\', *o++ = (char)ch;
+        } else if (ch == '\n') {
+            *o++ = '\\', *o++ = 'n';
+        } else if (ch == '\t') {
+            *o++ = '\\', *o++ = 't';
+        } else {
+            *o++ = '\\', *o++ = 'u', *o++ = '0', *o++ = '0', *o++ = hex[ch >> 4], *o++ = hex[ch & 15];
+        }
+    }
+    *o++ = '"';
+    b->n = o - b->p;
+    return 0;
+}
+
+/* The common case in C: str keys, and values that are int (64-bit), finite float, bool, None
+ * or str up to max_str. 0, 1 for the slow path, -1 on error. */
+static int encode_fast(Buf *b, PyObject *args) {
     PyObject *k, *v;
     Py_ssize_t pos = 0;
+    int first = 1, rc;
+    if (put(b, "{", 1) < 0) return -1;
     while (PyDict_Next(args, &pos, &k, &v)) {
+        if (!PyUnicode_CheckExact(k)) return 1;
+        if (put(b, first ? "" : ",", first ? 0 : 1) < 0) return -1;
+        first = 0;
+        if ((rc = put_str(b, k)) != 0) return rc;
+        if (put(b, ":", 1) < 0) return -1;
         PyTypeObject *t = Py_TYPE(v);
+        char num[32];
         if (t == &PyLong_Type) {
             int over;
-            (void)PyLong_AsLongLongAndOverflow(v, &over);
-            if (over) goto slow; /* values.snapshot knows the bounds beyond int64 */
+            long long x = PyLong_AsLongLongAndOverflow(v, &over);
+            if (over) return 1; /* values.snapshot knows the bounds beyond int64 */
+            if (x == -1 && PyErr_Occurred()) return -1;
+            if (put(b, num, snprintf(num, sizeof num, "%lld", x)) < 0) return -1;
+        } else if (t == &PyFloat_Type) {
+            double x = PyFloat_AS_DOUBLE(v);
+            if (!isfinite(x)) return 1;
+            char *r = PyOS_double_to_string(x, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+            if (!r) return -1;
+            rc = put(b, r, (Py_ssize_t)strlen(r));
+            PyMem_Free(r);
+            if (rc < 0) return -1;
+        } else if (t == &PyBool_Type) {
+            if (v == Py_True ? put(b, "true", 4) : put(b, "false", 5)) return -1;
+        } else if (v == Py_None) {
+            if (put(b, "null", 4) < 0) return -1;
         } else if (t == &PyUnicode_Type) {
-            if (PyUnicode_GET_LENGTH(v) > g_max_str) goto slow;
-        } else if (t != &PyFloat_Type && t != &PyBool_Type && v != Py_None)
-            goto slow;
+            if ((rc = put_str(b, v)) != 0) return rc;
+        } else
+            return 1;
     }
-    Py_INCREF(args);
-    return args;
-slow:
-    return PyObject_CallOneArg(g_snapshot, args);
+    return put(b, "}", 1);
+}
+
+/* args (a dict or any mapping) as the trace keeps them: JSON text, NULL when empty. The rare
+ * values (containers, tensors, anything else) go through values.encode. */
+static int encode_args(PyObject *args, Args *out) {
+    out->p = NULL, out->n = 0;
+    if (PyDict_CheckExact(args) && PyDict_GET_SIZE(args) == 0) return 0;
+    Buf b = {NULL, 0, 0};
+    int rc = PyDict_CheckExact(args) ? encode_fast(&b, args) : 1;
+    if (rc == 1) {
+        b.n = 0;
+        PyObject *j = PyObject_CallOneArg(g_encode, args);
+        if (!j) rc = -1;
+        else if (!PyBytes_Check(j)) rc = -1, PyErr_SetString(PyExc_TypeError, "values.encode gives bytes");
+        else if (PyBytes_GET_SIZE(j) > 2) rc = put(&b, PyBytes_AS_STRING(j), PyBytes_GET_SIZE(j));
+        else rc = 0; /* {} */
+        Py_XDECREF(j);
+    }
+    if (rc < 0) {
+        free(b.p);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return -1;
+    }
+    out->p = b.n ? b.p : (free(b.p), NULL);
+    out->n = b.n;
+    return 0;
 }
 
 /* ---- Core: Python methods ---------------------------------------------------------------- */
@@ -642,12 +837,8 @@ static PyObject *Core_enter_impl(Core *c, PyObject *const *a, Py_ssize_t n, int 
     int32_t key = (int32_t)PyLong_AsLong(a[0]);
     if (key == -1 && PyErr_Occurred()) return NULL;
     uint64_t id = ++c->next_id;
-    PyObject *args = a[1] == Py_None ? NULL : (Py_INCREF(a[1]), a[1]);
-    if (!c->active) {
-        Py_XDECREF(args);
-        return PyLong_FromUnsignedLongLong(id);
-    }
-    if (do_enter(c, NULL, id, key, args, host || !c->ndev, cross) < 0) return NULL;
+    if (!c->active) return PyLong_FromUnsignedLongLong(id);
+    if (do_enter(c, NULL, id, key, a[1] == Py_None ? NULL : a[1], host || !c->ndev, cross) < 0) return NULL;
     return PyLong_FromUnsignedLongLong(id);
 }
 
@@ -671,35 +862,6 @@ static PyObject *Core_exit(Core *c, PyObject *tok) {
 
 /* ---- the resolver ------------------------------------------------------------------------ */
 
-static Waiting *waiting_for(Core *c, int d, uintptr_t s) {
-    for (Py_ssize_t i = 0; i < c->nwaiting; i++)
-        if (c->waiting[i].d == d && c->waiting[i].s == s) return &c->waiting[i];
-    Waiting *w = realloc(c->waiting, (size_t)(c->nwaiting + 1) * sizeof(Waiting));
-    if (!w) return NULL;
-    c->waiting = w;
-    w = &c->waiting[c->nwaiting++];
-    memset(w, 0, sizeof *w);
-    w->d = d;
-    w->s = s;
-    return w;
-}
-
-static int waiting_push(Waiting *w, const Done *r) {
-    if (w->n == w->cap) { /* grow as a ring: unwrap into the new block */
-        Py_ssize_t cap = w->cap ? w->cap * 2 : 64;
-        Done *q = malloc((size_t)cap * sizeof(Done));
-        if (!q) return -1;
-        for (Py_ssize_t i = 0; i < w->n; i++) q[i] = w->q[(w->head + i) % w->cap];
-        free(w->q);
-        w->q = q;
-        w->cap = cap;
-        w->head = 0;
-    }
-    w->q[(w->head + w->n) % w->cap] = *r;
-    w->n++;
-    return 0;
-}
-
 static int32_t stream_index(Core *c, int d, uintptr_t s) {
     for (Py_ssize_t i = 0; i < c->nstreams; i++)
         if (c->streams[2 * i] == (uintptr_t)d && c->streams[2 * i + 1] == s) return (int32_t)i;
@@ -709,51 +871,161 @@ static int32_t stream_index(Core *c, int d, uintptr_t s) {
     return (int32_t)c->nstreams++;
 }
 
-/* 1 if the mark is done, 0 if not, -1 on error */
-static inline int mark_done(Core *c, Mark *m) { return m->stamped ? 1 : b_query(c, m->ev); }
+static MarkQ *markq_for(Core *c, int d, uintptr_t s) {
+    for (Py_ssize_t i = 0; i < c->nmq; i++)
+        if (c->mq[i].d == d && c->mq[i].s == s) return &c->mq[i];
+    MarkQ *q = realloc(c->mq, (size_t)(c->nmq + 1) * sizeof(MarkQ));
+    if (!q) return NULL;
+    c->mq = q;
+    q = &c->mq[c->nmq++];
+    memset(q, 0, sizeof *q);
+    q->d = d;
+    q->s = s;
+    return q;
+}
 
-/* Give a done mark its device ms against the device's latest anchor (a short, float32-safe
- * elapsed) and return its event to the pool. Once: a mark may be shared. */
+static int markq_push(MarkQ *q, Mark *m) {
+    if (q->head && q->head + q->n == q->cap) { /* reuse the room the stamped ones left */
+        memmove(q->v, q->v + q->head, (size_t)q->n * sizeof(Mark *));
+        q->head = 0;
+    }
+    if (GROW(q->v, q->cap, q->head + q->n + 1) < 0) return -1;
+    q->v[q->head + q->n++] = m;
+    return 0;
+}
+
+/* The marks recorded since the last pass, to their streams' queues in record order. A mark the
+ * resolver has no room for cannot be read: its regions keep their host spans. */
+static int take_inbox(Core *c) {
+    Mark *m = __atomic_exchange_n(&c->inbox, NULL, __ATOMIC_ACQUIRE), *order = NULL;
+    while (m) { /* newest first: reversed */
+        Mark *next = m->next;
+        m->next = order;
+        order = m;
+        m = next;
+    }
+    int rc = 0;
+    while (order) {
+        m = order;
+        order = m->next;
+        MarkQ *q = rc ? NULL : markq_for(c, m->dev, m->s);
+        if (!q || markq_push(q, m) < 0) {
+            rc = -1;
+            m->state = -1;
+            mark_drop(c, m);
+        }
+    }
+    return rc;
+}
+
+/* Stamp a done mark against its device's latest anchor (an elapsed of at most about one anchor
+ * interval, which float32 ms keeps to ~10 ns) and return its event to the pool. */
 static int stamp(Core *c, Mark *m) {
-    if (m->stamped) return 0;
     double e;
     if (b_elapsed(c, c->ref_ev[m->dev], m->ev, &e) < 0) return -1;
     m->ms = c->ref_ms[m->dev] + e;
-    m->stamped = 1;
+    m->state = 1;
     uintptr_t ev = m->ev;
     m->ev = 0;
     pool_put(c, m->dev, ev);
     return 0;
 }
 
+/* Each stream's done marks, stamped in record order. With the native runtime, record order is
+ * the stream's order (records are made holding the GIL), so once the newest is done all are. */
+static int stamp_marks(Core *c) {
+    for (Py_ssize_t k = 0; k < c->nmq; k++) {
+        MarkQ *q = &c->mq[k];
+        if (!q->n || !c->has_ref[q->d]) continue; /* the device's first anchor is not read yet */
+        int all = 0;
+        if (c->native && (all = b_query(c, q->v[q->head + q->n - 1]->ev)) < 0) return -1;
+        while (q->n) {
+            Mark *m = q->v[q->head];
+            if (!all) {
+                int done = b_query(c, m->ev);
+                if (done < 0) return -1;
+                if (!done) break; /* later marks on this stream are not done either */
+            }
+            if (stamp(c, m) < 0) return -1;
+            q->head++, q->n--;
+            mark_drop(c, m);
+        }
+        if (!q->n) q->head = 0;
+    }
+    return 0;
+}
+
 static int emit_row(Core *c, const Done *r, int16_t dev, int32_t stream, double t0, double t1) {
     Row row = {r->key, r->thread, r->h0, r->h1, dev, stream, t0, t1};
     pthread_mutex_lock(&c->rmu);
-    int rc = rows_push(&c->drows, &row, r->args);
+    int rc = rows_push(&c->drows, &row, &r->args);
     pthread_mutex_unlock(&c->rmu);
     return rc;
 }
 
-/* A region that keeps its host span only: an event was missing, or could not be read. */
-static int emit_lost(Core *c, const Done *r) {
-    c->lost++;
+/* A region that keeps its host span only, counted under why. */
+static int emit_lost(Core *c, const Done *r, int why) {
+    __atomic_add_fetch(&c->lost[why], 1, __ATOMIC_RELAXED);
     return emit_row(c, r, -1, -1, NAN, NAN);
 }
 
-static int finish(Core *c, Done *r) {
-    if (r->m0 && stamp(c, r->m0) < 0) return -1;
-    if (r->m1 && stamp(c, r->m1) < 0) return -1;
-    int rc;
-    if (r->m0 && r->m1 && r->d0 == r->d1) {
-        int32_t ix = stream_index(c, r->d0, r->s0);
-        rc = ix < 0 ? -1 : emit_row(c, r, (int16_t)r->d0, ix, r->m0->ms, r->m1->ms);
-    } else if (r->m0 && r->m1) { /* begun and ended on two devices */
-        c->split_device++;
-        rc = emit_row(c, r, -1, -1, NAN, NAN);
-    } else /* one end had no event (pool dry, record refused, a graph capture) */
-        rc = emit_lost(c, r);
+static void done_free(Core *c, Done *r) {
+    args_free(&r->args);
     mark_drop(c, r->m0);
     mark_drop(c, r->m1);
+    r->m0 = r->m1 = NULL;
+}
+
+/* A finished region whose marks are settled: its row, with a device span or counted as lost. */
+static int finish(Core *c, Done *r) {
+    int rc;
+    if (!r->m0 || !r->m1)
+        rc = emit_lost(c, r, r->why);
+    else if (r->m0->state < 0 || r->m1->state < 0)
+        rc = emit_lost(c, r, WHY_UNREADABLE);
+    else if (r->d0 != r->d1)
+        rc = emit_lost(c, r, WHY_SPLIT);
+    else {
+        int32_t ix = stream_index(c, r->d0, r->s0);
+        rc = ix < 0 ? -1 : emit_row(c, r, (int16_t)r->d0, ix, r->m0->ms, r->m1->ms);
+    }
+    done_free(c, r);
+    return rc;
+}
+
+static inline int settled(const Mark *m) { return !m || m->state != 0; }
+
+/* Regions finished on the hot path join those waiting; each whose marks are settled is emitted. */
+static int finish_done(Core *c) {
+    pthread_mutex_lock(&c->qmu);
+    Done *batch = c->done;
+    Py_ssize_t n = c->ndone;
+    c->done = NULL;
+    c->ndone = c->capdone = 0;
+    pthread_mutex_unlock(&c->qmu);
+    int rc = 0;
+    if (n && GROW(c->pend, c->cappend, c->npend + n) < 0) { /* no room: they keep host spans */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            mark_drop(c, batch[i].m0), mark_drop(c, batch[i].m1);
+            batch[i].m0 = batch[i].m1 = NULL;
+            emit_lost(c, &batch[i], WHY_UNREADABLE);
+            done_free(c, &batch[i]);
+        }
+        n = 0;
+        rc = -1;
+    }
+    if (n) memcpy(c->pend + c->npend, batch, (size_t)n * sizeof(Done));
+    c->npend += n;
+    free(batch);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < c->npend; i++) {
+        Done *r = &c->pend[i];
+        if (settled(r->m0) && settled(r->m1)) {
+            if (finish(c, r) < 0) rc = -1;
+        } else
+            c->pend[k++] = *r;
+    }
+    c->npend = k;
     return rc;
 }
 
@@ -821,79 +1093,22 @@ static int resolve_anchors(Core *c) {
     return 0;
 }
 
-/* Finished regions to the queue of their end mark's stream (its start mark's if the end has none). */
-static int queue_done(Core *c) {
-    pthread_mutex_lock(&c->qmu);
-    Done *batch = c->done;
-    Py_ssize_t n = c->ndone;
-    c->done = NULL;
-    c->ndone = c->capdone = 0;
-    pthread_mutex_unlock(&c->qmu);
-    int rc = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Done *r = &batch[i];
-        if (rc < 0) { /* out of memory: what is left loses its device span, nothing else */
-            mark_drop(c, r->m0), mark_drop(c, r->m1), r->m0 = r->m1 = NULL;
-            emit_lost(c, r);
-            continue;
-        }
-        if (!r->m0 && !r->m1) {
-            rc = emit_lost(c, r);
-            continue;
-        }
-        Waiting *w = r->m1 ? waiting_for(c, r->d1, r->s1) : waiting_for(c, r->d0, r->s0);
-        if (!w || waiting_push(w, r) < 0) {
-            rc = -1;
-            i--; /* this one too, as above */
-        }
-    }
-    free(batch);
-    return rc;
-}
-
 static int resolve_device(Core *c) {
     int64_t t = now(c);
     if (t == -1 && PyErr_Occurred()) return -1;
     if (t - c->last_anchor >= c->anchor_interval_ns && anchor_all(c) < 0) return -1;
     if (resolve_anchors(c) < 0) return -1;
-    for (Py_ssize_t k = 0; k < c->nwaiting; k++) {
-        Waiting *w = &c->waiting[k];
-        if (!w->n) continue;
-        /* stream order: once the newest mark on this stream is done, all before it are */
-        Done *last = &w->q[(w->head + w->n - 1) % w->cap];
-        int all = mark_done(c, last->m1 ? last->m1 : last->m0);
-        if (all < 0) return -1;
-        while (w->n) {
-            Done *r = &w->q[w->head];
-            if (!all) {
-                int dn = mark_done(c, r->m1 ? r->m1 : r->m0);
-                if (dn < 0) return -1;
-                if (!dn) break; /* later marks on this stream are not done either */
-            }
-            if (r->m0 && r->m1 && r->s0 != r->s1) {
-                int dn = mark_done(c, r->m0); /* begun on another stream: has it got there? */
-                if (dn < 0) return -1;
-                if (!dn) break;
-            }
-            if ((r->m0 && !c->has_ref[r->d0]) || (r->m1 && !c->has_ref[r->d1]))
-                break; /* that device's first anchor has not resolved yet */
-            Done rec = *r;
-            w->head = (w->head + 1) % w->cap;
-            w->n--;
-            if (finish(c, &rec) < 0) return -1;
-        }
-    }
-    return 0;
+    return stamp_marks(c);
 }
 
 /* One resolver pass. With the GIL (Python backends) it may raise; natively it records errors. */
 static int pass(Core *c) {
     if (!c->ndev) return 0;
-    if (queue_done(c) < 0) return -1;
+    int rc = take_inbox(c);
     pthread_mutex_lock(&g_calls); /* a CUDA graph capture waits for this block, and holds the next */
-    int rc = 0;
-    if (!__atomic_load_n(&g_capturing, __ATOMIC_RELAXED)) rc = resolve_device(c);
+    if (rc == 0 && !__atomic_load_n(&g_capturing, __ATOMIC_RELAXED)) rc = resolve_device(c);
     pthread_mutex_unlock(&g_calls);
+    if (finish_done(c) < 0) rc = -1;
     return rc;
 }
 
@@ -1007,70 +1222,60 @@ static PyObject *Core_streams(Core *c, PyObject *unused) {
     return out;
 }
 
-/* Append rows to a buffer, and their args with their global row indices (base: the index of the
- * buffer's first row) to two lists; empties the source. */
-static int take_rows(Rows *r, char **buf, Py_ssize_t *len, Py_ssize_t base, PyObject *at, PyObject *args) {
-    Py_ssize_t first = base + *len / (Py_ssize_t)sizeof(Row);
-    if (r->n) {
-        char *b = realloc(*buf, (size_t)(*len) + (size_t)r->n * sizeof(Row));
-        if (!b) return -1;
-        memcpy(b + *len, r->v, (size_t)r->n * sizeof(Row));
-        *buf = b;
-        *len += r->n * (Py_ssize_t)sizeof(Row);
-    }
-    int rc = 0;
-    for (Py_ssize_t i = 0; i < r->nargs; i++) {
-        PyObject *k = rc ? NULL : PyLong_FromSsize_t(first + r->args[i].at);
-        if (!k || PyList_Append(at, k) < 0 || PyList_Append(args, r->args[i].args) < 0) rc = -1;
-        Py_XDECREF(k);
-        Py_DECREF(r->args[i].args);
-    }
-    free(r->v);
-    free(r->args);
-    memset(r, 0, sizeof *r);
-    return rc;
-}
-
-/* take(base) -> (rows as bytes in recorder._LIVE_DTYPE, [row index], [args]): everything
- * finished so far; row indices count from base */
-static PyObject *Core_take(Core *c, PyObject *arg) {
-    Py_ssize_t base = PyLong_AsSsize_t(arg);
-    if (base == -1 && PyErr_Occurred()) return NULL;
+/* take() -> (rows, at, end, blob): everything finished so far, emptied from the core. rows in
+ * recorder._LIVE_DTYPE; for each row with args, its index among rows and the end of its args
+ * (JSON text) in blob, both int64. */
+static PyObject *Core_take(Core *c, PyObject *unused) {
     Rows dr;
     pthread_mutex_lock(&c->rmu);
     dr = c->drows;
     memset(&c->drows, 0, sizeof c->drows);
     pthread_mutex_unlock(&c->rmu);
-    PyObject *at = PyList_New(0), *args = PyList_New(0);
-    char *buf = NULL;
-    Py_ssize_t len = 0;
-    int rc = at && args ? take_rows(&c->hrows, &buf, &len, base, at, args) : -1;
-    if (take_rows(&dr, &buf, &len, base, at ? at : Py_None, args ? args : Py_None) < 0) rc = -1;
-    PyObject *b = rc == 0 ? PyBytes_FromStringAndSize(buf ? buf : "", len) : NULL;
-    free(buf);
-    if (!b) {
-        Py_XDECREF(at);
-        Py_XDECREF(args);
+    Rows *h = &c->hrows;
+    Py_ssize_t n = h->n + dr.n, nat = h->nat + dr.nat;
+    PyObject *rows = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(Row));
+    PyObject *at = PyBytes_FromStringAndSize(NULL, nat * 8), *end = PyBytes_FromStringAndSize(NULL, nat * 8);
+    PyObject *blob = PyBytes_FromStringAndSize(NULL, h->nblob + dr.nblob);
+    PyObject *out = NULL;
+    if (rows && at && end && blob) {
+        char *r = PyBytes_AS_STRING(rows), *bl = PyBytes_AS_STRING(blob);
+        int64_t *a = (int64_t *)PyBytes_AS_STRING(at), *e = (int64_t *)PyBytes_AS_STRING(end);
+        if (h->n) memcpy(r, h->v, (size_t)h->n * sizeof(Row));
+        if (dr.n) memcpy(r + h->n * (Py_ssize_t)sizeof(Row), dr.v, (size_t)dr.n * sizeof(Row));
+        if (h->nblob) memcpy(bl, h->blob, (size_t)h->nblob);
+        if (dr.nblob) memcpy(bl + h->nblob, dr.blob, (size_t)dr.nblob);
+        for (Py_ssize_t i = 0; i < h->nat; i++) a[i] = h->at[i], e[i] = h->end[i];
+        for (Py_ssize_t i = 0; i < dr.nat; i++) a[h->nat + i] = dr.at[i] + h->n, e[h->nat + i] = dr.end[i] + h->nblob;
+        out = Py_BuildValue("(OOOO)", rows, at, end, blob);
+    }
+    Py_XDECREF(rows), Py_XDECREF(at), Py_XDECREF(end), Py_XDECREF(blob);
+    if (!out) { /* out of memory: the rows stay where they were, older ones first */
+        pthread_mutex_lock(&c->rmu);
+        rows_append(&dr, &c->drows);
+        rows_free(&c->drows);
+        c->drows = dr;
+        pthread_mutex_unlock(&c->rmu);
         return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     }
-    return Py_BuildValue("(NNN)", b, at, args);
+    rows_free(h);
+    rows_free(&dr);
+    return out;
 }
 
 /* After the final pass at stop: what could still not be resolved (a device error that lasted)
  * keeps its host span, counted as lost, rather than vanishing. */
 static PyObject *Core_flush(Core *c, PyObject *unused) {
     lock_gil_free(&c->pass_mu);
-    int rc = queue_done(c);
-    for (Py_ssize_t k = 0; k < c->nwaiting; k++) {
-        Waiting *w = &c->waiting[k];
-        for (; w->n; w->n--, w->head = (w->head + 1) % w->cap) {
-            Done *r = &w->q[w->head];
-            mark_drop(c, r->m0);
-            mark_drop(c, r->m1);
-            r->m0 = r->m1 = NULL;
-            if (emit_lost(c, r) < 0) rc = -1;
+    int rc = take_inbox(c);
+    for (Py_ssize_t k = 0; k < c->nmq; k++) { /* marks never done: unreadable */
+        MarkQ *q = &c->mq[k];
+        for (; q->n; q->n--, q->head++) {
+            q->v[q->head]->state = -1;
+            mark_drop(c, q->v[q->head]);
         }
+        q->head = 0;
     }
+    if (finish_done(c) < 0) rc = -1; /* now every region's marks are settled */
     pthread_mutex_unlock(&c->pass_mu);
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -1080,22 +1285,22 @@ static PyObject *Core_flush(Core *c, PyObject *unused) {
 static PyObject *Core_close_open(Core *c, PyObject *arg) {
     int64_t end = PyLong_AsLongLong(arg);
     if (end == -1 && PyErr_Occurred()) return NULL;
+    static const char flag[] = "\"unfinished\":true}";
     long n = 0;
     for (Py_ssize_t k = 0; k < c->nthreads; k++) {
         TState *t = c->threads[k];
         for (Py_ssize_t i = 0; i < t->nopen; i++) {
             Entry *e = &t->open[i];
-            PyObject *a = e->args ? PyDict_Copy(e->args) : PyDict_New();
-            if (!a || PyDict_SetItemString(a, "unfinished", Py_True) < 0) {
-                Py_XDECREF(a);
-                return NULL;
-            }
+            Buf b = {NULL, 0, 0};
+            if (e->args.p ? put(&b, e->args.p, e->args.n - 1) < 0 || put(&b, ",", 1) < 0 : put(&b, "{", 1) < 0)
+                return free(b.p), PyErr_NoMemory();
+            if (put(&b, flag, sizeof flag - 1) < 0) return free(b.p), PyErr_NoMemory();
+            Args a = {b.p, b.n};
             Row row = {e->key, t->ix, e->h0, end > e->h0 ? end : e->h0, -1, -1, NAN, NAN};
-            if (rows_push(&c->hrows, &row, a) < 0) {
-                Py_DECREF(a);
-                return PyErr_NoMemory();
-            }
-            Py_CLEAR(e->args);
+            int rc = rows_push(&c->hrows, &row, &a);
+            args_free(&a);
+            if (rc < 0) return PyErr_NoMemory();
+            args_free(&e->args);
             Py_CLEAR(e->extra);
             mark_drop(c, e->m);
             e->m = NULL;
@@ -1122,8 +1327,8 @@ static PyObject *Core_activate(Core *c, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* Counters: (regions that lost their device span, marks skipped in graph captures, regions split
- * over two devices, resolver errors). */
+/* Counters: ({why: regions without a device span}, marks skipped in graph captures, errors of
+ * the resolver and the hot path). */
 static PyObject *Core_counts(Core *c, PyObject *unused) {
     PyObject *errs = PyList_New(0);
     for (int i = 0; errs && i < c->nerrors; i++) {
@@ -1131,8 +1336,18 @@ static PyObject *Core_counts(Core *c, PyObject *unused) {
         if (!s || PyList_Append(errs, s) < 0) Py_CLEAR(errs);
         Py_XDECREF(s);
     }
-    if (!errs) return NULL;
-    return Py_BuildValue("(lllN)", c->lost, c->captured, c->split_device, errs);
+    PyObject *lost = errs ? PyDict_New() : NULL;
+    for (int w = 0; lost && w < NWHY; w++) {
+        long n = __atomic_load_n(&c->lost[w], __ATOMIC_RELAXED);
+        PyObject *v = n ? PyLong_FromLong(n) : NULL;
+        if (n && (!v || PyDict_SetItemString(lost, why_names[w], v) < 0)) Py_CLEAR(lost);
+        Py_XDECREF(v);
+    }
+    if (!lost) {
+        Py_XDECREF(errs);
+        return NULL;
+    }
+    return Py_BuildValue("(NlN)", lost, c->captured, errs);
 }
 
 /* After stop: no more events are taken; the pools' events go back to the backend's close(). */
@@ -1163,7 +1378,7 @@ static PyMethodDef Core_methods[] = {
     {"last_brackets", (PyCFunction)Core_last_brackets, METH_NOARGS, "the newest pending anchor's brackets"},
     {"anchors", (PyCFunction)Core_anchors, METH_O, "a device's resolved anchors"},
     {"streams", (PyCFunction)Core_streams, METH_NOARGS, "(device, handle) by stream index"},
-    {"take", (PyCFunction)Core_take, METH_O, "take(base): rows finished so far"},
+    {"take", (PyCFunction)Core_take, METH_NOARGS, "take() -> (rows, at, end, blob): rows finished so far"},
     {"close_open", (PyCFunction)Core_close_open, METH_O, "close the regions still open"},
     {"flush", (PyCFunction)Core_flush, METH_NOARGS, "what is still unresolved keeps its host span"},
     {"activate", (PyCFunction)Core_activate, METH_O, "make this the recording core, or not"},
@@ -1279,19 +1494,6 @@ static PyObject *Core_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     return (PyObject *)c;
 }
 
-static void rows_free(Rows *r) {
-    for (Py_ssize_t i = 0; i < r->nargs; i++) Py_XDECREF(r->args[i].args);
-    free(r->v);
-    free(r->args);
-    memset(r, 0, sizeof *r);
-}
-
-static void done_free(Core *c, Done *r) {
-    Py_XDECREF(r->args);
-    mark_drop(c, r->m0);
-    mark_drop(c, r->m1);
-}
-
 static void core_free_state(Core *c) {
     for (Py_ssize_t k = 0; k < c->nthreads; k++) free_tstate(c, c->threads[k]);
     free(c->threads);
@@ -1301,14 +1503,21 @@ static void core_free_state(Core *c) {
     free(c->done);
     c->done = NULL;
     c->ndone = 0;
-    for (Py_ssize_t k = 0; k < c->nwaiting; k++) {
-        Waiting *w = &c->waiting[k];
-        for (Py_ssize_t i = 0; i < w->n; i++) done_free(c, &w->q[(w->head + i) % w->cap]);
-        free(w->q);
+    for (Py_ssize_t i = 0; i < c->npend; i++) done_free(c, &c->pend[i]);
+    free(c->pend);
+    c->pend = NULL;
+    c->npend = c->cappend = 0;
+    for (Mark *m = __atomic_exchange_n(&c->inbox, NULL, __ATOMIC_ACQUIRE), *next; m; m = next) {
+        next = m->next;
+        mark_drop(c, m);
     }
-    free(c->waiting);
-    c->waiting = NULL;
-    c->nwaiting = 0;
+    for (Py_ssize_t k = 0; k < c->nmq; k++) {
+        for (Py_ssize_t i = 0; i < c->mq[k].n; i++) mark_drop(c, c->mq[k].v[c->mq[k].head + i]);
+        free(c->mq[k].v);
+    }
+    free(c->mq);
+    c->mq = NULL;
+    c->nmq = 0;
     rows_free(&c->hrows);
     rows_free(&c->drows);
 }
@@ -1400,6 +1609,7 @@ static int region_key(PyObject *name, int32_t *key) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
+/* args: a dict the region may keep (its own), or NULL */
 static PyObject *make_region(PyObject *name, PyObject *args, int host_only) {
     int32_t key;
     if (region_key(name, &key) < 0) return NULL;
@@ -1407,7 +1617,7 @@ static PyObject *make_region(PyObject *name, PyObject *args, int host_only) {
     if (!r) return NULL;
     Py_INCREF(name);
     r->name = name;
-    r->args = args && args != Py_None && PyDict_GET_SIZE(args) ? (Py_INCREF(args), args) : NULL;
+    r->args = args && PyDict_GET_SIZE(args) ? (Py_INCREF(args), args) : NULL;
     r->key = key;
     r->host_only = host_only;
     return (PyObject *)r;
@@ -1420,7 +1630,11 @@ static PyObject *Region_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|Op", kws, &name, &a, &host_only)) return NULL;
     if (name != Py_None && !PyUnicode_Check(name)) return PyErr_Format(PyExc_TypeError, "a region's name is a str");
     if (a != Py_None && !PyDict_Check(a)) return PyErr_Format(PyExc_TypeError, "a region's args are a dict");
-    return make_region(name, a, host_only);
+    PyObject *own = a == Py_None ? NULL : PyDict_Copy(a); /* the caller's dict may change later */
+    if (a != Py_None && !own) return NULL;
+    PyObject *r = make_region(name, own, host_only);
+    Py_XDECREF(own);
+    return r;
 }
 
 static void Region_dealloc(Region *r) {
@@ -1435,9 +1649,7 @@ static PyObject *Region_enter(Region *r, PyObject *unused) {
         if (r->key < 0)
             return PyErr_Format(PyExc_TypeError,
                                 "region() needs a name when used with \"with\": with evtrace.region(\"step\"): ...");
-        PyObject *args = NULL;
-        if (r->args && !(args = snapshot(r->args))) return NULL;
-        if (do_enter(c, (PyObject *)r, 0, r->key, args, r->host_only || !c->ndev, 0) < 0) return NULL;
+        if (do_enter(c, (PyObject *)r, 0, r->key, r->args, r->host_only || !c->ndev, 0) < 0) return NULL;
     }
     Py_INCREF(r);
     return (PyObject *)r;
@@ -1469,9 +1681,18 @@ static PyMethodDef Region_methods[] = {
 
 static PyMemberDef Region_members[] = {
     {"name", T_OBJECT, offsetof(Region, name), READONLY, "the region's name (None: named when it decorates)"},
-    {"args", T_OBJECT, offsetof(Region, args), READONLY, "its args (None: none)"},
     {"key", T_INT, offsetof(Region, key), READONLY, "the interned name's key (-1: no name)"},
     {"host_only", T_BOOL, offsetof(Region, host_only), READONLY, "no device span"},
+    {NULL},
+};
+
+static PyObject *Region_get_args(Region *r, void *unused) {
+    if (!r->args) Py_RETURN_NONE;
+    return PyDictProxy_New(r->args); /* read-only: the region's own copy */
+}
+
+static PyGetSetDef Region_getset[] = {
+    {"args", (getter)Region_get_args, NULL, "its args, read-only (None: none)", NULL},
     {NULL},
 };
 
@@ -1481,13 +1702,14 @@ static PyTypeObject RegionType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A named span. Near-free when no session is recording.\n\n"
               "One Region object may be entered by several threads at once: each exit closes the span its\n"
-              "own thread opened. Args are snapshot on entry (see evtrace.values).",
+              "own thread opened. Args are copied on entry (see evtrace.values).",
     .tp_new = Region_new,
     .tp_dealloc = (destructor)Region_dealloc,
     .tp_repr = (reprfunc)Region_repr,
     .tp_call = (ternaryfunc)Region_call,
     .tp_methods = Region_methods,
     .tp_members = Region_members,
+    .tp_getset = Region_getset,
 };
 
 /* region(name, /, *, host_only=False, **args): the common case here, the rest in regions.py. */
@@ -1712,7 +1934,7 @@ static PyObject *bind_forward(PyObject *mod, PyObject *args) {
 
 /* bind(**parts): the Python parts the core calls (names from recorder.py, the rest from regions.py) */
 static PyObject *bind(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"name_keys", "name_key", "snapshot", "decorate", "region_slow", "max_str", NULL};
+    static char *kws[] = {"name_keys", "name_key", "encode", "decorate", "region_slow", "max_str", NULL};
     PyObject *nk = NULL, *nkf = NULL, *snap = NULL, *dec = NULL, *slow = NULL;
     Py_ssize_t max_str = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|$O!OOOOn", kws, &PyDict_Type, &nk, &nkf, &snap, &dec, &slow,
@@ -1722,7 +1944,7 @@ static PyObject *bind(PyObject *mod, PyObject *args, PyObject *kw) {
     if (v) Py_XSETREF(g, (Py_INCREF(v), v))
     SET(g_name_keys, nk);
     SET(g_name_key, nkf);
-    SET(g_snapshot, snap);
+    SET(g_encode, snap);
     SET(g_decorate, dec);
     SET(g_region_slow, slow);
 #undef SET
@@ -1768,7 +1990,27 @@ static PyObject *after_fork_in_child(PyObject *mod, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* The hot path stamps CLOCK_MONOTONIC and the recorder reads time.perf_counter_ns: if they were
+ * not one clock, every host time would be misplaced. check_clock(fn): raises ImportError unless
+ * fn() reads the same clock (a read of it falls between two of ours). */
+static PyObject *check_clock(PyObject *mod, PyObject *fn) {
+    for (int i = 0; i < 5; i++) { /* a thread switch between the reads can only widen the bracket */
+        int64_t a = mono_ns();
+        PyObject *r = PyObject_CallNoArgs(fn);
+        int64_t b = mono_ns();
+        if (!r) return NULL;
+        long long p = PyLong_AsLongLong(r);
+        Py_DECREF(r);
+        if (p == -1 && PyErr_Occurred()) return NULL;
+        if (a <= p && p <= b) Py_RETURN_NONE;
+    }
+    return PyErr_Format(PyExc_ImportError,
+                        "evtrace's core stamps CLOCK_MONOTONIC, which is not time.perf_counter_ns on this "
+                        "platform: it refuses to load rather than misplace every region");
+}
+
 static PyMethodDef module_methods[] = {
+    {"check_clock", check_clock, METH_O, "check_clock(fn): ImportError unless fn() reads the core's clock"},
     {"region", (PyCFunction)(void (*)(void))region_fn, METH_FASTCALL | METH_KEYWORDS,
      "region(name, /, *, host_only=False, **args)\n--\n\n"
      "A span on the host lane of this thread and, with CUDA, on the current stream.\n\n"
@@ -1794,6 +2036,13 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "evtrace._core", "evt
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&RegionType) < 0) return NULL;
+    PyObject *time = PyImport_ImportModule("time");
+    PyObject *pc = time ? PyObject_GetAttrString(time, "perf_counter_ns") : NULL;
+    PyObject *ok = pc ? check_clock(NULL, pc) : NULL;
+    Py_XDECREF(time);
+    Py_XDECREF(pc);
+    if (!ok) return NULL;
+    Py_DECREF(ok);
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0 ||

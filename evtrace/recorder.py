@@ -32,9 +32,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from . import _core, defaults
 from . import clock as _clock
@@ -114,11 +115,8 @@ class Recorder:
         )  # the ring drops by chunks
         self.background = background
         self._thread_info: list[Thread] = []
-        self._chunks: deque[np.ndarray] = deque()
-        self._args: dict[int, dict[str, Any]] = {}
-        self._count = 0
+        self._chunks: deque[_Chunk] = deque()
         self._kept = 0
-        self._first_index = 0  # global index of the oldest region kept
         self.dropped_regions = 0  # oldest regions dropped to keep memory under max_regions
         self.unfinished = 0  # regions still open when the session stopped
         self.resolver_errors: list[str] = []
@@ -269,15 +267,11 @@ class Recorder:
         return s
 
     def counts(self) -> dict[str, Any]:
-        """What the core counted: regions that lost their device span (pool dry, record refused, a
-        graph capture, a device error), marks skipped in captures, regions split over two devices."""
-        lost, captured, split, errors = self._core.counts()
-        return dict(
-            lost_device=lost,
-            captured=captured,
-            split_device=split,
-            resolver_errors=[*self.resolver_errors, *errors],
-        )
+        """What the core counted: regions without a device span by reason (the event pool dry, a
+        record refused, a graph capture, a device call that failed, split over two devices, ...),
+        marks skipped in captures, and the errors of the resolver and the hot path."""
+        lost, captured, errors = self._core.counts()
+        return dict(lost=lost, captured=captured, resolver_errors=[*self.resolver_errors, *errors])
 
     def raw_regions(self) -> np.ndarray:
         """The regions kept so far (after ``stop()``: all of them), in the order they began,
@@ -290,8 +284,16 @@ class Recorder:
     def finished(self) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
         """The rows kept so far, in the order they were finished, and the args of those that have
         any, by row."""
-        live = np.concatenate(self._chunks) if self._chunks else np.empty(0, _LIVE_DTYPE)
-        return live, {i - self._first_index: a for i, a in self._args.items()}
+        chunks = list(self._chunks)
+        live = np.concatenate([c.rows for c in chunks]) if chunks else np.empty(0, _LIVE_DTYPE)
+        args: dict[int, dict[str, Any]] = {}
+        base = 0
+        for c in chunks:
+            starts = np.r_[0, c.end[:-1]].tolist()
+            for i, a, b in zip(c.at.tolist(), starts, c.end.tolist()):
+                args[base + i] = orjson.loads(c.blob[a:b])
+            base += len(c.rows)
+        return live, args
 
     def threads(self) -> list[Thread]:
         """The threads that recorded, by the index rows give them."""
@@ -307,28 +309,38 @@ class Recorder:
             self._drain()
 
     def _drain(self) -> None:
-        """Move the core's finished rows into a packed numpy chunk (46 B a region)."""
+        """Move the core's finished rows into a packed chunk (46 B a region, and its args as JSON
+        text): a chunk keeps its own args, so the ring drops both in constant time."""
         with self._drain_lock:
-            raw, at, args = self._core.take(self._count)
+            raw, at, end, blob = self._core.take()
             if not raw:
                 return
-            chunk = np.frombuffer(raw, _LIVE_DTYPE)
-            self._args.update(zip(at, args))
-            self._count += len(chunk)
+            chunk = _Chunk(
+                np.frombuffer(raw, _LIVE_DTYPE),
+                np.frombuffer(at, np.int64),
+                np.frombuffer(end, np.int64),
+                blob,
+            )
             self._chunks.append(chunk)
-            self._kept += len(chunk)
+            self._kept += len(chunk.rows)
             while (
                 self.max_regions
                 and len(self._chunks) > 1
-                and self._kept - len(self._chunks[0]) >= self.max_regions
+                and self._kept - len(self._chunks[0].rows) >= self.max_regions
             ):
                 old = self._chunks.popleft()  # a ring of chunks: the oldest regions go first
-                self._kept -= len(old)
-                self._first_index += len(old)
-                self.dropped_regions += len(old)
-            if self.dropped_regions and self._args:
-                for i in [i for i in self._args if i < self._first_index]:
-                    del self._args[i]
+                self._kept -= len(old.rows)
+                self.dropped_regions += len(old.rows)
+
+
+class _Chunk(NamedTuple):
+    """Finished rows and their args: for each row with args (``at``, an index into ``rows``),
+    the end of its JSON text in ``blob`` (it starts where the previous one ends)."""
+
+    rows: np.ndarray
+    at: np.ndarray
+    end: np.ndarray
+    blob: bytes
 
 
 def _thread_name() -> str:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from . import _core
 from . import recorder as _rec
-from .values import MAX_STR, snapshot
+from .values import MAX_STR, encode
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -24,12 +24,11 @@ region = _core.region
 
 def _decorate(r: Region, fn: Any) -> Any:
     """``@region`` / ``@region("name")``: ``fn`` wrapped in a region named after it (or ``r``'s
-    name), with ``r``'s args, snapshot per call unless they are plain."""
+    name), with ``r``'s args, copied on each call."""
     if not callable(fn):
         raise TypeError(f"@region decorates a function, not {type(fn).__name__}")
     name = _rec.name_key(r.name or getattr(fn, "__qualname__", None) or repr(fn))
-    args = r.args
-    plain = args is None or snapshot(args) is args  # else snapshot on each call
+    args = None if r.args is None else dict(r.args)  # the wrapper's own: nothing else can change it
     host_only = r.host_only
     wrapper: Callable[..., Any]
     if inspect.iscoroutinefunction(fn):
@@ -39,7 +38,7 @@ def _decorate(r: Region, fn: Any) -> Any:
             if rec is None:
                 return await fn(*a, **k)
             enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
-            tok = enter(name, args if plain else snapshot(args))  # type: ignore[arg-type]
+            tok = enter(name, args)
             try:
                 return await fn(*a, **k)
             finally:
@@ -52,7 +51,7 @@ def _decorate(r: Region, fn: Any) -> Any:
             if rec is None:
                 return fn(*a, **k)
             enter, exit = (rec.enter_host, rec.exit_host) if host_only else (rec.enter, rec.exit)
-            tok = enter(name, args if plain else snapshot(args))  # type: ignore[arg-type]
+            tok = enter(name, args)
             try:
                 return fn(*a, **k)
             finally:
@@ -75,7 +74,7 @@ def _region_slow(name_or_fn: Any = None, /, *, host_only: bool = False, **args: 
 
 
 _core.bind(
-    snapshot=snapshot,
+    encode=encode,
     decorate=_decorate,
     region_slow=_region_slow,
     max_str=MAX_STR,

@@ -4,12 +4,18 @@ A region keeps what its args *were*, not the objects: a tensor becomes its shape
 device (its data is neither copied nor kept alive), a container is copied, and anything else
 becomes its repr, capped. Converting never raises: a value whose repr fails becomes a marker,
 so one bad arg can never cost the session.
+
+The snapshot is kept as JSON text (bytes), encoded on entry: the core encodes plain scalars
+itself and hands everything else to :func:`encode`. Bytes need no GIL to move or drop.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 MAX_STR = 1000  # a str arg longer than this is cut, and the cut marked with "…"
 MAX_REPR = 200  # the repr of any other object likewise
@@ -36,6 +42,26 @@ def snapshot(args: dict[str, Any]) -> dict[str, Any]:
     else:
         return args
     return {k if type(k) is str else _cap(_repr(k), MAX_REPR): value(v) for k, v in args.items()}
+
+
+def encode(args: Mapping[str, Any]) -> bytes:
+    """``args`` as the trace keeps them: the :func:`snapshot`, as JSON text."""
+    snap = snapshot(dict(args))
+    try:
+        return orjson.dumps(snap)
+    except orjson.JSONEncodeError:  # a str that is not valid Unicode (a lone surrogate)
+        return orjson.dumps(_valid(snap))
+
+
+def _valid(v: Any) -> Any:
+    """``v`` with every str made valid Unicode (lone surrogates as backslash escapes)."""
+    if type(v) is str:
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if type(v) is dict:
+        return {_valid(k): _valid(x) for k, x in v.items()}
+    if type(v) is list:
+        return [_valid(x) for x in v]
+    return v
 
 
 def value(v: Any, depth: int = 0) -> Any:
