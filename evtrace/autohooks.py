@@ -15,7 +15,7 @@ from typing import Any
 
 from . import defaults
 from . import recorder as _rec
-from .instrumentation import Instrumentation, bind_torch, compiling, select
+from .instrumentation import Instrumentation, bind_torch, compiling, instrument
 from .regions import Region
 
 _MISSING = object()
@@ -55,7 +55,9 @@ class Hooks:
     """Everything an unmodified training or inference script gets under ``python -m evtrace``:
 
     - module forward spans, for each top-level module as it is first called, down to ``depth``,
-      and each module's backward span (``<path> (backward)``) on the thread autograd runs it on;
+      named by the model's label and the module's path (``Net.layers.0``, ``Sequential#2.1``;
+      see ``instrument``), and each module's backward span (``Net.layers.0 (backward)``) on the
+      thread autograd runs it on;
     - ``backward`` around ``torch.autograd.backward`` (and so ``loss.backward()``);
     - ``optimizer.step (AdamW)`` and ``optimizer.zero_grad``, from torch's global optimizer hooks;
     - ``data wait`` while a DataLoader iterator produces the next batch (host only);
@@ -111,9 +113,11 @@ class Hooks:
         self._patches.set(module, "__call__", __call__)
 
     def _adopt(self, root: Any) -> None:
-        """A module called at the top level: trace it and its submodules down to the depth."""
+        """A module called at the top level: trace it and its submodules down to the depth. Its
+        label (a second root of its class is ``Net#2``) is taken now: in order of first call."""
         self._roots.add(root)
-        self._instrumented.append(Instrumentation(select(root, self.depth, self.include, self.exclude)))
+        ins = instrument(root, depth=self.depth, include=self.include, exclude=self.exclude)
+        self._instrumented.append(ins)
 
     def _around(self, owner: Any, name: str, region: str, host_only: bool = False) -> None:
         """Patch ``owner.name`` to run inside a region named ``region``. The token lives in the

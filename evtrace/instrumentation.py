@@ -20,6 +20,7 @@ import re
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -260,8 +261,8 @@ def _plain_forward(module: torch.nn.Module) -> Any:  # noqa: F821
 
 
 class _Forward(functools.partial):  # type: ignore[type-arg]
-    """``module.forward`` as a region named after the module's path, and with grad enabled its
-    backward as a region named ``<path> (backward)``: ``_core.forward(fn, key, bkey, ...)``, so that
+    """``module.forward`` as a region named ``name`` (see ``select``), and with grad enabled its
+    backward as a region named ``<name> (backward)``: ``_core.forward(fn, key, bkey, ...)``, so that
     nn.Module calls straight into C. A no-op without a session. Dynamo traces ``_traced_forward``
     in its place: a compiled graph is not split, and the modules inside it are not traced."""
 
@@ -304,19 +305,78 @@ def _traced_sequential(seq: Any, input: Any, /) -> Any:
     return input
 
 
-def select(
-    model: torch.nn.Module, depth: int | None = None, include: str | None = None, exclude: str | None = None
-) -> list[tuple[str, torch.nn.Module]]:
-    """The (path, module) pairs to trace: the root is depth 0, its children depth 1, and so on.
+# ---- names -----------------------------------------------------------------------------------
+# A module region is named by its model's label and its path in the model: "Net.layers.3.attn".
+# The label is the model's class name, "#2", "#3"... added for a second and third model of that
+# class (the hooks label models in order of first call), so that two models never share a row and
+# the same script gets the same names every run. A label is held while its model is instrumented
+# and, if a session recorded meanwhile, until that session ends: one trace never gives one name
+# to two models. Then it is free again (the hooks remove theirs at the session's end).
 
-    ``include``/``exclude`` are regexes searched in the path (the root's path is its class name).
+_held: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()  # model: [label, holders]
+# labels released while a session recorded: label -> (that session's recorder, the model)
+_kept: dict[str, tuple[weakref.ref[Any], weakref.ref[Any]]] = {}
+_labels_lock = threading.Lock()  # the hooks adopt a model on whichever thread first calls it
+
+
+def _take_label(model: torch.nn.Module, name: str | None = None) -> str:
+    """``model``'s label, held once more: the one it has or had in this session, else ``name``
+    (or its class name) made unique among the labels held."""
+    with _labels_lock:
+        cur = _rec.current
+        for label, (rec, _) in list(_kept.items()):
+            if cur is None or rec() is not cur:
+                del _kept[label]  # its session has ended
+        held = _held.get(model)
+        if held is not None:
+            held[1] += 1
+            return str(held[0])
+        mine = [label for label, (_, m) in _kept.items() if m() is model]
+        if mine:
+            label = mine[0]
+            del _kept[label]
+        else:
+            base = name or type(model).__name__
+            taken = {v[0] for v in _held.values()} | _kept.keys()
+            label, n = base, 1
+            while label in taken:
+                n += 1
+                label = f"{base}#{n}"
+        _held[model] = [label, 1]
+        return label
+
+
+def _release_label(model: torch.nn.Module) -> None:
+    with _labels_lock:
+        held = _held.get(model)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _held[model]
+            if _rec.current is not None:
+                _kept[held[0]] = (weakref.ref(_rec.current), weakref.ref(model))
+
+
+def select(
+    model: torch.nn.Module,
+    depth: int | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    label: str | None = None,
+) -> list[tuple[str, torch.nn.Module]]:
+    """The (name, module) pairs to trace: the root is depth 0, its children depth 1, and so on.
+
+    A module's name is its path below the root, after the root's ``label`` (by default its class
+    name): ``Net``, ``Net.layers.3.attn``. ``include``/``exclude`` are regexes searched in it.
     """
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
+    root = label or type(model).__name__
     out = []
     for path, m in model.named_modules():
         d = 0 if path == "" else path.count(".") + 1
-        name = path or type(m).__name__
+        name = f"{root}.{path}" if path else root
         if depth is not None and d > depth:
             continue
         if inc is not None and not inc.search(name):
@@ -339,6 +399,7 @@ class Instrumentation:
     ) -> None:
         bind_torch()
         self._saved: list[tuple[torch.nn.Module, Any]] = []
+        self._labelled: torch.nn.Module | None = None  # the model whose label it holds
         for name, m in modules:
             if isinstance(m.__dict__.get("forward"), _Forward):
                 continue  # already traced by another instrumentation
@@ -359,6 +420,9 @@ class Instrumentation:
             else:
                 m.__dict__["forward"] = prev
         self._saved.clear()
+        model, self._labelled = self._labelled, None
+        if model is not None:
+            _release_label(model)
 
     def __enter__(self) -> Instrumentation:
         return self
@@ -374,16 +438,27 @@ def instrument(
     include: str | None = None,
     exclude: str | None = None,
     backward: bool = True,
+    name: str | None = None,
 ) -> Instrumentation:
     """Trace ``model``'s forward, and its submodules' down to ``depth`` (None: all of them).
 
-    Each module call becomes a region named by its path (``encoder.layers.3.attn``), on the host
-    and on the current stream. With ``backward`` (and grad enabled), its backward becomes a
-    region ``encoder.layers.3.attn (backward)`` on the thread and stream autograd runs it on.
+    Each module call becomes a region named by the model's label and the module's path
+    (``Net.encoder.layers.3.attn``), on the host and on the current stream. The label is ``name``,
+    by default the model's class name; a second model of that name instrumented at the same time,
+    or in the same session, gets ``Net#2``, a third ``Net#3``. With ``backward`` (and grad
+    enabled), its backward becomes a region ``Net.encoder.layers.3.attn (backward)`` on the thread
+    and stream autograd runs it on. ``include``/``exclude`` are regexes searched in those names.
     Undo with ``.remove()`` or use it as a context manager.
     """
     import torch
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"instrument() takes an nn.Module, not {type(model).__name__}")
-    return Instrumentation(select(model, depth, include, exclude), backward)
+    label = _take_label(model, name)
+    try:
+        ins = Instrumentation(select(model, depth, include, exclude, label), backward)
+    except BaseException:
+        _release_label(model)
+        raise
+    ins._labelled = model
+    return ins

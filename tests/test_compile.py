@@ -76,7 +76,12 @@ def test_an_instrumented_model_compiles_to_one_graph(tmp_path: Path) -> None:
     assert s is not None
     assert not torch._dynamo.utils.counters["graph_break"]
     # the eager call alone: the model and its three modules
-    assert sorted(s.names[k] for k in s.regions["name"]) == ["0", "1", "2", "Sequential"]
+    assert sorted(s.names[k] for k in s.regions["name"]) == [
+        "Sequential",
+        "Sequential.0",
+        "Sequential.1",
+        "Sequential.2",
+    ]
 
 
 LATE = """

@@ -55,13 +55,13 @@ def test_forward_spans_are_named_by_path_and_nest(tmp_path: Path) -> None:
     assert sorted(s.names) == sorted(
         [
             "Net",
-            "layers.0",
-            "layers.0.attn",
-            "layers.0.mlp",
-            "layers.1",
-            "layers.1.attn",
-            "layers.1.mlp",
-            "head",
+            "Net.layers.0",
+            "Net.layers.0.attn",
+            "Net.layers.0.mlp",
+            "Net.layers.1",
+            "Net.layers.1.attn",
+            "Net.layers.1.mlp",
+            "Net.head",
         ]
     )
     reg = s.regions
@@ -106,11 +106,12 @@ def test_sequential_children_share_one_event_per_boundary() -> None:
     s, marks = sequential_run([10_000, 20_000, 30_000])
     assert marks == 4  # the container's start, then one per child's end (the last is the container's)
     span = device_spans(s)
-    assert span["2"][1] == span["Sequential"][1]
-    host0 = int(s.regions[s.regions["name"] == s.names.index("0")]["host_start"][0])
-    assert span["0"][0] == max(span["Sequential"][0], host0 + 1)  # the device was idle: from its launch
-    assert span["1"][0] == span["0"][1] and span["2"][0] == span["1"][1]
-    for child, ns in (("1", 20_000), ("2", 30_000)):  # the device was busy: each span is its kernel
+    seq, c0, c1, c2 = (span[n] for n in ("Sequential", "Sequential.0", "Sequential.1", "Sequential.2"))
+    assert c2[1] == seq[1]
+    host0 = int(s.regions[s.regions["name"] == s.names.index("Sequential.0")]["host_start"][0])
+    assert c0[0] == max(seq[0], host0 + 1)  # the device was idle: from its launch
+    assert c1[0] == c0[1] and c2[0] == c1[1]
+    for child, ns in (("Sequential.1", 20_000), ("Sequential.2", 30_000)):  # the device was busy: its kernel
         assert abs(span[child][1] - span[child][0] - ns) < 200
     assert s.meta["clamped_device_spans"] == 0
 
@@ -120,8 +121,9 @@ def test_a_child_with_hooks_does_not_share_its_end() -> None:
     s, marks = sequential_run([10_000, 20_000], hook_ns=40_000)
     assert marks == 5  # the hooked child shares neither boundary; the second child's end is the container's
     span = device_spans(s)
-    assert span["1"][0] >= span["0"][1] + 40_000 - 200  # starts after the hook's kernel
-    assert abs(span["1"][1] - span["1"][0] - 20_000) < 200
+    c0, c1 = span["Sequential.0"], span["Sequential.1"]
+    assert c1[0] >= c0[1] + 40_000 - 200  # starts after the hook's kernel
+    assert abs(c1[1] - c1[0] - 20_000) < 200
 
 
 def test_shared_starts_stamped_before_their_launch_are_moved_not_counted() -> None:
@@ -138,14 +140,15 @@ def test_include_exclude_and_depth() -> None:
     names = lambda **k: [n for n, _ in select(net, **k)]  # noqa: E731
     assert names(depth=0) == ["Net"]
     assert names(depth=None, include=r"\.mlp\.\d$") == [
-        "layers.0.mlp.0",
-        "layers.0.mlp.1",
-        "layers.0.mlp.2",
-        "layers.1.mlp.0",
-        "layers.1.mlp.1",
-        "layers.1.mlp.2",
+        "Net.layers.0.mlp.0",
+        "Net.layers.0.mlp.1",
+        "Net.layers.0.mlp.2",
+        "Net.layers.1.mlp.0",
+        "Net.layers.1.mlp.1",
+        "Net.layers.1.mlp.2",
     ]
-    assert "head" not in names(exclude="head")
+    assert "Net.head" not in names(exclude="head")
+    assert names(depth=1, label="Net#2") == ["Net#2", "Net#2.layers", "Net#2.head"]
 
 
 def test_outputs_grads_state_dict_and_pickle_are_unchanged(tmp_path: Path) -> None:
@@ -198,20 +201,21 @@ def test_backward_spans_per_module_nest_in_reverse_order(tmp_path: Path) -> None
     bw = {n: reg[reg["name"] == s.names.index(n)] for n in s.names if n.endswith(" (backward)")}
     # every module that made a gradient, twice; the identity passes its input through: no span
     assert all(len(v) == 2 for v in bw.values())
-    assert "2 (backward)" not in bw and {
+    assert "Sequential.2 (backward)" not in bw and {
         "Sequential (backward)",
-        "0 (backward)",
-        "3.mlp.2 (backward)",
+        "Sequential.0 (backward)",
+        "Sequential.3.mlp.2 (backward)",
     } <= set(bw)
     for step in range(2):
         span = {n: (int(v[step]["host_start"]), int(v[step]["host_end"])) for n, v in bw.items()}
         root = span.pop("Sequential (backward)")
         assert all(root[0] <= a and b <= root[1] for a, b in span.values())
-        assert span["3 (backward)"][1] <= span["1 (backward)"][0]  # the last block's backward runs first
-        assert span["1 (backward)"][1] <= span["0 (backward)"][0]  # the first layer's last
+        first, b1, b3 = (span[f"Sequential.{i} (backward)"] for i in (0, 1, 3))
+        assert b3[1] <= b1[0]  # the last block's backward runs first
+        assert b1[1] <= first[0]  # the first layer's last
         for blk in ("1", "3"):  # a block holds its submodules' backward spans, mlp.2 first
-            a, b = span[f"{blk} (backward)"]
-            inner = [span[f"{blk}.{m} (backward)"] for m in ("mlp.2", "mlp.1", "mlp.0", "attn")]
+            a, b = span[f"Sequential.{blk} (backward)"]
+            inner = [span[f"Sequential.{blk}.{m} (backward)"] for m in ("mlp.2", "mlp.1", "mlp.0", "attn")]
             assert all(a <= i0 and i1 <= b for i0, i1 in inner)
             assert all(p[1] <= q[0] for p, q in zip(inner, inner[1:]))
     s.save(tmp_path / "b.json")  # the checker (conftest) verifies nesting on each lane
@@ -236,7 +240,7 @@ def test_each_backward_pass_through_a_retained_graph_gets_its_spans(tmp_path: Pa
     s = r.session
     assert s is not None
     reg = s.regions
-    for n in ("Block (backward)", "attn (backward)", "mlp (backward)"):
+    for n in ("Block (backward)", "Block.attn (backward)", "Block.mlp (backward)"):
         spans = reg[reg["name"] == s.names.index(n)]
         assert len(spans) == 2 and spans["host_end"][0] <= spans["host_start"][1]
 
@@ -297,8 +301,8 @@ def test_an_exception_in_a_forward_propagates_and_its_spans_close(tmp_path: Path
     s = r.session
     assert s is not None
     names = [s.names[k] for k in s.regions["name"]]
-    assert sorted(names) == ["0", "0", "1", "Sequential"]
+    assert sorted(names) == ["Sequential", "Sequential.0", "Sequential.0", "Sequential.1"]
     reg = s.regions
     outer = reg[names.index("Sequential")]
-    boom = reg[names.index("1")]
+    boom = reg[names.index("Sequential.1")]
     assert outer["host_start"] <= boom["host_start"] <= boom["host_end"] <= outer["host_end"]

@@ -76,7 +76,11 @@ def script(tmp_path: Path) -> Path:
 
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("EVTRACE_TEST_CUDA", "")}
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": os.environ.get("EVTRACE_TEST_CUDA", ""),
+        "PYTHONPATH": str(Path(evtrace.__file__).parents[1]),  # this checkout's evtrace, not an installed one
+    }
     return subprocess.run(
         [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
@@ -92,8 +96,9 @@ def test_training_step_is_traced_without_changing_it(tmp_path: Path, script: Pat
     s = evtrace.load(tmp_path / "t.json.gz")
     names = set(s.names)
     # forward spans by module path, down to the default depth 2; the loss module is a root too
-    assert {"Net", "layers.0", "layers.1", "head", "MSELoss"} <= names  # (a ModuleList is never called)
-    assert "layers.0.attn" not in names  # depth 3
+    # (a ModuleList is never called)
+    assert {"Net", "Net.layers.0", "Net.layers.1", "Net.head", "MSELoss"} <= names
+    assert "Net.layers.0.attn" not in names  # depth 3
     assert {"backward", "optimizer.step (AdamW)", "optimizer.zero_grad", "data wait"} <= names
     waits = [n for n in names if n.startswith("wait ")]
     on_gpu = bool(s.devices)
@@ -105,8 +110,8 @@ def test_training_step_is_traced_without_changing_it(tmp_path: Path, script: Pat
     assert count["optimizer.step (AdamW)"] == count["backward"] == count["Net"] == 8
     assert count["data wait"] >= 8
     # each traced module's backward, as a span of its own on the thread autograd ran it on
-    module_bw = ["Net (backward)", "layers.0 (backward)", "layers.1 (backward)", "head (backward)"]
-    assert all(count[n] == 8 for n in module_bw) and "layers.0.attn (backward)" not in names
+    module_bw = [f"{n} (backward)" for n in ("Net", "Net.layers.0", "Net.layers.1", "Net.head")]
+    assert all(count[n] == 8 for n in module_bw) and "Net.layers.0.attn (backward)" not in names
     r = s.regions
     rows = {n: r[r["name"] == s.names.index(n)] for n in ["backward", *module_bw]}
     lanes = {s.threads[i].name for n in module_bw for i in rows[n]["thread"]}
@@ -154,7 +159,7 @@ def test_depth_include_exclude_and_no_hooks(tmp_path: Path, script: Path) -> Non
         for n in evtrace.load(tmp_path / "inc.json").names
         if not n.startswith(("wait", "data", "optimizer", "backward"))
     }
-    assert mods == {"Net", "layers.0.attn", "Net (backward)", "layers.0.attn (backward)"}
+    assert mods == {"Net", "Net.layers.0.attn", "Net (backward)", "Net.layers.0.attn (backward)"}
     r = run(tmp_path, "-m", "evtrace", "--no-hooks", "-o", "none.json", "train.py")
     assert r.returncode == 0, r.stderr
     assert len(evtrace.load(tmp_path / "none.json")) == 0

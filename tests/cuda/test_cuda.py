@@ -98,7 +98,8 @@ def test_sequential_children_tile_the_container_on_the_device(tmp_path: Path) ->
     s = r.session
     assert s is not None and s.device_spans == 50 == len(s)
     reg = s.regions
-    by = {n: reg[reg["name"] == s.names.index(n)] for n in ("Sequential", "0", "1", "2", "3")}
+    named = {"Sequential": "Sequential", **{c: f"Sequential.{c}" for c in "0123"}}  # the children by index
+    by = {n: reg[reg["name"] == s.names.index(full)] for n, full in named.items()}
     for a, b in (("0", "1"), ("1", "2"), ("2", "3")):
         prev, cur = by[a], by[b]
         assert (cur["dev_start"] == np.maximum(prev["dev_end"], cur["host_start"] + 1)).all()
