@@ -10,7 +10,8 @@ not such a trace raises :class:`~evtrace.files.TraceError`.
 
 Lanes: the host process (real pid) with one lane per thread, then one process per GPU
 (pid 10_000_000 + index) with one lane per stream. Every lane gets all four M events.
-Spans that would cross on a lane move to an extra "(overlap)" lane, so nothing is dropped.
+Spans that would cross on a lane move to an extra "(overlap)" lane, and spans DEPTH_LIMIT or more
+deep to "(depth 512+)", "(depth 1024+)", ... lanes after theirs, so nothing is dropped on import.
 Times are integer ns since the session origin, written as µs with three decimals.
 A merged session (``Session.ranks``) is written rank after rank, each under its own pids.
 
@@ -320,7 +321,7 @@ class _Lanes:
 
     def __init__(self, s: Session, dev_pid: int = DEVICE_PID) -> None:
         r = s.regions
-        self.overlap: list[list[int]] = []  # [extra tid, original tid], for the reader
+        self.overlap: list[list[int]] = []  # [extra tid, original tid], for the reader (any extra lane)
         self._next = OVERLAP_TID
         tids = np.array([t.tid for t in s.threads] or [0], dtype=np.int64)
         self.host_tid, self.host_extra = self._split(r["thread"], tids, r["host_start"], r["host_end"])

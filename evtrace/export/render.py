@@ -3,7 +3,8 @@
 Host lanes above, device lanes below, one time axis with ticks labelled from the window's start;
 slices labelled where they fit; arrows from a few launches to their execution. By default the
 window is one representative step: the median instance of a repeating outermost region that
-does device work (a wait, such as ``data wait``, is never a step).
+does device work (a wait, such as ``data wait``, is never a step). The picture's height is capped
+(MAX_ROWS a lane, MAX_HEIGHT in all), and what the cap left out is counted and said.
 
 Owns the :class:`Timeline` view (its window and lane filter are constructor options) and
 ``draw``, which also says what it drew and refuses an empty picture (:class:`NothingToDraw`).
@@ -34,7 +35,7 @@ PALETTE = [
     "#bab0ac",
 ]
 MAX_SLICES = 4000
-# The picture's height: a recursion 3,000 deep drew 66,080 px, which no viewer scrolls through and
+# The picture's height: a recursion 3,000 deep drew 66,058 px, which no viewer scrolls through and
 # where a row is 1/3,000 of the picture. An instrumented model's step nests ~10 deep (step > model
 # > block > layer > attention > linear ...); 32 rows hold that three times over. 4,000 px is about
 # three screens of the 1200 px wide picture as GitHub shows it (scaled to ~900 px wide).
