@@ -10,7 +10,8 @@ not such a trace raises :class:`~evtrace.files.TraceError`.
 
 Lanes: the host process (real pid) with one lane per thread, then one process per GPU
 (pid 10_000_000 + index) with one lane per stream. Every lane gets all four M events.
-Spans that would cross on a lane move to an extra "(overlap)" lane, so nothing is dropped.
+Spans that would cross on a lane move to an extra "(overlap)" lane, and spans DEPTH_LIMIT or more
+deep to "(depth 512+)", "(depth 1024+)", ... lanes after theirs, so nothing is dropped on import.
 Times are integer ns since the session origin, written as µs with three decimals.
 A merged session (``Session.ranks``) is written rank after rank, each under its own pids.
 
@@ -203,29 +204,50 @@ def rank_labels(ranks: list[Session]) -> list[str]:
 
 FORMAT = 1
 DEVICE_PID = 10_000_000  # above Linux's pid_max, so never a real process
-OVERLAP_TID = 0x7F000000  # first tid of the extra lanes for crossing spans
+OVERLAP_TID = 0x7F000000  # first tid of the extra lanes: for crossing spans, and for deep ones
+#: Perfetto's importer keeps depths 0..511 on a lane and drops deeper slices (stat
+#: slice_max_depth_exceeded; v58.2, a recursion 513 deep loses one slice). Deeper ones go to extra
+#: lanes of DEPTH_LIMIT levels each, "(depth 512+)", "(depth 1024+)", ..., after their lane.
+DEPTH_LIMIT = 512
 OWN_ARGS = ("region", "host_dur_us", "device_dur_us", "launch_delay_us")
 HOST_PID_BASE = 1_000_000  # merged traces: input i's host is pid HOST_PID_BASE + i * PIDS_PER_INPUT,
 PIDS_PER_INPUT = 1_000  # its GPU d the next pid + d (never a real pid of another host)
 PROFILER_PID = 20_000_000  # torch.profiler lanes merged in: this pid and up (above the others)
 
 
-def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """For spans on one lane, the sub-lane (0 = the lane itself) on which each one nests.
+def nesting(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """For spans on one lane, the sub-lane (0 = the lane itself) on which each one nests, and its
+    depth there as Perfetto's importer counts it (0: outermost); None for the depths when every
+    span is shallower than DEPTH_LIMIT, found without counting (a loop's flat lane).
 
     Intervals are closed-open: touching spans are siblings. A span that would cross one
-    already open goes to the first sub-lane where it nests.
+    already open goes to the first sub-lane where it nests. Depth follows the importer (checked
+    against its ``slice.depth`` on random nestings, v58.2): at one instant the longer span is the
+    parent, and a span of no length is the parent of the next one of no length at its instant.
     """
     out = np.zeros(len(start), dtype=np.int32)
-    if len(start) < 2 or (np.all(start[1:] >= end[:-1]) and np.all(end >= start)):
-        return out  # already in order and flat (the host lane of a loop), without sorting
+    if len(start) < 2:
+        return out, None
+    # in order and flat (a loop's lane): nothing crosses, and only spans of no length nest (each
+    # in the one before at its instant), never DEPTH_LIMIT deep where fewer than that many
+    if np.all(start[1:] >= end[:-1]) and (
+        np.all(end > start)
+        or (
+            np.all(end >= start)
+            and (len(start) <= DEPTH_LIMIT or np.count_nonzero(end == start) < DEPTH_LIMIT)
+        )
+    ):
+        return out, None
+    depth = np.zeros(len(start), dtype=np.int32)
     if np.all((start[1:] > start[:-1]) | ((start[1:] == start[:-1]) & (end[1:] <= end[:-1]))):
         order, s, e = np.arange(len(start)), start, end  # already by start, the longer first
     else:
         order = np.lexsort((-end, start))
         s, e = start[order], end[order]
-    if np.all(s[1:] >= e[:-1]) or _nested(s, e):  # flat, or nested: nothing crosses
-        return out
+    d = _nested(s, e)
+    if d is not None:  # nothing crosses
+        depth[order] = d
+        return out, depth
     stacks: list[list[int]] = []
     lane_of = np.zeros(len(start), dtype=np.int32)
     for k, (st, en) in enumerate(zip(s.tolist(), e.tolist())):
@@ -240,20 +262,44 @@ def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
             stacks.append([en])
             lane_of[k] = len(stacks) - 1
     out[order] = lane_of
-    return out
+    for lane in range(len(stacks)):
+        mine = np.flatnonzero(lane_of == lane)
+        d = _nested(s[mine], e[mine])
+        assert d is not None  # a sub-lane's spans nest: the stack put them there so
+        depth[order[mine]] = d
+    return out, depth
 
 
-def _nested(s: np.ndarray, e: np.ndarray) -> bool:
-    """Whether spans sorted by start, the longer first, nest without crossing (touching spans are
-    siblings), without a stack: as parentheses (ends before starts at one instant, the inner end
-    first), each span's end must come at the depth its start opened."""
-    if not np.all(e > s):
-        s, e = s[e > s], e[e > s]  # a span of no length crosses nothing
-    ends = len(e) - 1 - np.argsort(e[::-1], kind="stable")  # by end, the later start first
-    end_at = e[ends]
-    opened = np.arange(1, len(s) + 1) - np.searchsorted(end_at, s, side="right")
-    closing = np.searchsorted(s, end_at, side="left") - np.arange(len(s))
-    return bool(np.array_equal(opened[ends], closing))
+def sublanes(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """For spans on one lane, the sub-lane (0 = the lane itself) on which each one nests."""
+    return nesting(start, end)[0]
+
+
+def _nested(s: np.ndarray, e: np.ndarray) -> np.ndarray | None:
+    """Each span's depth where spans sorted by start, the longer first, nest without crossing
+    (touching spans are siblings); None where some cross. Without a stack: as parentheses (ends
+    before starts at one instant, the inner end first), each span's end must come at the depth its
+    start opened, and the depth is the spans started before it less those ended by its start."""
+    pos = e > s
+    ps, pe = (s, e) if pos.all() else (s[pos], e[pos])  # a span of no length crosses nothing
+    ends = len(pe) - 1 - np.argsort(pe[::-1], kind="stable")  # by end, the later start first
+    end_at = pe[ends]
+    opened = np.arange(len(ps)) - np.searchsorted(end_at, ps, side="right")  # depth at each start
+    closing = np.searchsorted(ps, end_at, side="left") - np.arange(1, len(ps) + 1)
+    if not np.array_equal(opened[ends], closing):
+        return None
+    if pos.all():
+        return opened.astype(np.int32)
+    depth = np.zeros(len(s), np.int32)
+    depth[pos] = opened
+    # a span of no length at t: inside the spans open at t, and below the others of no length
+    # at t before it (Perfetto keeps one open for the next at its instant)
+    t = s[~pos]
+    first = np.r_[True, t[1:] != t[:-1]]
+    k = np.arange(len(t))
+    run = k - np.maximum.accumulate(np.where(first, k, 0))
+    depth[~pos] = np.searchsorted(ps, t, side="right") - np.searchsorted(end_at, t, side="right") + run
+    return depth
 
 
 def _lane_meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: int) -> list[dict[str, Any]]:
@@ -265,19 +311,24 @@ def _lane_meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: in
     ]
 
 
+_Extra = dict[int, list[tuple[int, str]]]  # a lane's tid -> its extra lanes: (tid, name suffix)
+
+
 class _Lanes:
-    """Where each region's host and device slice goes, with crossing spans split off."""
+    """Where each region's host and device slice goes: on its thread's or stream's lane, or on an
+    extra lane after it, where it would cross a span there or lie DEPTH_LIMIT or more deep.
+    Any writer lays its slices out so (the lanes are not JSON's)."""
 
     def __init__(self, s: Session, dev_pid: int = DEVICE_PID) -> None:
         r = s.regions
-        self.overlap: list[list[int]] = []  # [extra tid, original tid]
+        self.overlap: list[list[int]] = []  # [extra tid, original tid], for the reader (any extra lane)
         self._next = OVERLAP_TID
         tids = np.array([t.tid for t in s.threads] or [0], dtype=np.int64)
         self.host_tid, self.host_extra = self._split(r["thread"], tids, r["host_start"], r["host_end"])
         self.has_dev = r["device"] >= 0
         rows = np.flatnonzero(self.has_dev)
         self.dev_pid = self.dev_tid = np.zeros(len(r), np.int64)  # the host only: never read
-        self.dev_extra: dict[tuple[int, int], int] = {}
+        self.dev_extra: _Extra = {}
         if len(rows):
             self.dev_pid = dev_pid + r["device"].astype(np.int64)
             self.dev_tid = np.zeros(len(r), np.int64)
@@ -287,20 +338,31 @@ class _Lanes:
 
     def _split(
         self, lane_ids: np.ndarray, tid_of: np.ndarray, start: np.ndarray, end: np.ndarray
-    ) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
-        """Each span's tid: its lane's (``tid_of[lane id]``), or an extra lane's where it would cross."""
+    ) -> tuple[np.ndarray, _Extra]:
+        """Each span's tid: its lane's (``tid_of[lane id]``), or an extra lane's where it would
+        cross or lie too deep; and per lane's tid, its extra lanes in order: (tid, name suffix)."""
         # one lane (one thread, or one stream): one tid, as a view, and nothing gathered
         one = len(lane_ids) > 0 and bool((lane_ids == lane_ids[0]).all())
         tid = np.broadcast_to(tid_of[lane_ids[0]], len(lane_ids)) if one else tid_of[lane_ids]
-        extras: dict[tuple[int, int], int] = {}
+        extras: _Extra = {}
         for lane in [int(lane_ids[0])] if one else np.flatnonzero(np.bincount(lane_ids)).tolist():
             rows: slice | np.ndarray = slice(None) if one else np.flatnonzero(lane_ids == lane)
-            sub = sublanes(start[rows], end[rows])
-            for k in np.unique(sub[sub > 0]).tolist():
+            sub, depth = nesting(start[rows], end[rows])
+            key, bands = sub, 1
+            if depth is not None and depth.max() >= DEPTH_LIMIT:
+                band = depth // DEPTH_LIMIT  # the band's lane holds its depths from 0 again
+                bands = int(band.max()) + 1
+                key = sub.astype(np.int64) * bands + band
+            for kb in np.unique(key[key > 0]).tolist():  # the overlap sub-lane, then its bands
+                k, b = divmod(kb, bands)
                 tid = tid if tid.flags.writeable else tid.copy()
-                extras[(int(tid_of[lane]), k)] = self._next
-                self.overlap.append([self._next, int(tid_of[lane])])
-                moved = np.flatnonzero(sub == k)
+                orig = int(tid_of[lane])
+                suffix = ("" if k == 0 else " (overlap)" if k == 1 else f" (overlap {k})") + (
+                    f" (depth {b * DEPTH_LIMIT}+)" if b else ""
+                )
+                extras.setdefault(orig, []).append((self._next, suffix))
+                self.overlap.append([self._next, orig])
+                moved = np.flatnonzero(key == kb)
                 tid[moved if isinstance(rows, slice) else rows[moved]] = self._next
                 self._next += 1
         return tid, extras
@@ -325,24 +387,19 @@ def _meta_events(s: Session, lanes: _Lanes, place: _Place) -> list[dict[str, Any
     """All four M events for every lane: host first, then GPU 0, 1, ...; extra lanes after theirs."""
     events: list[dict[str, Any]] = []
 
-    def extra(
-        found: dict[tuple[int, int], int], orig: int, pid: int, pname: str, psort: int, tname: str, tsort: int
-    ) -> None:
-        for (o, k), tid in found.items():
-            if o == orig:
-                suffix = " (overlap)" if k == 1 else f" (overlap {k})"
-                events.extend(_lane_meta(pid, tid, pname, psort, tname + suffix, tsort + k))
+    def lane(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: int, found: _Extra) -> None:
+        events.extend(_lane_meta(pid, tid, pname, psort, tname, tsort))
+        for k, (extra, suffix) in enumerate(found.get(tid, []), 1):
+            events.extend(_lane_meta(pid, extra, pname, psort, tname + suffix, tsort + k))
 
     prefix, hpid = text(place.prefix), place.host_pid
     for i, t in enumerate(s.threads):
-        events += _lane_meta(hpid, t.tid, prefix + "host", place.sort, text(t.name), i * 100)
-        extra(lanes.host_extra, t.tid, hpid, prefix + "host", place.sort, text(t.name), i * 100)
+        lane(hpid, t.tid, prefix + "host", place.sort, text(t.name), i * 100, lanes.host_extra)
     order = sorted(range(len(s.streams)), key=lambda j: (not s.streams[j].label.endswith("(default)"), j))
     for rank, j in enumerate(order):
         st = s.streams[j]
         pid, pname = place.dev_pid + st.device, text(f"{prefix}GPU {st.device} · {s.devices[st.device].name}")
-        events += _lane_meta(pid, j + 1, pname, place.sort + 1 + st.device, text(st.label), rank * 100)
-        extra(lanes.dev_extra, j + 1, pid, pname, place.sort + 1 + st.device, text(st.label), rank * 100)
+        lane(pid, j + 1, pname, place.sort + 1 + st.device, text(st.label), rank * 100, lanes.dev_extra)
     return events
 
 

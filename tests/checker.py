@@ -9,6 +9,8 @@ import math
 from collections import defaultdict
 from typing import Any
 
+#: Perfetto's importer drops a slice at depth 512 or more on its lane (slice_max_depth_exceeded, v58.2)
+MAX_DEPTH = 512
 LANE_META = {"process_name", "process_sort_index", "thread_name", "thread_sort_index"}
 
 
@@ -87,10 +89,13 @@ def problems(doc: Any) -> list[str]:
     for lane, spans in lanes.items():
         if meta.get(lane, set()) != LANE_META:
             out.append(f"lane {lane}: M events {sorted(meta.get(lane, set()))}, want all four")
-        spans.sort(key=lambda s: (s[0], -s[1]))
+        spans.sort(key=lambda s: (s[0], -s[1]))  # Perfetto's order: by ts, the longer first, then as written
         stack: list[tuple[int, int, str]] = []
+        deep = 0
         for s in spans:
-            while stack and stack[-1][1] <= s[0]:
+            # touching spans are siblings; but as Perfetto nests, a span of no length stays open
+            # for the next at its instant (which can only be of no length too)
+            while stack and (stack[-1][1] < s[0] or stack[-1][0] < stack[-1][1] == s[0]):
                 stack.pop()
             if stack and s[1] > stack[-1][1]:
                 out.append(
@@ -98,5 +103,12 @@ def problems(doc: Any) -> list[str]:
                     f" crosses {stack[-1][2]!r} [{stack[-1][0]}, {stack[-1][1]})"
                 )
                 continue
+            if len(stack) >= MAX_DEPTH and not deep:
+                out.append(
+                    f"lane {lane}: {s[2]!r} [{s[0]}, {s[1]}) at depth {len(stack)}, past {MAX_DEPTH - 1}"
+                )
+            deep += len(stack) >= MAX_DEPTH
             stack.append(s)
+        if deep > 1:
+            out.append(f"lane {lane}: {deep} slices in all past depth {MAX_DEPTH - 1}, which Perfetto drops")
     return out

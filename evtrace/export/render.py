@@ -3,7 +3,8 @@
 Host lanes above, device lanes below, one time axis with ticks labelled from the window's start;
 slices labelled where they fit; arrows from a few launches to their execution. By default the
 window is one representative step: the median instance of a repeating outermost region that
-does device work (a wait, such as ``data wait``, is never a step).
+does device work (a wait, such as ``data wait``, is never a step). The picture's height is capped
+(MAX_ROWS a lane, MAX_HEIGHT in all), and what the cap left out is counted and said.
 
 Owns the :class:`Timeline` view (its window and lane filter are constructor options) and
 ``draw``, which also says what it drew and refuses an empty picture (:class:`NothingToDraw`).
@@ -34,6 +35,12 @@ PALETTE = [
     "#bab0ac",
 ]
 MAX_SLICES = 4000
+# The picture's height: a recursion 3,000 deep drew 66,058 px, which no viewer scrolls through and
+# where a row is 1/3,000 of the picture. An instrumented model's step nests ~10 deep (step > model
+# > block > layer > attention > linear ...); 32 rows hold that three times over. 4,000 px is about
+# three screens of the 1200 px wide picture as GitHub shows it (scaled to ~900 px wide).
+MAX_ROWS = 32  # rows (nesting levels) drawn per lane; deeper slices are counted, not drawn
+MAX_HEIGHT = 4000  # px: fewer rows per lane where many lanes would pass it, then fewer lanes
 # characters XML 1.0 forbids or that show as nothing: written as Python escapes, e.g. "\x00"
 _UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
@@ -48,11 +55,25 @@ class Drawn(NamedTuple):
     slices: int
     window: tuple[int, int]
     capped: bool  # more slices than MAX_SLICES were in the window
+    deeper: int = 0  # slices not drawn: deeper than their lane's rows (MAX_ROWS, or fewer by MAX_HEIGHT)
+    rows: int = MAX_ROWS  # the rows a lane had at most
+    lanes_cut: int = 0  # lanes not drawn, past MAX_HEIGHT
+    lanes_cut_slices: int = 0  # the slices on them
 
     def __str__(self) -> str:
         a, b = _distinct([self.window[0], self.window[1]])
         cap = f", the first {MAX_SLICES} (narrow --window)" if self.capped else ""
-        return f"{self.slices} slices{cap} on {self.lanes} lanes, window {a} – {b}"
+        return f"{self.slices} slices{cap} on {self.lanes} lanes, window {a} – {b}{self.cut()}"
+
+    def cut(self) -> str:
+        """What the height cap left out, as a clause; empty when nothing."""
+        out = []
+        if self.deeper:
+            out.append(f"{self.deeper} slices deeper than {self.rows} rows")
+        if self.lanes_cut:
+            n, k = self.lanes_cut, self.lanes_cut_slices
+            out.append(f"{n} lanes ({k} slices) past {MAX_HEIGHT} px (choose with --lanes)")
+        return f"; not drawn: {', '.join(out)}" if out else ""
 
 
 def _xml(text: str) -> str:
@@ -253,13 +274,37 @@ def draw(
         depth.append(len(stack))
         stack.append(b)
         rows_in[lane] = max(rows_in[lane], len(stack))
+    # the height cap: at most MAX_ROWS rows a lane, fewer where the lanes would pass MAX_HEIGHT
+    # (down to one row each), then only the lanes that fit
+    fit = (MAX_HEIGHT - TOP - 30 - 16) // LANE_H  # below the lanes: the footer, and what was cut
+    rows = MAX_ROWS
+    while rows > 1 and sum(min(n, rows) for n in rows_in) > fit:
+        rows -= 1
+    rows_in = [min(n, rows) for n in rows_in]
+    shown = len(lane_names)
+    while sum(rows_in[:shown]) > fit:
+        shown -= 1
+    keep_slice = [lane < shown and d < rows for (lane, *_), d in zip(slices, depth)]
+    deeper_in = [0] * len(lane_names)
+    for (lane, *_), d in zip(slices, depth):
+        deeper_in[lane] += d >= rows
+    lanes_cut_slices = sum(1 for lane, *_ in slices if lane >= shown)
+    deeper = sum(deeper_in[:shown])
+    slices = [t for t, k in zip(slices, keep_slice) if k]
+    depth = [d for d, k in zip(depth, keep_slice) if k]
+    lanes_cut = len(lane_names) - shown
+    lane_names, rows_in = lane_names[:shown], rows_in[:shown]
     lane_y = np.r_[0, np.cumsum(rows_in)] * LANE_H + TOP
     plot_w = WIDTH - LABEL_W - 10
 
     def x(t: float) -> float:
         return LABEL_W + (min(max(t, t0), t1) - t0) * plot_w / (t1 - t0)
 
-    height = int(lane_y[-1]) + 30
+    drawn = Drawn(
+        "", len(lane_names), len(slices), (t0, t1), capped, deeper, rows, lanes_cut, lanes_cut_slices
+    )
+    cut = drawn.cut()[2:]  # a line of its own under the footer
+    height = int(lane_y[-1]) + 30 + (16 if cut else 0)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
         f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">',
@@ -272,10 +317,15 @@ def draw(
         fill = "#f4f4f4" if k % 2 == 0 else "#ffffff"
         out.append(f'<rect x="0" y="{y}" width="{WIDTH}" height="{h}" fill="{fill}"/>')
         out.append(f'<text x="6" y="{y + 15}" fill="#333">{_xml(name[:30])}</text>')
+        if deeper_in[k] and rows_in[k] > 1:  # (the footer says it for all lanes)
+            out.append(
+                f'<text x="6" y="{y + 29}" fill="#a00">+{deeper_in[k]} deeper than {rows_in[k]} rows, '
+                "not drawn</text>"
+            )
     ticks = _ticks(t0, t1)
     for tick, label in zip(ticks, _distinct(ticks)):
         xx = x(t0 + tick)
-        out.append(f'<line x1="{xx:.1f}" y1="{TOP - 4}" x2="{xx:.1f}" y2="{height - 26}" stroke="#ddd"/>')
+        out.append(f'<line x1="{xx:.1f}" y1="{TOP - 4}" x2="{xx:.1f}" y2="{lane_y[-1] + 4}" stroke="#ddd"/>')
         out.append(
             f'<text x="{xx:.1f}" y="{TOP - 8}" text-anchor="{"start" if tick == 0 else "middle"}" '
             f'fill="#555">{_xml(label)}</text>'
@@ -313,5 +363,7 @@ def draw(
         f"({_xml(fmt_ns(t1 - t0))}; ticks from its start); host lanes above, device lanes below; "
         "arrows: launch → execution</text>"
     )
+    if cut:
+        out.append(f'<text x="{LABEL_W}" y="{lane_y[-1] + 18}" fill="#a00">{_xml(cut)}</text>')
     out.append("</svg>")
-    return Drawn("\n".join(out) + "\n", len(lane_names), len(slices), (t0, t1), capped)
+    return drawn._replace(svg="\n".join(out) + "\n")
