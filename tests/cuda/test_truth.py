@@ -1,9 +1,10 @@
-"""Device ends against a physical ground truth under load (issue 14): a kernel that ends when the
-host sets a flag in pinned memory. Numbers, on a card with nvcc (or NVRTC); ~30 s.
+"""Device ends against a physical ground truth under load (issues 14, 23): a kernel that ends when
+the host sets a flag in pinned memory. Numbers, on a card with nvcc (or NVRTC); ~40 s.
 
-On an H200 (2026-12-02) the idle phase met these bounds, but under H2D copies the end event sat
-~9 us after the kernel's end on the GPU's own clock too (the stream moved on ~12 us later than idle),
-so the copies phase fails while that holds: see the gpu_clock figures this test prints."""
+Under load the GPU stamps the end event late (on its own clock the stream moves on 1.6 / 3.6 /
+11.7 us later after a kernel under matmuls / polling / pinned copies, H200 2026-12-02), which no
+alignment can undo. So each device end is judged against the window the physics allows:
+[t_set - 1 us, t_ack + move_on + 1 us] (see benchmarks/truth.py)."""
 
 from __future__ import annotations
 
@@ -27,27 +28,16 @@ def truth():
         pytest.skip(f"cannot build the truth kernel: {e}")
 
 
-def test_device_ends_match_the_truth_under_load(tmp_path: Path, truth) -> None:
-    """Idle, a device end is where the kernel ended, less a constant latency L, within 2 µs (p95).
-    Under load the end event itself is stamped late: on the GPU's own clock the stream takes
-    longer to move on after a kernel (+11 µs behind pinned copies on an H200). So under load the
-    test checks the alignment alone: the device end never lies after the next kernel on the
-    stream, and it is no later than the stream's turnaround grew."""
+@pytest.mark.parametrize("one_region", [False, True], ids=["regions", "one-region"])
+def test_device_ends_lie_where_the_gpu_stamped_them(tmp_path: Path, truth, one_region: bool) -> None:
+    """Issue 23's goals on a short run (4 s a phase, in turns of 1 s): in every phase at least 99 %
+    of device ends inside the window, and idle |err - L| p95 <= 1 us; also with the whole run
+    inside one region, as a training loop under ``with evtrace.region("train"):``."""
     t, tr = truth
-    phases = ("idle", "copies", "polling")
-    feeders = {"copies": t.copies(), "polling": t.polling(tr.drv)}
-    res = t.run(tmp_path / "truth.json.gz", 21.0, phases, 1.5, tr, feeders)
-    print(res)
-    idle = res["phases"]["idle"]
-    a = idle["abs_err_minus_L_us"]
-    assert a["p95"] <= 2.0 and a["p99"] <= 5.0, (res["L_us"], idle)
-    turnaround = idle["gpu_clock"]["next_start_minus_kernel_end_us"]["p50"]
-    for ph in phases:
-        d = res["phases"][ph]
-        assert d["n_short"] >= 100, (ph, d)
-        g = d["gpu_clock"]
-        assert g["evtrace_end_minus_next_start_us"]["p99"] <= 1.0, (ph, g)
-        grown = g["next_start_minus_kernel_end_us"]["p50"] - turnaround
-        assert d["err_us"]["p50"] - res["L_us"] <= grown + 1.0, (ph, res["L_us"], d)
+    phases = ("idle", "matmul", "polling", "copies")
+    feeders = {"copies": t.copies(), "matmul": t.matmuls(), "polling": t.polling(tr.drv)}
+    res = t.run(tmp_path / "truth.json.gz", 16.0, phases, 1.0, tr, feeders, one_region=one_region)
+    print({ph: (d["window"], d["abs_err_minus_L_us"], d["alignment"]) for ph, d in res["phases"].items()})
+    assert t.goals(res) == [], (res["L_us"], res["phases"])
     m = res["meta"]
     assert m["clamped_device_spans"] <= 0.005 * m["device_spans"], m
