@@ -642,14 +642,14 @@ def main() -> None:
         "P1b": p1b,
         "P2": lambda: p2(fwd=a.fwd, trials=a.trials or 9),
         "P2h": lambda: p2(fwd=a.fwd, trials=a.trials or 31, headline=True),
-        "P3": p3,
+        "P3": lambda: p3(trials=a.trials or 21),
         "P6": p6,
         "anchors": anchors,
         "P4": lambda: p4(a.seconds),
     }
     ap.add_argument("what", choices=["all", *(k.lower() for k in figures)])
     ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--trials", type=int, help="P2's alternations (default 9; P2h: 31)")
+    ap.add_argument("--trials", type=int, help="P2's and P3's alternations (default P2 9, P2h 31, P3 21)")
     ap.add_argument("--fwd", type=int, default=50, help="P2's forwards a trial")
     a = ap.parse_args()
     emit("machine", machine())
