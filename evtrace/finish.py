@@ -26,6 +26,26 @@ def on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated("SIGTERM")
 
 
+_held_for_fork = threading.local()
+
+
+def _hold_before_fork() -> None:
+    """SIGTERM is blocked in the forking thread across the fork, so that the child's first
+    instant runs under the parent's mask: one sent to the child before it drops evtrace's handler
+    waits for it (the child's pending signals start empty), instead of reaching that handler in
+    the child's own fork hooks, or being dropped by Python once the handler is gone."""
+    held = signal.getsignal(signal.SIGTERM) is on_sigterm
+    if held:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    _held_for_fork.on = held
+
+
+def _release_in_parent() -> None:
+    if getattr(_held_for_fork, "on", False):
+        _held_for_fork.on = False
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def _default_in_child() -> None:
     """A forked child (a DataLoader or Pool worker) records nothing, so SIGTERM there acts as it
     would without evtrace: the process ends at once. Raised as an exception instead, it unwinds the
@@ -33,10 +53,13 @@ def _default_in_child() -> None:
     other workers wait on that lock for ever."""
     if signal.getsignal(signal.SIGTERM) is on_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _release_in_parent()  # a SIGTERM that came meanwhile ends the child now
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_default_in_child)
+    os.register_at_fork(
+        before=_hold_before_fork, after_in_parent=_release_in_parent, after_in_child=_default_in_child
+    )
 
 
 def die_by(signum: int) -> None:

@@ -143,3 +143,21 @@ def test_a_forked_child_has_sigterm_s_default_action(tmp_path: Path) -> None:
         os.close(r)
         os.waitpid(pid, 0)
     assert got == b"1"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_sigterm_sent_right_after_the_fork_ends_the_child(tmp_path: Path) -> None:
+    """Pool.terminate() may SIGTERM a worker while it still runs its fork hooks. Reaching evtrace's
+    handler there, or dropped once the hooks had reset it, the signal left the worker alive, and
+    the pool's join waited for ever (test_workers[fork] hung on a loaded machine)."""
+    survived = 0
+    with evtrace.record(tmp_path / "f.json", device=False, quiet=True):
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(5)
+                os._exit(0)
+            os.kill(pid, signal.SIGTERM)  # at once: the child is still in its fork hooks
+            _, status = os.waitpid(pid, 0)
+            survived += not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
+    assert survived == 0
