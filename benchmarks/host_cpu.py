@@ -228,10 +228,42 @@ def stress(n: int, max_regions: int) -> None:
     )
 
 
+def ring(n: int, max_regions: int) -> None:
+    """The worst single region's host cost while the ring drops: an int arg on every region, as
+    users write it, each region timed on its own once the ring is full."""
+    import numpy as np
+
+    rec = recorder.Recorder(None, max_regions=max_regions)
+    rec.start()
+    cost = np.zeros(n - max_regions, np.int64)
+    clock = time.perf_counter_ns
+    for i in range(max_regions):
+        with evtrace.region("step", step=i):
+            pass
+    for i in range(len(cost)):
+        t = clock()
+        with evtrace.region("step", step=i):
+            pass
+        cost[i] = clock() - t
+    s = rec.stop()
+    emit(
+        "ring",
+        {
+            "max_regions": max_regions,
+            "regions_timed": len(cost),
+            "dropped": s.meta["dropped_regions"],
+            "worst_us": float(cost.max()) / 1e3,
+            "p99_99_us": float(np.percentile(cost, 99.99)) / 1e3,
+            "median_us": float(np.median(cost)) / 1e3,
+            "over_1ms": int((cost > 1_000_000).sum()),
+        },
+    )
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--regions", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=["p1b", "modules", "p5", "stress"])
+    ap.add_argument("--only", choices=["p1b", "modules", "p5", "stress", "ring"])
     a = ap.parse_args()
     emit("machine", machine() | {"cores": str(os.cpu_count())})
     if a.only in (None, "p1b"):
@@ -242,3 +274,5 @@ if __name__ == "__main__":
         p5(a.regions)
     if a.only in (None, "stress"):
         stress(8_000_000, 4_000_000)
+    if a.only in (None, "ring"):
+        ring(3_000_000, 1_000_000)

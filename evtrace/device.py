@@ -80,6 +80,11 @@ class _Cudart:
         self.destroy.argtypes, self.destroy.restype = [vp], ctypes.c_int
         self.last_error = lib.cudaGetLastError
         self.last_error.restype = ctypes.c_int
+        self.stream_create = lib.cudaStreamCreateWithFlags
+        self.stream_create.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
+        self.stream_create.restype = ctypes.c_int
+        self.stream_destroy = lib.cudaStreamDestroy
+        self.stream_destroy.argtypes, self.stream_destroy.restype = [vp], ctypes.c_int
 
     @classmethod
     def load(cls, cuda_version: str | None) -> _Cudart | None:
@@ -120,11 +125,12 @@ class CudaBackend:
         self._get_device = torch._C._cuda_getDevice
         self._labels: dict[Any, str] = {}  # raw stream handle -> lane name
         self._streams: dict[int, Any] = {}  # raw handle -> torch Stream (for torch events)
-        self._side = {i: torch.cuda.Stream(device=i) for i in range(n)}
-        for _i, st in self._side.items():
-            self._labels[st.cuda_stream] = "evtrace anchors"
-            self._streams[st.cuda_stream] = st
         self._rt = _Cudart.load(torch.version.cuda) if raw else None
+        # The anchors' stream is private: one from torch's pool (torch.cuda.Stream() hands out 32
+        # round-robin) could be handed to user code too, and the anchors would queue behind its work.
+        self._side: dict[int, int] = {i: self._private_stream(i) for i in range(n)}
+        for h in self._side.values():
+            self._labels[h] = "evtrace anchors"
         self._created: list[int] = []
         self._out = ctypes.c_float()
         self._outp = ctypes.pointer(self._out)
@@ -165,7 +171,7 @@ class CudaBackend:
     def new_event(self, device: int) -> Event:
         if self._rt is None:
             ev = self._torch.cuda.Event(enable_timing=True)
-            self._base_record(ev, self._side[device])  # create the CUDA event now, not on the hot path
+            self._base_record(ev, self._streams[self._side[device]])  # create it now, off the hot path
             return ev
         h = ctypes.c_void_p()
         with self._torch.cuda.device(device):
@@ -206,7 +212,22 @@ class CudaBackend:
         self._torch.cuda.synchronize(device)
 
     def side_stream(self, device: int) -> int:
-        return int(self._side[device].cuda_stream)
+        return self._side[device]
+
+    def _private_stream(self, device: int) -> int:
+        """A non-blocking stream of evtrace's own, made through the runtime (torch never sees it).
+        Without the runtime (torch's events), one from torch's pool: the best torch offers."""
+        if self._rt is None:
+            st = self._torch.cuda.Stream(device=device)
+            self._streams[st.cuda_stream] = st
+            return int(st.cuda_stream)
+        h = ctypes.c_void_p()
+        with self._torch.cuda.device(device):
+            rc = self._rt.stream_create(ctypes.byref(h), 1)  # cudaStreamNonBlocking
+        if rc != 0:
+            self._rt.last_error()
+            raise RuntimeError(f"cudaStreamCreateWithFlags failed with CUDA error {rc}")
+        return int(h.value or 0)
 
     def stream_label(self, device: int, stream: int) -> str:
         return self._labels.get(stream) or f"stream {stream:#x}"
@@ -249,6 +270,9 @@ class CudaBackend:
             for h in self._created:
                 self._rt.destroy(h)
             self._created.clear()
+            for s in self._side.values():
+                self._rt.stream_destroy(s)
+            self._side.clear()
 
 
 def cuda_backend() -> CudaBackend | None:

@@ -101,6 +101,7 @@ class FakeCudart:
         self.errors_cleared = 0
         self.refuse: set[int] = set()  # streams that refuse records
         self.pending: set[int] = set()
+        self.streams: set[int] = set()  # made through the runtime, not yet destroyed
 
     def create(self, ref: Any, flags: int) -> int:
         ref._obj.value = next(self.handles)
@@ -121,6 +122,16 @@ class FakeCudart:
         return 0
 
     def destroy(self, ev: int) -> int:
+        return 0
+
+    def stream_create(self, ref: Any, flags: int) -> int:
+        assert flags == 1  # cudaStreamNonBlocking: never synchronises with the default stream
+        ref._obj.value = next(self.handles)
+        self.streams.add(ref._obj.value)
+        return 0
+
+    def stream_destroy(self, s: int) -> int:
+        self.streams.remove(s)
         return 0
 
     def last_error(self) -> int:
@@ -174,6 +185,23 @@ def test_raw_errors_are_cleared_and_not_ready_is_false(backend: Any) -> None:
     assert code == 900
     backend.record_failed(code)
     assert rt.errors_cleared == before + 2
+
+
+def test_the_anchor_stream_is_private_and_destroyed_at_the_end(backend: Any, tmp_path: Path) -> None:
+    """torch.cuda.Stream() hands out streams round-robin from a pool of 32: an anchor stream from
+    there could be given to user code, and its anchors would queue behind the user's work."""
+    torch, rt = backend.fake_torch, backend.fake_rt
+    if not backend.raw_events:
+        pytest.skip("raw runtime only")
+    side = backend.side_stream(0)
+    assert rt.streams == {side}  # made through the runtime: torch never hands it out
+    users = {torch.cuda.Stream(device=0).cuda_stream for _ in range(64)}
+    assert side not in users
+    with evtrace.record(tmp_path / "a.json", backend=backend, quiet=True) as r:
+        with evtrace.region("a"):
+            pass
+    assert r.session is not None and r.session.device_spans == 1
+    assert rt.streams == set()
 
 
 def test_no_cuda_means_no_backend(monkeypatch: pytest.MonkeyPatch) -> None:
