@@ -373,9 +373,46 @@ def fit(
     )
 
 
-#: above these, the end of a run and ``evtrace report`` warn in words
+#: above these, the end of a run and ``evtrace report`` warn in words: a device lane 5 µs off
+#: misplaces short kernels by more than they last, and 0.5 % of spans clamped (moved after their
+#: launch) is more than the runs with a good map show (none)
 WARN_US = 5.0
 WARN_CLAMPED = 0.005
+#: the metadata keeps this many of the worst stretches of poor windows: enough to find them in a
+#: trace, and a line of warning stays short
+WORST_KEPT = 3
+
+
+def poor_stretches(
+    fit: Alignment, span_ms: np.ndarray, clamped: np.ndarray, origin_ns: float
+) -> tuple[int, int, tuple[tuple[float, float, float, float], ...]]:
+    """The 1 s windows (BOUND_WINDOW_MS of device time) whose bound is over WARN_US, or whose device
+    spans (by their start ``span_ms``) are over WARN_CLAMPED ``clamped``: how many, how many runs of
+    consecutive ones, and the WORST_KEPT worst runs in time order as (start, end) in s since
+    ``origin_ns`` on the host clock, the largest bound there (µs) and the % of its spans clamped."""
+    bound = np.nan_to_num(fit.window_bound_us, nan=0.0)
+    n = len(bound)
+    w = np.floor((np.asarray(span_ms, dtype=np.float64) - fit.origin_ms) / BOUND_WINDOW_MS)
+    inside = np.isfinite(w) & (w >= 0) & (w < n)
+    w = w[inside].astype(np.int64)
+    spans = np.bincount(w, minlength=n)
+    bad = np.bincount(w, weights=np.asarray(clamped, dtype=np.float64)[inside], minlength=n)
+    poor = np.flatnonzero((bound > WARN_US) | (bad > WARN_CLAMPED * spans))
+    if not len(poor):
+        return 0, 0, ()
+    starts = np.r_[0, np.flatnonzero(np.diff(poor) > 1) + 1]
+    first, last = poor[starts], poor[np.r_[starts[1:], len(poor)] - 1]
+    worst = np.maximum.reduceat(bound[poor], starts)
+    pct = 100 * np.add.reduceat(bad[poor], starts) / np.maximum(np.add.reduceat(spans[poor], starts), 1)
+    severity = np.maximum(worst / WARN_US, pct / (100 * WARN_CLAMPED))
+    keep = np.sort(np.argsort(-severity, kind="stable")[:WORST_KEPT])
+    edges = fit.origin_ms + BOUND_WINDOW_MS * np.stack([first[keep], last[keep] + 1], 1)
+    sec = (fit.to_host(edges.ravel()).reshape(-1, 2) - origin_ns) / 1e9
+    kept = tuple(
+        (round(float(a), 3), round(float(b), 3), round(float(u), 3), round(float(c), 3))
+        for (a, b), u, c in zip(sec, worst[keep], pct[keep])
+    )
+    return int(len(poor)), int(len(starts)), kept
 
 
 def per_gpu(meta: dict[str, Any]) -> dict[str, DeviceAlignment]:
@@ -386,11 +423,35 @@ def per_gpu(meta: dict[str, Any]) -> dict[str, DeviceAlignment]:
     return {str(d): a for d, a in found.items() if isinstance(a, DeviceAlignment)}
 
 
+def _stretch(start: float, end: float, bound_us: float, clamped_pct: float) -> str:
+    why = []
+    if bound_us > WARN_US:
+        why.append(f"every stamp late: the lane may sit up to {bound_us:.1f} µs off")
+    if clamped_pct > 100 * WARN_CLAMPED:
+        why.append(f"{clamped_pct:.1f}% of its spans clamped")
+    return f"{start:.1f}-{end:.1f} s ({'; '.join(why)})"
+
+
+def stamp_delay(g: DeviceAlignment) -> str:
+    """The stamping delay the anchors saw, in words."""
+    return f"events stamped {g.stamp_delay_us_p50:.1f} µs late (p50), {g.stamp_delay_us_p99:.1f} µs (p99)"
+
+
 def alignment_warnings(meta: dict[str, Any]) -> list[str]:
     """What a user must know before trusting the device lanes, in words; empty when all is well."""
     out = []
     for d, g in sorted(per_gpu(meta).items()):
-        if g.bound_us_p99 > WARN_US:
+        if g.poor_windows:
+            shown = "; ".join(_stretch(*w) for w in g.worst_stretches)
+            more = g.poor_stretches - len(g.worst_stretches)
+            out.append(
+                f"GPU {d}: the device lane may be off in {g.poor_windows} s of the run, in "
+                f"{g.poor_stretches} stretch{'es' if g.poor_stretches > 1 else ''}"
+                + (f", the worst {len(g.worst_stretches)}" if more > 0 else "")
+                + f": {shown}"
+                + (f"; and {more} more" if more > 0 else "")
+            )
+        elif g.bound_us_p99 > WARN_US:  # a trace written before windows were kept
             out.append(
                 f"GPU {d}: in some seconds every stamp was late, so the device lane there may sit up to "
                 f"{g.bound_us_p99:.1f} µs off (bound_us_p99)"
@@ -398,8 +459,10 @@ def alignment_warnings(meta: dict[str, Any]) -> list[str]:
         if g.stamp_delay_us_p99 > WARN_US:
             out.append(
                 f"GPU {d}: the GPU stamped events up to {g.stamp_delay_us_p99:.0f} µs late at times "
-                "(stamp_delay_us_p99), as it does while other traffic such as "
-                "host-device copies is in flight; device ends then may be that much late"
+                f"({stamp_delay(g)}), as it does while other traffic such as host-device copies is in "
+                "flight. It wrote those stamps late, and no map onto the host clock can move a stamp "
+                f"earlier than the GPU wrote it: device ends may be up to {g.stamp_delay_us_p99:.0f} µs "
+                "late while such traffic runs"
             )
     spans, clamped = int(meta.get("device_spans", 0) or 0), int(meta.get("clamped_device_spans", 0) or 0)
     if spans and clamped > WARN_CLAMPED * spans:
