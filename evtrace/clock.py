@@ -67,7 +67,7 @@ LATE_NS = 2000.0
 STAMP_BLOCK = 1 << 18
 #: the envelope's search holds at most this many knot × window cells at once (8 MB a float64
 #: matrix): a window holds up to 801 bins (20 s of 25 ms), and an 8 h run has 57,600 knots, 46M
-#: cells in all (460 MB a matrix)
+#: cells in all (369 MB a float64 matrix)
 CELLS = 1 << 20
 #: the envelope's search stops once the highest line at its point is within this much of the two
 #: lines it crossed (a lower bound of the minimum): far below a ns, the trace's unit. The golden

@@ -139,7 +139,7 @@ class Report:
                     for d, g in sorted(gpus.items())
                 )
                 + ". The bound is how much earlier the stamps of each second would let the device lane sit;"
-                " the stamping delay, how much later than the least-delayed stamps the GPU stamped its anchors."
+                " the stamping delay, how much later than the least-delayed stamps the GPU stamped anchors."
             )
         lines += [f"> **Warning:** {w}." for w in alignment_warnings(m)]
         keys = (
