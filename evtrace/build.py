@@ -55,7 +55,9 @@ def session(rec: Recorder, end_ns: int) -> Session:
         lo, hi, ms = (np.array(c) for c in zip(*a))
         h0, h1 = live["host_start"][rows], live["host_end"][rows]
         stamps, first, where = _first_boundaries(live["dev_start"][rows], live["dev_end"][rows], h0, h1)
-        fit = _clock.fit(lo, hi, ms, first, stamps, latency_ns=max(rec.share_ns, 0))
+        # a prompt stamp sits the shortest anchor bracket (record call) after its boundary's host
+        # time; the share window (when boundaries share a mark) must not move device times
+        fit = _clock.fit(lo, hi, ms, first, stamps)
         t0 = fit.to_host(live["dev_start"][rows]) - o
         t1 = fit.to_host(live["dev_end"][rows]) - o
         s0, s1 = np.rint(t0).astype(np.int64), np.rint(t1).astype(np.int64)
@@ -64,7 +66,9 @@ def session(rec: Recorder, end_ns: int) -> Session:
         # boundary that recorded it: moved to just after the launch. Only a stamp placed
         # before its own record call breaks the map's constraints, and is counted.
         made = first[where[: len(h0)]] - o
-        clamped_d = int((s0 < np.rint(made)).sum())
+        early = s0 < np.rint(made)
+        clamped_d = int(early.sum())
+        poor = _clock.poor_stretches(fit, live["dev_start"][rows], early, o)
         h0 = regions["host_start"][rows]
         s0 = np.where(s0 <= h0, h0 + 1, s0)
         s1 = np.maximum(s1, s0)
@@ -83,6 +87,9 @@ def session(rec: Recorder, end_ns: int) -> Session:
             stamp_delay_us_p99=round(fit.anchor_delay_us[1], 3),
             stamp_delay_us_max=round(fit.anchor_delay_us[2], 3),
             clamped_spans=clamped_d,
+            poor_windows=poor[0],
+            poor_stretches=poor[1],
+            worst_stretches=poor[2],
         )
     nodev = regions["device"] < 0
     streams = [Stream(d, rec.backend.stream_label(d, s)) for (d, s) in rec.streams()]  # type: ignore[union-attr]

@@ -10,6 +10,7 @@ Imports nothing of evtrace: the recorder, the clock and the session all read it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,13 @@ class DeviceAlignment:
     stamp_delay_us_p99: float
     stamp_delay_us_max: float
     clamped_spans: int  # device spans placed before their launch and moved after it
+    # 1 s windows (of device time) whose bound is over 5 µs or with over 0.5 % of their spans
+    # clamped (``clock.poor_stretches``); traces written before these were kept read as none
+    poor_windows: int = 0
+    poor_stretches: int = 0  # runs of consecutive poor windows
+    # the worst few of them, in time order: (start s, end s since the session's start, the largest
+    # bound there in µs, % of its device spans clamped)
+    worst_stretches: tuple[tuple[float, float, float, float], ...] = ()
 
     def __getitem__(self, key: str) -> Any:
         """``a["drift_ppm"]``: the field, as the metadata's nested dicts were read before."""
@@ -43,14 +51,27 @@ class DeviceAlignment:
 
     @classmethod
     def from_mapping(cls, m: dict[str, Any]) -> DeviceAlignment:
-        """From a JSON object or flat strings: each field as its type (ints and floats). Fields
-        a trace lacks are 0; keys this version does not know are ignored."""
-        return cls(**{f: _FIELDS[f](m.get(f, 0)) for f in _FIELDS})
+        """From a JSON object or flat strings: each field as its type (ints, floats, stretches).
+        Fields a trace lacks are 0 (none); keys this version does not know are ignored."""
+        return cls(**{f: read(m.get(f, 0)) for f, read in _FIELDS.items()})
 
 
-_FIELDS: dict[str, type] = {
-    f.name: int if f.type in ("int", int) else float for f in dataclasses.fields(DeviceAlignment)
-}
+def _stretches(v: Any) -> tuple[tuple[float, float, float, float], ...]:
+    """Stretches as a trace holds them: a list of 4-number lists (a JSON string in a flat form)."""
+    if not v:
+        return ()
+    if isinstance(v, str):
+        v = orjson.loads(v)
+    return tuple((float(a), float(b), float(c), float(d)) for a, b, c, d in v)
+
+
+def _reader(f: dataclasses.Field[Any]) -> Callable[[Any], Any]:
+    if f.name == "worst_stretches":
+        return _stretches
+    return int if f.type in ("int", int) else float
+
+
+_FIELDS: dict[str, Callable[[Any], Any]] = {f.name: _reader(f) for f in dataclasses.fields(DeviceAlignment)}
 
 
 def text(s: str) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import orjson
 import pytest
 
 import evtrace
 from evtrace import clock
+from evtrace.metadata import DeviceAlignment
 from evtrace.recorder import Recorder, name_key
 
 from .simdevice import SIDE, FakeClock, SimBackend
@@ -128,13 +130,17 @@ def test_a_stamp_before_its_record_call_moves_the_map_not_the_spans(tmp_path) ->
 
 
 def loaded_run(
-    seconds: int, late: Callable[[int, int], float], period_ns: int = 5_000_000, drift_ppm: float = 21.0
+    seconds: int,
+    late: Callable[[int, int], float],
+    period_ns: int = 5_000_000,
+    drift_ppm: float = 21.0,
+    share_ns: int | None = None,
 ):
     """Regions with a 1 ms kernel every ``period_ns``, under a stamp delay ``late(stream, host)``.
     Returns the session and, per region, device end minus the true moment of its end stamp."""
     clk = FakeClock(step=300)
     sim = SimBackend(clk, drift_ppm=drift_ppm)
-    rec = Recorder(sim, clk, anchor_interval_s=1.0, background=False)
+    rec = Recorder(sim, clk, anchor_interval_s=1.0, background=False, share_ns=share_ns)
     rec.start()
     t0 = clk.now
     sim.late = lambda stream, now: late(stream, now - t0)
@@ -312,3 +318,112 @@ def test_two_close_stamps_say_nothing_about_the_drift() -> None:
     fit = clock.fit(lo, lo + 2000, ms[[0, 3]], t0 + at[1:3], ms[1:3])
     assert abs(fit.drift_ppm) < 1
     assert np.abs(fit.to_host(ms) - truth).max() < 10  # ns
+
+
+@pytest.mark.parametrize("share_ns", [0, None, 20_000])
+def test_the_share_window_does_not_move_device_times(share_ns: int | None) -> None:
+    """The share window only decides when two boundaries share one mark. It was also the map's
+    offset to a prompt stamp: 0 put device ends 2.3 µs early, 20 µs put them 17.7 µs late. The
+    offset is now the shortest anchor bracket, whatever the window."""
+    rng = np.random.default_rng(11)
+    s, err = loaded_run(10, lambda stream, t: float(rng.uniform(0, 1_000)), share_ns=share_ns)
+    if share_ns is not None:
+        assert s.meta["share_window_ns"] == share_ns
+    assert np.abs(err).max() < 1_000  # ns
+
+
+def test_a_short_stretch_of_late_stamps_is_named_with_its_time() -> None:
+    """400 s in which every stamp is 20 µs late for 3 s (from 200 s on): the p99 of the bound over
+    1 s windows stays under 5 µs and said nothing; the warning now names the stretch."""
+
+    def late(stream: int, t: int) -> float:
+        return 20_000.0 if 200e9 <= t < 203e9 else 0.0
+
+    s, _ = loaded_run(400, late, period_ns=20_000_000)
+    a = s.meta["alignment"]["0"]
+    assert a["bound_us_p99"] < clock.WARN_US
+    assert a["poor_stretches"] == 1 and 3 <= a["poor_windows"] <= 4
+    ((start, end, bound, clamped),) = a["worst_stretches"]
+    assert 199 <= start <= 200.1 and 202.9 <= end <= 204  # windows of device time from the first stamp
+    assert bound == pytest.approx(20, abs=1) and clamped == 0
+    said = clock.alignment_warnings(s.meta)
+    assert len(said) == 1
+    assert f"{start:.1f}-{end:.1f} s" in said[0] and "may sit up to 20" in said[0]
+
+
+def test_a_clean_long_run_has_no_poor_window() -> None:
+    s, _ = loaded_run(60, lambda stream, t: 0.0, period_ns=20_000_000)
+    a = s.meta["alignment"]["0"]
+    assert (a["poor_windows"], a["poor_stretches"], a["worst_stretches"]) == (0, 0, ())
+    assert clock.alignment_warnings(s.meta) == []
+
+
+def test_windows_with_clamped_spans_are_poor_and_the_worst_are_kept() -> None:
+    """Over 0.5 % of a window's spans clamped makes it poor, as a bound over 5 µs does; runs of
+    poor windows merge, and the metadata keeps the worst WORST_KEPT of them, in time order."""
+    lo, hi, ms, host = anchors(60, 0.0)
+    fit = clock.fit(lo, hi, ms)
+    spans = np.arange(0, 59_000, 5.0)  # a span every 5 ms: 200 a window
+    clamped = np.zeros(len(spans), bool)
+    for second, n in ((3, 1), (10, 2), (11, 2), (20, 3), (30, 5), (45, 3)):  # 1 of 200 is 0.5 %: fine
+        clamped[second * 200 : second * 200 + n] = True
+    windows, stretches, worst = clock.poor_stretches(fit, spans, clamped, lo[0])
+    assert (windows, stretches) == (5, 4)
+    assert [(round(a), round(b)) for a, b, _, _ in worst] == [(20, 21), (30, 31), (45, 46)]
+    assert [c for *_, c in worst] == pytest.approx([1.5, 2.5, 1.5])
+    said = clock.alignment_warnings(
+        {
+            "alignment": {
+                "0": DeviceAlignment.from_mapping(
+                    {"poor_windows": windows, "poor_stretches": stretches, "worst_stretches": worst}
+                )
+            }
+        }
+    )
+    assert said == [
+        "GPU 0: the device lane may be off in 5 s of the run, in 4 stretches, the worst 3: "
+        "20.0-21.0 s (1.5% of its spans clamped); 30.0-31.0 s (2.5% of its spans clamped); "
+        "45.0-46.0 s (1.5% of its spans clamped); and 1 more"
+    ]
+
+
+def test_the_stamping_delay_is_in_the_metadata_and_the_report(tmp_path) -> None:
+    """Anchors stamped 10-20 µs late in one second of four: the metadata holds the delay's p50 and
+    p99, the report shows both, and says what a p99 over 5 µs means; a prompt run says no more."""
+    rng = np.random.default_rng(5)
+
+    def late(stream: int, t: int) -> float:
+        return float(rng.uniform(10_000, 20_000)) if stream == SIDE and (t // 1e9) % 4 == 1 else 0.0
+
+    s, _ = loaded_run(40, late)
+    a = s.meta["alignment"]["0"]
+    assert a["stamp_delay_us_p50"] < 1 and 10 < a["stamp_delay_us_p99"] < 20
+    from evtrace.export.report import report
+
+    path = s.save(tmp_path / "late.json")
+    text = report(evtrace.load(path), path)
+    assert f"{a['stamp_delay_us_p50']:.1f} µs late (p50), {a['stamp_delay_us_p99']:.1f} µs (p99)" in text
+    meaning = "no map onto the host clock can move a stamp earlier than the GPU wrote it"
+    assert meaning in text and any(meaning in w for w in clock.alignment_warnings(s.meta))
+    fine, _ = loaded_run(10, lambda stream, t: 0.0)
+    path = fine.save(tmp_path / "fine.json")
+    text = report(evtrace.load(path), path)
+    assert "(p50)" in text and meaning not in text
+
+
+def test_traces_written_before_poor_windows_were_kept_load_with_none() -> None:
+    """An older trace's alignment lacks the poor windows: they load as none, and its p99 warning
+    stays; the new fields go through both spellings of the metadata."""
+    from evtrace import metadata
+
+    old = {"anchors": 3, "bound_us_p99": 7.5, "drift_ppm": "1.5"}
+    a = DeviceAlignment.from_mapping(old)
+    assert (a.poor_windows, a.poor_stretches, a.worst_stretches, a.drift_ppm) == (0, 0, (), 1.5)
+    assert "may sit up to 7.5 µs off" in clock.alignment_warnings({"alignment": {"0": a}})[0]
+    stretches = [[1.0, 2.0, 9.5, 0.0], [7.0, 10.0, 6.0, 1.25]]
+    new = DeviceAlignment.from_mapping(
+        {"anchors": 9, "poor_windows": 4, "poor_stretches": 2, "worst_stretches": stretches}
+    )
+    meta = {"alignment": {"0": new}}
+    assert metadata.from_json(orjson.loads(orjson.dumps(metadata.to_json(meta)))) == meta
+    assert metadata.from_flat(orjson.loads(orjson.dumps(metadata.flat(meta)))) == meta

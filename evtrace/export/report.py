@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..analysis import COLUMNS, fmt_ns, gaps, host_waits, plural, rows
-from ..clock import alignment_warnings, per_gpu
+from ..clock import alignment_warnings, per_gpu, stamp_delay
 from ..session import Session, rank_labels
 
 __all__ = ["Report", "machine", "report"]
@@ -135,10 +135,11 @@ class Report:
                     f"GPU {d}: {g.anchors:.0f} anchors ({g.anchors_late:.0f} stamped late), "
                     f"drift {g.drift_ppm:.3f} ppm, "
                     f"bound {g.bound_us_p99:.2f} µs (max {g.bound_us_max:.2f}), "
-                    f"events stamped late by up to {g.stamp_delay_us_p99:.1f} µs (p99)"
+                    f"{stamp_delay(g)}"
                     for d, g in sorted(gpus.items())
                 )
-                + ". The bound is how much earlier the stamps of each second would let the device lane sit."
+                + ". The bound is how much earlier the stamps of each second would let the device lane sit;"
+                " the stamping delay, how much later than the least-delayed stamps the GPU stamped anchors."
             )
         lines += [f"> **Warning:** {w}." for w in alignment_warnings(m)]
         keys = (
