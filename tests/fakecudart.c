@@ -90,6 +90,25 @@ int cudaEventDestroy(void *ev) {
     return SUCCESS;
 }
 
+/* Streams made through the runtime: distinct handles, counted (the anchors' stream is one) */
+static uintptr_t next_stream = 0x7000000;
+static long long n_streams;
+
+int cudaStreamCreateWithFlags(void **s, unsigned flags) {
+    if (!s || flags != 1) return fail(INVALID_VALUE); /* evtrace asks for cudaStreamNonBlocking */
+    *s = (void *)__atomic_add_fetch(&next_stream, 0x100, __ATOMIC_RELAXED);
+    BUMP(n_streams);
+    return SUCCESS;
+}
+
+int cudaStreamDestroy(void *s) {
+    if (!s) return fail(INVALID_HANDLE);
+    __atomic_sub_fetch(&n_streams, 1, __ATOMIC_RELAXED);
+    return SUCCESS;
+}
+
+long long fake_streams(void) { return LOAD(n_streams); }
+
 /* the stream's slot, claimed on first use; -1 if the table is full (no ordering then) */
 static int slot_of(uintptr_t stream) {
     uintptr_t key = stream + 1;

@@ -60,6 +60,7 @@ class FakeRuntime:
         "foreign_elapsed",
         "foreign_records",
         "in_query",
+        "streams",
     )
 
     def __init__(self, path: Path) -> None:
@@ -162,6 +163,17 @@ def test_a_runtime_found_by_path_makes_the_session_native(native: Native) -> Non
     assert Recorder(native.backend).native is True
     # a clock of the session's own: the core cannot read it without the GIL, so Python resolves
     assert Recorder(native.backend, clock=lambda: time.perf_counter_ns()).native is False
+
+
+def test_the_anchors_stream_is_made_through_the_runtime_and_destroyed(native: Native, tmp_path: Path) -> None:
+    before = native.fake.count("streams")
+    backend = dev.CudaBackend()
+    assert native.fake.count("streams") == before + 1  # made by the runtime: torch never hands it out
+    with evtrace.record(tmp_path / "s.json", backend=backend, quiet=True) as r:
+        with evtrace.region("a"):
+            busy(50_000)
+    assert r.session is not None and r.session.device_spans == 1
+    assert native.fake.count("streams") == before
 
 
 STEPS = 600
