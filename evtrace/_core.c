@@ -718,16 +718,61 @@ static TState *find_entry(Core *c, PyObject *owner, uint64_t id, Py_ssize_t *at)
 
 /* ---- args: JSON object text, encoded on entry --------------------------------------------- */
 
+/* Text being encoded: on the stack until it outgrows it (one malloc a region, for its copy) */
 typedef struct {
     char *p;
     Py_ssize_t n, cap;
+    char small[112];
 } Buf;
 
+static inline void buf_init(Buf *b) {
+    b->p = b->small;
+    b->n = 0;
+    b->cap = (Py_ssize_t)sizeof b->small;
+}
+
+static inline void buf_free(Buf *b) {
+    if (b->p != b->small) free(b->p);
+}
+
+static int reserve(Buf *b, Py_ssize_t more) {
+    if (b->n + more <= b->cap) return 0;
+    Py_ssize_t cap = b->cap * 2;
+    while (cap < b->n + more) cap *= 2;
+    char *p = b->p == b->small ? malloc((size_t)cap) : realloc(b->p, (size_t)cap);
+    if (!p) return -1;
+    if (b->p == b->small) memcpy(p, b->small, (size_t)b->n);
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+/* The text as Args (malloc'd to its size; NULL when empty); the buffer is spent. -1: no memory */
+static int buf_take(Buf *b, Args *out) {
+    out->n = b->n;
+    out->p = NULL;
+    if (!b->n) return buf_free(b), 0;
+    if (b->p != b->small) return out->p = b->p, 0;
+    if (!(out->p = malloc((size_t)b->n))) return -1;
+    memcpy(out->p, b->small, (size_t)b->n);
+    return 0;
+}
+
 static inline int put(Buf *b, const char *s, Py_ssize_t n) {
-    if (GROW(b->p, b->cap, b->n + n) < 0) return -1;
+    if (reserve(b, n) < 0) return -1;
     memcpy(b->p + b->n, s, (size_t)n);
     b->n += n;
     return 0;
+}
+
+static int put_int(Buf *b, long long x) {
+    char t[24];
+    int i = 24;
+    unsigned long long u = x < 0 ? 0ULL - (unsigned long long)x : (unsigned long long)x;
+    do t[--i] = (char)('0' + u % 10);
+    while (u /= 10);
+    if (x < 0) t[--i] = '-';
+    return put(b, t + i, 24 - i);
 }
 
 /* A str as a JSON string: 0, 1 if the slow path must take it (too long, surrogates), -1 */
@@ -740,7 +785,7 @@ static int put_str(Buf *b, PyObject *v) {
         PyErr_Clear();
         return 1;
     }
-    if (GROW(b->p, b->cap, b->n + 2 + 6 * n) < 0) return -1; /* worst case: every byte \u00XX */
+    if (reserve(b, 2 + 6 * n) < 0) return -1; /* worst case: every byte \u00XX */
     char *o = b->p + b->n;
     *o++ = '"';
     static const char hex[] = "0123456789abcdef";
@@ -777,13 +822,12 @@ static int encode_fast(Buf *b, PyObject *args) {
         if ((rc = put_str(b, k)) != 0) return rc;
         if (put(b, ":", 1) < 0) return -1;
         PyTypeObject *t = Py_TYPE(v);
-        char num[32];
         if (t == &PyLong_Type) {
             int over;
             long long x = PyLong_AsLongLongAndOverflow(v, &over);
             if (over) return 1; /* values.snapshot knows the bounds beyond int64 */
             if (x == -1 && PyErr_Occurred()) return -1;
-            if (put(b, num, snprintf(num, sizeof num, "%lld", x)) < 0) return -1;
+            if (put_int(b, x) < 0) return -1;
         } else if (t == &PyFloat_Type) {
             double x = PyFloat_AS_DOUBLE(v);
             if (!isfinite(x)) return 1;
@@ -809,7 +853,8 @@ static int encode_fast(Buf *b, PyObject *args) {
 static int encode_args(PyObject *args, Args *out) {
     out->p = NULL, out->n = 0;
     if (PyDict_CheckExact(args) && PyDict_GET_SIZE(args) == 0) return 0;
-    Buf b = {NULL, 0, 0};
+    Buf b;
+    buf_init(&b);
     int rc = PyDict_CheckExact(args) ? encode_fast(&b, args) : 1;
     if (rc == 1) {
         b.n = 0;
@@ -820,13 +865,11 @@ static int encode_args(PyObject *args, Args *out) {
         else rc = 0; /* {} */
         Py_XDECREF(j);
     }
-    if (rc < 0) {
-        free(b.p);
+    if (rc < 0 || buf_take(&b, out) < 0) {
+        if (rc < 0) buf_free(&b);
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return -1;
     }
-    out->p = b.n ? b.p : (free(b.p), NULL);
-    out->n = b.n;
     return 0;
 }
 
@@ -1291,11 +1334,12 @@ static PyObject *Core_close_open(Core *c, PyObject *arg) {
         TState *t = c->threads[k];
         for (Py_ssize_t i = 0; i < t->nopen; i++) {
             Entry *e = &t->open[i];
-            Buf b = {NULL, 0, 0};
-            if (e->args.p ? put(&b, e->args.p, e->args.n - 1) < 0 || put(&b, ",", 1) < 0 : put(&b, "{", 1) < 0)
-                return free(b.p), PyErr_NoMemory();
-            if (put(&b, flag, sizeof flag - 1) < 0) return free(b.p), PyErr_NoMemory();
-            Args a = {b.p, b.n};
+            Buf b;
+            buf_init(&b);
+            Args a;
+            if ((e->args.p ? put(&b, e->args.p, e->args.n - 1) < 0 || put(&b, ",", 1) < 0 : put(&b, "{", 1) < 0) ||
+                put(&b, flag, sizeof flag - 1) < 0 || buf_take(&b, &a) < 0)
+                return buf_free(&b), PyErr_NoMemory();
             Row row = {e->key, t->ix, e->h0, end > e->h0 ? end : e->h0, -1, -1, NAN, NAN};
             int rc = rows_push(&c->hrows, &row, &a);
             args_free(&a);
