@@ -6,12 +6,13 @@
  *   Region, region()                          the `with evtrace.region(...)` object, all in C
  *   Core.poll()                               one resolver pass (Python-backend sessions, tests)
  *   Core.run()/halt()                         the resolver on a native thread (CUDA sessions)
- *   Core.take()                               finished rows, packed as recorder._LIVE_DTYPE
+ *   Core.take()                               finished rows, packed as recorder._LIVE_DTYPE, and their args
  *
  * Every hot-path call runs with the GIL held, so what only hot paths touch (thread states, open
- * stacks, host rows) needs no lock. The resolver shares three things with them, each under its
- * own mutex and never held across a Python call: the queue of finished device regions, the
- * event pools, and the rows it resolved. With a native CUDA runtime (found by soname at run time:
+ * stacks, host rows) needs no lock. The resolver shares four things with them: the inbox of marks
+ * just recorded (a lock-free stack: each mark is stamped as soon as its stream reaches it, open
+ * region or not), and, each under its own mutex never held across a Python call, the queue of
+ * finished device regions, the event pools, and the rows it resolved. Args travel as JSON text. With a native CUDA runtime (found by soname at run time:
  * no CUDA headers or toolkit at build time) the resolver never touches Python, so it runs
  * without the GIL and costs the launching thread nothing but those mutexes.
  */
