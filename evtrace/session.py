@@ -166,6 +166,12 @@ class Session:
         for k in COUNTS:
             if any(k in s.meta for s in ranks):
                 out_meta[k] = sum(int(s.meta.get(k, 0)) for s in ranks)
+        lost: dict[str, int] = {}  # device spans lost, by reason
+        for s in ranks:
+            for why, n in (s.meta.get("lost_device_spans") or {}).items():
+                lost[why] = lost.get(why, 0) + int(n)
+        if lost:
+            out_meta["lost_device_spans"] = lost
         out_meta["gpus"] = [g for s in ranks for g in (s.meta.get("gpus") or [])]
         ends = [int(s.meta.get("duration_ns", 0)) + int(s.meta.get("shift_ns", 0)) for s in ranks]
         out_meta["duration_ns"] = max(ends, default=0)

@@ -60,7 +60,8 @@ def test_steps_inside_one_region_for_hours_stay_exact(hours: int, per_s: int, mo
     s = rec.stop()
     rows = np.r_[np.flatnonzero(s.regions["name"] == s.names.index("step")), 0]
     assert s.names[s.regions["name"][0]] == "train"
-    got = np.stack([s.regions["dev_start"][rows], s.regions["dev_end"][rows]], 1).astype(float) + rec.origin_ns
+    r = s.regions[rows]
+    got = np.stack([r["dev_start"], r["dev_end"]], 1).astype(float) + rec.origin_ns
     err = np.abs(got - np.array(truth))
     assert err[:-1].max() < 1000, f"worst step {err[:-1].max():.0f} ns"  # within 1 µs
     assert err[-1].max() < 1000, f"the outer region {err[-1]} ns off"
@@ -341,3 +342,27 @@ def test_the_ring_drops_chunks_with_their_args_without_stalling_the_thread() -> 
     assert kept == list(range(len(cost) - len(s), len(cost)))  # the newest, each with its own args
     worst = np.sort(cost[ring:])[-3:] / 1e6  # while the ring drops
     assert worst[0] < 5.0, f"the worst regions took {worst} ms"
+
+
+def test_lost_device_spans_add_up_over_merged_ranks(tmp_path: Path) -> None:
+    from evtrace.export.merge import merge
+    from evtrace.session import Session
+
+    def one(refused: int) -> Session:
+        clk = FakeClock()
+        sim = SimBackend(clk)
+        rec = Recorder(sim, clk, background=False)
+        rec.start()
+        sim.refuse = True
+        for _ in range(refused):
+            tok = rec.enter(name_key("r"), None)
+            sim.launch(10_000)
+            rec.exit(tok)
+        return rec.stop()
+
+    both = merge([one(2), one(3)])
+    assert both.meta["lost_device_spans"] == {"record_refused": 5}
+    assert both.meta["dropped_device_spans"] == 5
+    path = tmp_path / "both.json"
+    both.save(path)
+    assert evtrace.load(path).meta["lost_device_spans"] == {"record_refused": 5}
