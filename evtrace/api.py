@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
+import inspect
 import os
 import signal
 import sys
@@ -14,20 +16,53 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from . import defaults
 from . import recorder as _rec
 from .clock import Clock, alignment_warnings
 from .device import Backend, cuda_backend
-from .finish import Finishing, Terminated, die_by, on_sigterm
+from .finish import Finishing, Terminated, die_by, on_sigterm, settle
 from .meta import redacted_argv
 from .session import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
 _said_no_cuda = False
+#: the record() whose session is recording in this process: a record() entered meanwhile is a
+#: view of it (sessions do not nest in the recorder)
+_active: record | None = None
+#: the names default_path() gave (absolute), with their stem: such a name is written
+#: exclusively, never over an existing file (runs in the same second, or in two processes)
+_defaults: dict[Path, str] = {}
 
 
 def default_path() -> Path:
-    return rank_path(Path(time.strftime("evtrace-%Y%m%d-%H%M%S.json.gz")))
+    """``evtrace-YYYYmmdd-HHMMSS.json.gz`` in the working directory, or with ``-1``, ``-2``...
+    when that is taken (``-rank<R>`` last under torchrun). Checked again when it is written."""
+    stem = time.strftime("evtrace-%Y%m%d-%H%M%S")
+    n = 0
+    while _numbered(stem, n).exists():
+        n += 1
+    path = _numbered(stem, n)
+    _defaults[path.absolute()] = stem
+    return path
+
+
+def _numbered(stem: str, n: int) -> Path:
+    return rank_path(Path(f"{stem}-{n}.json.gz" if n else f"{stem}.json.gz"))
+
+
+def _claim(stem: str, first: Path) -> Path:
+    """Create the first free default name in ``first``'s directory, exclusively (O_EXCL: two processes
+    never get the same one); the write then replaces this empty file."""
+    directory, n = first.parent, 0
+    while True:
+        path = directory / _numbered(stem, n).name
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def rank_path(path: Path) -> Path:
@@ -73,7 +108,10 @@ class record:
     """Record a session: ``with evtrace.record(): ...`` or ``@evtrace.record()``.
 
     On exit it resolves the outstanding device events (one synchronize), writes the trace
-    (default ``evtrace-YYYYmmdd-HHMMSS.json.gz``; ``.json`` for plain JSON) and prints where.
+    (default ``evtrace-YYYYmmdd-HHMMSS.json.gz``, ``-1``, ``-2``... when taken; ``.json`` for plain
+    JSON) and prints where. A relative path is relative to where the session started; only the
+    process that started it writes (a forked child's copy does not). Inside another session it
+    is a view of that one: its file, of the regions within its span, is written when that ends.
     The finished :class:`Session` is then ``.session``.
 
     Options: ``device`` (None: CUDA when available; False: host lanes only), ``anchor_interval``
@@ -143,18 +181,36 @@ class record:
         self.path = None
         self._recorder: _rec.Recorder | None = None
         self._profiler = profiler
+        self._pid = 0
+        self._target = Path()
+        self._stem: str | None = None
+        self._outer: record | None = None  # the session this one is a view of
+        self._span = (0, 0)  # a view's span, on the outer recorder's clock
+        self._views: list[record] = []  # views exited inside this session
 
     def __enter__(self) -> record:
-        self.path = rank_path(self._path) if self._path else default_path()
+        global _active
+        self._pid = os.getpid()  # only this process writes: a forked child's copy never does
+        if self._path is None:
+            self.path = default_path()
+        elif self._path.absolute() in _defaults:  # the CLI's default: ranked already
+            self.path = self._path
+        else:
+            self.path = rank_path(self._path)
+        # where it is written, fixed now: a script may change directory before the end (Hydra)
+        self._target = self.path.absolute()
+        self._stem = _defaults.get(self._target)
         problem = output_problem(self.path)
         if problem:
             raise ValueError(f"evtrace: {problem}")
+        if recorder_current() is not None and _active is not None and _active._pid == self._pid:
+            self._view_of(_active)
+            return self
         # first: importing torch for the backend or the hooks takes seconds, a SIGTERM then included
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-        ):
-            self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            settle()  # a handler a session ended on another thread could not put back
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             self._start()
         except BaseException:  # a signal or an error while starting: leave nothing half started
@@ -168,13 +224,30 @@ class record:
                 signal.signal(signal.SIGTERM, self._old_sigterm)
                 self._old_sigterm = None
             raise
+        _active = self
         atexit.register(self._at_exit)
         return self
+
+    def _view_of(self, outer: record) -> None:
+        """Inside another record() (or ``evtrace run``): this one is a view of that session, written
+        from its regions within this span once that session has stopped and resolved them."""
+        ignored = [k for k in _OUTER_ONLY if self._opts[k] != _DEFAULTS[k]]
+        if self._profiler is not None:
+            ignored.append("profiler")
+        if ignored and not self.quiet:
+            print(
+                f"evtrace: inside another session, which records with its own options: "
+                f"{', '.join(ignored)} ignored",
+                file=sys.stderr,
+            )
+        assert outer._recorder is not None
+        self._outer = outer
+        self._span = (outer._recorder.clock(), 0)
 
     def _at_exit(self) -> None:
         """The interpreter is exiting with this session still open (entered, never exited): write
         it, rather than lose what it recorded."""
-        if self._recorder is not None:
+        if self._recorder is not None and os.getpid() == self._pid:
             print("evtrace: the program is ending with a session still open: writing it", file=sys.stderr)
             self.__exit__()
 
@@ -203,6 +276,17 @@ class record:
             self._hooks = Hooks(o["depth"], o["include"], o["exclude"])
 
     def __exit__(self, exc_type: Any = None, exc: Any = None, tb: Any = None) -> None:
+        global _active
+        if os.getpid() != self._pid:  # a forked child's copy: its parent writes the trace
+            return
+        if self._outer is not None:
+            outer, self._outer = self._outer, None
+            if outer._recorder is not None:  # else it has stopped already: nothing of ours is left
+                self._span = (self._span[0], outer._recorder.clock())
+                outer._views.append(self)
+                if not self.quiet:
+                    print(f"evtrace: {self.path} is written when the enclosing session ends", file=sys.stderr)
+            return
         assert self._recorder is not None and self.path is not None
         atexit.unregister(self._at_exit)
         with Finishing(self.path) as fin:  # from here on a signal waits until the trace is written
@@ -210,28 +294,28 @@ class record:
                 self._hooks.remove()
                 self._hooks = None
             if self._old_sigterm is not None:
-                fin.restore(signal.SIGTERM, self._old_sigterm)
+                fin.restore(signal.SIGTERM, self._old_sigterm)  # on another thread: later, by the main one
                 self._old_sigterm = None
+            origin = self._recorder.origin_ns
+            if _active is self:
+                _active = None
             self.session = self._recorder.stop()
             self._recorder = None
-            try:
-                self.session.save(self.path)
-                fin.written = True
-            except OSError as e:  # the session is still in memory: .session.save(elsewhere)
-                print(f"evtrace: could not write {self.path}: {e.strerror or e}", file=sys.stderr)
+            fin.written = self._write(self.session)
+            if fin.written:
+                ending = exc_type is Terminated
+                if self._profiler is not None and not ending:
+                    self._with_profiler(self._profiler)
+                if not self.quiet:
+                    sys.stdout.flush()  # keep the script's own output first
+                    print(describe(self.session, self.path), file=sys.stderr)
+                if self.report and not ending:
+                    self._write_report()
+                self._write_views(origin)
+            if exc_type is Terminated:
+                die_by(signal.SIGTERM)
+            if not fin.written:
                 return
-            finally:
-                if exc_type is Terminated:
-                    if fin.written and not self.quiet:
-                        print(describe(self.session, self.path), file=sys.stderr)
-                    die_by(signal.SIGTERM)
-            if self._profiler is not None:
-                self._with_profiler(self._profiler)
-            if not self.quiet:
-                sys.stdout.flush()  # keep the script's own output first
-                print(describe(self.session, self.path), file=sys.stderr)
-            if self.report:
-                self._write_report()
         if self.open:
             from .view import serve
 
@@ -242,6 +326,36 @@ class record:
                     f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}",
                     file=sys.stderr,
                 )
+
+    def _write_views(self, origin: int) -> None:
+        """The files of the record()s entered and exited inside this session."""
+        assert self.session is not None
+        views, self._views = self._views, []
+        for v in views:
+            v.session = _within(self.session, v._span[0] - origin, v._span[1] - origin)
+            if v.redact_argv:
+                v.session.meta["argv"] = redacted_argv(v.session.meta["argv"], only_name=True)
+            if v._write(v.session) and not v.quiet:
+                assert v.path is not None
+                print(describe(v.session, v.path), file=sys.stderr)
+
+    def _write(self, s: Session) -> bool:
+        """Save ``s`` where this session said it would (a default name: the first free one), and
+        name it so from the current directory too; False, having said why, if it could not."""
+        assert self.path is not None
+        target = self._target
+        try:
+            if self._stem is not None:
+                target = _claim(self._stem, target)
+            s.save(target)
+        except OSError as e:  # the session is still in memory: .session.save(elsewhere)
+            if target != self._target:
+                target.unlink(missing_ok=True)
+            print(f"evtrace: could not write {self.path}: {e.strerror or e}", file=sys.stderr)
+            return False
+        if Path(os.path.abspath(self.path)) != target:  # moved on, or the script left its directory
+            self.path = target if self.path.absolute() != self._target else self.path.with_name(target.name)
+        return True
 
     def _with_profiler(self, prof: Any) -> None:
         """Merge torch.profiler's trace into the written one: now if it has stopped, else right
@@ -306,6 +420,63 @@ class record:
                 return fn(*a, **k)
 
         return wrapper  # type: ignore[return-value]
+
+
+def recorder_current() -> _rec.Recorder | None:
+    return _rec.current
+
+
+#: the options only the recording session uses: a view is told they are ignored
+_OUTER_ONLY = (
+    "device",
+    "anchor_interval",
+    "pool_size",
+    "max_regions",
+    "hooks",
+    "depth",
+    "include",
+    "exclude",
+    "nvtx",
+    "backend",
+    "clock",
+)
+_DEFAULTS: dict[str, Any] = {
+    k: p.default for k, p in inspect.signature(record.__init__).parameters.items() if k in _OUTER_ONLY
+}
+
+
+def _within(s: Session, start: int, end: int) -> Session:
+    """The regions of ``s`` that lie within [start, end] (ns since its origin), on a clock that
+    starts at ``start``."""
+    r = s.regions
+    keep = np.flatnonzero((r["host_start"] >= start) & (r["host_end"] <= end))
+    regions = r[keep]
+    for f in ("host_start", "host_end"):
+        regions[f] -= start
+    used = sorted(set(regions["name"].tolist()))
+    regions["name"] = np.searchsorted(np.array(used, dtype=np.int64), regions["name"])
+    dev = regions["device"] >= 0
+    for f in ("dev_start", "dev_end"):
+        regions[f][dev] -= start
+    index = {int(i): k for k, i in enumerate(keep.tolist())}
+    args = {index[i]: a for i, a in s.args.items() if i in index}
+    meta = dict(s.meta)
+    meta.update(
+        regions=len(regions),
+        device_spans=int(dev.sum()),
+        duration_ns=end - start,
+        origin_perf_ns=int(meta.get("origin_perf_ns", 0)) + start,
+        unfinished_regions=sum(1 for a in args.values() if a.get("unfinished")),
+    )
+    return dataclasses.replace(
+        s,
+        regions=regions,
+        names=[s.names[k] for k in used],
+        args=args,
+        meta=meta,
+        wall_origin_ns=s.wall_origin_ns + start,
+        profiler=[],
+    )
 
 
 def describe(s: Session, path: Path) -> str:

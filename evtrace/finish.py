@@ -22,8 +22,33 @@ class Terminated(BaseException):
     """Raised in the main thread on SIGTERM while recording, so the trace is written first."""
 
 
+#: handlers that sessions ended on another thread could not put back (Python sets handlers
+#: only from the main thread), by signal: the main thread puts them back at its next chance
+_owed: dict[int, Any] = {}
+
+
 def on_sigterm(signum: int, frame: Any) -> None:
+    owed = _owed.pop(signum, None)
+    if owed is not None:  # left installed, no session holds it: act as the handler it replaced
+        signal.signal(signum, owed)
+        signal.raise_signal(signum)
+        return
     raise Terminated("SIGTERM")
+
+
+def put_back(signum: int, handler: Any) -> None:
+    """``signal.signal(signum, handler)``, from any thread: off the main thread it is owed."""
+    if threading.current_thread() is threading.main_thread():
+        _owed.pop(signum, None)
+        signal.signal(signum, handler)
+    else:
+        _owed[signum] = handler
+
+
+def settle() -> None:
+    """On the main thread: put back the handlers owed (see ``put_back``)."""
+    for signum, handler in list(_owed.items()):
+        put_back(signum, handler)
 
 
 _held_for_fork = threading.local()
@@ -106,7 +131,7 @@ class Finishing:
         if signum in self._old:
             self._old[signum] = handler
         else:
-            signal.signal(signum, handler)
+            put_back(signum, handler)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.got.append(signum)

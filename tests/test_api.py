@@ -104,14 +104,6 @@ def test_default_path_is_timestamped_in_cwd(tmp_path: Path, monkeypatch: pytest.
     assert (tmp_path / r.path).exists()
 
 
-def test_sessions_do_not_nest(tmp_path: Path) -> None:
-    with evtrace.record(tmp_path / "a.json", device=False, quiet=True):
-        with pytest.raises(RuntimeError, match="already recording"):
-            with evtrace.record(tmp_path / "b.json", device=False, quiet=True):
-                pass
-    assert recorder.current is None
-
-
 def test_bad_output_path_is_refused_before_recording(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         with evtrace.record(tmp_path / "missing" / "t.json", device=False):
