@@ -28,7 +28,7 @@ import types
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from . import __version__, defaults
 from .api import default_path, output_problem, record
@@ -52,7 +52,8 @@ class UsageError(Exception):
     """Bad input found before anything ran: one line, exit 2."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command line's parser, and its ``run`` subcommand's."""
     p = _Parser(prog="evtrace", description="Host and device timelines on one clock, for ui.perfetto.dev.")
     p.add_argument("--version", action="version", version=f"evtrace {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -101,7 +102,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also write a markdown report and an SVG timeline beside the trace",
     )
     run.add_argument(
-        "target", nargs=argparse.REMAINDER, help="script.py [args...] (or the module's args with -m)"
+        "target",
+        nargs=argparse.REMAINDER,
+        help="script.py [args...] (or the module's args with -m): every argument after the script "
+        "or module is its own",
     )
     summ = sub.add_parser(
         "summary", help="print a table per region name; with several traces, ranks side by side"
@@ -171,17 +175,25 @@ def _parser() -> argparse.ArgumentParser:
         default=0.05,
         help="significance level, Holm-corrected over the rows (default 0.05)",
     )
-    return p
+    return p, run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help", "--version"):
         args.insert(0, "run")
-    ns = _parser().parse_args(args)
+    parser, run = _parser()
+    module: str | None = None
+    target: list[str] = []
+    if args[:1] == ["run"]:  # evtrace's options end where the target begins, as python's do
+        own, module, target = _split_target(run, args[1:])
+        args = ["run", *own]
+    ns = parser.parse_args(args)
+    if ns.command == "run":
+        ns.module, ns.target = module, target
     handler = HANDLERS.get(ns.command)
     if handler is None:
-        _parser().print_usage(sys.stderr)
+        parser.print_usage(sys.stderr)
         return 2
     try:
         return handler(ns)
@@ -191,6 +203,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `evtrace summary t.json.gz | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141  # as a tool killed by SIGPIPE
+    except KeyboardInterrupt:  # Ctrl-C in a command that only reads (run ends by the signal itself)
+        print("evtrace: interrupted", file=sys.stderr)
+        return 130  # as a shell reports a tool ended by SIGINT
+
+
+def _split_target(run: argparse.ArgumentParser, args: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """``run``'s arguments as (evtrace's own, the module, the target's): everything after
+    ``-m MODULE``, after the script's path, or after ``--`` then the script's path, is the
+    target's, even what looks like evtrace's options, as ``python`` hands them on. (argparse
+    alone takes ``-o`` or ``--help`` wherever they appear, and ``--`` as the script.)"""
+    options = {s: a.nargs != 0 for a in run._actions for s in a.option_strings}  # takes a value?
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return args[:i], None, args[i + 1 :]
+        if arg.startswith("-m") and len(arg) > 2 and not arg.startswith("--"):  # -mpkg.mod, as python
+            return args[:i], arg[2:], args[i + 1 :]
+        if arg == "-m" and i + 1 < len(args):
+            return args[:i], args[i + 1], args[i + 2 :]
+        if not arg.startswith("-") or arg == "-":
+            return args[:i], None, args[i:]
+        known = [arg] if arg in options or arg[1] != "-" else [s for s in options if s.startswith(arg)]
+        if arg != "-m" and len(known) == 1 and options.get(known[0]):  # (or a unique abbreviation)
+            i += 1  # its value, whatever it looks like
+        i += 1
+    return args, None, []  # no target: argparse or the handler says what is missing
 
 
 def _summary(ns: argparse.Namespace) -> int:
@@ -369,24 +408,45 @@ def _run(ns: argparse.Namespace) -> int:
         else None
     )
     try:
-        return _run_target(ns)
-    except (KeyboardInterrupt, Terminated) as e:
-        # before the script began, or its trace is written by now: end as the signal would
-        sig = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        try:
+            target = _start(ns)
+        except (KeyboardInterrupt, Terminated) as e:  # in evtrace's or torch's imports: no traceback
+            print("evtrace: stopped before the script began; no trace written", file=sys.stderr)
+            die_by(_signum(e))
+            raise  # not reached
+        return _execute(target)
+    except (KeyboardInterrupt, Terminated) as e:  # the script's trace is written: end as the signal would
         if isinstance(e, KeyboardInterrupt) and _user_frames(e.__traceback__) is not None:
             traceback.print_exception(type(e), e, _user_frames(e.__traceback__))  # where the script was
-        die_by(sig)
+        die_by(_signum(e))
         raise  # not reached
     finally:
         if old_sigterm is not None:
             signal.signal(signal.SIGTERM, old_sigterm)
 
 
-def _run_target(ns: argparse.Namespace) -> int:
+def _signum(e: BaseException) -> int:
+    return signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+
+
+class _Target(NamedTuple):
+    """A script or module about to run, its recording started and ``sys.argv`` its own."""
+
+    rec: record
+    module: str | None
+    script: str
+    saved_argv: list[str]
+    saved_path0: str
+
+
+def _start(ns: argparse.Namespace) -> _Target:
+    """Everything before the target's first line: the checks (UsageError), finding the module
+    (which imports its packages) and starting the recording (which imports torch)."""
     out = ns.output or default_path()
     _writable(out)
+    given = ""
+    saved_path0 = sys.path[0]
     if ns.module:
-        target_args = ns.target
         sys.path[0] = os.getcwd()  # as python -m does, also when started as the evtrace script
         try:
             spec = importlib.util.find_spec(ns.module)
@@ -397,7 +457,7 @@ def _run_target(ns: argparse.Namespace) -> int:
     else:
         if not ns.target:
             raise UsageError("no script given: evtrace [run] [-o PATH] script.py [args...]")
-        given, target_args = ns.target[0], ns.target[1:]
+        given, ns.target = ns.target[0], ns.target[1:]
         script = Path(given)
         if script.is_dir():
             raise UsageError(f"{script} is a directory, not a script")
@@ -413,9 +473,7 @@ def _run_target(ns: argparse.Namespace) -> int:
             re.compile(rx or "")
         except re.error as e:
             raise UsageError(f"{flag} {rx!r} is not a regular expression: {e}") from None
-    saved_argv, saved_path0 = sys.argv[:], sys.path[0]
-    code = 0
-    failure: BaseException | None = None
+    saved_argv = sys.argv[:]
     rec = record(
         out,
         device=False if ns.no_cuda else None,
@@ -430,32 +488,40 @@ def _run_target(ns: argparse.Namespace) -> int:
         report=ns.report,
     )
     if ns.module:
-        sys.argv = [ns.module, *target_args]
+        sys.argv = [ns.module, *ns.target]
     else:
-        sys.argv = [given, *target_args]  # as typed, as python gives it
+        sys.argv = [given, *ns.target]  # as typed, as python gives it
         sys.path[0] = os.path.dirname(os.path.realpath(given))
     try:
         rec.__enter__()  # after the swap: the trace's argv is the target's
-    except (KeyboardInterrupt, Terminated):
-        print("evtrace: stopped before the script began; no trace written", file=sys.stderr)
+    except BaseException:
+        sys.argv = saved_argv
+        sys.path[0] = saved_path0
         raise
+    return _Target(rec, ns.module, given, saved_argv, saved_path0)
+
+
+def _execute(t: _Target) -> int:
+    """Run the target as python would, write its trace, then show its exception if it had one."""
+    code = 0
+    failure: BaseException | None = None
     try:
         _fresh_warnings()
-        if ns.module:
-            runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
+        if t.module:
+            runpy.run_module(t.module, run_name="__main__", alter_sys=True)
         else:
-            _run_script(given)
+            _run_script(t.script)
     except SystemExit as e:
         code = _exit_code(e)
     except (KeyboardInterrupt, Terminated) as e:  # trace first, then end as the signal would
-        rec.__exit__(type(e), e, e.__traceback__)
+        t.rec.__exit__(type(e), e, e.__traceback__)
         raise
     except BaseException as e:  # the user's exception: shown after the trace is written
         failure, code = e, 1
     finally:
-        sys.argv = saved_argv
-        sys.path[0] = saved_path0
-    rec.__exit__(None, None, None)
+        sys.argv = t.saved_argv
+        sys.path[0] = t.saved_path0
+    t.rec.__exit__(None, None, None)
     if failure is not None:
         traceback.print_exception(type(failure), failure, _user_frames(failure.__traceback__))
     return code
