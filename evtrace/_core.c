@@ -1082,7 +1082,7 @@ static int anchor_all(Core *c) {
             if (!ev) break; /* the hot path grows the pool; an anchor waits for the next round */
             int64_t lo = now(c);
             int rc = b_record(c, ev, c->side[d]);
-            int64_t hi = now(c);
+            int64_t hi = rc < 0 ? 0 : now(c); /* a Python clock must not run with an error set */
             if (rc != 0) {
                 pool_put(c, d, ev);
                 if (rc < 0) return -1;

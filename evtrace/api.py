@@ -495,6 +495,11 @@ def describe(s: Session, path: Path) -> str:
     if clamped:
         extra += f", {clamped} clamped to their launch"
     said = "".join(f"\nevtrace: warning: {w}" for w in alignment_warnings(s.meta))
+    if s.meta.get("device_fault"):
+        said += (
+            f"\nevtrace: the device faulted ({s.meta['device_fault']}): every region kept its host span; "
+            "device spans resolved before the fault are kept, later ones are counted as lost"
+        )
     return (
         f"evtrace: wrote {path} ({len(s)} regions, {s.device_spans} device spans{extra}); "
         f"open it in https://ui.perfetto.dev or run: evtrace summary {path}{said}"

@@ -231,22 +231,37 @@ class Recorder:
         if self._thread is not None:
             self._thread.join()
         b = self.backend
+        fault = None
         if b is not None:
             self._unguard()
-            self._core.anchor_now()
-            for d in range(len(b.devices)):
-                b.synchronize(d)
+            try:
+                self._core.anchor_now()
+                for d in range(len(b.devices)):
+                    b.synchronize(d)
+            except Exception as e:  # a device fault (an illegal access, a device-side assert) is sticky
+                fault = f"{type(e).__name__}: {e}"
         self.unfinished = self._core.close_open(end_ns)
-        self.poll(final=True)
+        try:
+            self.poll()
+        except Exception:  # after a fault every read fails: what was resolved before it is kept
+            if fault is None:
+                raise
+        self._drain()
         if b is not None:
-            self._core.flush()
+            self._core.flush()  # what is still unresolved keeps its host span, counted
             self._drain()
         from .build import session
 
         s = session(self, end_ns)
+        if fault is not None:
+            s.meta["device_fault"] = fault
         if b is not None:
             self._core.close()  # regions still open take no more events
-            b.close()
+            try:
+                b.close()
+            except Exception:  # events of a faulted device: the process's context is lost anyway
+                if fault is None:
+                    raise
         return s
 
     # ---- diagnostics (off the hot path: benchmarks, tests) ------------------------------------
