@@ -252,15 +252,13 @@ static void lock_gil_free(pthread_mutex_t *mu) {
     Py_END_ALLOW_THREADS
 }
 
+static pthread_mutex_t g_errors = PTHREAD_MUTEX_INITIALIZER; /* errors: the hot path's and the resolver's */
+
 static void add_error(Core *c, const char *msg) {
-    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* the hot path's and the resolver's */
-    pthread_mutex_lock(&mu);
-    if (c->nerrors && strcmp(c->errors[c->nerrors - 1], msg) == 0) {
-        pthread_mutex_unlock(&mu);
-        return; /* a failing pass repeats itself */
-    }
-    if (c->nerrors < MAX_ERRORS) c->errors[c->nerrors++] = strdup(msg);
-    pthread_mutex_unlock(&mu);
+    pthread_mutex_lock(&g_errors);
+    if (!c->nerrors || strcmp(c->errors[c->nerrors - 1], msg) != 0) /* a failing pass repeats itself */
+        if (c->nerrors < MAX_ERRORS) c->errors[c->nerrors++] = strdup(msg);
+    pthread_mutex_unlock(&g_errors);
 }
 
 static inline void args_free(Args *a) {
@@ -350,16 +348,28 @@ static uintptr_t new_event(Core *c, int d) {
 }
 
 /* The pool is dry: add up to 256 events (up to max_events), else drop the device span. */
+static int hot_failed(Core *c);
+
+/* 0 if none could be made: the region loses its device span (with an exception set if one
+ * failed); past max_events that is counted as the pool exhausted. */
 static uintptr_t pool_grow(Core *c, int d) {
     Py_ssize_t n = c->max_events - c->created[d];
     if (n > 256) n = 256;
-    if (n <= 0) return 0; /* the region loses its device span, counted as lost when resolved */
-    c->created[d] += n;
-    uintptr_t first = new_event(c, d);
-    for (Py_ssize_t i = 1; first && i < n; i++) {
+    uintptr_t first = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
         uintptr_t ev = new_event(c, d);
-        if (!ev) break;
-        pool_put(c, d, ev);
+        if (!ev) {
+            if (first && hot_failed(c) < 0) { /* not the device's (KeyboardInterrupt): it propagates */
+                pool_put(c, d, first);
+                return 0;
+            }
+            break; /* with some made, the failure is said and this region keeps its span */
+        }
+        c->created[d]++;
+        if (first)
+            pool_put(c, d, ev);
+        else
+            first = ev;
     }
     return first;
 }
@@ -504,12 +514,13 @@ static int make_mark(Core *c, int d, uintptr_t s, Mark **out, int *why) {
         *why = WHY_CAPTURE;
         return 0;
     }
-    int known = 0;
+    int known = 0; /* by (device, stream): the legacy default stream is handle 0 on every device */
     for (Py_ssize_t i = 0; i < c->nseen; i++)
-        if (c->seen[i] == s) known = 1;
+        if (c->seen[2 * i] == (uintptr_t)d && c->seen[2 * i + 1] == s) known = 1;
     if (!known) {
-        if (GROW(c->seen, c->capseen, c->nseen + 1) < 0) return PyErr_NoMemory(), -1;
-        c->seen[c->nseen++] = s;
+        if (GROW(c->seen, c->capseen, 2 * c->nseen + 2) < 0) return PyErr_NoMemory(), -1;
+        c->seen[2 * c->nseen] = (uintptr_t)d;
+        c->seen[2 * c->nseen++ + 1] = s;
         PyObject *r = PyObject_CallFunction(c->learn_stream, "iK", d, (unsigned long long)s);
         if (!r) return -1;
         Py_DECREF(r);
@@ -625,6 +636,7 @@ static int do_enter(Core *c, PyObject *owner, uint64_t id, int32_t key, PyObject
         return -1;
     Entry e = {owner, id, key, host, cross, 0, 0, {NULL, 0}, extra, h0, 0, NULL};
     if (!host && c->ndev && boundary(c, t, h0, &e.dev, &e.s, &e.m, &e.why) < 0) goto fail;
+    if (!c->active) goto done; /* stopped while a device call let another thread run: not ours */
     if (args && encode_args(args, &e.args) < 0) goto fail; /* after the record: off the gap */
     if (GROW(t->open, t->capopen, t->nopen + 1) < 0) {
         PyErr_NoMemory();
@@ -632,11 +644,12 @@ static int do_enter(Core *c, PyObject *owner, uint64_t id, int32_t key, PyObject
     }
     t->open[t->nopen++] = e;
     return 0;
+done:
 fail:
     Py_XDECREF(extra);
     mark_drop(c, e.m);
     args_free(&e.args);
-    return -1;
+    return PyErr_Occurred() ? -1 : 0;
 }
 
 static int drain_if_full(Core *c) {
@@ -669,7 +682,8 @@ static int do_exit(Core *c, TState *t, Py_ssize_t i) {
             int w1 = 0;
             if (!me || boundary(c, me, h1, &d, &s, &m1, &w1) < 0) rc = -1;
             if (e.m && !m1) why = me ? w1 : WHY_HOT_ERROR;
-        }
+        } else if (e.m)
+            why = WHY_HOT_ERROR; /* the clock failed: no end mark */
         Done r = {e.key, t->ix, e.args, e.h0, h1, e.dev, d, why, e.s, s, e.m, m1};
         pthread_mutex_lock(&c->qmu);
         int ok = GROW(c->done, c->capdone, c->ndone + 1) == 0;
@@ -1344,7 +1358,11 @@ static PyObject *Core_close_open(Core *c, PyObject *arg) {
             Row row = {e->key, t->ix, e->h0, end > e->h0 ? end : e->h0, -1, -1, NAN, NAN};
             int rc = rows_push(&c->hrows, &row, &a);
             args_free(&a);
-            if (rc < 0) return PyErr_NoMemory();
+            if (rc < 0) { /* out of memory: the entries not yet closed stay open */
+                memmove(t->open, t->open + i, (size_t)(t->nopen - i) * sizeof(Entry));
+                t->nopen -= i;
+                return PyErr_NoMemory();
+            }
             args_free(&e->args);
             Py_CLEAR(e->extra);
             mark_drop(c, e->m);
@@ -1376,11 +1394,13 @@ static PyObject *Core_activate(Core *c, PyObject *arg) {
  * the resolver and the hot path). */
 static PyObject *Core_counts(Core *c, PyObject *unused) {
     PyObject *errs = PyList_New(0);
+    pthread_mutex_lock(&g_errors);
     for (int i = 0; errs && i < c->nerrors; i++) {
-        PyObject *s = PyUnicode_FromString(c->errors[i]);
+        PyObject *s = c->errors[i] ? PyUnicode_FromString(c->errors[i]) : NULL;
         if (!s || PyList_Append(errs, s) < 0) Py_CLEAR(errs);
         Py_XDECREF(s);
     }
+    pthread_mutex_unlock(&g_errors);
     PyObject *lost = errs ? PyDict_New() : NULL;
     for (int w = 0; lost && w < NWHY; w++) {
         long n = __atomic_load_n(&c->lost[w], __ATOMIC_RELAXED);
@@ -1504,8 +1524,9 @@ static int Core_init(Core *c, PyObject *args, PyObject *kw) {
             return PyErr_NoMemory(), -1;
         for (int d = 0; d < ndev; d++) {
             c->side[d] = (uintptr_t)PyLong_AsUnsignedLongLongMask(PyList_GET_ITEM(side, d));
-            if (GROW(c->seen, c->capseen, c->nseen + 1) < 0) return PyErr_NoMemory(), -1;
-            c->seen[c->nseen++] = c->side[d];
+            if (GROW(c->seen, c->capseen, 2 * c->nseen + 2) < 0) return PyErr_NoMemory(), -1;
+            c->seen[2 * c->nseen] = (uintptr_t)d;
+            c->seen[2 * c->nseen++ + 1] = c->side[d];
         }
         if (PyErr_Occurred()) return -1;
     }
@@ -1522,8 +1543,8 @@ static PyObject *Core_fill(Core *c, PyObject *const *a, Py_ssize_t n) {
         uintptr_t ev = new_event(c, (int)d);
         if (!ev) return NULL;
         pool_put(c, (int)d, ev);
+        c->created[d]++;
     }
-    c->created[d] += k;
     Py_RETURN_NONE;
 }
 
@@ -1944,6 +1965,7 @@ static PyObject *sequential_fn(PyObject *mod, PyObject *const *a, Py_ssize_t n) 
         }
         if (t) t->last_t = ALWAYS; /* the child's start shares the last mark */
         Py_SETREF(x, PyObject_CallOneArg(m, x));
+        if (t && t->last_t == ALWAYS) t->last_t = NEVER; /* unused (the child recorded nothing): never stale */
         Py_DECREF(m);
         prev = plain;
     }
@@ -2020,6 +2042,7 @@ static PyObject *capture_ended(PyObject *mod, PyObject *unused) {
 static PyObject *after_fork_in_child(PyObject *mod, PyObject *unused) {
     Core *c = g_current;
     pthread_mutex_init(&g_calls, NULL);
+    pthread_mutex_init(&g_errors, NULL);
     if (c) {
         pthread_mutex_init(&c->qmu, NULL);
         pthread_mutex_init(&c->pmu, NULL);

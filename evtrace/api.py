@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
-import inspect
 import os
 import signal
 import sys
@@ -22,9 +21,9 @@ from . import defaults
 from . import recorder as _rec
 from .clock import Clock, alignment_warnings
 from .device import Backend, cuda_backend
-from .finish import Finishing, Terminated, die_by, on_sigterm, settle
+from .finish import Finishing, Terminated, die_by, settle, signum_of, take_ending
 from .meta import redacted_argv
-from .session import Session
+from .session import COUNTS, Session
 
 F = TypeVar("F", bound=Callable[..., Any])
 _said_no_cuda = False
@@ -176,7 +175,7 @@ class record:
         )
         self.quiet, self.open, self.report, self.redact_argv = quiet, open, report, redact_argv
         self._hooks: Any = None
-        self._old_sigterm: Any = None
+        self._old_ending: dict[int, Any] = {}  # handlers replaced for SIGTERM and SIGHUP
         self.session = None
         self.path = None
         self._recorder: _rec.Recorder | None = None
@@ -186,6 +185,7 @@ class record:
         self._stem: str | None = None
         self._outer: record | None = None  # the session this one is a view of
         self._span = (0, 0)  # a view's span, on the outer recorder's clock
+        self._origin = 0  # a view's: the outer recorder's origin
         self._views: list[record] = []  # views exited inside this session
 
     def __enter__(self) -> record:
@@ -209,8 +209,7 @@ class record:
         # first: importing torch for the backend or the hooks takes seconds, a SIGTERM then included
         if threading.current_thread() is threading.main_thread():
             settle()  # a handler a session ended on another thread could not put back
-            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-                self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        self._old_ending = take_ending()
         try:
             self._start()
         except BaseException:  # a signal or an error while starting: leave nothing half started
@@ -220,9 +219,9 @@ class record:
             if self._recorder is not None:
                 self._recorder.stop()
                 self._recorder = None
-            if self._old_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
-                self._old_sigterm = None
+            for s, h in self._old_ending.items():
+                signal.signal(s, h)
+            self._old_ending = {}
             raise
         _active = self
         atexit.register(self._at_exit)
@@ -231,7 +230,14 @@ class record:
     def _view_of(self, outer: record) -> None:
         """Inside another record() (or ``evtrace run``): this one is a view of that session, written
         from its regions within this span once that session has stopped and resolved them."""
-        ignored = [k for k in _OUTER_ONLY if self._opts[k] != _DEFAULTS[k]]
+        assert outer._recorder is not None
+        self._outer = outer
+        self._span = (outer._recorder.clock(), 0)
+        self._origin = outer._recorder.origin_ns
+        if self._target == outer._target:  # the same file (a decorated function called recursively)
+            self._outer = None  # is that session's: nothing of its own to write
+            return
+        ignored = [k for k in _OUTER_ONLY if self._opts[k] != outer._opts[k]]
         if self._profiler is not None:
             ignored.append("profiler")
         if ignored and not self.quiet:
@@ -240,9 +246,6 @@ class record:
                 f"{', '.join(ignored)} ignored",
                 file=sys.stderr,
             )
-        assert outer._recorder is not None
-        self._outer = outer
-        self._span = (outer._recorder.clock(), 0)
 
     def _at_exit(self) -> None:
         """The interpreter is exiting with this session still open (entered, never exited): write
@@ -279,13 +282,24 @@ class record:
         global _active
         if os.getpid() != self._pid:  # a forked child's copy: its parent writes the trace
             return
-        if self._outer is not None:
+        if self._recorder is None:  # a view of another session (or one of its own file)
             outer, self._outer = self._outer, None
-            if outer._recorder is not None:  # else it has stopped already: nothing of ours is left
+            if outer is None:
+                return
+            if outer._recorder is not None:
                 self._span = (self._span[0], outer._recorder.clock())
                 outer._views.append(self)
                 if not self.quiet:
                     print(f"evtrace: {self.path} is written when the enclosing session ends", file=sys.stderr)
+            elif outer.session is not None:  # that session ended first: written now, up to its end
+                end = self._origin + int(outer.session.meta.get("duration_ns", 0))
+                self._span = (self._span[0], end)
+                outer._write_views(self._origin, [self])
+            else:
+                print(
+                    f"evtrace: {self.path} was not written: its enclosing session wrote nothing",
+                    file=sys.stderr,
+                )
             return
         assert self._recorder is not None and self.path is not None
         atexit.unregister(self._at_exit)
@@ -293,9 +307,9 @@ class record:
             if self._hooks is not None:  # first: nothing evtrace does from here on is traced
                 self._hooks.remove()
                 self._hooks = None
-            if self._old_sigterm is not None:
-                fin.restore(signal.SIGTERM, self._old_sigterm)  # on another thread: later, by the main one
-                self._old_sigterm = None
+            for s, h in self._old_ending.items():
+                fin.restore(s, h)  # on another thread: later, by the main one
+            self._old_ending = {}
             origin = self._recorder.origin_ns
             if _active is self:
                 _active = None
@@ -311,9 +325,10 @@ class record:
                     print(describe(self.session, self.path), file=sys.stderr)
                 if self.report and not ending:
                     self._write_report()
-                self._write_views(origin)
+            self._write_views(origin, self._views)  # their files, whether this one was written or not
+            self._views = []
             if exc_type is Terminated:
-                die_by(signal.SIGTERM)
+                die_by(signum_of(exc) if isinstance(exc, BaseException) else signal.SIGTERM)
             if not fin.written:
                 return
         if self.open:
@@ -327,10 +342,9 @@ class record:
                     file=sys.stderr,
                 )
 
-    def _write_views(self, origin: int) -> None:
-        """The files of the record()s entered and exited inside this session."""
+    def _write_views(self, origin: int, views: list[record]) -> None:
+        """The files of record()s entered inside this session (``origin``: its clock's origin)."""
         assert self.session is not None
-        views, self._views = self._views, []
         for v in views:
             v.session = _within(self.session, v._span[0] - origin, v._span[1] - origin)
             if v.redact_argv:
@@ -440,9 +454,9 @@ _OUTER_ONLY = (
     "backend",
     "clock",
 )
-_DEFAULTS: dict[str, Any] = {
-    k: p.default for k, p in inspect.signature(record.__init__).parameters.items() if k in _OUTER_ONLY
-}
+
+#: counts of the enclosing session as a whole, which a view's span does not share
+_SESSION_WIDE = (*COUNTS, "lost_device_spans", "device_fault")
 
 
 def _within(s: Session, start: int, end: int) -> Session:
@@ -460,7 +474,7 @@ def _within(s: Session, start: int, end: int) -> Session:
         regions[f][dev] -= start
     index = {int(i): k for k, i in enumerate(keep.tolist())}
     args = {index[i]: a for i, a in s.args.items() if i in index}
-    meta = dict(s.meta)
+    meta = {k: v for k, v in s.meta.items() if k not in _SESSION_WIDE}
     meta.update(
         regions=len(regions),
         device_spans=int(dev.sum()),

@@ -22,7 +22,6 @@ import re
 import runpy
 import signal
 import sys
-import threading
 import traceback
 import types
 import warnings
@@ -39,7 +38,7 @@ from .export.render import NothingToDraw, Timeline
 from .export.report import Report
 from .export.summary import Summary, ranks
 from .files import TraceError, read_json, write_bytes
-from .finish import Terminated, die_by, on_sigterm
+from .finish import Terminated, die_by, signum_of, take_ending
 from .session import Session, rank_labels
 
 
@@ -401,32 +400,23 @@ def _view(ns: argparse.Namespace) -> int:
 
 def _run(ns: argparse.Namespace) -> int:
     # first: the checks and torch's import below take seconds; a SIGTERM then is answered too
-    main_thread = threading.current_thread() is threading.main_thread()
-    old_sigterm = (
-        signal.signal(signal.SIGTERM, on_sigterm)
-        if main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-        else None
-    )
+    old_ending = take_ending()
     try:
         try:
             target = _start(ns)
         except (KeyboardInterrupt, Terminated) as e:  # in evtrace's or torch's imports: no traceback
             print("evtrace: stopped before the script began; no trace written", file=sys.stderr)
-            die_by(_signum(e))
+            die_by(signum_of(e))
             raise  # not reached
         return _execute(target)
     except (KeyboardInterrupt, Terminated) as e:  # the script's trace is written: end as the signal would
         if isinstance(e, KeyboardInterrupt) and _user_frames(e.__traceback__) is not None:
             traceback.print_exception(type(e), e, _user_frames(e.__traceback__))  # where the script was
-        die_by(_signum(e))
+        die_by(signum_of(e))
         raise  # not reached
     finally:
-        if old_sigterm is not None:
-            signal.signal(signal.SIGTERM, old_sigterm)
-
-
-def _signum(e: BaseException) -> int:
-    return signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        for s, h in old_ending.items():
+            signal.signal(s, h)
 
 
 class _Target(NamedTuple):

@@ -15,11 +15,18 @@ import sys
 import threading
 from typing import Any
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: the signals that end a process (a scheduler's SIGTERM, a closed terminal's SIGHUP): while
+#: recording they raise Terminated, so the trace is written first, then end it as they would
+ENDING = (signal.SIGTERM, signal.SIGHUP)
+SIGNALS = (signal.SIGINT, *ENDING)
 
 
 class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM while recording, so the trace is written first."""
+    """Raised in the main thread on SIGTERM or SIGHUP while recording, so the trace is written first."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 #: handlers that sessions ended on another thread could not put back (Python sets handlers
@@ -27,13 +34,26 @@ class Terminated(BaseException):
 _owed: dict[int, Any] = {}
 
 
-def on_sigterm(signum: int, frame: Any) -> None:
+def on_ending(signum: int, frame: Any) -> None:
     owed = _owed.pop(signum, None)
     if owed is not None:  # left installed, no session holds it: act as the handler it replaced
         signal.signal(signum, owed)
         signal.raise_signal(signum)
         return
-    raise Terminated("SIGTERM")
+    raise Terminated(signum)
+
+
+def take_ending() -> dict[int, Any]:
+    """On the main thread, ``on_ending`` for each ending signal still at its default action;
+    returns the handlers it replaced (elsewhere, or where a program has its own: none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, on_ending) for s in ENDING if signal.getsignal(s) == signal.SIG_DFL}
+
+
+def signum_of(e: BaseException) -> int:
+    """The signal a KeyboardInterrupt or Terminated stands for."""
+    return e.signum if isinstance(e, Terminated) else signal.SIGINT
 
 
 def put_back(signum: int, handler: Any) -> None:
@@ -59,16 +79,17 @@ def _hold_before_fork() -> None:
     instant runs under the parent's mask: one sent to the child before it drops evtrace's handler
     waits for it (the child's pending signals start empty), instead of reaching that handler in
     the child's own fork hooks, or being dropped by Python once the handler is gone."""
-    held = signal.getsignal(signal.SIGTERM) is on_sigterm
+    held = {s for s in ENDING if signal.getsignal(s) is on_ending}
     if held:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
     _held_for_fork.on = held
 
 
 def _release_in_parent() -> None:
-    if getattr(_held_for_fork, "on", False):
-        _held_for_fork.on = False
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    held = getattr(_held_for_fork, "on", None)
+    if held:
+        _held_for_fork.on = None
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _default_in_child() -> None:
@@ -76,8 +97,9 @@ def _default_in_child() -> None:
     would without evtrace: the process ends at once. Raised as an exception instead, it unwinds the
     worker wherever it is, between taking a queue's lock and releasing it too, and the pool's
     other workers wait on that lock for ever."""
-    if signal.getsignal(signal.SIGTERM) is on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for s in ENDING:
+        if signal.getsignal(s) is on_ending:
+            signal.signal(s, signal.SIG_DFL)
     _release_in_parent()  # a SIGTERM that came meanwhile ends the child now
 
 

@@ -41,7 +41,9 @@ def start(tmp_path: Path, under_cli: bool) -> subprocess.Popen[str]:
 
 
 @pytest.mark.parametrize("under_cli", [True, False], ids=["python -m evtrace", "with record()"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 def test_a_signal_writes_the_trace_and_keeps_the_signal_exit_status(
     tmp_path: Path, under_cli: bool, sig: int
 ) -> None:

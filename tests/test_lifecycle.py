@@ -188,3 +188,34 @@ def test_a_record_inside_evtrace_run(tmp_path: Path) -> None:
     assert len(evtrace.load(tmp_path / "outer.json").regions) >= 4
     inner = evtrace.load(tmp_path / "inner.json")
     assert inner.names == ["step"] and len(inner) == 3
+
+
+def test_a_recursive_function_decorated_with_record_writes_one_whole_trace(tmp_path: Path) -> None:
+    """Each call of a decorated function is a record() of the same file: the nested ones are that
+    session, not views that would write over it with their part."""
+    path = tmp_path / "rec.json"
+
+    @evtrace.record(path, device=False, quiet=True)
+    def f(n: int) -> None:
+        with evtrace.region(f"work{n}"):
+            pass
+        if n:
+            f(n - 1)
+
+    f(2)
+    assert sorted(evtrace.load(path).names) == ["work0", "work1", "work2"]
+
+
+def test_a_view_still_open_when_its_session_ends_is_written_then(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outer = evtrace.record(tmp_path / "outer.json", device=False, quiet=True)
+    inner = evtrace.record(tmp_path / "inner.json")
+    outer.__enter__()
+    inner.__enter__()
+    with evtrace.region("inside"):
+        pass
+    outer.__exit__()
+    inner.__exit__()
+    assert evtrace.load(tmp_path / "inner.json").names == ["inside"]
+    assert f"wrote {tmp_path / 'inner.json'}" in capsys.readouterr().err

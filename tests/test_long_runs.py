@@ -238,7 +238,12 @@ class FailingSim(SimBackend):
         super().learn_stream(device, stream)
 
     def new_event(self, device: int) -> Any:
-        if self.fail == "new_event" and self.created >= 4:
+        if (
+            self.fail == "new_event"
+            and self.created >= 4
+            or self.fail == "new_event_midway"
+            and self.created >= 6
+        ):
             raise RuntimeError("CUDA error: out of memory")
         return super().new_event(device)
 
@@ -248,7 +253,7 @@ class FailingSim(SimBackend):
         return super().record(ev, stream)
 
 
-@pytest.mark.parametrize("fail", ["learn_stream", "new_event", "record"])
+@pytest.mark.parametrize("fail", ["learn_stream", "new_event", "new_event_midway", "record"])
 def test_a_device_failure_on_the_hot_path_never_reaches_user_code(
     fail: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -256,8 +261,8 @@ def test_a_device_failure_on_the_hot_path_never_reaches_user_code(
     sim = FailingSim(clk, fail)
     rec = Recorder(sim, clk, background=False, pool_size=4)
     rec.start()
-    if fail == "new_event":
-        sim.launch(10**10)  # nothing resolves: the pool must grow
+    if fail.startswith("new_event"):
+        sim.launch(10**10)  # nothing resolves: the pool must grow (midway: two made, then a failure)
     for i in range(10):
         sim.stream = 7 if i >= 5 else 0
         tok = rec.enter(name_key("r"), {"i": i})  # must not raise

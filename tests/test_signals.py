@@ -85,7 +85,9 @@ def big_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("under_cli", [True, False], ids=["python -m evtrace", "with record()"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"]
+)
 def test_a_signal_while_writing_finishes_the_trace_then_ends_by_it(
     big_dir: Path, under_cli: bool, sig: int
 ) -> None:
