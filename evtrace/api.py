@@ -47,6 +47,20 @@ def default_path() -> Path:
     return path
 
 
+def _rescue_path(target: Path) -> Path:
+    """A new file in the temp directory for a trace that could not be written at ``target``."""
+    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".gz") else target.suffix
+    stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
+    directory, n = Path(tempfile.gettempdir()), 0
+    while True:
+        path = directory / f"{stem}-{os.getpid()}{f'-{n}' if n else ''}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return path
+        except FileExistsError:
+            n += 1
+
+
 def _numbered(stem: str, n: int) -> Path:
     return rank_path(Path(f"{stem}-{n}.json.gz" if n else f"{stem}.json.gz"))
 
@@ -186,6 +200,8 @@ class record:
         self._outer: record | None = None  # the session this one is a view of
         self._span = (0, 0)  # a view's span, on the outer recorder's clock
         self._origin = 0  # a view's: the outer recorder's origin
+        #: False once the trace could not be written at ``path`` as asked (it may be in the temp directory)
+        self.written_where_asked = True
         self._views: list[record] = []  # views exited inside this session
 
     def __enter__(self) -> record:
@@ -362,11 +378,20 @@ class record:
             if self._stem is not None:
                 target = _claim(self._stem, target)
             s.save(target)
-        except OSError as e:  # the session is still in memory: .session.save(elsewhere)
+        except OSError as e:  # a full disk, a quota: the temp directory may still have room
             if target != self._target:
                 target.unlink(missing_ok=True)
-            print(f"evtrace: could not write {self.path}: {e.strerror or e}", file=sys.stderr)
-            return False
+            self.written_where_asked = False
+            why = f"evtrace: could not write {self.path}: {e.strerror or e}"
+            try:
+                rescue = _rescue_path(target)
+                s.save(rescue)
+            except OSError as e2:  # the session is still in memory: .session.save(elsewhere)
+                print(f"{why}; nor in the temp directory: {e2.strerror or e2}", file=sys.stderr)
+                return False
+            print(f"{why}; wrote {rescue} instead", file=sys.stderr)
+            self.path = rescue
+            return True
         if Path(os.path.abspath(self.path)) != target:  # moved on, or the script left its directory
             self.path = target if self.path.absolute() != self._target else self.path.with_name(target.name)
         return True

@@ -512,6 +512,8 @@ def _execute(t: _Target) -> int:
         sys.argv = t.saved_argv
         sys.path[0] = t.saved_path0
     t.rec.__exit__(None, None, None)
+    if not t.rec.written_where_asked and code == 0:
+        code = 1  # the trace is not where it was asked for (the line above says where it is)
     if failure is not None:
         traceback.print_exception(type(failure), failure, _user_frames(failure.__traceback__))
     return code

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -219,3 +220,55 @@ def test_a_view_still_open_when_its_session_ends_is_written_then(
     inner.__exit__()
     assert evtrace.load(tmp_path / "inner.json").names == ["inside"]
     assert f"wrote {tmp_path / 'inner.json'}" in capsys.readouterr().err
+
+
+def _full_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Saving to any file named full.json fails as a full disk does; the temp directory has room."""
+    import errno
+    import tempfile
+
+    from evtrace.session import Session
+
+    save = Session.save
+
+    def failing(self: Session, path: Any, *a: Any, **k: Any) -> Any:
+        if Path(path).name == "full.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, path, *a, **k)
+
+    monkeypatch.setattr(Session, "save", failing)
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def test_a_full_disk_writes_the_trace_to_the_temp_directory_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp = _full_disk(monkeypatch, tmp_path)
+    with evtrace.record(tmp_path / "full.json", device=False) as rec:
+        for i in range(50):
+            with evtrace.region("step", i=i):
+                pass
+    assert not rec.written_where_asked and rec.path is not None and rec.path.parent == tmp
+    assert len(evtrace.load(rec.path)) == 50
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err
+    assert f"wrote {rec.path} instead" in err
+
+
+def test_under_evtrace_run_a_trace_not_written_where_asked_is_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from evtrace import cli
+
+    tmp = _full_disk(monkeypatch, tmp_path)
+    script = tmp_path / "job.py"
+    script.write_text("import evtrace\nwith evtrace.region('r'):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["--no-cuda", "--no-hooks", "-o", str(tmp_path / "full.json"), str(script)])
+    assert code == 1  # the script succeeded; its trace is not where it was asked for
+    rescued = list(tmp.glob("full-*.json"))
+    assert len(rescued) == 1 and evtrace.load(rescued[0]).names == ["r"]
+    assert "instead" in capsys.readouterr().err
