@@ -295,6 +295,17 @@ class record:
             self._hooks = Hooks(o["depth"], o["include"], o["exclude"])
 
     def __exit__(self, exc_type: Any = None, exc: Any = None, tb: Any = None) -> None:
+        try:
+            self._exit(exc_type, exc, tb)
+        except (KeyboardInterrupt, Terminated) as e:
+            if exc_type is not None or self._recorder is None or os.getpid() != self._pid:
+                raise  # the signal held while writing, raised again once written; or not ours
+            # it came as the script ended, before the write's own signal handling was in place:
+            # write now, then end by it
+            self._exit(type(e), e, e.__traceback__)
+            raise
+
+    def _exit(self, exc_type: Any, exc: Any, tb: Any) -> None:
         global _active
         if os.getpid() != self._pid:  # a forked child's copy: its parent writes the trace
             return

@@ -495,23 +495,29 @@ def _execute(t: _Target) -> int:
     """Run the target as python would, write its trace, then show its exception if it had one."""
     code = 0
     failure: BaseException | None = None
+    ending: BaseException | None = None
     try:
-        _fresh_warnings()
-        if t.module:
-            runpy.run_module(t.module, run_name="__main__", alter_sys=True)
-        else:
-            _run_script(t.script)
-    except SystemExit as e:
-        code = _exit_code(e)
-    except (KeyboardInterrupt, Terminated) as e:  # trace first, then end as the signal would
-        t.rec.__exit__(type(e), e, e.__traceback__)
-        raise
-    except BaseException as e:  # the user's exception: shown after the trace is written
-        failure, code = e, 1
-    finally:
-        sys.argv = t.saved_argv
-        sys.path[0] = t.saved_path0
-    t.rec.__exit__(None, None, None)
+        try:
+            _fresh_warnings()
+            if t.module:
+                runpy.run_module(t.module, run_name="__main__", alter_sys=True)
+            else:
+                _run_script(t.script)
+        except SystemExit as e:
+            code = _exit_code(e)
+        except (KeyboardInterrupt, Terminated) as e:  # trace first, then end as the signal would
+            ending = e
+        except BaseException as e:  # the user's exception: shown after the trace is written
+            failure, code = e, 1
+        finally:
+            sys.argv = t.saved_argv
+            sys.path[0] = t.saved_path0
+    except (KeyboardInterrupt, Terminated) as e:  # in the script's last instants, restoring argv
+        ending = ending or e
+    if ending is not None:
+        t.rec.__exit__(type(ending), ending, ending.__traceback__)
+        raise ending
+    t.rec.__exit__(None, None, None)  # a signal in its first instants: written, then raised
     if not t.rec.written_where_asked and code == 0:
         code = 1  # the trace is not where it was asked for (the line above says where it is)
     if failure is not None:
