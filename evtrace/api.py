@@ -6,6 +6,7 @@ import atexit
 import dataclasses
 import functools
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import numpy as np
 
 from . import defaults
 from . import recorder as _rec
+from .analysis import plural
 from .clock import Clock, alignment_warnings
 from .device import Backend, cuda_backend
 from .finish import Finishing, Terminated, die_by, settle, signum_of, take_ending
@@ -550,7 +552,8 @@ def describe(s: Session, path: Path) -> str:
             f"\nevtrace: the device faulted ({s.meta['device_fault']}): every region kept its host span; "
             "device spans resolved before the fault are kept, later ones are counted as lost"
         )
+    counts = f"{plural(len(s), 'region')}, {plural(s.device_spans, 'device span')}"
     return (
-        f"evtrace: wrote {path} ({len(s)} regions, {s.device_spans} device spans{extra}); "
-        f"open it in https://ui.perfetto.dev or run: evtrace summary {path}{said}"
+        f"evtrace: wrote {path} ({counts}{extra}); "
+        f"open it in https://ui.perfetto.dev or run: evtrace summary {shlex.quote(str(path))}{said}"
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 from . import __version__, defaults
+from .analysis import plural
 from .api import default_path, output_problem, record
 from .export.diff import DiffError, DiffMarkdown, DiffText
 from .export.kineto import is_kineto
@@ -263,10 +264,6 @@ def _load(path: Path) -> Session:
         raise UsageError(str(e)) from None
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
 def _writable(
     path: Path | None, trace: bool = True, suffix: str | None = None, inputs: Sequence[Path] = ()
 ) -> None:
@@ -359,8 +356,8 @@ def _merge(ns: argparse.Namespace) -> int:
     except OSError as e:
         raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
     print(
-        f"evtrace: merged {_plural(len(ns.traces), 'trace')} ({_plural(len(s), 'region')}, "
-        f"{_plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}",
+        f"evtrace: merged {plural(len(ns.traces), 'trace')} ({plural(len(s), 'region')}, "
+        f"{plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}",
         file=sys.stderr,
     )
     fits = s.meta.get("profiler")
@@ -598,7 +595,7 @@ def _diff(ns: argparse.Namespace) -> int:
     bad = d.regressions(ns.fail_above) if ns.fail_above is not None else []
     if bad:  # one line on stderr, so that CI logs show why it failed
         print(
-            f"evtrace: {_plural(len(bad), 'region')} significantly slower by more than {ns.fail_above:g}%: "
+            f"evtrace: {plural(len(bad), 'region')} significantly slower by more than {ns.fail_above:g}%: "
             + ", ".join(f"{r.name} {r.change:+.0f}%" for r in bad),
             file=sys.stderr,
         )

@@ -91,7 +91,7 @@ def test_record_as_decorator_and_prints_one_line(tmp_path: Path, capsys: pytest.
 
     assert job() == 5
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"evtrace: wrote {out} (1 regions, 0 device spans)")
+    assert err[-1].startswith(f"evtrace: wrote {out} (1 region, 0 device spans)")
     assert "ui.perfetto.dev" in err[-1] and "evtrace summary" in err[-1]
     assert evtrace.load(out).names == ["work"]
 
@@ -135,3 +135,16 @@ def test_threads_get_their_own_named_lanes(tmp_path: Path) -> None:
     assert s is not None
     assert [t.name for t in s.threads] == ["MainThread", "loader"]
     assert len({t.tid for t in s.threads}) == 2
+
+
+def test_the_closing_line_counts_in_words_and_quotes_a_path_with_spaces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "my run" / "t.json"
+    out.parent.mkdir()
+    with evtrace.record(out, device=False):
+        with evtrace.region("one"):
+            pass
+    err = capsys.readouterr().err
+    assert "(1 region, 0 device spans)" in err
+    assert f"run: evtrace summary '{out}'" in err  # pasted into a shell, it names the file

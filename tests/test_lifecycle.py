@@ -144,7 +144,7 @@ def test_a_relative_path_is_where_the_session_started(
     assert evtrace.load(tmp_path / "run" / "t.json").names == ["r"]
     assert not (tmp_path / "outputs" / "t.json").exists()
     assert r.path == tmp_path / "run" / "t.json"
-    assert f"evtrace: wrote {tmp_path / 'run' / 't.json'} (1 regions" in capsys.readouterr().err
+    assert f"evtrace: wrote {tmp_path / 'run' / 't.json'} (1 region," in capsys.readouterr().err
 
 
 def test_a_record_inside_another_writes_its_span_and_the_outer_keeps_it(
@@ -166,7 +166,7 @@ def test_a_record_inside_another_writes_its_span_and_the_outer_keeps_it(
     assert 0 <= back.regions["host_start"][0] <= back.regions["host_end"][0] <= back.meta["duration_ns"]
     err = capsys.readouterr().err
     assert err.count("hooks ignored") == 1
-    assert f"evtrace: wrote {tmp_path / 'inner.json'} (1 regions" in err
+    assert f"evtrace: wrote {tmp_path / 'inner.json'} (1 region," in err
 
 
 def test_a_record_inside_evtrace_run(tmp_path: Path) -> None:
