@@ -272,3 +272,19 @@ def test_under_evtrace_run_a_trace_not_written_where_asked_is_a_failure(
     rescued = list(tmp.glob("full-*.json"))
     assert len(rescued) == 1 and evtrace.load(rescued[0]).names == ["r"]
     assert "instead" in capsys.readouterr().err
+
+
+def test_under_torchrun_the_default_name_has_its_rank_once(tmp_path: Path) -> None:
+    (tmp_path / "job.py").write_text("import evtrace\n")
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "2"}
+    p = subprocess.run(
+        [sys.executable, "-m", "evtrace", "--no-hooks", "job.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    written = [q.name for q in tmp_path.glob("evtrace-*.json.gz")]
+    assert len(written) == 1 and written[0].endswith("-rank0.json.gz") and "rank0-rank0" not in written[0]
