@@ -401,6 +401,11 @@ def _run(ns: argparse.Namespace) -> int:
     try:
         try:
             target = _start(ns)
+        except _NotRun as e:
+            err = e.__cause__
+            assert err is not None
+            traceback.print_exception(type(err), err, None)
+            return 1
         except (KeyboardInterrupt, Terminated) as e:  # in evtrace's or torch's imports: no traceback
             print("evtrace: stopped before the script began; no trace written", file=sys.stderr)
             die_by(signum_of(e))
@@ -422,8 +427,13 @@ class _Target(NamedTuple):
     rec: record
     module: str | None
     script: str
+    code: types.CodeType | None  # the script's, compiled before the recording started
     saved_argv: list[str]
     saved_path0: str
+
+
+class _NotRun(Exception):
+    """The script does not compile: python would show its SyntaxError and exit 1, no trace."""
 
 
 def _start(ns: argparse.Namespace) -> _Target:
@@ -432,6 +442,7 @@ def _start(ns: argparse.Namespace) -> _Target:
     out = ns.output or default_path()
     _writable(out)
     given = ""
+    code = None
     saved_path0 = sys.path[0]
     if ns.module:
         sys.path[0] = os.getcwd()  # as python -m does, also when started as the evtrace script
@@ -450,6 +461,10 @@ def _start(ns: argparse.Namespace) -> _Target:
             raise UsageError(f"{script} is a directory, not a script")
         if not script.is_file():
             raise UsageError(f"no such script: {script}")
+        try:
+            code = _compile(given)
+        except SyntaxError as e:  # before the session starts: no empty trace for a script that never ran
+            raise _NotRun() from e
 
     if ns.max_regions < 0:
         raise UsageError("--max-regions must be 0 or more")
@@ -485,7 +500,7 @@ def _start(ns: argparse.Namespace) -> _Target:
         sys.argv = saved_argv
         sys.path[0] = saved_path0
         raise
-    return _Target(rec, ns.module, given, saved_argv, saved_path0)
+    return _Target(rec, ns.module, given, code, saved_argv, saved_path0)
 
 
 def _execute(t: _Target) -> int:
@@ -499,7 +514,8 @@ def _execute(t: _Target) -> int:
             if t.module:
                 runpy.run_module(t.module, run_name="__main__", alter_sys=True)
             else:
-                _run_script(t.script)
+                assert t.code is not None  # a script's code, compiled before its session began
+                _run_script(t.script, t.code)
         except SystemExit as e:
             code = _exit_code(e)
         except (KeyboardInterrupt, Terminated) as e:  # trace first, then end as the signal would
@@ -531,13 +547,22 @@ def _fresh_warnings() -> None:
     warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the per-module caches
 
 
-def _run_script(given: str) -> None:
-    """Run a script as ``python script.py`` does: ``__main__`` with an absolute ``__file__``
-    (the cwd joined, not normalised), no ``__spec__``, its code compiled under that name.
-    (runpy.run_path would set ``sys.argv[0]`` to the path it is given.)"""
-    path = given if os.path.isabs(given) else os.path.join(os.getcwd(), given)
+def _script_path(given: str) -> str:
+    """The script's ``__file__``, as python gives it: the cwd joined, not normalised."""
+    return given if os.path.isabs(given) else os.path.join(os.getcwd(), given)
+
+
+def _compile(given: str) -> types.CodeType:
+    """The script's code, compiled under its ``__file__`` (a SyntaxError as python shows it)."""
+    path = _script_path(given)
     with io.open_code(path) as f:
-        code = compile(f.read(), path, "exec", dont_inherit=True)
+        return compile(f.read(), path, "exec", dont_inherit=True)
+
+
+def _run_script(given: str, code: types.CodeType) -> None:
+    """Run a script as ``python script.py`` does: ``__main__`` with an absolute ``__file__``,
+    no ``__spec__``. (runpy.run_path would set ``sys.argv[0]`` to the path it is given.)"""
+    path = _script_path(given)
     main = types.ModuleType("__main__")
     main.__dict__.update(
         __file__=path,

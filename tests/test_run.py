@@ -78,3 +78,21 @@ def test_a_sigint_traceback_shows_only_the_script(tmp_path: Path) -> None:
     assert "evtrace" not in tb and "runpy" not in tb
     assert tb.rstrip().endswith("KeyboardInterrupt")
     assert len(evtrace.load(tmp_path / "t.json")) == 1
+
+
+def test_a_script_with_a_syntax_error_is_shown_as_python_shows_it_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text("import evtrace\ndef (:\n")
+    mine = subprocess.run(
+        [sys.executable, "-m", "evtrace", "--no-hooks", "-o", "t.json", "bad.py"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    plain = subprocess.run(
+        [sys.executable, "bad.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert mine.returncode == plain.returncode == 1
+    assert mine.stderr == plain.stderr  # the SyntaxError, as python shows it
+    assert not (tmp_path / "t.json").exists()  # no empty trace of a script that never ran
