@@ -261,6 +261,11 @@ def _load(path: Path) -> Session:
     try:
         return Session.load(path)
     except TraceError as e:
+        if "not an evtrace trace" in str(e) and is_kineto(read_json(path)):
+            raise UsageError(
+                f"{path} is a torch.profiler (Kineto) trace, not an evtrace one: "
+                f"evtrace merge TRACE.json.gz {path} -o both.json.gz puts it beside an evtrace trace"
+            ) from None
         raise UsageError(str(e)) from None
 
 

@@ -24,6 +24,7 @@ MAX_DEPTH = 4  # nesting kept of lists, tuples and dicts
 
 _SCALARS = (float, bool, type(None))
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what a JSON writer takes as a number
+_INF = float("inf")
 
 
 def snapshot(args: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +37,9 @@ def snapshot(args: dict[str, Any]) -> dict[str, Any]:
                 break
         elif t is str:
             if len(v) > MAX_STR:
+                break
+        elif t is float:
+            if v != v or v in (_INF, -_INF):
                 break
         elif t not in _SCALARS:
             break
@@ -75,6 +79,8 @@ def value(v: Any, depth: int = 0) -> Any:
         return (
             _cap(repr(v), MAX_REPR) if v.bit_length() < 10_000 else f"<int of {v.bit_length()} bits>"
         )  # repr refuses beyond
+    if t is float and (v != v or v in (_INF, -_INF)):
+        return repr(v)  # JSON has no NaN or infinity: "nan", "inf", "-inf", kept as they were
     if t in _SCALARS:
         return v
     if t is list or t is tuple or t is dict:

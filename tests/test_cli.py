@@ -165,7 +165,10 @@ def test_summary_refuses_bad_traces(cli: list[str], tmp_path: Path) -> None:
     (tmp_path / "bad_text.json").write_text("{not json")
     (tmp_path / "bad_other.json").write_text(json.dumps({"traceEvents": []}))
     (tmp_path / "bad_gzjunk.json.gz").write_bytes(gzip.compress(b"[1, 2"))
+    kineto = {"schemaVersion": 1, "deviceProperties": [], "traceEvents": [{"ph": "X", "cat": "kernel"}]}
+    (tmp_path / "bad_kineto.json").write_text(json.dumps(kineto))
     cases = {
+        "bad_kineto.json": "a torch.profiler (Kineto) trace, not an evtrace one: evtrace merge",
         "bad_trunc.json.gz": "not a complete gzip file",
         "bad_text.json": "not valid trace JSON",
         "bad_other.json": "not an evtrace trace",
