@@ -338,7 +338,12 @@ def _merge(ns: argparse.Namespace) -> int:
     _writable(ns.output, inputs=ns.traces)
     sessions: list[Session] = []
     profiles: list[tuple[dict[str, Any], str]] = []
+    inputs: dict[Path, str] = {}  # each file once, in the order given
     for p in ns.traces:
+        if p.resolve() in inputs:
+            print(f"evtrace: warning: {p} is given twice; merged once", file=sys.stderr)
+            continue
+        inputs[p.resolve()] = str(p)
         try:
             sessions.append(Session.load(p))
             continue
@@ -355,13 +360,16 @@ def _merge(ns: argparse.Namespace) -> int:
         profiles.append((doc, str(p)))
     if not sessions:
         raise UsageError("merge needs at least one evtrace trace (torch.profiler traces go onto its clock)")
-    s = merge(sessions, [str(p) for p in ns.traces], profiles)
+    ranks = [r.meta.get("rank") for r in sessions]
+    for r in sorted({r for r in ranks if isinstance(r, int) and ranks.count(r) > 1}):
+        print(f"evtrace: warning: {ranks.count(r)} traces are rank {r}: two runs mixed?", file=sys.stderr)
+    s = merge(sessions, list(inputs.values()), profiles)
     try:
         s.save(ns.output)
     except OSError as e:
         raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
     print(
-        f"evtrace: merged {plural(len(ns.traces), 'trace')} ({plural(len(s), 'region')}, "
+        f"evtrace: merged {plural(len(inputs), 'trace')} ({plural(len(s), 'region')}, "
         f"{plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}",
         file=sys.stderr,
     )
@@ -374,6 +382,20 @@ def _merge(ns: argparse.Namespace) -> int:
             f"regions; {fit['kernels_inside']}/{fit['kernels_placed']} kernels inside their region's span",
             file=sys.stderr,
         )
+        outside = [
+            what
+            for what, inside, placed in (
+                ("kernels", fit["kernels_inside"], fit["kernels_placed"]),
+                ("CPU ops", fit["host_ops_inside_regions"], fit["host_ops_on_evtrace_threads"]),
+            )
+            if placed and inside < 0.5 * placed
+        ]
+        if outside:
+            print(
+                f"evtrace: warning: most of {fit['source']}'s {' and '.join(outside)} fall outside every "
+                "evtrace region: is it a profile of another run?",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -93,6 +93,19 @@ def test_merge_on_one_host_is_exact_and_keeps_ranks_apart(
     )
     assert p.returncode == 0, p.stderr
     assert "merged 2 traces (7 regions, 2 ranks)" in p.stderr
+    assert "warning" not in p.stderr
+    (tmp_path / "b").mkdir()
+    p0b = ranked(tmp_path / "b", monkeypatch, 0, seed=6, n=1)
+    again = subprocess.run(  # the same file twice, and a second rank 0 from another run
+        [sys.executable, "-m", "evtrace", "merge", str(p0), str(p1), str(p1), str(p0b), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert f"warning: {p1} is given twice; merged once" in again.stderr
+    assert "warning: 2 traces are rank 0: two runs mixed?" in again.stderr
+    assert "merged 3 traces" in again.stderr
 
 
 def test_merge_across_hosts_says_how_uncertain_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -114,7 +114,13 @@ def test_cli_merges_a_kineto_trace_and_refuses_other_json(tmp_path: Path) -> Non
     assert is_kineto(doc_of(kineto)) and not is_kineto(doc_of(run))
     r = cli("merge", run, kineto, "-o", both)
     assert r.returncode == 0, r.stderr
-    assert "profiler events placed" in r.stderr
+    assert "profiler events placed" in r.stderr and "warning" not in r.stderr
+    other = tmp_path / "other.json.gz"  # another run: the profile's ops are in none of its regions
+    with evtrace.record(other, device=False, quiet=True):
+        with evtrace.region("elsewhere"):
+            pass
+    r = cli("merge", other, kineto, "-o", tmp_path / "mixed.json.gz")
+    assert r.returncode == 0 and "is it a profile of another run?" in r.stderr, r.stderr
     check_ops_inside(both)
     for cmd in (["summary", both], ["render", both, "-o", tmp_path / "b.svg"]):
         assert cli(*cmd).returncode == 0
