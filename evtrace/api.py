@@ -361,10 +361,10 @@ class record:
             if not fin.written:
                 return
         if self.open:
-            from .view import serve
+            from .view import OPEN_TIMEOUT_S, serve
 
             try:
-                serve(self.path)
+                serve(self.path, timeout=OPEN_TIMEOUT_S)
             except OSError as e:
                 print(
                     f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}",

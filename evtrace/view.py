@@ -43,6 +43,11 @@ class _Server(socketserver.TCPServer):
     allow_reuse_address = True
 
 
+#: ``record(open=True)`` / ``run --open`` wait this long for the UI to fetch the file (no browser, a
+#: headless machine): then they say so and the program ends
+OPEN_TIMEOUT_S = 300.0
+
+
 def serve(
     path: Path, port: int | None = None, open_browser: bool = True, timeout: float | None = None
 ) -> bool:
@@ -113,6 +118,19 @@ def serve(
             elif not sent.is_set():
                 print(url)
                 sys.stdout.flush()
-            return sent.wait(timeout)
+            if not sent.is_set():
+                limit = f"for up to {timeout / 60:g} min" if timeout else "until then"
+                print(
+                    f"evtrace: serving {name} on 127.0.0.1:{port} until ui.perfetto.dev fetches it "
+                    f"({limit}; Ctrl-C stops)",
+                    file=sys.stderr,
+                )
+            if sent.wait(timeout):
+                return True
+            print(
+                f"evtrace: nothing fetched {name}; stopped serving (open the file in the UI yourself)",
+                file=sys.stderr,
+            )
+            return False
         finally:
             httpd.shutdown()

@@ -205,3 +205,21 @@ def test_run_open_hands_the_deep_link_to_the_browser(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert got.read_bytes() == (tmp_path / "t.json.gz").read_bytes()
     assert not Path(f"{got}.link").read_text().startswith("http://127.0.0.1:9001/")
+
+
+def test_open_with_no_browser_says_what_it_waits_for_and_gives_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import webbrowser
+
+    from evtrace import view
+
+    monkeypatch.setattr(webbrowser, "open", lambda url: False)  # a headless machine
+    monkeypatch.setattr(view, "OPEN_TIMEOUT_S", 0.3)
+    monkeypatch.setenv("EVTRACE_VIEW_PORT", "0")
+    with evtrace.record(tmp_path / "t.json", device=False, open=True):
+        with evtrace.region("r"):
+            pass
+    err = capsys.readouterr().err
+    assert "until ui.perfetto.dev fetches it (for up to 0.005 min; Ctrl-C stops)" in err
+    assert "nothing fetched t.json; stopped serving" in err
