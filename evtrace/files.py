@@ -115,6 +115,9 @@ def gzip_stream(chunks: Iterable[bytes | bytearray], level: int = GZIP_LEVEL) ->
             pool.shutdown(cancel_futures=True)
 
 
+CLEAR = "\r\x1b[K"  # back to the start of the terminal's line, and clear it
+
+
 def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path:
     """Write atomically (temp file, then rename), gzip when ``path`` ends in ``.gz``.
 
@@ -124,19 +127,19 @@ def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     start = time.monotonic()
     shown = False
+    tty = sys.stderr.isatty()
+    every = 1.0 if tty else 10.0  # a terminal's line is rewritten in place; a log gets a line now and then
 
     def text() -> Generator[bytes | bytearray, None, None]:
         nonlocal shown
         written = 0
+        due = start + PROGRESS_AFTER_S
         for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
             written += len(chunk)
-            if not shown and time.monotonic() - start > PROGRESS_AFTER_S:
-                print(
-                    f"evtrace: writing {path} ({written / 1e6:.0f} MB of JSON so far) ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                shown = True
+            if time.monotonic() > due:
+                line = f"evtrace: writing {path} ({written / 1e6:.0f} MB of JSON so far) ..."
+                print(f"{CLEAR}{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+                shown, due = True, time.monotonic() + every
             yield chunk
 
     try:
@@ -153,8 +156,9 @@ def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path
         raise
     if shown:
         took = time.monotonic() - start
+        size = path.stat().st_size / 1e6
         print(
-            f"evtrace: writing {path}: done, {path.stat().st_size / 1e6:.1f} MB in {took:.1f} s",
+            f"{CLEAR if tty else ''}evtrace: writing {path}: done, {size:.1f} MB in {took:.1f} s",
             file=sys.stderr,
             flush=True,
         )

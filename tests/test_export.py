@@ -375,6 +375,21 @@ def test_a_long_write_says_so_on_stderr(
     assert capsys.readouterr().err == ""  # a quick write prints nothing
 
 
+def test_a_long_write_updates_its_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import types
+
+    from evtrace import files
+
+    now = iter(range(0, 10_000, 11))  # each read of the clock 11 s later: a slow disk
+    monkeypatch.setattr(files, "time", types.SimpleNamespace(monotonic=lambda: float(next(now))))
+    files.write_bytes((b"x" * 2_000_000 for _ in range(3)), tmp_path / "slow.bin")
+    err = capsys.readouterr().err.splitlines()  # not a terminal: a line every 10 s
+    assert [line.split("(")[1].split(" MB")[0] for line in err[:-1]] == ["2", "4", "6"]
+    assert err[-1].startswith(f"evtrace: writing {tmp_path / 'slow.bin'}: done")
+
+
 VIEWS = [ChromeTrace(), ChromeTrace(compress=False), Summary(), Report(), Timeline()]
 
 
