@@ -20,7 +20,6 @@ Owns the comparison (:func:`compare` → :class:`Diff`) and its two views, :clas
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from ..analysis import aligned, device_busy_ns, fmt_ns
 from ..session import Session
+from .markdown import escape as _md
 
 MIN_SAMPLES = 8  # below this on either side, the normal approximation is too coarse to test
 BUSY = "device busy: the union of the name's device spans (per device and rank, summed)"
@@ -313,14 +313,6 @@ def text(d: Diff, before: str, after: str) -> str:
     head = f"before: {before} ({d.scope[0]})\nafter:  {after} ({d.scope[1]})"
     lines = aligned([COLUMNS, *(_cells(r) for r in d.rows)])
     return "\n".join([head, *lines, *_notes(d)]) + "\n"
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")  # what can act inside a table cell
-
-
-def _md(cell: str) -> str:
-    """A table cell that renders as the text it holds: markdown escaped, one line."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(cell.split()))
 
 
 def markdown(d: Diff, before: str, after: str) -> str:

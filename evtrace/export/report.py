@@ -14,17 +14,14 @@ from typing import ClassVar
 from ..analysis import COLUMNS, fmt_ns, gaps, host_waits, plural, rows
 from ..clock import alignment_warnings, per_gpu, stamp_delay
 from ..session import Session, rank_labels
+from .markdown import code, escape
 
 __all__ = ["Report", "machine", "report"]
 
 
-def _cell(x: object) -> str:
-    return str(x).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(head: list[str], body: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
+    out += ["| " + " | ".join(escape(c) for c in row) + " |" for row in body]
     return out
 
 
@@ -44,7 +41,7 @@ def machine(s: Session) -> str:
     m = s.meta
     held = []
     if m.get("host_id"):
-        held.append(f"host id `{m['host_id']}` (a hash of the host name and boot)")
+        held.append(f"host id {code(m['host_id'])} (a hash of the host name and boot)")
     if m.get("gpus"):
         held.append("the GPU names")
     versions = [
@@ -65,7 +62,7 @@ def machine(s: Session) -> str:
         )
     argv = m.get("argv")
     if argv:
-        held.append(f"the command line as stored (`{_cell(' '.join(str(a) for a in argv))}`)")
+        held.append(f"the command line as stored ({code(' '.join(str(a) for a in argv))})")
     held.append("pids, thread names, and your region names and args")
     return "**This trace holds, about the machine:** " + ", ".join(held) + "; no environment variables."
 
@@ -83,7 +80,7 @@ class Report:
     def render(self, s: Session) -> str:
         name, m = self.trace_name, s.meta
         argv = m.get("argv") or []
-        lines = [f"### evtrace report: `{name}`", ""]
+        lines = [f"### evtrace report: {code(name)}", ""]
         env = [
             ["evtrace", m.get("evtrace", "?")],
             ["python", m.get("python", "?")],
@@ -91,13 +88,13 @@ class Report:
             ["CUDA", m.get("cuda") or "-"],
             ["driver", m.get("driver") or "-"],
             ["GPU", ", ".join(m.get("gpus") or []) or "none (host lanes only)"],
-            ["command", "`" + " ".join(_relative(str(a)) for a in argv) + "`"],
+            ["command", " ".join(_relative(str(a)) for a in argv)],
         ]
         lines += _table(["", ""], env) + [""]
         top = sorted(rows(s), key=lambda t: -t.device_busy)[:8]
         if s.ranks:
             merged = f"{plural(len(s.ranks), 'trace')} ({', '.join(rank_labels(s.ranks))})"
-            lines += [f"**Merged:** {merged}; {m.get('merge.method', '?')}.", ""]
+            lines += [f"**Merged:** {merged}; {escape(m.get('merge.method', '?'))}.", ""]
         counts = f"{plural(len(s), 'region')}, {plural(s.device_spans, 'device span')}"
         lines += [
             f"**Top regions by device time** ({counts}, {fmt_ns(m.get('duration_ns', 0))} recorded)",
@@ -118,7 +115,7 @@ class Report:
             )
             if idle:
                 said = (
-                    f"{fmt_ns(g.end - g.start)} at {fmt_ns(g.start)} (host in `{_cell(g.host_doing)}`)"
+                    f"{fmt_ns(g.end - g.start)} at {fmt_ns(g.start)} (host in {code(g.host_doing)})"
                     for g in idle
                 )
                 lines.append("Longest idle gaps: " + "; ".join(said) + ".")
@@ -132,7 +129,7 @@ class Report:
             lines.append(
                 "**Alignment:** "
                 + "; ".join(
-                    f"GPU {d}: {g.anchors:.0f} anchors ({g.anchors_late:.0f} stamped late), "
+                    f"GPU {escape(d)}: {g.anchors:.0f} anchors ({g.anchors_late:.0f} stamped late), "
                     f"drift {g.drift_ppm:.3f} ppm, "
                     f"bound {g.bound_us_p99:.2f} µs (max {g.bound_us_max:.2f}), "
                     f"{stamp_delay(g)}"
@@ -141,7 +138,7 @@ class Report:
                 + ". The bound is how much earlier the stamps of each second would let the device lane sit;"
                 " the stamping delay, how much later than the least-delayed stamps the GPU stamped anchors."
             )
-        lines += [f"> **Warning:** {w}." for w in alignment_warnings(m)]
+        lines += [f"> **Warning:** {escape(w)}." for w in alignment_warnings(m)]
         keys = (
             "dropped_device_spans",
             "split_device_spans",
@@ -152,15 +149,15 @@ class Report:
         lost = {k: m.get(k, 0) for k in keys}
         lines.append(
             "**Drops:** "
-            + (", ".join(f"{v} {k.replace('_', ' ')}" for k, v in lost.items() if v) or "none")
+            + (", ".join(f"{escape(v)} {k.replace('_', ' ')}" for k, v in lost.items() if v) or "none")
             + "."
         )
         lines.append(machine(s))
         size = f", {self.trace_size / 1024:.0f} KiB" if self.trace_size is not None else ""
         lines += [
             "",
-            f"The attached trace (`{name}`{size}) opens offline in https://ui.perfetto.dev (drag it in), "
-            f"or with `evtrace view {name}`.",
+            f"The attached trace ({code(name)}{size}) opens offline in https://ui.perfetto.dev (drag it in), "
+            f"or with {code(f'evtrace view {name}')}.",
         ]
         return "\n".join(lines) + "\n"
 
