@@ -12,12 +12,23 @@ START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evt
 from .api import record
 from .files import TraceError
 from .instrumentation import instrument
+from .metadata import DeviceAlignment
 from .regions import region
 from .session import Session
 
 load = Session.load
 
-__all__ = ["Session", "TraceError", "__version__", "instrument", "load", "record", "region"]
+# the API README.md documents, and no more: tests/test_public_api.py pins it
+__all__ = [
+    "DeviceAlignment",
+    "Session",
+    "TraceError",
+    "__version__",
+    "instrument",
+    "load",
+    "record",
+    "region",
+]
 
 
 def load_ipython_extension(ip: object) -> None:
