@@ -15,6 +15,7 @@ from evtrace import recorder
 
 def test_public_names_are_pinned() -> None:
     assert evtrace.__all__ == [
+        "DeviceAlignment",
         "Session",
         "TraceError",
         "__version__",
