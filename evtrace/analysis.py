@@ -268,19 +268,15 @@ def drops(meta: dict[str, Any]) -> str | None:
     """One line saying what the recording dropped or lost, or None when nothing was."""
     said = []
     if int(meta.get("dropped_regions") or 0):
-        said.append(f"{plural(int(meta['dropped_regions']), 'oldest region')} dropped (max_regions)")
+        said.append(f"dropped {plural(int(meta['dropped_regions']), 'oldest region')} (max_regions)")
     lost = {str(k): int(v) for k, v in (meta.get("lost_device_spans") or {}).items() if int(v)}
     n = sum(lost.values()) or int(meta.get("dropped_device_spans") or 0) + int(
         meta.get("split_device_spans") or 0
     )
     if n:
-        why = (
-            " (" + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(lost.items())) + ")"
-            if lost
-            else ""
-        )
-        said.append(f"{plural(n, 'device span')} lost{why}")
-    return "dropped: " + "; ".join(said) if said else None
+        why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(lost.items()))
+        said.append(f"lost {plural(n, 'device span')}" + (f" ({why})" if why else ""))
+    return "; ".join(said) + ": not in this table" if said else None
 
 
 def summary_text(
