@@ -7,7 +7,8 @@ own trace writer (its counters) and the views above it use one implementation. n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -220,21 +221,93 @@ def gaps(s: Regions, top: int = 3) -> tuple[float, list[Gap]]:
     return busy / span if span > 0 else float("nan"), out
 
 
-def summary_text(s: Regions, skip: int = 0) -> str:
+#: ``--sort`` keys: what each orders the rows by, largest first (name: alphabetical)
+SORT_KEYS: dict[str, Callable[[Row], tuple[Any, ...]]] = {
+    "busy": lambda t: (-t.device_busy, t.name),
+    "count": lambda t: (-t.n, t.name),
+    "host": lambda t: (-_or0(t.host_p50), t.name),
+    "device": lambda t: (-_or0(t.device_p50), t.name),
+    "total": lambda t: (-t.n * _or0(t.host_p50), t.name),
+    "name": lambda t: (t.name,),
+}
+
+#: the longest name a text table shows whole (a module path or an f-string name can run to
+#: hundreds of characters, which would push every number off an 80- or 120-column terminal)
+NAME_WIDTH = 60
+
+
+def _or0(x: float) -> float:
+    return x if x == x else 0.0
+
+
+def selected(
+    s: Regions, skip: int = 0, top: int | None = None, sort: str | None = None, match: str | None = None
+) -> tuple[list[Row], int]:
+    """The rows a summary shows: names matching the regular expression ``match`` (searched),
+    ordered by ``SORT_KEYS[sort]`` (default: ``rows``' order), the first ``top``; and how many
+    matched in all."""
+    out = rows(s, skip)
+    if match is not None:
+        rx = re.compile(match)
+        out = [r for r in out if rx.search(r.name)]
+    if sort is not None:
+        out.sort(key=SORT_KEYS[sort])
+    return out[:top] if top is not None else out, len(out)
+
+
+def shown(name: str, width: int = NAME_WIDTH) -> str:
+    """A name as one line of a terminal table: control and other unprintable characters escaped
+    (a newline or an escape sequence in a name would break the table or the terminal), cut to
+    ``width`` characters with "…"."""
+    if not name.isprintable():
+        name = "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def drops(meta: dict[str, Any]) -> str | None:
+    """One line saying what the recording dropped or lost, or None when nothing was."""
+    said = []
+    if int(meta.get("dropped_regions") or 0):
+        said.append(f"dropped {plural(int(meta['dropped_regions']), 'oldest region')} (max_regions)")
+    lost = {str(k): int(v) for k, v in (meta.get("lost_device_spans") or {}).items() if int(v)}
+    n = sum(lost.values()) or int(meta.get("dropped_device_spans") or 0) + int(
+        meta.get("split_device_spans") or 0
+    )
+    if n:
+        why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(lost.items()))
+        said.append(f"lost {plural(n, 'device span')}" + (f" ({why})" if why else ""))
+    return "; ".join(said) + ": not in this table" if said else None
+
+
+def summary_text(
+    s: Regions, skip: int = 0, top: int | None = None, sort: str | None = None, match: str | None = None
+) -> str:
     """The summary table: a head line (regions, device spans, time recorded), one row per name,
-    and the host's waits on the device. ``skip`` drops the first N of each name (warm-up)."""
-    table = [list(COLUMNS), *(cells(row) for row in rows(s, skip))]
-    lines = aligned(table)
+    the host's waits on the device, and what was dropped. ``skip`` drops the first N of each name
+    (warm-up); ``top``, ``sort`` and ``match`` as ``selected``. A trace without device spans
+    shows no device columns."""
     r = s.regions
-    head = f"{plural(len(r), 'region')}, {plural(int((r['device'] >= 0).sum()), 'device span')}"
+    n_dev = int((r["device"] >= 0).sum())
+    width = len(COLUMNS) if n_dev else 4  # region, count, host p50, host p95
+    chosen, matched = selected(s, skip, top, sort, match)
+    table = [list(COLUMNS[:width]), *([shown(c[0]), *c[1:width]] for c in map(cells, chosen))]
+    lines = aligned(table)
+    head = f"{plural(len(r), 'region')}, {plural(n_dev, 'device span')}"
     dur = s.meta.get("duration_ns")
     if isinstance(dur, (int, float)):
         head += f", {fmt_ns(dur)} recorded"
     if skip:
         head += f"; first {skip} of each name skipped"
+    if match is not None:
+        head += f"; names matching {shown(match)}"
     if len(table) == 1:
-        lines.append("(no regions)")
+        lines.append("(no regions)" if match is None else "(no region name matches)")
+    if matched > len(chosen):
+        lines.append(f"({matched - len(chosen)} more not shown)")
     n_waits, waited = host_waits(s)
     if n_waits:
         lines.append(f"host waits on the device: {n_waits}, {fmt_ns(waited)} in all")
+    dropped = drops(s.meta)
+    if dropped:
+        lines.append(dropped)
     return head + "\n" + "\n".join(lines)

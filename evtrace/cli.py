@@ -2,7 +2,7 @@
 
     evtrace [run] [-o PATH] script.py [args...]
     evtrace [run] [-o PATH] -m module [args...]
-    evtrace summary TRACE... [--skip N]
+    evtrace summary TRACE... [--skip N] [--top N] [--sort KEY] [--filter REGEX] [--format FMT]
     evtrace report | render | merge | view | diff ...
 
 Owns argument parsing, reading and writing the files (the library's views take and return
@@ -37,7 +37,7 @@ from .export.kineto import is_kineto
 from .export.merge import merge
 from .export.render import NothingToDraw, Timeline
 from .export.report import Report
-from .export.summary import Summary, ranks
+from .export.summary import FORMATS, SORT_KEYS, Summary, ranks
 from .files import TraceError, read_json, write_bytes
 from .finish import Terminated, die_by, signum_of, take_ending
 from .session import Session, rank_labels
@@ -57,7 +57,17 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     p = _Parser(prog="evtrace", description="Host and device timelines on one clock, for ui.perfetto.dev.")
     p.add_argument("--version", action="version", version=f"evtrace {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    run = sub.add_parser("run", help="run a script or module under evtrace (the default command)")
+
+    def command(name: str, example: str, **kw: Any) -> argparse.ArgumentParser:
+        """A subcommand, its help ending with an example (kept as written, not reflowed)."""
+        epilog = ("examples:" if "\n" in example else "example:") + "\n  " + example
+        return sub.add_parser(name, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    run = command(
+        "run",
+        "evtrace run -o train.json.gz train.py --epochs 1   (or: evtrace train.py ...)",
+        help="run a script or module under evtrace (the default command)",
+    )
     run.add_argument(
         "-o", "--output", type=Path, help="trace path (.json.gz or .json); default evtrace-<time>.json.gz"
     )
@@ -107,18 +117,47 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="script.py [args...] (or the module's args with -m): every argument after the script "
         "or module is its own",
     )
-    summ = sub.add_parser(
-        "summary", help="print a table per region name; with several traces, ranks side by side"
+    summ = command(
+        "summary",
+        "evtrace summary train.json.gz --skip 2 --sort host --top 10\n"
+        "  evtrace summary train.json.gz --filter '^step' --format csv > steps.csv",
+        help="print a table per region name; with several traces, ranks side by side",
     )
-    summ.add_argument("trace", type=Path, nargs="+")
+    summ.add_argument("trace", type=Path, nargs="+", help="evtrace traces (.json.gz or .json)")
     summ.add_argument(
         "--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)"
     )
-    rep = sub.add_parser("report", help="one screen of GitHub markdown for a bug report")
-    rep.add_argument("trace", type=Path)
+    summ.add_argument("--top", type=int, metavar="N", help="show only the first N rows")
+    summ.add_argument(
+        "--sort",
+        metavar="KEY",
+        help="order rows by KEY, largest first: busy (device busy time, the default, then host "
+        "total), count, host (host p50), device (device p50), total (count x host p50), "
+        "or name (alphabetical)",
+    )
+    summ.add_argument(
+        "--filter", metavar="REGEX", help="only region names that REGEX matches (searched, e.g. '^step|loss')"
+    )
+    summ.add_argument(
+        "--format",
+        default="text",
+        metavar="FMT",
+        help="text (the table, default), or for scripts csv (a header, one row per name) or json "
+        "(a list of objects); both in ns, the device columns empty (null) where not measured",
+    )
+    rep = command(
+        "report",
+        "evtrace report train.json.gz -o report.md",
+        help="one screen of GitHub markdown for a bug report",
+    )
+    rep.add_argument("trace", type=Path, help="the evtrace trace to describe")
     rep.add_argument("-o", "--output", type=Path, help="write here (.md) instead of standard output")
-    ren = sub.add_parser("render", help="a static SVG timeline (GitHub shows it inline)")
-    ren.add_argument("trace", type=Path)
+    ren = command(
+        "render",
+        "evtrace render train.json.gz -o step.svg --window 200ms:260ms --lanes 'GPU|MainThread'",
+        help="a static SVG timeline (GitHub shows it inline)",
+    )
+    ren.add_argument("trace", type=Path, help="the evtrace trace to draw")
     ren.add_argument("-o", "--output", type=Path, required=True, help="the SVG file to write (.svg)")
     ren.add_argument(
         "--window",
@@ -126,15 +165,22 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="times since the start, e.g. 1.5:2.5 (ms) or 200us:3ms; default: one representative step",
     )
     ren.add_argument("--lanes", metavar="REGEX", help="only lanes whose name matches, e.g. 'GPU|MainThread'")
-    merge = sub.add_parser(
+    merge = command(
         "merge",
+        "evtrace merge rank0.json.gz rank1.json.gz -o all.json.gz",
         help="merge per-rank or per-process traces onto one clock; "
         "torch.profiler traces among them go under evtrace's lanes, on its clock",
     )
-    merge.add_argument("traces", type=Path, nargs="+")
+    merge.add_argument(
+        "traces", type=Path, nargs="+", help="evtrace traces, and torch.profiler traces to place among them"
+    )
     merge.add_argument("-o", "--output", type=Path, required=True, help="merged trace (.json.gz or .json)")
-    view = sub.add_parser("view", help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)")
-    view.add_argument("trace", type=Path)
+    view = command(
+        "view",
+        "evtrace view train.json.gz   (over ssh: ssh -L 9001:127.0.0.1:9001 HOST first)",
+        help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)",
+    )
+    view.add_argument("trace", type=Path, help="the trace to open (.json.gz or .json)")
     view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
     view.add_argument(
         "--port",
@@ -142,11 +188,13 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="the UI only fetches from port 9001 (the default, or $EVTRACE_VIEW_PORT); "
         "another port, 0 for any free one, is for your own tools",
     )
-    dif = sub.add_parser(
-        "diff", help="what got slower between two traces, per region name, with a significance test"
+    dif = command(
+        "diff",
+        "evtrace diff main.json.gz branch.json.gz --skip 2 --fail-above 5",
+        help="what got slower between two traces, per region name, with a significance test",
     )
-    dif.add_argument("before", type=Path)
-    dif.add_argument("after", type=Path)
+    dif.add_argument("before", type=Path, help="the baseline trace")
+    dif.add_argument("after", type=Path, help="the trace to compare with it")
     dif.add_argument(
         "--markdown", action="store_true", help="a GitHub-flavoured markdown table, for a pull request"
     )
@@ -235,8 +283,21 @@ def _split_target(run: argparse.ArgumentParser, args: list[str]) -> tuple[list[s
 def _summary(ns: argparse.Namespace) -> int:
     if ns.skip < 0:
         raise UsageError("--skip must be 0 or more")
-    view = Summary(skip=ns.skip)
+    if ns.top is not None and ns.top < 1:
+        raise UsageError("--top must be 1 or more")
+    if ns.sort is not None and ns.sort not in SORT_KEYS:
+        raise UsageError(f"--sort {ns.sort!r} is not one of: {', '.join(SORT_KEYS)}")
+    if ns.format not in FORMATS:
+        raise UsageError(f"--format {ns.format!r} is not one of: {', '.join(FORMATS)}")
+    try:
+        re.compile(ns.filter or "")
+    except re.error as e:
+        raise UsageError(f"--filter {ns.filter!r} is not a regular expression: {e}") from None
+    view = Summary(skip=ns.skip, top=ns.top, sort=ns.sort, match=ns.filter, format=ns.format)
     sessions = [_load(p) for p in ns.trace]
+    if ns.format != "text":  # the rows only, of every trace, for a script
+        sys.stdout.write(view.dump([(str(p), s) for p, s in zip(ns.trace, sessions)]))
+        return 0
     for p, session in zip(ns.trace, sessions):
         print(f"== {p}" if len(sessions) > 1 else "", end="\n" if len(sessions) > 1 else "")
         print(view.render(session))

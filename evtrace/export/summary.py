@@ -2,32 +2,103 @@
 
 The table itself (rows, units by magnitude, host waits) is ``analysis.summary_text``, which
 ``Session.summary`` also returns; this module gives it the views' shape and adds the
-side-by-side table of several ranks or traces.
+side-by-side table of several ranks or traces. ``--format csv`` and ``json`` give the same
+rows to scripts: durations as integers of ns, every column always present (empty or null where
+nothing was measured, e.g. the device columns of a host-only trace), names as recorded.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import csv
+import io
+import json
+from typing import Any, ClassVar
 
 import numpy as np
 
-from ..analysis import COLUMNS, aligned, busy_ns, fmt_ns, plural, rows, summary_text
+from ..analysis import COLUMNS, SORT_KEYS, Row, aligned, busy_ns, fmt_ns, plural, rows, selected, summary_text
 from ..session import Session
 
-__all__ = ["COLUMNS", "Summary", "fmt_ns", "plural", "ranks", "rows", "summary"]
+__all__ = [
+    "COLUMNS",
+    "FIELDS",
+    "FORMATS",
+    "SORT_KEYS",
+    "Summary",
+    "fmt_ns",
+    "plural",
+    "ranks",
+    "rows",
+    "summary",
+]
+
+FORMATS = ("text", "csv", "json")
+
+#: the columns of ``--format csv`` and the keys of ``--format json``: durations in ns
+FIELDS = (
+    "trace",
+    "region",
+    "count",
+    "host_p50_ns",
+    "host_p95_ns",
+    "device_p50_ns",
+    "device_p95_ns",
+    "launch_to_start_p50_ns",
+    "device_busy_ns",
+)
+
+
+def _record(trace: str, r: Row) -> dict[str, Any]:
+    def ns(x: float) -> int | None:  # a percentile between two stamps: the half ns is noise
+        return round(x) if x == x else None
+
+    durations = (r.host_p50, r.host_p95, r.device_p50, r.device_p95, r.launch_p50)
+    busy = r.device_busy if r.has_device else None
+    return dict(zip(FIELDS, (trace, r.name, r.n, *map(ns, durations), busy)))
 
 
 class Summary:
-    """One row per region name; ``skip`` drops the first N of each name (warm-up)."""
+    """One row per region name; ``skip`` drops the first N of each name (warm-up), ``match``
+    keeps names that a regular expression finds in, ``sort`` orders by ``SORT_KEYS``, ``top``
+    keeps the first N. ``format``: "text" (the table), "csv" or "json" (``FIELDS``)."""
 
     suffix: ClassVar[str] = ".txt"
     binary: ClassVar[bool] = False
 
-    def __init__(self, skip: int = 0) -> None:
-        self.skip = skip
+    def __init__(
+        self,
+        skip: int = 0,
+        top: int | None = None,
+        sort: str | None = None,
+        match: str | None = None,
+        format: str = "text",
+    ) -> None:
+        if format not in FORMATS:
+            raise ValueError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+        if sort is not None and sort not in SORT_KEYS:
+            raise ValueError(f"sort key {sort!r} is not one of {', '.join(SORT_KEYS)}")
+        self.skip, self.top, self.sort, self.match, self.format = skip, top, sort, match, format
 
     def render(self, s: Session) -> str:
-        return summary_text(s, self.skip)
+        if self.format == "text":
+            return summary_text(s, self.skip, self.top, self.sort, self.match)
+        return self.dump([("", s)])
+
+    def records(self, s: Session, trace: str = "") -> list[dict[str, Any]]:
+        """The rows as ``FIELDS``' dicts; ``trace`` names the trace they come from."""
+        chosen, _ = selected(s, self.skip, self.top, self.sort, self.match)
+        return [_record(trace, r) for r in chosen]
+
+    def dump(self, traces: list[tuple[str, Session]]) -> str:
+        """The rows of several traces, one after another, as csv or json."""
+        recs = [rec for name, s in traces for rec in self.records(s, name)]
+        if self.format == "json":
+            return json.dumps(recs, ensure_ascii=False, indent=1) + "\n"
+        out = io.StringIO()
+        w = csv.DictWriter(out, FIELDS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(recs)
+        return out.getvalue()
 
 
 def summary(s: Session, skip: int = 0) -> str:
