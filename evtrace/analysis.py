@@ -264,15 +264,18 @@ def shown(name: str, width: int = NAME_WIDTH) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
+def lost_device_spans(meta: dict[str, Any]) -> int:
+    """Regions that kept only their host span (split over two GPUs included), from the metadata."""
+    return int(meta.get("dropped_device_spans") or 0) + int(meta.get("split_device_spans") or 0)
+
+
 def drops(meta: dict[str, Any]) -> str | None:
     """One line saying what the recording dropped or lost, or None when nothing was."""
     said = []
     if int(meta.get("dropped_regions") or 0):
         said.append(f"dropped {plural(int(meta['dropped_regions']), 'oldest region')} (max_regions)")
     lost = {str(k): int(v) for k, v in (meta.get("lost_device_spans") or {}).items() if int(v)}
-    n = sum(lost.values()) or int(meta.get("dropped_device_spans") or 0) + int(
-        meta.get("split_device_spans") or 0
-    )
+    n = sum(lost.values()) or lost_device_spans(meta)
     if n:
         why = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(lost.items()))
         said.append(f"lost {plural(n, 'device span')}" + (f" ({why})" if why else ""))

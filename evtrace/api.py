@@ -20,7 +20,7 @@ import numpy as np
 
 from . import defaults
 from . import recorder as _rec
-from .analysis import plural
+from .analysis import lost_device_spans, plural
 from .clock import Clock, alignment_warnings
 from .device import Backend, cuda_backend
 from .finish import Finishing, Terminated, die_by, settle, signum_of, take_ending
@@ -534,7 +534,7 @@ def _within(s: Session, start: int, end: int) -> Session:
 def describe(s: Session, path: Path) -> str:
     """The one line printed after a session: where, how much, how to open it."""
     extra = ""
-    lost = int(s.meta.get("dropped_device_spans", 0)) + int(s.meta.get("split_device_spans", 0))
+    lost = lost_device_spans(s.meta)
     if lost:
         extra += f", {lost} device spans lost"
     for key, what in (
