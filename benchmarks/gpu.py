@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,17 +67,29 @@ def instrumented(model: nn.Module, adjacent: bool = True) -> Instrumentation:
     return Instrumentation(select(model), adjacent=adjacent)
 
 
+#: this tree journals (evtrace.journal); the trees before it did not
+JOURNAL = hasattr(recorder.Recorder, "start_journal")
+
+
 @contextlib.contextmanager
-def live(share: bool = True, raw_events: bool = True, **kw: Any) -> Iterator[recorder.Recorder]:
+def live(
+    share: bool = True, raw_events: bool = True, journal: bool = False, **kw: Any
+) -> Iterator[recorder.Recorder]:
     """A device session as ``record()`` runs one (resolver thread, default pool and anchors),
     without writing a file. ``share=False``: a share window of 0, every boundary its own event;
-    ``kw``: other Recorder options (``background=False``: no resolver until stop)."""
+    ``journal``: with its journal on disk, as ``record()`` keeps one; ``kw``: other Recorder options
+    (``background=False``: no resolver until stop)."""
     rec = recorder.Recorder(CudaBackend(raw=raw_events), share_ns=None if share else 0, **kw)
     rec.start()
+    trace = Path(TMP) / "bench.json.gz"
+    if journal:
+        rec.start_journal(trace)
     try:
         yield rec
     finally:
         s = rec.stop()
+        if journal:
+            rec.close_journal(trace)
     assert s.meta["dropped_device_spans"] == 0
 
 
@@ -283,6 +296,8 @@ def p2(fwd: int = 50, trials: int = 9, headline: bool = False) -> dict[str, Any]
 
     if headline:
         variants = {"untraced": timed, "evtrace, every module": evtrace_all(True), "torch.profiler": profiler}
+        if JOURNAL:
+            variants["evtrace, every module, journal"] = evtrace_all(True, journal=True)
         return against_untraced("P2_headline", alternate(variants, trials), "untraced forward µs", 1000)
     res = alternate(
         {

@@ -14,12 +14,16 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import alternate, emit, machine, stat  # noqa: E402
 
 import evtrace  # noqa: E402
 from evtrace import recorder  # noqa: E402
+
+#: this tree journals (evtrace.journal); the trees before it did not
+JOURNAL = hasattr(recorder.Recorder, "start_journal")
 
 
 def p1b(n: int = 200_000, trials: int = 9) -> None:
@@ -90,24 +94,26 @@ def p1b(n: int = 200_000, trials: int = 9) -> None:
     off = alternate(variants, trials)
     emit("P1b_no_session_ns", {k: stat(v) for k, v in off.items()})
 
-    def in_session(fn):  # type: ignore[no-untyped-def]
+    def in_session(fn, **opts):  # type: ignore[no-untyped-def]
         def run() -> float:
-            with evtrace.record(os.path.join(tempfile.gettempdir(), "p1b.json"), device=False, quiet=True):
+            path = os.path.join(tempfile.gettempdir(), "p1b.json")
+            with evtrace.record(path, device=False, quiet=True, **opts):
                 return fn()
 
         return run
 
-    on = alternate(
-        {
-            "bare": loop_bare,
-            "with region (one object reused)": in_session(loop_region),
-            "with region(...) per iteration": in_session(loop_region_new),
-            "with region(..., step=i)": in_session(loop_region_arg),
-            "@region call": in_session(loop_fn_region),
-            "call": loop_fn_bare,
-        },
-        trials,
-    )
+    variants = {
+        "bare": loop_bare,
+        "with region (one object reused)": in_session(loop_region),
+        "with region(...) per iteration": in_session(loop_region_new),
+        "with region(..., step=i)": in_session(loop_region_arg),
+        "@region call": in_session(loop_fn_region),
+        "call": loop_fn_bare,
+    }
+    if JOURNAL:  # the same, with no journal beside the trace
+        variants["with region(...) per iteration, no journal"] = in_session(loop_region_new, journal=False)
+        variants["with region(..., step=i), no journal"] = in_session(loop_region_arg, journal=False)
+    on = alternate(variants, trials)
     emit("P1b_host_session_ns", {k: stat(v) for k, v in on.items()})
 
 
@@ -157,6 +163,8 @@ def p5(n: int) -> None:
             tracemalloc.start()
         rec = recorder.Recorder(None, poll_s=0.01)
         rec.start()
+        if JOURNAL and not trace_memory:  # as record() does: the journal beside the trace
+            rec.start_journal(Path(path))
         t0 = time.perf_counter()
         for _ in range(n):
             with evtrace.region("step"):
@@ -175,6 +183,9 @@ def p5(n: int) -> None:
     t_stop = time.perf_counter() - t0
     t0 = time.perf_counter()
     s.save(path)
+    journal_bytes = sum(f.stat().st_size for f in rec.journal.iterdir()) if JOURNAL and rec.journal else 0
+    if JOURNAL:
+        rec.close_journal(Path(path))  # as record() does once the trace is written: it goes
     t_save = time.perf_counter() - t0
     size = os.path.getsize(path)
     del s, rec
@@ -191,6 +202,7 @@ def p5(n: int) -> None:
             "bytes_per_region_recording": mem,
             "gz_bytes": size,
             "gz_bytes_per_region": size / n,
+            "journal_bytes_per_region": journal_bytes / n,
         },
     )
 

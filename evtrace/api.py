@@ -24,6 +24,8 @@ from .analysis import lost_device_spans, plural
 from .clock import Clock, alignment_warnings
 from .device import Backend, cuda_backend
 from .finish import Finishing, Terminated, die_by, settle, signum_of, take_ending
+from .journal import recover_hint
+from .journal import remove as remove_journal
 from .meta import redacted_argv
 from .session import COUNTS, Session
 
@@ -140,8 +142,10 @@ class record:
     regexes, backward, optimizer, data waits and host waits; see ``evtrace.autohooks.Hooks``),
     ``nvtx`` (also emit NVTX ranges), ``report`` (also write ``<name>.md`` and ``<name>.svg``
     beside the trace), ``profiler`` (a ``torch.profiler.profile`` of the same run: its trace is
-    exported and merged into ours, on our clock, once both have stopped; see ``export.kineto``), and,
-    for tests and other devices, ``backend`` and ``clock``.
+    exported and merged into ours, on our clock, once both have stopped; see ``export.kineto``),
+    ``journal`` (keep the recording on disk as it runs, in ``<path>.journal``, removed once the
+    trace is written: a killed or crashed run leaves it for ``evtrace recover``; see
+    ``evtrace.journal``), and, for tests and other devices, ``backend`` and ``clock``.
 
     SIGTERM while recording (main thread, default handler) writes the trace first, then ends
     the process as SIGTERM would. Ctrl-C raises KeyboardInterrupt as usual, through ``__exit__``.
@@ -168,6 +172,7 @@ class record:
         nvtx: bool = False,
         report: bool = False,
         profiler: Any = None,
+        journal: bool = True,
         backend: Backend | None = None,
         clock: Clock = time.perf_counter_ns,
     ) -> None:
@@ -186,6 +191,7 @@ class record:
             exclude=exclude,
             nvtx=nvtx,
             report=report,
+            journal=journal,
             backend=backend,
             clock=clock,
         )
@@ -236,6 +242,10 @@ class record:
                 self._hooks = None
             if self._recorder is not None:
                 self._recorder.stop()
+                folder = self._recorder.journal
+                self._recorder.close_journal(None)
+                if folder is not None:  # nothing of the user's ran yet: nothing to recover
+                    remove_journal(folder)
                 self._recorder = None
             for s, h in self._old_ending.items():
                 signal.signal(s, h)
@@ -291,6 +301,16 @@ class record:
         )
         self._recorder.start()
         self._recorder.argv = redacted_argv(self._recorder.argv, only_name=self.redact_argv)
+        try:  # on disk as it runs: a kill, os._exit or a crash leaves `evtrace recover` something
+            if o["journal"]:
+                self._recorder.start_journal(self._target)
+        except OSError as e:
+            if not self.quiet:
+                print(
+                    f"evtrace: no journal beside {self.path} ({e.strerror or e}): "
+                    "a crash would lose this recording",
+                    file=sys.stderr,
+                )
         if o["hooks"]:
             from .autohooks import Hooks
 
@@ -342,9 +362,12 @@ class record:
             origin = self._recorder.origin_ns
             if _active is self:
                 _active = None
-            self.session = self._recorder.stop()
+            rec = self._recorder
+            fin.journal = rec.journal
+            self.session = rec.stop()
             self._recorder = None
             fin.written = self._write(self.session)
+            self._close_journal(rec, fin.written)
             if fin.written:
                 ending = exc_type is Terminated
                 if self._profiler is not None and not ending:
@@ -370,6 +393,17 @@ class record:
                     f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}",
                     file=sys.stderr,
                 )
+
+    def _close_journal(self, rec: _rec.Recorder, written: bool) -> None:
+        """The trace is written: its journal goes. Not written anywhere: the journal stays, named."""
+        folder = rec.journal
+        err = rec.close_journal(self.path.absolute() if written and self.path else None)
+        if folder is None:
+            return
+        if err is not None and not self.quiet:
+            print(f"evtrace: the journal {folder} stopped early: {err}", file=sys.stderr)
+        if not written:
+            print(f"evtrace: the recording is kept in {folder}: {recover_hint(folder)}", file=sys.stderr)
 
     def _write_views(self, origin: int, views: list[record]) -> None:
         """The files of record()s entered inside this session (``origin``: its clock's origin)."""
@@ -489,6 +523,7 @@ _OUTER_ONLY = (
     "include",
     "exclude",
     "nvtx",
+    "journal",
     "backend",
     "clock",
 )

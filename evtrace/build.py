@@ -6,24 +6,52 @@ region marks (``evtrace.clock``), clamps what the constraints forbid, and gather
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from . import clock as _clock
-from .meta import environment
+from .device import DeviceInfo
 from .metadata import DeviceAlignment
-from .recorder import name_of
-from .session import REGION_DTYPE, Session, Stream
-
-if TYPE_CHECKING:
-    from .recorder import Recorder
+from .session import REGION_DTYPE, Session, Stream, Thread
 
 
-def session(rec: Recorder, end_ns: int) -> Session:
-    """The Session of a stopped recorder: its rows in the order they began, device times aligned
-    to the host clock (``evtrace.clock``), and what the recording counted."""
+class Devices(Protocol):
+    @property
+    def devices(self) -> Sequence[DeviceInfo]: ...
+
+    def stream_label(self, device: int, stream: int) -> str: ...
+
+
+class Stopped(Protocol):
+    """What building a Session reads of a stopped recording: a ``Recorder``, or a journal read
+    back (``evtrace.journal``)."""
+
+    origin_ns: int
+    wall_origin_ns: int
+    argv: list[str]
+    pid: int
+    unfinished: int
+    dropped_regions: int
+
+    @property
+    def backend(self) -> Devices | None: ...
+    @property
+    def share_ns(self) -> int: ...
+    def counts(self) -> dict[str, Any]: ...
+    def finished(self) -> tuple[np.ndarray, dict[int, dict[str, Any]]]: ...
+    def anchors(self, device: int) -> list[tuple[int, int, float]]: ...
+    def streams(self) -> list[tuple[int, int]]: ...
+    def threads(self) -> list[Thread]: ...
+    def name_of(self, key: int) -> str: ...
+    def environment(self, devices: list[DeviceInfo]) -> dict[str, Any]: ...
+
+
+def session(rec: Stopped, end_ns: int) -> Session:
+    """The Session of a stopped recorder (or of a journal read back, ``evtrace.journal``): its rows
+    in the order they began, device times aligned to the host clock (``evtrace.clock``), and what
+    the recording counted."""
     counts = rec.counts()
     live, args = rec.finished()
     hs = live["host_start"]
@@ -92,8 +120,9 @@ def session(rec: Recorder, end_ns: int) -> Session:
             worst_stretches=poor[2],
         )
     nodev = regions["device"] < 0
-    streams = [Stream(d, rec.backend.stream_label(d, s)) for (d, s) in rec.streams()]  # type: ignore[union-attr]
-    meta: dict[str, Any] = environment(devices)
+    b = rec.backend
+    streams = [Stream(d, b.stream_label(d, s) if b else f"stream {s:#x}") for (d, s) in rec.streams()]
+    meta: dict[str, Any] = rec.environment(devices)
     meta.update(
         argv=rec.argv,
         regions=int(len(regions)),
@@ -112,7 +141,7 @@ def session(rec: Recorder, end_ns: int) -> Session:
     )
     if counts["resolver_errors"]:
         meta["resolver_errors"] = counts["resolver_errors"]
-    names = [name_of(k) for k in keys.tolist()]
+    names = [rec.name_of(k) for k in keys.tolist()]
     return Session(
         regions=regions,
         names=names,
@@ -121,7 +150,7 @@ def session(rec: Recorder, end_ns: int) -> Session:
         streams=streams,
         args=args,
         meta=meta,
-        pid=os.getpid(),
+        pid=rec.pid,
         wall_origin_ns=rec.wall_origin_ns,
     )
 

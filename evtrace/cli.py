@@ -107,6 +107,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "--nvtx", action="store_true", help="also emit every region as an NVTX range, for Nsight Systems"
     )
     run.add_argument(
+        "--no-journal",
+        action="store_true",
+        help="keep the recording in memory only, with no journal beside the trace for `evtrace recover` "
+        "(a kill or crash then loses it)",
+    )
+    run.add_argument(
         "--report",
         action="store_true",
         help="also write a markdown report and an SVG timeline beside the trace",
@@ -175,6 +181,17 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "traces", type=Path, nargs="+", help="evtrace traces, and torch.profiler traces to place among them"
     )
     merge.add_argument("-o", "--output", type=Path, required=True, help="merged trace (.json.gz or .json)")
+    rec = command(
+        "recover",
+        "evtrace recover train.json.gz.journal   (or: evtrace recover train.json.gz -o snapshot.json.gz)",
+        help="rebuild the trace of a run that was killed, crashed or hangs, from its journal",
+    )
+    rec.add_argument(
+        "journal", type=Path, help="the journal folder beside the trace (TRACE.journal), or the trace's path"
+    )
+    rec.add_argument(
+        "-o", "--output", type=Path, help="trace path (default: where the session would have written it)"
+    )
     view = command(
         "view",
         "evtrace view train.json.gz   (over ssh: ssh -L 9001:127.0.0.1:9001 HOST first)",
@@ -460,6 +477,56 @@ def _merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(ns: argparse.Namespace) -> int:
+    from . import journal
+
+    path = ns.journal
+    beside = path.with_name(path.name + journal.SUFFIX)
+    if not path.is_dir() and path.name != "catalog" and beside.is_dir():  # the trace's path
+        path = beside
+    try:
+        j = journal.read(path)
+    except TraceError as e:
+        raise UsageError(str(e)) from None
+    if j.finished is not None:
+        print(
+            f"evtrace: {j.path} is the journal of a session that finished normally: "
+            f"its trace is {j.finished.get('trace')}",
+            file=sys.stderr,
+        )
+        return 1
+    out = ns.output
+    if out is None:  # where the session would have written it, named from here where it can be
+        out = Path(str(j.header.get("path")))
+        if out.is_relative_to(Path.cwd()):
+            out = out.relative_to(Path.cwd())
+    _writable(out)
+    s = journal.recover_session(j)
+    try:
+        s.save(out)
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    unresolved = s.meta["recovered"]["unresolved_device_spans"]
+    waiting = f", {unresolved} waiting for the device" if unresolved else ""
+    print(
+        f"evtrace: recovered {plural(len(s), 'region')} ({s.meta['unfinished_regions']} unfinished{waiting}) "
+        f"from {j.path}, up to {s.meta['duration_ns'] / 1e9:.1f} s into the run; wrote {out}",
+        file=sys.stderr,
+    )
+    if j.skipped:
+        print(
+            f"evtrace: skipped {plural(j.skipped, 'byte')} of torn or damaged records in {j.path}",
+            file=sys.stderr,
+        )
+    if journal.owner_alive(j):
+        print(
+            f"evtrace: process {j.header.get('pid')} still records: this is a snapshot "
+            "(recover again for more)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _view(ns: argparse.Namespace) -> int:
     from .view import port_from_env, serve
 
@@ -576,6 +643,7 @@ def _start(ns: argparse.Namespace) -> _Target:
         exclude=ns.exclude,
         nvtx=ns.nvtx,
         report=ns.report,
+        journal=not ns.no_journal,
     )
     if ns.module:
         sys.argv = [ns.module, *ns.target]
@@ -722,6 +790,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "summary": _summary,
     "view": _view,
     "merge": _merge,
+    "recover": _recover,
     "report": _report,
     "render": _render,
     "diff": _diff,

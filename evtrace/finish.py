@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 #: the signals that end a process (a scheduler's SIGTERM, a closed terminal's SIGHUP): while
@@ -136,6 +137,8 @@ class Finishing:
     def __init__(self, what: object) -> None:
         self.what = what
         self.written = False
+        #: the session's journal, named if the write is aborted
+        self.journal: Path | None = None
         self.got: list[int] = []
         self._old: dict[int, Any] = {}
 
@@ -172,8 +175,13 @@ class Finishing:
         if not self.got:
             return
         if len(self.got) > 1 and not self.written:
+            kept = ""
+            if self.journal is not None:
+                from .journal import recover_hint
+
+                kept = f"; the recording is kept in {self.journal}: {recover_hint(self.journal)}"
             print(
-                f"evtrace: {signal.Signals(self.got[-1]).name}: stopped; {self.what} was not written",
+                f"evtrace: {signal.Signals(self.got[-1]).name}: stopped; {self.what} was not written{kept}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,14 +40,17 @@ import orjson
 
 from . import _core, defaults
 from . import clock as _clock
-from .device import Backend
+from . import journal as _journal
+from .build import session
+from .device import Backend, DeviceInfo
+from .meta import environment
 from .session import REGION_DTYPE, Session, Thread
 
 # while recording, device times are float64 ms since the device's first anchor
-_LIVE_DTYPE = np.dtype(
+LIVE_DTYPE = np.dtype(
     [(n, np.float64 if n.startswith("dev_") else REGION_DTYPE[n]) for n in REGION_DTYPE.names or ()]
 )
-assert _LIVE_DTYPE.itemsize == 46  # the core's packed row
+assert LIVE_DTYPE.itemsize == 46  # the core's packed row
 
 #: the recorder regions report to; None when no session is active. Public, read-only outside
 #: this module (a module attribute, not a function: it is read once per region)
@@ -55,6 +59,10 @@ current: Recorder | None = None
 _NAMES: list[str] = []
 _NAME_KEYS: dict[str, int] = {}
 _names_lock = threading.Lock()
+
+
+#: the recording journal's note taker for names interned while it runs (under _names_lock)
+_noting: Callable[[bytes], None] | None = None
 
 
 def name_key(name: str) -> int:
@@ -67,6 +75,8 @@ def name_key(name: str) -> int:
                 k = len(_NAMES)
                 _NAMES.append(name)  # before the key: the core reads the name by key
                 _NAME_KEYS[name] = k
+                if _noting is not None:
+                    _noting(_journal.note("name", [k, name]))
     return k
 
 
@@ -126,6 +136,10 @@ class Recorder:
         self.origin_ns = 0
         self.wall_origin_ns = 0
         self.argv: list[str] = []
+        self.pid = os.getpid()
+        #: the journal's folder while one is written (``start_journal``)
+        self.journal: Path | None = None
+        self._labels: list[tuple[int, int, str]] = []  # streams learned: (device, handle, label)
         self._share = share_ns
         opts: dict[str, Any] = dict(
             clock=None if clock is time.perf_counter_ns else clock,  # None: the core reads it itself
@@ -153,7 +167,7 @@ class Recorder:
                 py_query=backend.query,
                 py_elapsed=backend.elapsed_ms,
                 record_failed=backend.record_failed,
-                learn_stream=backend.learn_stream,
+                learn_stream=self._learn_stream,
                 new_event=backend.new_event,
                 side=[backend.side_stream(d) for d in range(len(backend.devices))],
                 cudart=native,
@@ -177,7 +191,82 @@ class Recorder:
 
     def _new_thread(self) -> None:
         """The core met a new thread: name its lane (the core numbers them in this order)."""
-        self._thread_info.append(Thread(threading.get_native_id(), _thread_name()))
+        t = Thread(threading.get_native_id(), _thread_name())
+        self._thread_info.append(t)
+        if self.journal is not None:
+            self._core.journal_note(_journal.note("thread", [t.tid, t.name]))
+
+    def _learn_stream(self, device: int, stream: int) -> None:
+        """First sight of a stream: the backend labels it, and the journal keeps the label."""
+        assert self.backend is not None
+        self.backend.learn_stream(device, stream)
+        label = (device, stream, self.backend.stream_label(device, stream))
+        self._labels.append(label)
+        if self.journal is not None:
+            self._core.journal_note(_journal.note("stream", list(label)))
+
+    def start_journal(self, trace: Path) -> Path:
+        """Journal this session beside ``trace`` (``trace.journal``, see ``evtrace.journal``) until
+        ``close_journal``. Raises OSError if the folder cannot be made or written."""
+        global _noting
+        folder = _journal.claim(trace)
+        b = self.backend
+        with _names_lock:  # every name is in the header or noted after it
+            header = dict(
+                format="evtrace-journal",
+                version=_journal.VERSION,
+                path=str(trace),
+                pid=self.pid,
+                origin_ns=self.origin_ns,
+                wall_origin_ns=self.wall_origin_ns,
+                argv=self.argv,
+                share_ns=self.share_ns,
+                max_regions=self.max_regions,
+                devices=[[d.index, d.name] for d in b.devices] if b else [],
+                environment=self.environment(list(b.devices) if b else []),
+                names=list(_NAMES),
+                threads=[[t.tid, t.name] for t in self._thread_info],
+                labels=[list(x) for x in self._labels],
+            )
+            keep = self.max_regions or 0
+            seg = min(_journal.SEGMENT_ROWS, keep // 8) if keep else _journal.SEGMENT_ROWS
+            try:
+                self._core.journal_open(
+                    str(folder),
+                    _journal.dumps(header),
+                    int(_journal.FLUSH_S * 1e9),
+                    max(self._chunk, seg),
+                    keep,
+                )
+            except OSError:
+                _journal.remove(folder)
+                raise
+            self.journal = folder
+            _noting = self._core.journal_note
+        return folder
+
+    def close_journal(self, written: Path | None) -> str | None:
+        """End the journal: ``written`` (the trace is there) marks it finished and removes it;
+        None leaves it for ``evtrace recover``. Returns the error that stopped it, if one did."""
+        global _noting
+        folder, self.journal = self.journal, None
+        if folder is None:
+            return None
+        with _names_lock:
+            if _noting == self._core.journal_note:
+                _noting = None
+        err: str | None = self._core.journal_close(
+            None if written is None else _journal.note("trace", str(written))
+        )
+        if written is not None and err is None:
+            _journal.remove(folder)
+        return err
+
+    def name_of(self, key: int) -> str:
+        return name_of(key)
+
+    def environment(self, devices: list[DeviceInfo]) -> dict[str, Any]:
+        return environment(devices)
 
     # ---- session lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -228,6 +317,7 @@ class Recorder:
         end_ns = self.clock()
         self._stop_flag.set()
         self._core.halt()
+        self._core.journal_stop()  # its last flush comes once everything is resolved, below
         if self._thread is not None:
             self._thread.join()
         b = self.backend
@@ -249,9 +339,8 @@ class Recorder:
         self._drain()
         if b is not None:
             self._core.flush()  # what is still unresolved keeps its host span, counted
-            self._drain()
-        from .build import session
-
+        self._core.journal_flush()  # the journal as complete as the trace, until that is written
+        self._drain()
         s = session(self, end_ns)
         if fault is not None:
             s.meta["device_fault"] = fault
@@ -300,7 +389,7 @@ class Recorder:
         """The rows kept so far, in the order they were finished, and the args of those that have
         any, by row."""
         chunks = list(self._chunks)
-        live = np.concatenate([c.rows for c in chunks]) if chunks else np.empty(0, _LIVE_DTYPE)
+        live = np.concatenate([c.rows for c in chunks]) if chunks else np.empty(0, LIVE_DTYPE)
         args: dict[int, dict[str, Any]] = {}
         base = 0
         for c in chunks:
@@ -331,7 +420,7 @@ class Recorder:
             if not raw:
                 return
             chunk = _Chunk(
-                np.frombuffer(raw, _LIVE_DTYPE),
+                np.frombuffer(raw, LIVE_DTYPE),
                 np.frombuffer(at, np.int64),
                 np.frombuffer(end, np.int64),
                 blob,

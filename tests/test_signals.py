@@ -123,6 +123,9 @@ def test_a_second_signal_aborts_the_write_and_says_so(big_dir: Path, under_cli: 
     text = err.read_text()
     assert p.returncode == -signal.SIGTERM, text  # the first signal's
     assert "evtrace: SIGINT: stopped; t.json.gz was not written" in text
+    folder = tmp_path / "t.json.gz.journal"  # the recording is not lost: named, with the way back
+    assert f"; the recording is kept in {folder}: evtrace recover {folder}" in text
+    assert (folder / "catalog").exists()
     assert "Traceback" not in text
     assert leftovers(tmp_path) == []
     assert not (tmp_path / "t.json.gz").exists()
