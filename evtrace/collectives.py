@@ -161,8 +161,8 @@ def stragglers_text(st: Stragglers) -> str | None:
     if not st.collectives:
         return None
     head = (
-        f"collectives across {plural(st.ranks, 'rank')}, matched by group and sequence number "
-        "(arrival: when a rank called it; wait: how much earlier the others had)"
+        f"collectives across {plural(st.ranks, 'rank')}, matched by group and sequence number\n"
+        "(arrival: when a rank called it; wait caused: how much earlier the others had, summed)"
     )
     table = [["collective", "matched", "skew p50", "skew p95", "straggler", "last at", "wait caused"]]
     for c in st.collectives:
@@ -206,4 +206,4 @@ def stragglers_markdown(st: Stragglers, code: Any) -> list[str]:
     if len(st.stragglers) > 1:
         nxt = st.stragglers[1]
         said += f" (next: {nxt.rank}, {fmt_ns(nxt.wait)})"
-    return [said + ".", *out]
+    return [said + ".", "", *out, ""]  # the list apart: a line after it would continue its last item
