@@ -116,6 +116,25 @@ def test_every_patch_is_undone_and_an_unwaited_work_leaves_its_region_unfinished
     assert x.tolist() == [1.0, 1.0]
 
 
+def test_a_backend_without_torchs_sequence_numbers_gets_evtraces(
+    world_of_one: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(pg: object) -> int:
+        raise RuntimeError("ProcessGroup custom does not yet support sequence numbers.")  # torch's words
+
+    monkeypatch.setattr(dist.ProcessGroup, "_get_sequence_number_for_group", unsupported)
+    x = torch.ones(2)
+    with evtrace.record(tmp_path / "t.json.gz", hooks=True, quiet=True) as r:
+        for _ in range(3):
+            dist.all_reduce(x)
+    assert r.session is not None
+    assert [(a["seq"], a["seq_by"]) for _, a in calls(r.session)] == [
+        (0, "evtrace"),
+        (1, "evtrace"),
+        (2, "evtrace"),
+    ]
+
+
 JOB = """
 import time
 import torch
