@@ -37,7 +37,7 @@ from .export.kineto import is_kineto
 from .export.merge import merge
 from .export.render import NothingToDraw, Timeline
 from .export.report import Report
-from .export.summary import FORMATS, SORT_KEYS, Summary, ranks
+from .export.summary import FORMATS, SORT_KEYS, Summary, collectives, ranks
 from .files import TraceError, read_json, write_bytes
 from .finish import Terminated, die_by, signum_of, take_ending
 from .session import Session, rank_labels
@@ -318,10 +318,18 @@ def _summary(ns: argparse.Namespace) -> int:
     for p, session in zip(ns.trace, sessions):
         print(f"== {p}" if len(sessions) > 1 else "", end="\n" if len(sessions) > 1 else "")
         print(view.render(session))
-        if session.ranks:  # a merged trace: its ranks side by side
+        if session.ranks:  # a merged trace: its ranks side by side, and who made them wait
             print("\n" + ranks(session.ranks, rank_labels(session.ranks)))
+            waits = collectives(session.ranks)
+            if waits:
+                print("\n" + waits)
     if len(sessions) > 1:
         print("\n" + ranks(sessions, [p.name for p in ns.trace]))
+        got = [s.meta.get("rank") for s in sessions]
+        if all(isinstance(r, int) and got.count(r) == 1 and not s.ranks for r, s in zip(got, sessions)):
+            waits = collectives(merge(sessions).ranks)  # the ranks of one run: onto one clock first
+            if waits:
+                print("\n" + waits)
     return 0
 
 

@@ -1,7 +1,8 @@
 """`evtrace report`: one screen of GitHub markdown to paste into a bug report.
 
 Owns the :class:`Report` view (versions, top regions by device time, GPU busy and idle gaps,
-host waits, alignment, drops, what the trace tells about the machine). It reads the Session
+host waits, who made everyone wait at collectives (a merged trace), alignment, drops, what the
+trace tells about the machine). It reads the Session
 only: the trace file's name and size are given to it, never looked up.
 """
 
@@ -13,6 +14,7 @@ from typing import ClassVar
 
 from ..analysis import COLUMNS, fmt_ns, gaps, host_waits, plural, rows
 from ..clock import alignment_warnings, per_gpu, stamp_delay
+from ..collectives import stragglers, stragglers_markdown
 from ..session import Session, rank_labels
 from .markdown import code, escape
 
@@ -124,6 +126,8 @@ class Report:
         n_waits, waited = host_waits(s)
         waits = f"{n_waits}, {fmt_ns(waited)} in all" if n_waits else "none recorded"
         lines.append(f"**Host waits on the device:** {waits}.")
+        if s.ranks:
+            lines += stragglers_markdown(stragglers(s.ranks, rank_labels(s.ranks)), code)
         gpus = per_gpu(m)
         if gpus:
             lines.append(

@@ -2,7 +2,8 @@
 
 The table itself (rows, units by magnitude, host waits) is ``analysis.summary_text``, which
 ``Session.summary`` also returns; this module gives it the views' shape and adds the
-side-by-side table of several ranks or traces. ``--format csv`` and ``json`` give the same
+side-by-side table of several ranks or traces, and for the ranks of one run the collectives
+matched across them (who made everyone wait, ``collectives``). ``--format csv`` and ``json`` give the same
 rows to scripts: durations as integers of ns, every column always present (empty or null where
 nothing was measured, e.g. the device columns of a host-only trace), names as recorded.
 """
@@ -17,7 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..analysis import COLUMNS, SORT_KEYS, Row, aligned, busy_ns, fmt_ns, plural, rows, selected, summary_text
-from ..session import Session
+from ..collectives import stragglers, stragglers_text
+from ..session import Session, rank_labels
 
 __all__ = [
     "COLUMNS",
@@ -25,6 +27,7 @@ __all__ = [
     "FORMATS",
     "SORT_KEYS",
     "Summary",
+    "collectives",
     "fmt_ns",
     "plural",
     "ranks",
@@ -128,3 +131,9 @@ def ranks(sessions: list[Session], labels: list[str]) -> str:
             )
         )
     return "\n".join(aligned(table))
+
+
+def collectives(ranks: list[Session]) -> str | None:
+    """The collectives of one run's ranks (on one clock: a merged trace's ``ranks``) matched
+    across them, and who made everyone wait; None where no collective was matched."""
+    return stragglers_text(stragglers(ranks, rank_labels(ranks)))
