@@ -39,6 +39,7 @@ import orjson
 
 from . import _core, defaults
 from . import clock as _clock
+from . import hostclock as _hostclock
 from .device import Backend
 from .session import REGION_DTYPE, Session, Thread
 
@@ -127,6 +128,7 @@ class Recorder:
         self.wall_origin_ns = 0
         self.argv: list[str] = []
         self._share = share_ns
+        self._ranks = _hostclock.RankClocks(clock)  # clock offsets to rank 0, under torch.distributed
         opts: dict[str, Any] = dict(
             clock=None if clock is time.perf_counter_ns else clock,  # None: the core reads it itself
             on_thread=self._new_thread,
@@ -204,6 +206,7 @@ class Recorder:
             self._unguard = b.guard_captures(capture_began, capture_ended)
         self._core.activate(True)
         current = self
+        self._ranks.start()
         if b is not None and self.background:
             if self.native:
                 self._core.run()
@@ -253,6 +256,7 @@ class Recorder:
         from .build import session
 
         s = session(self, end_ns)
+        s.meta.update(self._ranks.finish())
         if fault is not None:
             s.meta["device_fault"] = fault
         if b is not None:
