@@ -156,13 +156,14 @@ def _placements(ranks: list[Session]) -> tuple[list[Offset], list[str]]:
 
 def _summary(methods: list[str], labels: list[str]) -> str:
     """The methods, each once, with the ranks that got it."""
-    if len(set(methods)) == 1 and methods[0] in (SHARED, WALL):
-        return (
-            SHARED if methods[0] == SHARED else "several hosts: wall-clock origins; " + WALL.split("; ", 1)[1]
-        )
+    if all(m.startswith(SHARED) for m in methods):
+        return SHARED
+    if all(m == WALL for m in methods):
+        return "several hosts: wall-clock origins; " + WALL.split("; ", 1)[1]
     groups: dict[str, list[str]] = {}
     for m, label in zip(methods, labels):
-        groups.setdefault(m.split(": ±")[0] if "±" in m else m, []).append(label)
+        short = SHARED if m.startswith(SHARED) else m.split(": ±")[0]
+        groups.setdefault(short, []).append(label)
     return "; ".join(f"{', '.join(who)}: {m}" for m, who in groups.items())
 
 
