@@ -1,6 +1,7 @@
 """A session's metadata in typed form, and its two spellings in a trace file.
 
-Owns :class:`DeviceAlignment` (the fit of one device's clock onto the host's, numbers as numbers), the
+Owns :class:`DeviceAlignment` (the fit of one device's clock onto the host's, numbers as numbers),
+:class:`RankClock` (this rank's host clock against rank 0's, measured through the job's store), the
 flat dotted keys Perfetto shows under Info & Stats (:func:`flat`), and the nested JSON form a
 trace also carries so that loading gives back exactly what was recorded (:func:`to_json`,
 :func:`from_json`; :func:`from_flat` reads traces written before the nested form existed).
@@ -18,6 +19,10 @@ import orjson
 
 #: the metadata key of the per-device alignments: ``meta[ALIGNMENT]["0"]`` is GPU 0's
 ALIGNMENT = "alignment"
+#: the metadata key of this rank's clock offset to rank 0 (``evtrace.hostclock``)
+RANK_CLOCK = "rank_clock"
+#: the metadata key of the clock pair read at the start: [perf_counter ns, CLOCK_REALTIME ns]
+CLOCK_PAIR = "clock_pair"
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,41 @@ class DeviceAlignment:
         return cls(**{f: read(m.get(f, 0)) for f, read in _FIELDS.items()})
 
 
+@dataclass(frozen=True)
+class RankClock:
+    """This rank's host clock (perf_counter) against rank 0's, measured through the rendezvous
+    store of the job's default process group (``evtrace.hostclock``). Rank 0's clock at local
+    time ``t`` is ``t + offset(t)``: ``start_offset_ns`` at ``start_at_ns``, ``end_offset_ns`` at
+    ``end_at_ns``, linear between them. A side that was not measured has 0 samples."""
+
+    method: str  # "reference" (rank 0), "store" (measured) or "none" (nothing measured: see note)
+    reference: str  # rank 0's token for the job: ranks with the same one were measured together
+    rank: int
+    world_size: int
+    start_at_ns: int  # this rank's clock at the start measurement
+    start_offset_ns: int  # rank 0's clock minus this rank's there
+    start_bound_us: float  # the offset's true error is at most this (from the exchange's brackets)
+    start_samples: int  # exchanges made (0: not measured)
+    end_at_ns: int
+    end_offset_ns: int
+    end_bound_us: float
+    end_samples: int
+    drift_ppm: float  # from the two measurements (0 with fewer than two)
+    rtt_us: float  # the fastest round trip through the store
+    exchange_ms: float  # the longest exchange on this rank, waits for the others included
+    note: str  # what could not be measured, in words; "" when both were
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _CLOCK_FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @classmethod
+    def from_mapping(cls, m: dict[str, Any]) -> RankClock:
+        """From a JSON object or flat strings; missing fields are empty."""
+        return cls(**{f: read(m.get(f, "" if read is str else 0)) for f, read in _CLOCK_FIELDS.items()})
+
+
 def _stretches(v: Any) -> tuple[tuple[float, float, float, float], ...]:
     """Stretches as a trace holds them: a list of 4-number lists (a JSON string in a flat form)."""
     if not v:
@@ -72,6 +112,9 @@ def _reader(f: dataclasses.Field[Any]) -> Callable[[Any], Any]:
 
 
 _FIELDS: dict[str, Callable[[Any], Any]] = {f.name: _reader(f) for f in dataclasses.fields(DeviceAlignment)}
+_CLOCK_FIELDS: dict[str, Callable[[Any], Any]] = {
+    f.name: {"str": str, "int": int}.get(str(f.type), float) for f in dataclasses.fields(RankClock)
+}
 
 
 def text(s: str) -> str:
@@ -94,7 +137,7 @@ def json_value(v: Any) -> Any:
 
 def _plain(v: Any) -> Any:
     """Typed values as JSON values: an DeviceAlignment as its fields, dicts and lists throughout."""
-    if isinstance(v, DeviceAlignment):
+    if isinstance(v, (DeviceAlignment, RankClock)):
         return dataclasses.asdict(v)
     if isinstance(v, dict):
         return {text(str(k)): _plain(x) for k, x in v.items()}
@@ -110,8 +153,11 @@ def to_json(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def from_json(obj: dict[str, Any]) -> dict[str, Any]:
-    """The typed metadata from :func:`to_json`'s form: each alignment an :class:`DeviceAlignment`."""
+    """The typed metadata from :func:`to_json`'s form: each alignment an :class:`DeviceAlignment`,
+    the rank clock a :class:`RankClock`."""
     meta = dict(obj)
+    if isinstance(meta.get(RANK_CLOCK), dict):
+        meta[RANK_CLOCK] = RankClock.from_mapping(meta[RANK_CLOCK])
     al = meta.get(ALIGNMENT)
     if isinstance(al, dict):
         meta[ALIGNMENT] = {
@@ -125,7 +171,7 @@ def flat(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     shows, as it would turn floats into such strings anyway."""
     out: dict[str, Any] = {}
     for k, v in meta.items():
-        if isinstance(v, DeviceAlignment):
+        if isinstance(v, (DeviceAlignment, RankClock)):
             v = dataclasses.asdict(v)
         if isinstance(v, dict):
             out.update(flat(v, f"{prefix}{text(str(k))}."))
@@ -141,12 +187,17 @@ def from_flat(meta: dict[str, Any]) -> dict[str, Any]:
     strings become one :class:`DeviceAlignment` per GPU; the other keys stay as they are."""
     out: dict[str, Any] = {}
     found: dict[str, dict[str, Any]] = {}
+    clock: dict[str, Any] = {}
     for k, v in meta.items():
         parts = k.split(".", 2)
-        if len(parts) == 3 and parts[0] == ALIGNMENT:
+        if len(parts) == 2 and parts[0] == RANK_CLOCK:
+            clock[parts[1]] = v
+        elif len(parts) == 3 and parts[0] == ALIGNMENT:
             found.setdefault(parts[1], {})[parts[2]] = v
         else:
             out[k] = v
     if found:
         out[ALIGNMENT] = {d: DeviceAlignment.from_mapping(g) for d, g in found.items()}
+    if clock:
+        out[RANK_CLOCK] = RankClock.from_mapping(clock)
     return out

@@ -40,6 +40,7 @@ import orjson
 
 from . import _core, defaults
 from . import clock as _clock
+from . import hostclock as _hostclock
 from . import journal as _journal
 from .build import session
 from .device import Backend, DeviceInfo
@@ -141,6 +142,7 @@ class Recorder:
         self.journal: Path | None = None
         self._labels: list[tuple[int, int, str]] = []  # streams learned: (device, handle, label)
         self._share = share_ns
+        self._ranks = _hostclock.RankClocks(clock)  # clock offsets to rank 0, under torch.distributed
         opts: dict[str, Any] = dict(
             clock=None if clock is time.perf_counter_ns else clock,  # None: the core reads it itself
             on_thread=self._new_thread,
@@ -293,6 +295,7 @@ class Recorder:
             self._unguard = b.guard_captures(capture_began, capture_ended)
         self._core.activate(True)
         current = self
+        self._ranks.start()
         if b is not None and self.background:
             if self.native:
                 self._core.run()
@@ -342,6 +345,7 @@ class Recorder:
         self._core.journal_flush()  # the journal as complete as the trace, until that is written
         self._drain()
         s = session(self, end_ns)
+        s.meta.update(self._ranks.finish())
         if fault is not None:
             s.meta["device_fault"] = fault
         if b is not None:
