@@ -304,6 +304,14 @@ class RankClocks:
         self._patched: list[tuple[Any, str, Any]] = []
         self._meta: dict[str, Any] = {}
         self._started = False
+        #: told the metadata once the start is measured (the journal keeps it for `evtrace recover`)
+        self.on_start: Callable[[dict[str, Any]], None] | None = None
+
+    def known(self) -> dict[str, Any]:
+        """The metadata known so far: this process's clock pair, and the start's measurement."""
+        if "start" in self.sides and self.world >= 2:
+            return {**self._meta, RANK_CLOCK: self.record()}
+        return dict(self._meta)
 
     def start(self) -> None:
         """Measure now if the process group exists, else right after ``init_process_group`` returns
@@ -386,6 +394,8 @@ class RankClocks:
             self.rtt_ns = min(self.rtt_ns or math.inf, float(got["rtt_ns"]))
         else:
             self.notes.append(f"{phase}: not measured: {got.get('note', 'no answer')}")
+        if phase == "start" and phase in self.sides and self.on_start is not None:
+            self.on_start({RANK_CLOCK: self.record()})
 
     def finish(self) -> dict[str, Any]:
         """Measure the end if nothing did yet, undo the patches; the metadata to add."""

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from . import _core
+from . import _core, metadata
 from .device import DeviceInfo
 from .files import TraceError
 from .session import Session, Thread
@@ -169,6 +169,7 @@ class Journal:
     names: dict[int, str] = field(default_factory=dict)
     threads: list[Thread] = field(default_factory=list)
     labels: dict[tuple[int, int], str] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # metadata known while recording (rank clocks)
     streams: list[tuple[int, int]] = field(default_factory=list)
     anchors: dict[int, list[np.ndarray]] = field(default_factory=dict)
     rows: list[_Rows] = field(default_factory=list)
@@ -212,6 +213,7 @@ def read(path: Path) -> Journal:
     j.threads = [Thread(int(t), str(n)) for t, n in header.get("threads", [])]
     for dev, s, label in header.get("labels", []):
         j.labels[(int(dev), int(s))] = str(label)
+    j.meta = dict(header.get("meta", {}))
     for typ, payload in records[1:]:
         if typ == _NOTE:
             n = json.loads(payload)
@@ -222,6 +224,8 @@ def read(path: Path) -> Journal:
             elif "stream" in n:
                 dev, s, label = n["stream"]
                 j.labels[(int(dev), int(s))] = str(label)
+            elif "meta" in n:
+                j.meta.update(n["meta"])
         elif typ == _ANCHORS:
             (dev, count), at = _varints(payload, 0, 2)
             j.anchors.setdefault(dev, []).append(np.frombuffer(payload, _ANCHOR, count, at))
@@ -350,6 +354,7 @@ def recover_session(j: Journal) -> Session:
 
     rec = _Recovered(j)
     s = session(rec, j.at_ns)
+    s.meta.update(metadata.from_json(j.meta))
     s.meta["recovered"] = {
         "journal": str(j.path),
         "flushes": j.flushes,

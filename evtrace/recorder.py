@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
-from . import _core, defaults
+from . import _core, defaults, metadata
 from . import clock as _clock
 from . import hostclock as _hostclock
 from . import journal as _journal
@@ -229,6 +229,7 @@ class Recorder:
                 names=list(_NAMES),
                 threads=[[t.tid, t.name] for t in self._thread_info],
                 labels=[list(x) for x in self._labels],
+                meta=metadata.to_json(self._ranks.known()),
             )
             keep = self.max_regions or 0
             seg = min(_journal.SEGMENT_ROWS, keep // 8) if keep else _journal.SEGMENT_ROWS
@@ -245,6 +246,7 @@ class Recorder:
                 raise
             self.journal = folder
             _noting = self._core.journal_note
+        self._ranks.on_start = lambda m: self._core.journal_note(_journal.note("meta", metadata.to_json(m)))
         return folder
 
     def close_journal(self, written: Path | None) -> str | None:

@@ -378,3 +378,22 @@ def test_an_older_journal_beside_the_trace_is_kept(tmp_path: Path, monkeypatch: 
         with evtrace.region("r"):
             assert (tmp_path / "t.json.journal-2" / "catalog").exists()
     assert (tmp_path / "t.json.journal" / "catalog").read_bytes() == b"a crashed run's"
+
+
+def test_what_the_rank_clocks_know_is_kept_for_recover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock pair (is this one host?) from the header, a start's rank offset from its note."""
+    from evtrace import metadata
+
+    _kept_journal(monkeypatch)
+    clock = metadata.RankClock(
+        "store", "abc", 1, 2, 5, 37, 12.5, 32, 0, 0, 0.0, 0, 0.0, 40.0, 3.0, "end: ..."
+    )
+    with evtrace.record(tmp_path / "t.json", device=False, quiet=True) as rec:
+        assert rec._recorder is not None and rec._recorder._ranks.on_start is not None
+        rec._recorder._ranks.on_start({metadata.RANK_CLOCK: clock})
+        time.sleep(0.6)
+    s = journal.recover_session(journal.read(tmp_path / "t.json.journal"))
+    assert s.meta[metadata.RANK_CLOCK] == clock
+    assert metadata.CLOCK_PAIR in s.meta
