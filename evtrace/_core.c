@@ -1563,30 +1563,39 @@ static int open_record(Buf *b) {
     return 0;
 }
 
+static inline char *wv(char *p, uint64_t v) { /* a varint, room reserved */
+    while (v >= 0x80) *p++ = (char)(v | 0x80), v >>= 7;
+    *p++ = (char)v;
+    return p;
+}
+
 /* Rows: count, then each: name, thread, h0 - the previous h0, h1 - h0 (zigzag), device + 1,
  * [stream, t0, t1 as float64], args length and text. prev: the previous h0, carried across. */
 static int put_rows(Buf *b, const Rows *r, int64_t *prev, int64_t *last_h) {
     if (put_varint(b, (uint64_t)r->n) < 0) return -1;
     Py_ssize_t j = 0, from = 0;
+    int64_t p0 = *prev, hi = *last_h;
     for (Py_ssize_t i = 0; i < r->n; i++) {
         const Row *w = &r->v[i];
         Py_ssize_t an = 0;
         if (j < r->nat && r->at[j] == i) an = r->end[j] - from;
-        if (reserve(b, 60 + an) < 0) return -1;
-        put_varint(b, (uint32_t)w->name), put_varint(b, (uint32_t)w->thread);
-        put_varint(b, zigzag(w->h0 - *prev)), put_varint(b, zigzag(w->h1 - w->h0));
-        put_varint(b, (uint64_t)(w->device + 1));
+        if (reserve(b, 80 + an) < 0) return -1; /* 7 varints and two doubles at most */
+        char *o = b->p + b->n;
+        o = wv(o, (uint32_t)w->name), o = wv(o, (uint32_t)w->thread);
+        o = wv(o, zigzag(w->h0 - p0)), o = wv(o, zigzag(w->h1 - w->h0));
+        o = wv(o, (uint64_t)(w->device + 1));
         if (w->device >= 0) {
-            put_varint(b, (uint32_t)w->stream);
-            memcpy(b->p + b->n, &w->t0, 8), memcpy(b->p + b->n + 8, &w->t1, 8);
-            b->n += 16;
+            o = wv(o, (uint32_t)w->stream);
+            memcpy(o, &w->t0, 8), memcpy(o + 8, &w->t1, 8);
+            o += 16;
         }
-        put_varint(b, (uint64_t)an);
-        if (an) memcpy(b->p + b->n, r->blob + from, (size_t)an), b->n += an, from = r->end[j++];
-        *prev = w->h0;
-        if (w->h1 > *last_h) *last_h = w->h1;
-        if (w->h0 > *last_h) *last_h = w->h0;
+        o = wv(o, (uint64_t)an);
+        if (an) memcpy(o, r->blob + from, (size_t)an), o += an, from = r->end[j++];
+        b->n = o - b->p;
+        p0 = w->h0;
+        if (w->h1 > hi) hi = w->h1;
     }
+    *prev = p0, *last_h = hi; /* h1 >= h0: the latest end is the latest stamp */
     return 0;
 }
 
@@ -1744,6 +1753,11 @@ hand_over: /* the rows go on to take() whether or not they reached the disk */
     buf_free(&cat), buf_free(&seg);
     rows_free(&open), rows_free(&pend);
     pthread_mutex_lock(&j->mu);
+    if (!c->jrows.n) { /* the usual case, take() having drained them: moved, not copied */
+        rows_free(&c->jrows);
+        c->jrows = hr;
+        memset(&hr, 0, sizeof hr);
+    }
     rows_append(&c->jrows, &hr);
     rows_append(&c->jrows, &dr);
     __atomic_store_n(&c->njrows, c->jrows.n, __ATOMIC_RELAXED);
