@@ -262,7 +262,7 @@ class Recorder:
         err: str | None = self._core.journal_close(
             None if written is None else _journal.note("trace", str(written))
         )
-        if written is not None and err is None:
+        if written is not None:  # (a journal that stopped early is of no more use either)
             _journal.remove(folder)
         return err
 
