@@ -397,3 +397,27 @@ def test_what_the_rank_clocks_know_is_kept_for_recover(
     s = journal.recover_session(journal.read(tmp_path / "t.json.journal"))
     assert s.meta[metadata.RANK_CLOCK] == clock
     assert metadata.CLOCK_PAIR in s.meta
+
+
+def test_a_journal_that_cannot_be_written_says_so_once_and_loses_nothing(tmp_path: Path) -> None:
+    """Writes past a file-size limit fail (EFBIG), as a full disk's would: the journal stops, says so
+    once, and every region still reaches the trace."""
+    (tmp_path / "job.py").write_text(
+        "import resource, signal, time, evtrace\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))\n"
+        "with evtrace.record('t.json.gz', device=False):\n"
+        "    for i in range(600):\n"
+        "        with evtrace.region('step', i=i, text='x' * 200):\n"
+        "            pass\n"
+        "        if i % 100 == 99:\n"
+        "            time.sleep(0.55)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "job.py"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    said = [line for line in p.stderr.splitlines() if "could not be written" in line]
+    assert len(said) == 1 and "File too large" in said[0] and "it stops here" in said[0]
+    assert ids_of(evtrace.load(tmp_path / "t.json.gz")) == set(range(600))
+    assert not (tmp_path / "t.json.gz.journal").exists()
