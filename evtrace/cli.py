@@ -69,7 +69,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="run a script or module under evtrace (the default command)",
     )
     run.add_argument(
-        "-o", "--output", type=Path, help="trace path (.json.gz or .json); default evtrace-<time>.json.gz"
+        "-o",
+        "--output",
+        type=Path,
+        help="trace path (.json.gz, .json, .pftrace or .pftrace.gz); default evtrace-<time>.json.gz",
     )
     run.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
     run.add_argument("--no-cuda", action="store_true", help="record host lanes only")
@@ -123,7 +126,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "  evtrace summary train.json.gz --filter '^step' --format csv > steps.csv",
         help="print a table per region name; with several traces, ranks side by side",
     )
-    summ.add_argument("trace", type=Path, nargs="+", help="evtrace traces (.json.gz or .json)")
+    summ.add_argument(
+        "trace",
+        type=Path,
+        nargs="+",
+        help="evtrace traces (.json.gz, .json, .pftrace, .pftrace.gz)",
+    )
     summ.add_argument(
         "--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)"
     )
@@ -174,7 +182,13 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     merge.add_argument(
         "traces", type=Path, nargs="+", help="evtrace traces, and torch.profiler traces to place among them"
     )
-    merge.add_argument("-o", "--output", type=Path, required=True, help="merged trace (.json.gz or .json)")
+    merge.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="merged trace (.json.gz, .json, .pftrace or .pftrace.gz)",
+    )
     view = command(
         "view",
         "evtrace view train.json.gz   (over ssh: ssh -L 9001:127.0.0.1:9001 HOST first)",
@@ -333,11 +347,11 @@ def _load(path: Path) -> Session:
 def _writable(
     path: Path | None, trace: bool = True, suffix: str | None = None, inputs: Sequence[Path] = ()
 ) -> None:
-    """Refuse an output path that cannot be written (a trace's must end in .json or .json.gz,
+    """Refuse an output path that cannot be written (a trace's must end in a suffix of formats.TABLE,
     another output in ``suffix``), or that is one of the ``inputs``, also through a link."""
     if path is None:
         return
-    problem = output_problem(path) if trace else output_problem(path, suffixes=None)
+    problem = output_problem(path, trace)
     if problem:
         raise UsageError(problem)
     if suffix is not None and path.suffix.lower() != suffix:
