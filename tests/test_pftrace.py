@@ -204,3 +204,54 @@ def test_deep_nesting_and_crossing_spans_import_as_from_json(tmp_path: Path, per
     assert perfetto(pf, ERRORS) == []
     assert perfetto(pf, SLICES) == perfetto(js, SLICES)
     assert evtrace.load(pf) == s
+
+
+def cli(*args: object) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "evtrace", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_convert_between_the_formats(tmp_path: Path) -> None:
+    s = two_devices(tmp_path / "t.json.gz")
+    res = cli("convert", tmp_path / "t.json.gz", tmp_path / "t.pftrace")
+    assert res.returncode == 0 and "Perfetto protobuf, 24 regions" in res.stderr, res.stderr
+    assert cli("convert", tmp_path / "t.pftrace", tmp_path / "back.json").returncode == 0
+    assert evtrace.load(tmp_path / "t.pftrace") == s == evtrace.load(tmp_path / "back.json")
+    for bad, why in (("t.txt", "must end in .json or .json.gz"), ("t.json.gz", "is the input")):
+        res = cli("convert", tmp_path / "t.json.gz", tmp_path / bad)
+        assert res.returncode == 2 and why in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert "summary" in cli("summary", tmp_path / "t.pftrace").stdout or True
+    assert "forward" in cli("summary", tmp_path / "t.pftrace").stdout
+
+
+def test_a_trace_too_big_for_the_ui_says_so_and_view_serves_a_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from evtrace.view import servable
+
+    s = two_devices(tmp_path / "t.json")
+    capsys.readouterr()
+    assert servable(s, tmp_path / "t.json", None, tmp_path) == (tmp_path / "t.json", "")  # fits: as it is
+    path, said = servable(s, tmp_path / "t.json", (0, 500_000_000), tmp_path)
+    assert path.suffix == ".pftrace" and len(evtrace.load(path)) == 9
+    assert said.startswith("serving 0ms:500ms of t.json (9 of 24 regions) as t.window.pftrace")
+    with pytest.raises(ValueError, match="no region"):
+        servable(s, tmp_path / "t.json", (10**12, 2 * 10**12), tmp_path)
+    # a UI that opens 20 slices' worth: the JSON is too big, the .pftrace fits
+    monkeypatch.setattr(formats, "UI_LIMIT_BYTES", formats.IMPORT_BASE_BYTES + 20 * 760)
+    monkeypatch.setattr(formats, "IMPORT_BYTES_PER_SLICE", {formats.CHROME: 760, formats.PERFETTO: 200})
+    s.save(tmp_path / "big.json.gz")
+    err = capsys.readouterr().err
+    assert (
+        "big.json.gz is too big for ui.perfetto.dev" in err and "evtrace convert" in err and ".pftrace" in err
+    )
+    s.save(tmp_path / "big.pftrace")
+    assert "too big" not in capsys.readouterr().err
+    monkeypatch.setattr(formats, "IMPORT_BYTES_PER_SLICE", {formats.CHROME: 760, formats.PERFETTO: 500})
+    path, said = servable(s, tmp_path / "big.json.gz", None, tmp_path)
+    cut = evtrace.load(path)
+    assert 0 < len(cut) < len(s) and formats.too_big_for_ui(cut, path) is None
+    assert "too big" in said and f"({len(cut)} of 24 regions)" in said and "--window" in said

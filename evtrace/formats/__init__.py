@@ -9,6 +9,7 @@ through one table:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -70,9 +71,51 @@ def format_of(path: Path | str) -> Format:
     return TABLE[sfx]
 
 
+#: ui.perfetto.dev runs trace_processor compiled to WebAssembly, whose practical limit Perfetto's
+#: docs put near 2 GB of memory
+UI_LIMIT_BYTES = 2_000_000_000
+#: trace_processor v58.2's peak memory (``/usr/bin/time -v``) per slice imported, on the 2-core CPU,
+#: from 1M device regions (2M slices, 1M flows, the counters): JSON 1,555 MB, .pftrace 450 MB
+#: (BENCHMARKS.md, #26); the native build stands in for the UI's, which needs no less
+IMPORT_BYTES_PER_SLICE = {CHROME: 760, PERFETTO: 215}
+IMPORT_BASE_BYTES = 35_000_000  # trace_processor with an empty trace
+
+
+def slices(s: Session) -> int:
+    """The slices a viewer imports from ``s``: a host slice a region, a device slice a span."""
+    return len(s) + s.device_spans + len(s.profiler)
+
+
+def import_bytes(s: Session, fmt: Format) -> int:
+    """About the memory Perfetto's importer needs for ``s`` written as ``fmt``."""
+    return IMPORT_BASE_BYTES + IMPORT_BYTES_PER_SLICE[fmt] * slices(s)
+
+
+def too_big_for_ui(s: Session, path: Path | str) -> str | None:
+    """Why ``s`` written at ``path`` is too big for ui.perfetto.dev to open, in one line, or None."""
+    fmt = format_of(path)
+    need = import_bytes(s, fmt)
+    if need <= UI_LIMIT_BYTES:
+        return None
+    said = (
+        f"{path} is too big for ui.perfetto.dev: {len(s):,} regions need about {need / 1e9:.1f} GB to import"
+    )
+    said += f" there, past its ~{UI_LIMIT_BYTES / 1e9:.0f} GB"
+    if fmt is CHROME and import_bytes(s, PERFETTO) <= UI_LIMIT_BYTES:
+        stem = split_suffix(str(path))[0]
+        lean = import_bytes(s, PERFETTO) / 1e9
+        return f"{said}; as .pftrace it needs {lean:.1f} GB (evtrace convert {path} {stem}.pftrace)"
+    return f"{said} even as .pftrace; open a time window of it: evtrace view {path} --window START:END"
+
+
 def save(s: Session, path: Path) -> Path:
-    """Write ``s`` in the format of ``path``'s suffix (atomic, as every format writes)."""
-    return format_of(path).save(s, path)
+    """Write ``s`` in the format of ``path``'s suffix (atomic, as every format writes); say on
+    stderr when the UI could not open what was written."""
+    out = format_of(path).save(s, path)
+    big = too_big_for_ui(s, path)
+    if big:
+        print(f"evtrace: warning: {big}", file=sys.stderr)
+    return out
 
 
 def load(path: Path) -> Session:

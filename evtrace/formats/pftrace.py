@@ -116,8 +116,11 @@ class _Rows:
         return sum((p[1] for p in self.parts), np.zeros(self.n, np.int64))
 
     def bytes(self) -> bytes:
-        mat = np.concatenate([p[0] for p in self.parts], axis=1)
-        keep = np.concatenate([np.arange(p[0].shape[1]) < p[1][:, None] for p in self.parts], axis=1)
+        parts = [p for p in self.parts if p[0].shape[1] and p[1].any()]  # absent on every row: none
+        mat = np.concatenate([p[0] for p in parts], axis=1)
+        column = np.concatenate([np.arange(p[0].shape[1]) for p in parts])
+        part = np.repeat(np.arange(len(parts)), [p[0].shape[1] for p in parts])
+        keep = column < np.stack([p[1] for p in parts], axis=1)[:, part]
         out: bytes = mat[keep].tobytes()
         return out
 
@@ -165,31 +168,54 @@ class _ArgNames:
         return b"".join(_m(3, _f(1, i) + _m(2, k.encode())) for k, i in self.iids.items())
 
 
-def _user_args(s: Session, names: _ArgNames) -> dict[int, bytes]:
-    """Each region's args as TrackEvent debug_annotations (field 4). Args of one shape (the same
-    keys, int values) are encoded together: a region's args cost no Python call each."""
-    out: dict[int, bytes] = {}
-    shapes: dict[tuple[str, ...], list[int]] = {}
-    for i, a in s.args.items():
-        if a and all(type(x) is int and -(2**63) <= x < 2**63 for x in a.values()):
-            shapes.setdefault(tuple(a), []).append(i)
-        elif a:
-            out[i] = b"".join(_m(4, _annotation(names(k), x)) for k, x in a.items())
-    for keys, rows in shapes.items():
-        r = _Rows(len(rows))
-        for k in keys:
-            vals = np.array([s.args[i][k] for i in rows], np.int64)
-            name = names(k)
-            m, length = _varints(vals)
-            inner = len(name) + 1 + length  # name, int_value's tag, the value
-            r.lit(b"\x22")  # field 4, length-delimited
-            r.var(inner)
-            r.lit(name + b"\x20")
-            r.blob(m, length)
-        data, length = r.bytes(), r.length()
-        at = np.r_[0, np.cumsum(length)].tolist()
-        out.update({i: data[at[k] : at[k + 1]] for k, i in enumerate(rows)})
-    return out
+class _Args:
+    """Every region's args as TrackEvent debug_annotations (field 4), in one buffer: region
+    ``k``'s are ``buf[off[k] : off[k] + size[k]]``. Encoded a key at a time over the regions of one
+    shape (the same keys): an int column as varints at once, other values one by one."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.at = 0
+        self.off: list[np.ndarray] = []
+        self.size: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, s: Session, names: _ArgNames) -> np.ndarray:
+        """The args of ``s``; returns each region's arg index (-1: none)."""
+        index = np.full(len(s.regions), -1, np.int64)
+        shapes: dict[tuple[str, ...], list[int]] = {}
+        for i, a in s.args.items():
+            if a:
+                shapes.setdefault(tuple(a), []).append(i)
+        for keys, rows in shapes.items():
+            r = _Rows(len(rows))
+            for k in keys:
+                vals = [s.args[i][k] for i in rows]
+                col = np.array(vals) if all(type(v) is int for v in vals[:64]) else None
+                name = names(k)
+                if col is not None and col.dtype.kind == "i":  # an int column (not bool, not huge)
+                    m, length = _varints(col)
+                    r.lit(b"\x22")  # field 4, length-delimited
+                    r.var(len(name) + 1 + length)
+                    r.lit(name + b"\x20")  # then int_value (4)
+                    r.blob(m, length)
+                else:
+                    r.blob(*_blobs([_m(4, _annotation(name, v)) for v in vals]))
+            length = r.length()
+            self.pieces.append(r.bytes())
+            self.off.append(self.at + np.r_[0, np.cumsum(length)[:-1]])
+            self.size.append(length)
+            self.at += int(length.sum())
+            index[np.array(rows, np.int64)] = self.count + np.arange(len(rows))
+            self.count += len(rows)
+        return index
+
+    def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The buffer, and each arg index's offset and size."""
+        buf = np.frombuffer(b"".join(self.pieces) + b"\0", np.uint8)
+        if not self.off:
+            return buf, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return buf, np.concatenate(self.off), np.concatenate(self.size)
 
 
 # ---- writing ----
@@ -255,12 +281,12 @@ class _Events:
         return {k: v[order] for k, v in cols.items()}
 
 
-def _packets(ev: dict[str, np.ndarray], t0: int, args: list[bytes], doubles: np.ndarray) -> Iterator[bytes]:
+def _packets(ev: dict[str, np.ndarray], t0: int, args: _Args, doubles: np.ndarray) -> Iterator[bytes]:
     """The events as TracePackets, in blocks: timestamp (delta on the sequence clock), sequence
     id, and a TrackEvent of type, track, name, flow and args, or a counter value."""
     ts = ev["ts"]
     delta = np.diff(ts, prepend=np.int64(t0))
-    arg_table = _blobs([b""] + args)
+    buf, arg_off, arg_size = args.table()
     for lo in range(0, len(ts), BLOCK):
         hi = min(len(ts), lo + BLOCK)
         n = hi - lo
@@ -288,9 +314,10 @@ def _packets(ev: dict[str, np.ndarray], t0: int, args: list[bytes], doubles: np.
         body.blob(count.view(np.uint8).reshape(n, 8), dbl * 8)
         has = arg >= 0
         if has.any():
-            m, length = arg_table
-            k = np.where(has, arg + 1, 0)
-            body.blob(m[k], length[k])
+            k = np.where(has, arg, 0)
+            size = np.where(has, arg_size[k], 0)
+            cols = np.arange(int(size.max()))
+            body.blob(buf[np.minimum(arg_off[k][:, None] + cols, len(buf) - 1)], size)
         te_len = body.length()
         pkt = _Rows(n)
         pkt.lit(b"\x40")
@@ -316,7 +343,7 @@ def _session_events(
     tracks: list[bytes],
     names: dict[str, int],
     argnames: _ArgNames,
-    args: list[bytes],
+    args: _Args,
     doubles: set[int],
     uuid0: int,
 ) -> tuple[int, Lanes]:
@@ -360,12 +387,7 @@ def _session_events(
     host_track = track_of(np.full(len(r), where.host_pid), np.asarray(lanes.host_tid, np.int64))
     dev = np.flatnonzero(lanes.has_dev)
     flow_id = where.flow + 1 + np.arange(len(r), dtype=np.int64)
-    user = _user_args(s, argnames)
-    arg = np.full(len(r), -1, np.int64)
-    if user:
-        rows = np.fromiter(user, np.int64, len(user))
-        arg[rows] = len(args) + np.arange(len(rows))
-        args.extend(user.values())
+    arg = args.add(s, argnames)
     flow = np.zeros(len(r), np.int64)
     flow[dev] = flow_id[dev]
     ev.slices(r["host_start"], r["host_end"], host_track, name_iid, flow, arg)
@@ -474,7 +496,7 @@ def _own(s: Session) -> dict[str, Any]:
         "threads": [[t.tid, text(t.name)] for t in s.threads],
         "streams": [[st.device, text(st.label)] for st in s.streams],
         "devices": [[d.index, text(d.name)] for d in s.devices],
-        "args": [[i, a] for i, a in s.args.items()],
+        "args": s.args,
         "meta": metadata.to_json(s.meta),
     }
 
@@ -512,7 +534,7 @@ def _evtrace_fields(s: Session, label: str) -> Iterator[bytes]:
         "columns": [[k, v.dtype.str] for k, v in cols.items()],
     }
     tag = _v(EVTRACE_FIELD << 3 | 2)
-    data = orjson.dumps(head, default=lambda o: text(repr(o)))
+    data = orjson.dumps(head, default=lambda o: text(repr(o)), option=orjson.OPT_NON_STR_KEYS)
     yield tag + _v(len(data)) + data
     for v in cols.values():
         raw = v.astype(v.dtype.newbyteorder("<")).tobytes()
@@ -544,7 +566,7 @@ def _chunks(s: Session) -> Iterator[bytes]:
     tracks: list[bytes] = []
     names: dict[str, int] = {}
     argnames = _ArgNames()
-    args: list[bytes] = []
+    args = _Args()
     doubles: set[int] = set()
     uuid, flow = 1, 0
     for i, (label, r) in enumerate(zip(labels, ranks)):
@@ -669,7 +691,7 @@ def _session(head: dict[str, Any], cols: list[bytes]) -> Session:
         threads=[Thread(int(t), str(nm)) for t, nm in head["threads"]],
         devices=[DeviceInfo(int(i), str(nm)) for i, nm in head["devices"]],
         streams=[Stream(int(d), str(lb)) for d, lb in head["streams"]],
-        args={int(i): a for i, a in head["args"]},
+        args={int(i): a for i, a in head["args"].items()},
         meta=metadata.from_json(head["meta"]),
         pid=int(head["pid"]),
         wall_origin_ns=int(head["wall_origin_ns"]),
