@@ -120,7 +120,12 @@ class _Rows:
         mat = np.concatenate([p[0] for p in parts], axis=1)
         column = np.concatenate([np.arange(p[0].shape[1]) for p in parts])
         part = np.repeat(np.arange(len(parts)), [p[0].shape[1] for p in parts])
-        keep = column < np.stack([p[1] for p in parts], axis=1)[:, part]
+        lengths = np.empty(
+            (self.n, len(parts)), np.uint8 if max(p[0].shape[1] for p in parts) < 256 else np.int64
+        )
+        for k, p in enumerate(parts):
+            lengths[:, k] = p[1]
+        keep = column.astype(lengths.dtype) < lengths[:, part]  # narrow: the gather moves 1 byte a cell
         out: bytes = mat[keep].tobytes()
         return out
 
