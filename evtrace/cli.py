@@ -363,7 +363,9 @@ def _load(path: Path) -> Session:
     try:
         return Session.load(path)
     except TraceError as e:
-        if "not an evtrace trace" in str(e) and is_kineto(read_json(path)):
+        if "not an evtrace trace" in str(e) and formats.suffix_of(path) in (".json", ".json.gz"):
+            if not is_kineto(read_json(path)):
+                raise UsageError(str(e)) from None
             raise UsageError(
                 f"{path} is a torch.profiler (Kineto) trace, not an evtrace one: "
                 f"evtrace merge TRACE.json.gz {path} -o both.json.gz puts it beside an evtrace trace"

@@ -241,8 +241,8 @@ def test_a_trace_too_big_for_the_ui_says_so_and_view_serves_a_window(
     with pytest.raises(ValueError, match="no region"):
         servable(s, tmp_path / "t.json", (10**12, 2 * 10**12), tmp_path)
     # a UI that opens 20 slices' worth: the JSON is too big, the .pftrace fits
-    monkeypatch.setattr(formats, "UI_LIMIT_BYTES", formats.IMPORT_BASE_BYTES + 20 * 760)
-    monkeypatch.setattr(formats, "IMPORT_BYTES_PER_SLICE", {formats.CHROME: 760, formats.PERFETTO: 200})
+    monkeypatch.setattr(formats, "UI_LIMIT_BYTES", formats.IMPORT_BASE_BYTES + 20 * 660)
+    monkeypatch.setattr(formats, "IMPORT_BYTES_PER_SLICE", {formats.CHROME: 660, formats.PERFETTO: 200})
     s.save(tmp_path / "big.json.gz")
     err = capsys.readouterr().err
     assert (
@@ -250,7 +250,7 @@ def test_a_trace_too_big_for_the_ui_says_so_and_view_serves_a_window(
     )
     s.save(tmp_path / "big.pftrace")
     assert "too big" not in capsys.readouterr().err
-    monkeypatch.setattr(formats, "IMPORT_BYTES_PER_SLICE", {formats.CHROME: 760, formats.PERFETTO: 500})
+    monkeypatch.setattr(formats, "IMPORT_BYTES_PER_SLICE", {formats.CHROME: 660, formats.PERFETTO: 500})
     path, said = servable(s, tmp_path / "big.json.gz", None, tmp_path)
     cut = evtrace.load(path)
     assert 0 < len(cut) < len(s) and formats.too_big_for_ui(cut, path) is None

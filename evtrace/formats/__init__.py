@@ -74,11 +74,12 @@ def format_of(path: Path | str) -> Format:
 #: ui.perfetto.dev runs trace_processor compiled to WebAssembly, whose practical limit Perfetto's
 #: docs put near 2 GB of memory
 UI_LIMIT_BYTES = 2_000_000_000
-#: trace_processor v58.2's peak memory (``/usr/bin/time -v``) per slice imported, on the 2-core CPU,
-#: from 1M device regions (2M slices, 1M flows, the counters): JSON 1,555 MB, .pftrace 450 MB
-#: (BENCHMARKS.md, #26); the native build stands in for the UI's, which needs no less
-IMPORT_BYTES_PER_SLICE = {CHROME: 760, PERFETTO: 215}
-IMPORT_BASE_BYTES = 35_000_000  # trace_processor with an empty trace
+#: trace_processor v58.2's peak memory (``/usr/bin/time -v``) per slice imported, on the 2-core CPU
+#: (BENCHMARKS.md, #26): 1M device regions (2M slices, 1M flows, the counters) take 1,289 MiB as
+#: JSON and 553 MiB as .pftrace with an int arg each (520 MiB without; 4M regions without: 1,763
+#: MiB). Less the base, per slice: 660 B and 272 B. The native build stands in for the UI's wasm one.
+IMPORT_BYTES_PER_SLICE = {CHROME: 660, PERFETTO: 272}
+IMPORT_BASE_BYTES = 35_000_000  # trace_processor with an empty trace (the issue's figure)
 
 
 def slices(s: Session) -> int:
