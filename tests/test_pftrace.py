@@ -255,3 +255,22 @@ def test_a_trace_too_big_for_the_ui_says_so_and_view_serves_a_window(
     cut = evtrace.load(path)
     assert 0 < len(cut) < len(s) and formats.too_big_for_ui(cut, path) is None
     assert "too big" in said and f"({len(cut)} of 24 regions)" in said and "--window" in said
+
+
+def test_every_command_reads_a_pftrace(tmp_path: Path) -> None:
+    s = two_devices(tmp_path / "t.pftrace.gz")
+    b = two_devices(tmp_path / "b.pftrace", seed=3)
+    t, other = tmp_path / "t.pftrace.gz", tmp_path / "b.pftrace"
+    for args in (
+        ("summary", t),
+        ("report", t),
+        ("render", t, "-o", tmp_path / "t.svg"),
+        ("diff", t, other),
+        ("merge", t, other, "-o", tmp_path / "m.pftrace"),
+        ("convert", t, tmp_path / "t.json"),
+    ):
+        res = cli(*args)
+        assert res.returncode == 0, (args, res.stderr)
+    assert [len(r) for r in evtrace.load(tmp_path / "m.pftrace").ranks] == [len(s), len(b)]  # on one clock
+    assert evtrace.load(tmp_path / "t.json") == s
+    assert "forward" in (tmp_path / "t.svg").read_text()
