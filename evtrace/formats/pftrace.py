@@ -228,6 +228,20 @@ class _Args:
 _BEGIN, _END, _INSTANT, _COUNTER = 1, 2, 3, 4
 
 
+#: each event column as narrow as its values allow: 45 bytes an event, not 64 (28M events for 4M
+#: device regions with their counters)
+_EVENT_DTYPES = {
+    "ts": np.int64,
+    "tie": np.int64,
+    "type": np.int8,
+    "track": np.int32,
+    "name": np.int32,
+    "flow": np.int64,
+    "arg": np.int32,
+    "count": np.int64,
+}
+
+
 class _Events:
     """Every event of the one sequence as columns, put in time order at the end."""
 
@@ -258,7 +272,7 @@ class _Events:
             ("arg", arg),
             ("count", count),
         ):
-            self.cols[k].append(np.broadcast_to(np.asarray(v, np.int64), n))
+            self.cols[k].append(np.broadcast_to(np.asarray(v, _EVENT_DTYPES[k]), n))
 
     def slices(
         self,
@@ -281,9 +295,16 @@ class _Events:
         self.add(end[rev], np.where(zero, 3 * big, dur)[rev], _END, track[rev])
 
     def ordered(self) -> dict[str, np.ndarray]:
-        cols = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in self.cols.items()}
-        order = np.lexsort((cols["tie"], cols["ts"]))
-        return {k: v[order] for k, v in cols.items()}
+        """The columns in time order; each column is gathered, then its unsorted parts let go."""
+        ts, tie = (np.concatenate(self.cols.pop(k) or [np.zeros(0, np.int64)]) for k in ("ts", "tie"))
+        order = np.lexsort((tie, ts))
+        del tie
+        out = {"ts": ts[order]}
+        del ts
+        for k in list(self.cols):
+            parts = self.cols.pop(k)
+            out[k] = np.concatenate(parts)[order] if parts else np.zeros(0, _EVENT_DTYPES[k])
+        return out
 
 
 def _packets(ev: dict[str, np.ndarray], t0: int, args: _Args, doubles: np.ndarray) -> Iterator[bytes]:
