@@ -242,7 +242,7 @@ def test_a_trace_too_big_for_the_ui_says_so_and_view_serves_a_window(
         servable(s, tmp_path / "t.json", (10**12, 2 * 10**12), tmp_path)
     # a UI that opens 20 slices' worth: the JSON is too big, the .pftrace fits
     monkeypatch.setattr(formats, "UI_LIMIT_BYTES", formats.IMPORT_BASE_BYTES + 20 * 660)
-    monkeypatch.setattr(formats, "IMPORT_BYTES_PER_SLICE", {formats.CHROME: 660, formats.PERFETTO: 200})
+    monkeypatch.setattr(formats, "IMPORT_BYTES_PER_SLICE", {formats.CHROME: 660, formats.PERFETTO: 100})
     s.save(tmp_path / "big.json.gz")
     err = capsys.readouterr().err
     assert (

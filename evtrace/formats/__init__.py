@@ -75,10 +75,13 @@ def format_of(path: Path | str) -> Format:
 #: docs put near 2 GB of memory
 UI_LIMIT_BYTES = 2_000_000_000
 #: trace_processor v58.2's peak memory (``/usr/bin/time -v``) per slice imported, on the 2-core CPU
-#: (BENCHMARKS.md, #26): 1M device regions (2M slices, 1M flows, the counters) take 1,289 MiB as
-#: JSON and 553 MiB as .pftrace with an int arg each (520 MiB without; 4M regions without: 1,763
-#: MiB). Less the base, per slice: 660 B and 272 B. The native build stands in for the UI's wasm one.
-IMPORT_BYTES_PER_SLICE = {CHROME: 660, PERFETTO: 272}
+#: (BENCHMARKS.md, #26), less the base, from the measurement nearest each format's limit: JSON, 1M
+#: device regions (2M slices, 1M flows, the counters) in 1,289 MiB; .pftrace, 4M of them in 1,763
+#: MiB. The native build stands in for the UI's wasm one.
+IMPORT_BYTES_PER_SLICE = {CHROME: 660, PERFETTO: 227}
+#: and per region with args: .pftrace 1M regions with one int arg each, 553 MiB against 520 without;
+#: JSON's not measured (each of its slices carries 3-4 args of evtrace's already), counted as none
+IMPORT_BYTES_PER_ARGS = {CHROME: 0, PERFETTO: 35}
 IMPORT_BASE_BYTES = 35_000_000  # trace_processor with an empty trace (the issue's figure)
 
 
@@ -89,7 +92,9 @@ def slices(s: Session) -> int:
 
 def import_bytes(s: Session, fmt: Format) -> int:
     """About the memory Perfetto's importer needs for ``s`` written as ``fmt``."""
-    return IMPORT_BASE_BYTES + IMPORT_BYTES_PER_SLICE[fmt] * slices(s)
+    return (
+        IMPORT_BASE_BYTES + IMPORT_BYTES_PER_SLICE[fmt] * slices(s) + IMPORT_BYTES_PER_ARGS[fmt] * len(s.args)
+    )
 
 
 def too_big_for_ui(s: Session, path: Path | str) -> str | None:
