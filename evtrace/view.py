@@ -11,6 +11,7 @@ window of it: its regions within the window, written as .pftrace to a temporary 
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import os
 import socketserver
@@ -143,15 +144,23 @@ def serve(
 
 
 def window_of(s: Session, start: int, end: int) -> Session:
-    """The regions of ``s`` within [start, end] (ns since its origin), on a clock from ``start``;
-    a merged session's ranks each so."""
-    from .api import _within
-
-    if not s.ranks:
-        return _within(s, start, end)
-    cut = Session.combine([_within(r, start, end) for r in s.ranks], {})
-    cut.meta = {**s.meta, "regions": len(cut)}
-    return cut
+    """The regions of ``s`` that lie within [start, end] (ns since its origin), times unchanged;
+    a merged session's ranks each so. For viewing: the metadata says what the window is."""
+    if s.ranks:
+        cut = Session.combine([window_of(r, start, end) for r in s.ranks], {})
+        cut.meta = {**s.meta, "window_ns": [start, end]}
+        return cut
+    r = s.regions
+    keep = np.flatnonzero((r["host_start"] >= start) & (r["host_end"] <= end))
+    index = {int(i): k for k, i in enumerate(keep.tolist())}
+    return dataclasses.replace(
+        s,
+        regions=r[keep],
+        args={index[i]: a for i, a in s.args.items() if i in index},
+        meta={**s.meta, "window_ns": [start, end]},
+        profiler=[],
+        ranks=[],
+    )
 
 
 def first_window(s: Session, fits: int) -> tuple[int, int]:
