@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import defaults
+from . import defaults, formats
 from . import recorder as _rec
 from .analysis import lost_device_spans, plural
 from .clock import Clock, alignment_warnings
@@ -89,10 +89,7 @@ def rank_path(path: Path) -> Path:
     rw = rank()
     if rw is None:
         return path
-    name = path.name
-    stem, suffix = (
-        (name[: -len(".json.gz")], ".json.gz") if name.endswith(".json.gz") else (path.stem, path.suffix)
-    )
+    stem, suffix = formats.split_suffix(path.name)
     return path.with_name(f"{stem}-rank{rw[0]}{suffix}")
 
 
@@ -105,12 +102,12 @@ def _can_create_in(directory: Path) -> bool:
         return False
 
 
-def output_problem(path: Path, suffixes: tuple[str, ...] | None = (".json", ".gz")) -> str | None:
-    """Why ``path`` cannot be written (a trace by default: ``.json`` or ``.json.gz``), or None."""
+def output_problem(path: Path, trace: bool = True) -> str | None:
+    """Why ``path`` cannot be written (a trace by default: a suffix of ``formats.TABLE``), or None."""
     if path.is_dir():
         return f"output path {path} is a directory"
-    if suffixes is not None and path.suffix not in suffixes:
-        return f"output path {path} must end in .json or .json.gz"
+    if trace and formats.suffix_problem(path):
+        return f"output path {formats.suffix_problem(path)}"
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         return f"output directory {parent} does not exist"
@@ -488,7 +485,7 @@ class record:
         from .export.report import report
 
         assert self.session is not None and self.path is not None
-        stem = self.path.name.removesuffix(".gz").removesuffix(".json")
+        stem = formats.split_suffix(self.path.name)[0]
         md, svg = self.path.with_name(stem + ".md"), self.path.with_name(stem + ".svg")
         try:
             md.write_text(report(self.session, self.path), encoding="utf-8")

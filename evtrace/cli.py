@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
-from . import __version__, defaults
+from . import __version__, defaults, formats
 from .analysis import plural
 from .api import default_path, output_problem, record
 from .export.diff import DiffError, DiffMarkdown, DiffText
@@ -69,7 +69,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="run a script or module under evtrace (the default command)",
     )
     run.add_argument(
-        "-o", "--output", type=Path, help="trace path (.json.gz or .json); default evtrace-<time>.json.gz"
+        "-o",
+        "--output",
+        type=Path,
+        help="trace path (.json.gz, .json, .pftrace or .pftrace.gz); default evtrace-<time>.json.gz",
     )
     run.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
     run.add_argument("--no-cuda", action="store_true", help="record host lanes only")
@@ -129,7 +132,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "  evtrace summary train.json.gz --filter '^step' --format csv > steps.csv",
         help="print a table per region name; with several traces, ranks side by side",
     )
-    summ.add_argument("trace", type=Path, nargs="+", help="evtrace traces (.json.gz or .json)")
+    summ.add_argument(
+        "trace",
+        type=Path,
+        nargs="+",
+        help="evtrace traces (.json.gz, .json, .pftrace, .pftrace.gz)",
+    )
     summ.add_argument(
         "--skip", type=int, default=0, metavar="N", help="drop the first N of each name (warm-up)"
     )
@@ -180,10 +188,16 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     merge.add_argument(
         "traces", type=Path, nargs="+", help="evtrace traces, and torch.profiler traces to place among them"
     )
-    merge.add_argument("-o", "--output", type=Path, required=True, help="merged trace (.json.gz or .json)")
+    merge.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="merged trace (.json.gz, .json, .pftrace or .pftrace.gz)",
+    )
     rec = command(
         "recover",
-        "evtrace recover train.json.gz.journal   (or: evtrace recover train.json.gz -o snapshot.json.gz)",
+        "evtrace recover train.json.gz.journal   (or: evtrace recover train.json.gz -o snapshot.pftrace)",
         help="rebuild the trace of a run that was killed, crashed or hangs, from its journal",
     )
     rec.add_argument(
@@ -197,7 +211,13 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "evtrace view train.json.gz   (over ssh: ssh -L 9001:127.0.0.1:9001 HOST first)",
         help="open a trace in ui.perfetto.dev (served once from 127.0.0.1:9001)",
     )
-    view.add_argument("trace", type=Path, help="the trace to open (.json.gz or .json)")
+    view.add_argument("trace", type=Path, help="the trace to open (.json.gz, .json, .pftrace, .pftrace.gz)")
+    view.add_argument(
+        "--window",
+        metavar="START:END",
+        help="serve only the regions within this time since the start, e.g. 1.5:2.5 (ms) or 2s:3s "
+        "(a trace too big for the UI gets the first window that fits)",
+    )
     view.add_argument("--no-browser", action="store_true", help="print the URL instead of opening a browser")
     view.add_argument(
         "--port",
@@ -205,6 +225,14 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="the UI only fetches from port 9001 (the default, or $EVTRACE_VIEW_PORT); "
         "another port, 0 for any free one, is for your own tools",
     )
+    conv = command(
+        "convert",
+        "evtrace convert train.json.gz train.pftrace",
+        help="write a trace in another format, picked by suffix: .json(.gz) or .pftrace(.gz) "
+        "(Perfetto's own, which the UI imports with about a third of the memory)",
+    )
+    conv.add_argument("trace", type=Path, help="the evtrace trace to read")
+    conv.add_argument("output", type=Path, help="the trace to write")
     dif = command(
         "diff",
         "evtrace diff main.json.gz branch.json.gz --skip 2 --fail-above 5",
@@ -343,11 +371,26 @@ def _time(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2) or "ms"])
 
 
+def _window(text: str | None) -> tuple[int, int] | None:
+    """``--window START:END`` in ns, or None."""
+    if not text:
+        return None
+    if ":" not in text:
+        raise UsageError("--window takes START:END")
+    a, b = text.split(":", 1)
+    window = (_time(a), _time(b))
+    if window[1] <= window[0]:
+        raise UsageError("--window ends before it starts")
+    return window
+
+
 def _load(path: Path) -> Session:
     try:
         return Session.load(path)
     except TraceError as e:
-        if "not an evtrace trace" in str(e) and is_kineto(read_json(path)):
+        if "not an evtrace trace" in str(e) and formats.suffix_of(path) in (".json", ".json.gz"):
+            if not is_kineto(read_json(path)):
+                raise UsageError(str(e)) from None
             raise UsageError(
                 f"{path} is a torch.profiler (Kineto) trace, not an evtrace one: "
                 f"evtrace merge TRACE.json.gz {path} -o both.json.gz puts it beside an evtrace trace"
@@ -358,11 +401,11 @@ def _load(path: Path) -> Session:
 def _writable(
     path: Path | None, trace: bool = True, suffix: str | None = None, inputs: Sequence[Path] = ()
 ) -> None:
-    """Refuse an output path that cannot be written (a trace's must end in .json or .json.gz,
+    """Refuse an output path that cannot be written (a trace's must end in a suffix of formats.TABLE,
     another output in ``suffix``), or that is one of the ``inputs``, also through a link."""
     if path is None:
         return
-    problem = output_problem(path) if trace else output_problem(path, suffixes=None)
+    problem = output_problem(path, trace)
     if problem:
         raise UsageError(problem)
     if suffix is not None and path.suffix.lower() != suffix:
@@ -398,14 +441,7 @@ def _report(ns: argparse.Namespace) -> int:
 
 def _render(ns: argparse.Namespace) -> int:
     _writable(ns.output, trace=False, suffix=Timeline.suffix, inputs=[ns.trace])
-    window = None
-    if ns.window:
-        if ":" not in ns.window:
-            raise UsageError("--window takes START:END")
-        a, b = ns.window.split(":", 1)
-        window = (_time(a), _time(b))
-        if window[1] <= window[0]:
-            raise UsageError("--window ends before it starts")
+    window = _window(ns.window)
     if ns.lanes:
         try:
             re.compile(ns.lanes)
@@ -535,21 +571,47 @@ def _recover(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _view(ns: argparse.Namespace) -> int:
-    from .view import port_from_env, serve
-
+def _convert(ns: argparse.Namespace) -> int:
+    _writable(ns.output, inputs=[ns.trace])
+    s = _load(ns.trace)
     try:
-        read_json(ns.trace)  # refuse a corrupt or truncated file before serving it
-    except TraceError as e:
-        raise UsageError(str(e)) from None
+        s.save(ns.output)
+    except OSError as e:
+        raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
+    print(
+        f"evtrace: wrote {ns.output} ({formats.format_of(ns.output).name}, {plural(len(s), 'region')}, "
+        f"{ns.output.stat().st_size / 1e6:.1f} MB) from {ns.trace}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _view(ns: argparse.Namespace) -> int:
+    import tempfile
+
+    from .view import port_from_env, servable, serve
+
+    window = _window(ns.window)
+    s = _load(ns.trace)  # refuse a corrupt or truncated file before serving it
     try:
         port = port_from_env() if ns.port is None else ns.port
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not 0 <= port < 65536:
         raise UsageError(f"--port {port} is not a port")
+    with tempfile.TemporaryDirectory(prefix="evtrace-view-") as tmp:
+        try:
+            path, said = servable(s, ns.trace, window, Path(tmp))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if said:
+            print(f"evtrace: {said}", file=sys.stderr)
+        return _serve(serve, path, port, ns.no_browser)
+
+
+def _serve(serve: Callable[..., bool], path: Path, port: int, no_browser: bool) -> int:
     try:
-        serve(ns.trace, port, open_browser=not ns.no_browser)
+        serve(path, port, open_browser=not no_browser)
     except OSError as e:
         raise UsageError(f"cannot serve on 127.0.0.1:{port}: {e.strerror or e}") from None
     except KeyboardInterrupt:  # Ctrl-C while waiting for the browser: a normal way to stop
@@ -802,5 +864,6 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": _report,
     "render": _render,
     "diff": _diff,
+    "convert": _convert,
 }
 COMMANDS = tuple(HANDLERS)

@@ -137,7 +137,7 @@ def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path
         for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
             written += len(chunk)
             if time.monotonic() > due:
-                line = f"evtrace: writing {path} ({written / 1e6:.0f} MB of JSON so far) ..."
+                line = f"evtrace: writing {path} ({written / 1e6:.0f} MB so far) ..."
                 print(f"{CLEAR}{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
                 shown, due = True, time.monotonic() + every
             yield chunk

@@ -4,10 +4,14 @@ The file is served from 127.0.0.1:9001 (the only origin the UI's content-securit
 it fetch from), with CORS for https://ui.perfetto.dev and no caching. Only that one file is
 served; every other path is a 404. HEAD and OPTIONS (CORS and private-network preflights) are
 answered too. The server stops once the file has been sent.
+
+A trace too big for the UI (``formats.too_big_for_ui``), or any with ``--window``, is served as a
+window of it: its regions within the window, written as .pftrace to a temporary file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import os
 import socketserver
@@ -17,7 +21,10 @@ import webbrowser
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-from . import defaults
+import numpy as np
+
+from . import defaults, formats
+from .session import Session
 
 UI = "https://ui.perfetto.dev"
 PORT = defaults.VIEW_PORT  # the UI's CSP allows http://127.0.0.1:9001 and nothing else
@@ -134,3 +141,63 @@ def serve(
             return False
         finally:
             httpd.shutdown()
+
+
+def window_of(s: Session, start: int, end: int) -> Session:
+    """The regions of ``s`` that lie within [start, end] (ns since its origin), times unchanged;
+    a merged session's ranks each so. For viewing: the metadata says what the window is."""
+    if s.ranks:
+        cut = Session.combine([window_of(r, start, end) for r in s.ranks], {})
+        cut.meta = {**s.meta, "window_ns": [start, end]}
+        return cut
+    r = s.regions
+    keep = np.flatnonzero((r["host_start"] >= start) & (r["host_end"] <= end))
+    index = {int(i): k for k, i in enumerate(keep.tolist())}
+    return dataclasses.replace(
+        s,
+        regions=r[keep],
+        args={index[i]: a for i, a in s.args.items() if i in index},
+        meta={**s.meta, "window_ns": [start, end]},
+        profiler=[],
+        ranks=[],
+    )
+
+
+def first_window(s: Session, fits: int) -> tuple[int, int]:
+    """From the origin, the longest window whose regions number no more than ``fits``."""
+    r = s.regions
+    ends = np.sort(r["host_end"])
+    starts = np.sort(r["host_start"])
+    start = int(starts[0]) if len(starts) else 0
+    end = int(ends[min(fits, len(ends)) - 1]) if len(ends) else 0
+    return start, max(end, start + 1)
+
+
+def servable(s: Session, path: Path, window: tuple[int, int] | None, tmp: Path) -> tuple[Path, str]:
+    """What to serve for ``s`` (read from ``path``) and what to say of it: the file itself where
+    the UI can open it; else (or for a ``window``) the window, as .pftrace (the leaner import) in
+    ``tmp``. ValueError where the window holds no region."""
+    big = formats.too_big_for_ui(s, path)
+    if window is None and big is None:
+        return path, ""
+    said = ""
+    if window is None:
+        # the most regions whose slices import within the UI's limit as .pftrace
+        per = formats.import_bytes(s, formats.PERFETTO) - formats.IMPORT_BASE_BYTES
+        room = formats.UI_LIMIT_BYTES - formats.IMPORT_BASE_BYTES
+        window = first_window(s, max(1, int(len(s) * room / max(per, 1) * 0.9)))
+        said = f"{big}; "
+    cut = window_of(s, *window)
+    if not len(cut):
+        raise ValueError(f"no region lies within --window {_ms(window[0])}:{_ms(window[1])}")
+    out = tmp / (formats.split_suffix(path.name)[0] + ".window.pftrace")
+    formats.save(cut, out)
+    said += (
+        f"serving {_ms(window[0])}:{_ms(window[1])} of {path.name} ({len(cut):,} of {len(s):,} regions) "
+        f"as {out.name}; pick another with --window START:END"
+    )
+    return out, said
+
+
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:g}ms"

@@ -20,10 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import evtrace
-from evtrace import session
+from evtrace import lanes, session
 from evtrace.export.render import MAX_HEIGHT, MAX_ROWS, draw
 from evtrace.files import read_json
-from evtrace.session import DEPTH_LIMIT, DEVICE_PID, nesting
+from evtrace.lanes import DEPTH_LIMIT, DEVICE_PID, nesting
 
 from .checker import problems
 from .test_trace_writer import nested_spans, session_of
@@ -238,12 +238,12 @@ def test_nesting_counts_depth_as_perfetto(random: Any, limit: int, shuffle: bool
     else:
         spans.sort(key=lambda x: (x[0], -x[1]))
     start, end = np.array([a for a, _ in spans], np.int64), np.array([b for _, b in spans], np.int64)
-    old = session.DEPTH_LIMIT
-    session.DEPTH_LIMIT = limit
+    old = lanes.DEPTH_LIMIT
+    lanes.DEPTH_LIMIT = limit
     try:
         sub, depth = nesting(start, end)
     finally:
-        session.DEPTH_LIMIT = old
+        lanes.DEPTH_LIMIT = old
     for k in np.unique(sub).tolist():
         mine = np.flatnonzero(sub == k)
         want = perfetto_depth(start[mine].tolist(), end[mine].tolist())
@@ -263,12 +263,12 @@ def test_perfetto_nests_as_the_lane_layer_counts(tmp_path: Path, perfetto: Query
         spans = nested_spans(rng, 0, 12, 6) + [(t, t) for t in rng.integers(0, 13, 5).tolist()]
         rng.shuffle(spans)
         start, end = np.array([a for a, _ in spans], np.int64), np.array([b for _, b in spans], np.int64)
-        old = session.DEPTH_LIMIT
-        session.DEPTH_LIMIT = 1  # count every depth
+        old = lanes.DEPTH_LIMIT
+        lanes.DEPTH_LIMIT = 1  # count every depth
         try:
             sub, depth = nesting(start, end)
         finally:
-            session.DEPTH_LIMIT = old
+            lanes.DEPTH_LIMIT = old
         assert depth is not None and not sub.any()
         for i, (a, b) in enumerate(spans):
             events.append({"ph": "X", "name": str(i), "pid": 1, "tid": tid, "ts": a, "dur": b - a})

@@ -13,7 +13,7 @@ import pytest
 
 import evtrace
 from evtrace import recorder
-from evtrace import session as chrome
+from evtrace.formats import chrome
 
 from .children import started
 

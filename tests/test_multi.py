@@ -15,7 +15,7 @@ import pytest
 import evtrace
 from evtrace.export import merge
 from evtrace.files import read_json as load_json
-from evtrace.session import trace_bytes as dumps
+from evtrace.formats.chrome import trace_bytes as dumps
 
 from .checker import problems
 from .simdevice import FakeClock, SimBackend

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import evtrace
+import evtrace.formats.chrome
 from evtrace.device import DeviceInfo
 from evtrace.export.kineto import attach, is_kineto
 from evtrace.session import REGION_DTYPE, Session, Stream, Thread
@@ -220,7 +221,7 @@ def test_device_offset_fit_and_flows() -> None:
     assert fit["kernels_placed"] == n and fit["kernels_inside"] == n and fit["kernels_inside_share"] == 1.0
     assert 36_000 <= fit["device_correction_ns"] <= 45_000 and abs(fit["host_correction_ns"]) < 9_000
     assert fit["flows"] == n and fit["flows_dropped"] == 0
-    trace = json.loads(evtrace.session.trace_bytes(out))
+    trace = json.loads(evtrace.formats.chrome.trace_bytes(out))
     assert problems(trace) == []
     kernels = [e for e in out.profiler if e.get("cat") == "kernel"]
     assert all(e["pid"] == 20_000_100 and e["tid"] == 7 and e["flow_in"] is True for e in kernels)

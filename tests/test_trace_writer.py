@@ -18,10 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evtrace
-from evtrace import files, session
+from evtrace import files, lanes
 from evtrace.device import DeviceInfo
 from evtrace.files import crc32_combine, gzip_stream
-from evtrace.session import REGION_DTYPE, Session, Stream, Thread, trace_bytes
+from evtrace.formats import chrome
+from evtrace.formats.chrome import trace_bytes
+from evtrace.session import REGION_DTYPE, Session, Stream, Thread
 
 from .checker import problems
 
@@ -94,11 +96,11 @@ def session_of(
 EDGES = [0, 1, 9, 10, 999, 1000, 1001, 9999, 10_000, 123_456_789, 10**12 + 7, 4 * 10**15 - 1]
 
 
-@pytest.mark.parametrize("block_bytes", [1 << 10, 1 << 13, session.BLOCK_BYTES])
+@pytest.mark.parametrize("block_bytes", [1 << 10, 1 << 13, chrome.BLOCK_BYTES])
 def test_edge_values_in_blocks_of_changing_layout(block_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every digit count of times, durations, region ids, tids and names; negative times (the
     old writer wrote them as such); tiny blocks, so fields widen and narrow from block to block."""
-    monkeypatch.setattr(session, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(chrome, "BLOCK_BYTES", block_bytes)
     host = [(t, t + d) for t in EDGES for d in EDGES[:8]]
     host += [(-1, 5), (-999, -1), (-1000, 0), (-1500, 2_000), (-(10**9), 10**9)]
     n = len(host)
@@ -138,12 +140,12 @@ def sessions(draw: st.DrawFn) -> Session:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sessions(), st.sampled_from([1 << 9, 1 << 12, 1 << 21]))
 def test_events_are_the_bytes_one_format_per_event_wrote(s: Session, block_bytes: int) -> None:
-    old = session.BLOCK_BYTES
-    session.BLOCK_BYTES = block_bytes
+    old = chrome.BLOCK_BYTES
+    chrome.BLOCK_BYTES = block_bytes
     try:
         assert_formatted_as_before(s)
     finally:
-        session.BLOCK_BYTES = old
+        chrome.BLOCK_BYTES = old
 
 
 def stack_sublanes(start: list[int], end: list[int]) -> list[int]:
@@ -188,7 +190,7 @@ def test_sublanes_as_span_by_span(spans: list[tuple[int, int]], random: Any) -> 
     in_order = sorted(pairs, key=lambda x: (x[0], -x[1])), sorted(nested, key=lambda x: (x[0], -x[1]))
     for case in (pairs, nested, *in_order):
         start, end = [a for a, _ in case], [b for _, b in case]
-        got = session.sublanes(np.array(start, np.int64), np.array(end, np.int64)).tolist()
+        got = lanes.sublanes(np.array(start, np.int64), np.array(end, np.int64)).tolist()
         assert got == stack_sublanes(start, end), case
 
 

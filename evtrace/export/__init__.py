@@ -2,14 +2,14 @@
 renderers): constructed with its options, it declares the file ``suffix`` it writes and whether
 its output is ``binary``, and ``render(session)`` returns the text or bytes.
 
-    chrome.ChromeTrace   the trace itself (.json / .json.gz)
     summary.Summary      the text table per region name (.txt)
     report.Report        one screen of GitHub markdown (.md)
     render.Timeline      a static SVG timeline (.svg)
     diff.DiffText        two sessions compared (.txt; DiffMarkdown: .md)
     merge.merge          several sessions onto one clock: a Session, not a view
 
-The CLI picks a view by its subcommand, or by an output path's suffix (:func:`suffix_of`).
+The trace itself is no view: its formats own their files (``evtrace.formats``). The CLI picks a
+view by its subcommand, or by an output path's suffix (:func:`suffix_of`).
 """
 
 from __future__ import annotations

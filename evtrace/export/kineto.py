@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from ..lanes import OVERLAP_TID, PROFILER_PID, sublanes
 from ..metadata import json_value, text
-from ..session import OVERLAP_TID, PROFILER_PID, Session, sublanes
+from ..session import Session
 
 __all__ = ["PROFILER_PID", "attach", "is_kineto", "relabel"]
 
