@@ -144,7 +144,9 @@ class Session:
     @classmethod
     def load(cls, path: str | Path) -> Session:
         """Read a trace written by evtrace. Raises ``TraceError`` on anything else."""
-        return read(Path(path))
+        from .formats.chrome_read import read as read_fast  # it imports this module
+
+        return read_fast(Path(path))
 
     @classmethod
     def combine(cls, ranks: list[Session], meta: dict[str, Any]) -> Session:

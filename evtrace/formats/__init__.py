@@ -1,0 +1,1 @@
+"""Trace formats: each module writes or reads one kind of file."""
