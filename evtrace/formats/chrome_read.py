@@ -18,10 +18,12 @@ Session or the same TraceError.
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -51,6 +53,7 @@ IN_PIECE = 1 << 20  # compressed bytes inflated at a time (trace text inflates ~
 HEADER = b'{"traceEvents":['
 TAIL = b'],"displayTimeUnit":'  # what the writer puts after the last event
 PAD = 32  # zero bytes around a block, so that 8-byte reads near its ends stay inside
+AHEAD = 2  # inflated pieces waiting for the parser: memory bounded, and the inflater never idle
 
 _U64 = np.dtype("<u8")
 _ZEROS = np.uint64(0x3030303030303030)  # "00000000"
@@ -110,38 +113,108 @@ def _inflated(path: Path) -> Iterator[bytes]:
             raise _Fallback
 
 
-def _blocks(path: Path, progress: Progress) -> Iterator[tuple[bytes, bool]]:
-    """The events' text in blocks, each led by a comma and cut before an event's start; the last
-    one (True) ends where the events do and is followed by the document's tail in ``self.tail``."""
-    pending = b""
-    first = True
-    got = 0
+def _ahead(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """``pieces``, made on a thread a few ahead: inflating (zlib lets go of the GIL) runs on one
+    core while the events are parsed on the other. Its errors come out here, in order."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=AHEAD)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run() -> None:
+        try:
+            for piece in pieces:
+                put(piece)
+                if stop.is_set():
+                    return
+            put(end)
+        except BaseException as e:  # noqa: BLE001  # handed to the reader, which raises it
+            put(e)
+
+    t = threading.Thread(target=run, name="evtrace-inflate", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
+class _Text(NamedTuple):
+    """A block of the events' text: ``data[lo]`` is the comma (or the array's ``[``) before its
+    first event and ``data[hi]`` the one after its last (or the array's ``]``); ``data`` has at
+    least PAD bytes beyond both. With the last block, the document's tail after the events."""
+
+    data: bytes
+    lo: int
+    hi: int
+    tail: Any
+
+
+def _blocks(path: Path, progress: Progress) -> Iterator[_Text]:
+    """The events' text in blocks of about BLOCK bytes, cut before an event's start; each copied
+    once (joined from the inflated pieces)."""
+    pad = bytes(PAD)
+    pending = b""  # after the last cut: from a ',{"ph":"' on
     pieces: list[bytes] = []
-    size = 0
-    for piece in _inflated(path):
+    size = got = 0
+    first = True
+    for piece in _ahead(_inflated(path)):
         got += len(piece)
         progress.update(f"{got / 1e6:.0f} MB of JSON so far")
         pieces.append(piece)
         size += len(piece)
         if size < BLOCK:
             continue
-        data, pieces, size = pending + b"".join(pieces), [], 0
+        data = b"".join([pad, pending, *pieces, pad])
+        pieces, size = [], 0
+        lo = PAD
         if first:
-            if not data.startswith(HEADER):
+            if data[PAD : PAD + len(HEADER)] != HEADER:
                 raise _Fallback
-            data, first = b"," + data[len(HEADER) :], False
-        cut = data.rfind(b',{"ph":"')
-        if cut <= 0:
-            pending = data
+            lo, first = PAD + len(HEADER) - 1, False
+        hi = data.rfind(b',{"ph":"', lo + 1, len(data) - PAD)
+        if hi < 0:  # no event starts in it: wait for more
+            pending = data[PAD:-PAD]
             continue
-        yield data[:cut], False
-        pending = data[cut:]
-    data = pending + b"".join(pieces)
+        yield _Text(data, lo, hi, None)
+        pending = data[hi:-PAD]
+    data = b"".join([pad, pending, *pieces, pad])
+    lo = PAD
     if first:
-        if not data.startswith(HEADER):
+        if data[PAD : PAD + len(HEADER)] != HEADER:
             raise _Fallback
-        data = b"," + data[len(HEADER) :]
-    yield data, True
+        lo = PAD + len(HEADER) - 1
+    hi, tail = _split_tail(data, lo)
+    if hi == lo + 1 and data[lo] == ord(","):  # "...},]": not JSON
+        raise _Fallback
+    yield _Text(data, lo, hi, tail)
+
+
+def _split_tail(data: bytes, lo: int) -> tuple[int, Any]:
+    """Where the events end, and the document's tail after them (parsed): at the last
+    ``],"displayTimeUnit":`` that begins a valid end of the document (one later, inside the
+    metadata, would leave it unbalanced)."""
+    p = len(data) - PAD
+    while (p := data.rfind(TAIL, lo, p)) >= 0:
+        try:
+            tail = orjson.loads(b"{" + data[p + 2 : len(data) - PAD])
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(tail, dict) or "traceEvents" in tail:
+            break
+        return p, tail
+    raise _Fallback
 
 
 # ---- numbers and literals, many at once ----
@@ -155,12 +228,12 @@ def _word(text: bytes) -> tuple[np.uint64, np.uint64]:
 class _Block:
     """One block of events: its bytes (zero-padded), an 8-byte view at every offset, its commas."""
 
-    def __init__(self, text: bytes) -> None:
-        self.text = text
-        self.a = np.frombuffer(bytes(PAD) + text + bytes(PAD), np.uint8)
+    def __init__(self, t: _Text) -> None:
+        self.data, self.lo = t.data, t.lo
+        self.a = np.frombuffer(t.data, np.uint8)
         self.w = np.ndarray((len(self.a) - 7,), _U64, self.a, 0, (1,))  # unaligned: any offset
-        # every comma, and the end of the block as one more (where its last event ends)
-        self.c = np.r_[np.flatnonzero(self.a == ord(",")), PAD + len(text)]
+        # the separator before the first event, every comma, and the end of the last event
+        self.c = np.r_[t.lo, np.flatnonzero(self.a[t.lo + 1 : t.hi] == ord(",")) + (t.lo + 1), t.hi]
 
     def lit(self, pos: np.ndarray, text: bytes) -> np.ndarray:
         """Whether the bytes at each ``pos`` are ``text``."""
@@ -256,12 +329,11 @@ class _Reader:
     def read(self) -> Session:
         progress = Progress(f"reading {self.path}")
         tail: Any = None
-        for text, last in _blocks(self.path, progress):
-            if last:
-                text, tail = _split_tail(text)
-            if text != b",":  # "," alone: no events (an empty trace)
+        for t in _blocks(self.path, progress):
+            tail = t.tail
+            if t.hi > t.lo + 1:  # (none: an empty trace)
                 try:
-                    self._block(_Block(text))
+                    self._block(_Block(t))
                 except IndexError:  # a field's end read past the block: not the writer's layout
                     raise _Fallback from None
         s = self._build(tail)
@@ -275,8 +347,8 @@ class _Reader:
         word, mask = _word(b'{"ph":"')
         at = c[:-1][b.a[c[:-1] + 1] == ord("{")]
         seps = at[(b.w[at + 1] & mask) == word]  # the commas that lead an event
-        if not len(seps) or seps[0] != PAD:  # the block's first piece, whatever it holds
-            seps = np.r_[PAD, seps]
+        if not len(seps) or seps[0] != b.lo:  # the block's first piece, whatever it holds
+            seps = np.r_[b.lo, seps]
         js = np.searchsorted(c, seps)  # each event's leading comma, as an index into c
         je = np.r_[js[1:], len(c) - 1]  # and the next one's (the block's end, for the last)
         kind = b.a[seps + 8]
@@ -298,8 +370,8 @@ class _Reader:
         """The fields every X event has, from its start: ph, cat, name, pid, tid, ts, dur. And each
         event's ``js`` moved past the commas in its name (the fields after it are found from there)."""
         c = b.c
-        prefix = b',{"ph":"X","cat":"' + cat + b'","name":'
-        ok = b.lit(c[js], prefix)  # its commas are the event's first two
+        prefix = b'{"ph":"X","cat":"' + cat + b'","name":'
+        ok = b.lit(c[js] + 1, prefix)  # its commas are the event's first two
         named = b.lit(c[js + 3], b',"pid":')
         shift = np.zeros(len(js), np.int64)
         for k in range(1, NAME_COMMAS + 1):  # "a, b": the name holds commas, each one more field
@@ -312,7 +384,7 @@ class _Reader:
         jo = js + shift
         ends = [c[jo + k] for k in range(3, 8)]  # the commas after name, pid, tid, ts, dur
         out: _Fields = {}
-        good, out["name"] = self._names(b, c[js] + len(prefix), ends[0])
+        good, out["name"] = self._names(b, c[js] + 1 + len(prefix), ends[0])
         ok &= good
         keys = ((b',"pid":', False), (b',"tid":', False), (b',"ts":', True), (b',"dur":', True))
         for (key, decimals), s, e in zip(keys, ends, ends[1:]):
@@ -397,9 +469,9 @@ class _Reader:
     def _counter(self, b: _Block, js: np.ndarray, je: np.ndarray) -> np.ndarray:
         """A C event: checked, and only its pid kept (a merged trace's pids must all be known)."""
         c = b.c
-        flight_at, lead_at = b',{"ph":"C","name":"regions in flight"', b',{"ph":"C","name":"host lead"'
-        flight = b.lit(c[js], flight_at + b',"pid":') & (c[js + 2] - c[js] == len(flight_at))
-        lead = b.lit(c[js], lead_at + b',"pid":') & (c[js + 2] - c[js] == len(lead_at))
+        flight_at, lead_at = b'{"ph":"C","name":"regions in flight"', b'{"ph":"C","name":"host lead"'
+        flight = b.lit(c[js] + 1, flight_at + b',"pid":') & (c[js + 2] - c[js] == 1 + len(flight_at))
+        lead = b.lit(c[js] + 1, lead_at + b',"pid":') & (c[js + 2] - c[js] == 1 + len(lead_at))
         ok = flight | lead
         good, pid = b.number(c[js + 2] + 7, c[js + 3], False)
         ok &= good & b.lit(c[js + 3], b',"tid":') & b.lit(c[js + 4], b',"ts":')
@@ -435,7 +507,7 @@ class _Reader:
         keys = np.empty(len(uniq), np.int64)
         for u, i in enumerate(first.tolist()):
             try:
-                name = orjson.loads(b.text[start[i] - PAD : start[i] + n[i] - PAD])
+                name = orjson.loads(b.data[start[i] : start[i] + n[i]])
             except orjson.JSONDecodeError:
                 name = None
             if not isinstance(name, str):
@@ -451,7 +523,7 @@ class _Reader:
         """A region's user args (text ``"k":v,...`` in [start, end)), without evtrace's own keys
         (as a JSON reader keeps them: the last of a key); None where not a JSON object's."""
         try:
-            args = orjson.loads(b"{" + b.text[start - PAD : end - PAD] + b"}") if end > start else None
+            args = orjson.loads(b"{" + b.data[start:end] + b"}") if end > start else None
         except orjson.JSONDecodeError:
             return None
         if not isinstance(args, dict):
@@ -467,7 +539,9 @@ class _Reader:
         slow = ~fast
         edge = np.diff(np.r_[0, slow.astype(np.int8), 0])
         for i, j in zip(np.flatnonzero(edge == 1).tolist(), np.flatnonzero(edge == -1).tolist()):
-            text = b.text[seps[i] + 1 - PAD : ends[j - 1] - PAD]
+            text = b.data[seps[i] + 1 : ends[j - 1]]
+            if not text:  # an empty piece: ",," is not JSON
+                raise _Fallback
             try:
                 self.slow += orjson.loads(b"[" + text + b"]")
             except orjson.JSONDecodeError:
@@ -693,22 +767,6 @@ def _fits(rows: np.ndarray, field: str, values: np.ndarray) -> None:
     if len(values) and (values.min() < info.min or values.max() > info.max):
         raise _Fallback
     rows[field] = values
-
-
-def _split_tail(text: bytes) -> tuple[bytes, Any]:
-    """The last block's events, and the document's tail after them (parsed): where the tail is the
-    last ``],"displayTimeUnit":`` that begins a valid end of the document (one later, inside the
-    metadata, would leave it unbalanced)."""
-    p = len(text)
-    while (p := text.rfind(TAIL, 0, p)) >= 0:
-        try:
-            tail = orjson.loads(b"{" + text[p + 2 :])
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(tail, dict) or "traceEvents" in tail:
-            break
-        return text[:p], tail
-    raise _Fallback
 
 
 # ---- the general path: every event an object (what evtrace always did) ----
