@@ -409,7 +409,8 @@ class _Reader:
             if last:  # the last field closes args and the event: "}}"
                 e = e - 2
                 ok &= b.w[e] & np.uint64(0xFFFF) == np.uint64(0x7D7D)
-            return ok & b.number(s + len(key), e, True, value=False)[0]
+            good: np.ndarray = ok & b.number(s + len(key), e, True, value=False)[0]
+            return good
 
         ok = np.ones(len(js), bool)
         if np.any(dev):
@@ -483,7 +484,8 @@ class _Reader:
         us = b.lit(s, b',"args":{"us":') & b.number(s + 14, e, True, False)[0]
         ok &= np.where(flight, regions, us)
         self.counter_pids.update(np.unique(pid[ok]).tolist())
-        return ok
+        out: np.ndarray = ok
+        return out
 
     def _names(self, b: _Block, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each name (JSON string text in [start, end)) as a key into self.names, and whether it
