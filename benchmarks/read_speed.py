@@ -46,17 +46,20 @@ def make(path: str, n: int, device: bool) -> None:
         subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def timed(tree: str, args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of ``python -m evtrace ARGS`` run in ``tree``."""
+def timed(tree: str, args: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + system, all threads) of
+    ``python -m evtrace ARGS`` run in ``tree``. The CPU time says more than the wall time on a
+    machine that other work shares."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "evtrace", *args]
     p = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{args} failed:\n{p.stderr[-2000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", p.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", p.stderr))
     assert wall and rss, p.stderr
     h, m, s = wall.groups()
-    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) / 1024
+    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) / 1024, cpu
 
 
 def main() -> None:
@@ -85,7 +88,7 @@ def main() -> None:
         if only and name not in only:
             continue
         runs = [timed(tree, args) for _ in range(a.trials)]
-        walls, peaks = [r[0] for r in runs], [r[1] for r in runs]
+        walls, peaks, cpus = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]
         emit(
             f"read_{name}",
             {
@@ -95,6 +98,9 @@ def main() -> None:
                 "wall_s": walls,
                 "peak_mb_median": statistics.median(peaks),
                 "peak_mb": peaks,
+                "cpu_s_median": statistics.median(cpus),
+                "cpu_s": cpus,
+                "load_avg_1min": os.getloadavg()[0],
                 **machine(),
             },
         )
