@@ -145,9 +145,8 @@ def _ahead(pieces: Iterator[bytes]) -> Iterator[bytes]:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
-        t.join()
+    finally:  # not joined: a Ctrl-C may come while it waits on a file (a FIFO) that never ends
+        stop.set()  # it stops at its next piece, and as a daemon never holds up the exit
 
 
 class _Text(NamedTuple):
