@@ -8,7 +8,7 @@ own trace writer (its counters) and the views above it use one implementation. n
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -144,6 +144,20 @@ def innermost(r: np.ndarray) -> np.ndarray:
     return out
 
 
+def by_name(r: np.ndarray, names: int, skip: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """Each name's regions: its index, and its rows by host start (ties in the order held), the
+    first ``skip`` dropped (warm-up). One stable sort by name for all of them, instead of a pass
+    over every region per name (2M regions: 0.05 s, where 1000 names took a pass each)."""
+    order = np.argsort(r["name"], kind="stable")
+    bounds = np.searchsorted(r["name"][order], np.arange(names + 1)).tolist()
+    for ix in range(names):
+        at = order[bounds[ix] : bounds[ix + 1]]
+        start = r["host_start"][at]
+        if len(at) > 1 and bool((start[1:] < start[:-1]).any()):  # most are in order already
+            at = at[np.argsort(start, kind="stable")]
+        yield ix, r[at[skip:]]
+
+
 def rows(s: Regions, skip: int = 0) -> list[Row]:
     """One Row per name, the first ``skip`` of each name dropped (warm-up); by device busy time,
     then host time, then name."""
@@ -154,11 +168,10 @@ def rows(s: Regions, skip: int = 0) -> list[Row]:
     def pct(x: np.ndarray, q: float) -> float:
         return float(np.percentile(x, q)) if len(x) else nan
 
-    for ix, name in enumerate(s.names):
-        g = r[r["name"] == ix]
-        g = g[np.argsort(g["host_start"], kind="stable")][skip:]
+    for ix, g in by_name(r, len(s.names), skip):
         if len(g) == 0:
             continue
+        name = s.names[ix]
         host = g["host_end"] - g["host_start"]
         dv = g[g["device"] >= 0]
         dev = dv["dev_end"] - dv["dev_start"]

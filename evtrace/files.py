@@ -118,6 +118,35 @@ def gzip_stream(chunks: Iterable[bytes | bytearray], level: int = GZIP_LEVEL) ->
 CLEAR = "\r\x1b[K"  # back to the start of the terminal's line, and clear it
 
 
+class Progress:
+    """A line on stderr for work that has taken over PROGRESS_AFTER_S so far: "evtrace: <what>
+    (<detail>) ...", rewritten in place on a terminal (every second), a new line now and then in a
+    log (every 10 s); and a closing "evtrace: <what>: done, <detail> in <t> s" where one was shown."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.start = time.monotonic()
+        self.due = self.start + PROGRESS_AFTER_S
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def update(self, detail: str) -> None:
+        if time.monotonic() > self.due:
+            line = f"evtrace: {self.what} ({detail}) ..."
+            tty = self.tty
+            print(f"{CLEAR}{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            self.shown, self.due = True, time.monotonic() + (1.0 if tty else 10.0)
+
+    def done(self, detail: str) -> None:
+        if self.shown:
+            took = time.monotonic() - self.start
+            print(
+                f"{CLEAR if self.tty else ''}evtrace: {self.what}: done, {detail} in {took:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path:
     """Write atomically (temp file, then rename), gzip when ``path`` ends in ``.gz``.
 
@@ -125,21 +154,13 @@ def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path
     exception goes on. A write that takes over a second prints a progress line on stderr.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    start = time.monotonic()
-    shown = False
-    tty = sys.stderr.isatty()
-    every = 1.0 if tty else 10.0  # a terminal's line is rewritten in place; a log gets a line now and then
+    progress = Progress(f"writing {path}")
 
     def text() -> Generator[bytes | bytearray, None, None]:
-        nonlocal shown
         written = 0
-        due = start + PROGRESS_AFTER_S
         for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
             written += len(chunk)
-            if time.monotonic() > due:
-                line = f"evtrace: writing {path} ({written / 1e6:.0f} MB so far) ..."
-                print(f"{CLEAR}{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-                shown, due = True, time.monotonic() + every
+            progress.update(f"{written / 1e6:.0f} MB so far")
             yield chunk
 
     try:
@@ -154,14 +175,7 @@ def write_bytes(chunks: Iterable[bytes | bytearray] | bytes, path: Path) -> Path
         except OSError:
             pass
         raise
-    if shown:
-        took = time.monotonic() - start
-        size = path.stat().st_size / 1e6
-        print(
-            f"{CLEAR if tty else ''}evtrace: writing {path}: done, {size:.1f} MB in {took:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+    progress.done(f"{path.stat().st_size / 1e6:.1f} MB")
     return path
 
 

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..analysis import aligned, device_busy_ns, fmt_ns
+from ..analysis import aligned, by_name, device_busy_ns, fmt_ns
 from ..session import Session
 from .markdown import escape as _md
 
@@ -157,11 +157,10 @@ def sides(parts: list[Session], skip: int = 0) -> dict[str, Side]:
     acc: dict[str, tuple[list[np.ndarray], list[np.ndarray], int]] = {}
     for s in parts:
         r = s.regions
-        for ix, name in enumerate(s.names):
-            g = r[r["name"] == ix]
-            g = g[np.argsort(g["host_start"], kind="stable")][skip:]
+        for ix, g in by_name(r, len(s.names), skip):
             if len(g) == 0:
                 continue
+            name = s.names[ix]
             dv = g[g["device"] >= 0]
             busy = device_busy_ns(dv)
             hosts, devs, b = acc.setdefault(name, ([], [], 0))

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from ..files import TraceError
 from ..session import Session
-from . import chrome, pftrace
+from . import chrome, chrome_read, pftrace
 
 
 class Format(NamedTuple):
@@ -25,7 +25,7 @@ class Format(NamedTuple):
     read: Callable[[Path], Session]
 
 
-CHROME = Format("Chrome JSON", chrome.save, chrome.read_slow)
+CHROME = Format("Chrome JSON", chrome.save, chrome_read.read)
 PERFETTO = Format("Perfetto protobuf", pftrace.save, pftrace.read)
 
 #: the one suffix table; the longest suffix that a name ends in wins

@@ -1,0 +1,110 @@
+"""Reading traces back (#26): wall time and peak memory of `evtrace summary`, `diff` and `merge`
+on 2M-region traces, each command a fresh process as a user runs it (``/usr/bin/time -v``),
+median of ``--trials``.
+
+    python benchmarks/read_speed.py [--trials 3] [--tree DIR] [--dir DIR]
+
+``--tree`` runs another checkout's evtrace (the before figures); the traces are made once in
+``--dir`` with this tree: 2M host-only regions (two, for diff and merge) and 2M device regions
+from the simulated device, a loop of ``step`` with ``forward`` inside, as a user records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.common import emit, machine  # noqa: E402
+
+MAKE = """
+import sys
+sys.path.insert(0, {root!r})
+import evtrace
+from tests.simdevice import FakeClock, SimBackend
+clk = FakeClock()
+backend = SimBackend(clk) if {device!r} else None
+with evtrace.record({path!r}, backend=backend, clock=clk, device={device!r}, quiet=True,
+                    max_regions=4_000_000):
+    for i in range({n} // 2):
+        with evtrace.region("step"):
+            with evtrace.region("forward"):
+                if backend:
+                    backend.launch(10_000)
+"""
+
+
+def make(path: str, n: int, device: bool) -> None:
+    if not os.path.exists(path):
+        root = os.path.join(os.path.dirname(__file__), "..")
+        code = MAKE.format(root=os.path.abspath(root), path=path, n=n, device=device)
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def timed(tree: str, args: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + system, all threads) of
+    ``python -m evtrace ARGS`` run in ``tree``. The CPU time says more than the wall time on a
+    machine that other work shares."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "evtrace", *args]
+    p = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{args} failed:\n{p.stderr[-2000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", p.stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", p.stderr))
+    assert wall and rss, p.stderr
+    h, m, s = wall.groups()
+    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) / 1024, cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--tree", default=os.path.join(os.path.dirname(__file__), ".."))
+    ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--regions", type=int, default=2_000_000)
+    ap.add_argument("--only", default="", help="comma-separated subset of the cases")
+    a = ap.parse_args()
+    n = a.regions
+    host, host2, dev = (os.path.join(a.dir, f"read_{k}_{n}.json.gz") for k in ("host", "host2", "device"))
+    make(host, n, False)
+    make(host2, n, False)
+    make(dev, n, True)
+    out = os.path.join(a.dir, "read_merged.json.gz")
+    cases = {
+        "summary_host": ["summary", host],
+        "summary_device": ["summary", dev],
+        "diff_host": ["diff", host, host2],
+        "merge_host": ["merge", host, host2, "-o", out],
+    }
+    only = [c for c in a.only.split(",") if c]
+    tree = os.path.abspath(a.tree)
+    for name, args in cases.items():
+        if only and name not in only:
+            continue
+        runs = [timed(tree, args) for _ in range(a.trials)]
+        walls, peaks, cpus = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]
+        emit(
+            f"read_{name}",
+            {
+                "regions": n,
+                "tree": tree,
+                "wall_s_median": statistics.median(walls),
+                "wall_s": walls,
+                "peak_mb_median": statistics.median(peaks),
+                "peak_mb": peaks,
+                "cpu_s_median": statistics.median(cpus),
+                "cpu_s": cpus,
+                "load_avg_1min": os.getloadavg()[0],
+                **machine(),
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()
