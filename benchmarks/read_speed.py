@@ -46,6 +46,32 @@ def make(path: str, n: int, device: bool) -> None:
         subprocess.run([sys.executable, "-c", code], check=True)
 
 
+RANKS = """
+import sys
+sys.path.insert(0, {root!r})
+import evtrace
+from evtrace import metadata
+one = evtrace.load({path!r})
+for r in range({ranks}):  # one job's ranks: the same recording, each its own rank and process
+    one.meta["rank"], one.meta["world_size"] = r, {ranks}
+    one.meta.pop(metadata.RANK_CLOCK, None)
+    one.pid = 1000 + r
+    one.save({out!r}.format(r=r))
+"""
+
+
+def make_ranks(template: str, n: int, ranks: int) -> list[str]:
+    """``ranks`` files of one job, ``n`` host-only regions each (#25's scale: 64 x 100k)."""
+    out = os.path.join(os.path.dirname(template), "rank{r}_" + f"{n}.json.gz")
+    paths = [out.format(r=r) for r in range(ranks)]
+    if not all(os.path.exists(p) for p in paths):
+        make(template, n, False)
+        root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+        code = RANKS.format(root=root, path=template, ranks=ranks, out=out)
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return paths
+
+
 def timed(tree: str, args: list[str]) -> tuple[float, float, float]:
     """Wall seconds, peak RSS (MB) and CPU seconds (user + system, all threads) of
     ``python -m evtrace ARGS`` run in ``tree``. The CPU time says more than the wall time on a
@@ -69,20 +95,26 @@ def main() -> None:
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--regions", type=int, default=2_000_000)
     ap.add_argument("--only", default="", help="comma-separated subset of the cases")
+    ap.add_argument("--ranks", type=int, default=64, help="rank files for summary_ranks (of 100k regions)")
     a = ap.parse_args()
     n = a.regions
-    host, host2, dev = (os.path.join(a.dir, f"read_{k}_{n}.json.gz") for k in ("host", "host2", "device"))
-    make(host, n, False)
-    make(host2, n, False)
-    make(dev, n, True)
-    out = os.path.join(a.dir, "read_merged.json.gz")
-    cases = {
-        "summary_host": ["summary", host],
-        "summary_device": ["summary", dev],
-        "diff_host": ["diff", host, host2],
-        "merge_host": ["merge", host, host2, "-o", out],
-    }
     only = [c for c in a.only.split(",") if c]
+    host, host2, dev = (os.path.join(a.dir, f"read_{k}_{n}.json.gz") for k in ("host", "host2", "device"))
+    cases: dict[str, list[str]] = {}
+    if not only or set(only) - {"summary_ranks"}:
+        make(host, n, False)
+        make(host2, n, False)
+        make(dev, n, True)
+        out = os.path.join(a.dir, "read_merged.json.gz")
+        cases = {
+            "summary_host": ["summary", host],
+            "summary_device": ["summary", dev],
+            "diff_host": ["diff", host, host2],
+            "merge_host": ["merge", host, host2, "-o", out],
+        }
+    if not only or "summary_ranks" in only:
+        ranks = make_ranks(os.path.join(a.dir, "read_rank_100000.json.gz"), 100_000, a.ranks)
+        cases["summary_ranks"] = ["summary", *ranks]
     tree = os.path.abspath(a.tree)
     for name, args in cases.items():
         if only and name not in only:
@@ -92,7 +124,7 @@ def main() -> None:
         emit(
             f"read_{name}",
             {
-                "regions": n,
+                "regions": n if name != "summary_ranks" else f"{a.ranks} x 100000",
                 "tree": tree,
                 "wall_s_median": statistics.median(walls),
                 "wall_s": walls,
