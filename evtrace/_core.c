@@ -25,6 +25,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -271,6 +272,19 @@ static inline int64_t now(Core *c) {
     int64_t t = PyLong_AsLongLong(r);
     Py_DECREF(r);
     return t;
+}
+
+/* A native thread of evtrace's, started with every signal blocked: a signal sent to the process
+ * must reach a thread that can act on it. Delivered to ours, it would only set Python's flag,
+ * and a main thread blocked in sleep() or a read would not wake up for it. */
+static int start_thread(pthread_t *t, void *(*fn)(void *), void *arg, const char *name) {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(t, NULL, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0) pthread_setname_np(*t, name); /* as top -H and py-spy show it */
+    return rc;
 }
 
 /* Lock a mutex that a Python-mode resolver may hold while it waits for the GIL. */
@@ -1277,7 +1291,7 @@ static PyObject *Core_run(Core *c, PyObject *unused) {
     if (!c->native) return PyErr_Format(PyExc_RuntimeError, "a native resolver needs the native runtime");
     if (c->running) Py_RETURN_NONE;
     c->stopping = 0;
-    if (pthread_create(&c->thread, NULL, resolver_main, c) != 0)
+    if (start_thread(&c->thread, resolver_main, c, "evtrace-resolve") != 0)
         return PyErr_Format(PyExc_OSError, "could not start the resolver thread");
     c->running = 1;
     Py_RETURN_NONE;
@@ -1848,7 +1862,7 @@ static PyObject *Core_journal_open(Core *c, PyObject *args) {
         return NULL;
     }
     c->jon = 1; /* with the GIL: no hot path is between its lock and unlock */
-    if (pthread_create(&j->thread, NULL, journal_main, c) != 0) {
+    if (start_thread(&j->thread, journal_main, c, "evtrace-journal") != 0) {
         c->jon = 0;
         journal_free(c);
         return PyErr_Format(PyExc_OSError, "could not start the journal's thread");

@@ -421,3 +421,20 @@ def test_a_journal_that_cannot_be_written_says_so_once_and_loses_nothing(tmp_pat
     assert len(said) == 1 and "File too large" in said[0] and "it stops here" in said[0]
     assert ids_of(evtrace.load(tmp_path / "t.json.gz")) == set(range(600))
     assert not (tmp_path / "t.json.gz.journal").exists()
+
+
+def test_the_journals_thread_takes_no_signal(tmp_path: Path) -> None:
+    """A signal sent to the process must reach a thread that acts on it: delivered to the writer
+    thread, it would leave a main thread asleep in a region unwoken (Ctrl-C ignored for minutes)."""
+
+    def blocked(comm: str) -> int:
+        for task in Path("/proc/self/task").iterdir():
+            if (task / "comm").read_text().strip() == comm:
+                status = (task / "status").read_text()
+                return int(next(x for x in status.splitlines() if x.startswith("SigBlk:")).split()[1], 16)
+        raise AssertionError(f"no thread {comm}")
+
+    with evtrace.record(tmp_path / "t.json", device=False, quiet=True):
+        mask = blocked("evtrace-journal")
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        assert mask >> (sig - 1) & 1, sig
