@@ -1,4 +1,6 @@
-"""``record``: start a session, run, resolve, write the trace, print one line."""
+"""``record``: the public face of a session. Its options (:class:`Options`) and its lifecycle:
+start the recorder, stop it, and a record() entered inside another as a view of that session.
+What follows the stop (the write, the line, the report...) is ``output.py``'s."""
 
 from __future__ import annotations
 
@@ -6,10 +8,8 @@ import atexit
 import dataclasses
 import functools
 import os
-import shlex
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -18,15 +18,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from . import defaults, formats
+from . import defaults
 from . import recorder as _rec
-from .analysis import lost_device_spans, plural
-from .clock import Clock, alignment_warnings
+from .clock import Clock
 from .device import Backend, cuda_backend
 from .finish import Finishing, Terminated, die_by, settle, signum_of, take_ending
-from .journal import recover_hint
 from .journal import remove as remove_journal
 from .meta import redacted_argv
+from .output import Output
 from .session import COUNTS, Session
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,88 +33,35 @@ _said_no_cuda = False
 #: the record() whose session is recording in this process: a record() entered meanwhile is a
 #: view of it (sessions do not nest in the recorder)
 _active: record | None = None
-#: the names default_path() gave (absolute), with their stem: such a name is written
-#: exclusively, never over an existing file (runs in the same second, or in two processes)
-_defaults: dict[Path, str] = {}
+#: an option only the recording session uses: a view is told it is ignored
+_OUTER = {"outer_only": True}
 
 
-def default_path() -> Path:
-    """``evtrace-YYYYmmdd-HHMMSS.json.gz`` in the working directory, or with ``-1``, ``-2``...
-    when that is taken (``-rank<R>`` last under torchrun). Checked again when it is written."""
-    stem = time.strftime("evtrace-%Y%m%d-%H%M%S")
-    n = 0
-    while _numbered(stem, n).exists():
-        n += 1
-    path = _numbered(stem, n)
-    _defaults[path.absolute()] = stem
-    return path
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """``record()``'s options but its path and its profiler. No defaults here: they are
+    ``record``'s signature, and mypy checks that ``record`` passes every field."""
+
+    device: bool | None = dataclasses.field(metadata=_OUTER)
+    anchor_interval: float = dataclasses.field(metadata=_OUTER)
+    pool_size: int = dataclasses.field(metadata=_OUTER)
+    quiet: bool
+    open: bool
+    max_regions: int | None = dataclasses.field(metadata=_OUTER)
+    redact_argv: bool
+    hooks: bool = dataclasses.field(metadata=_OUTER)
+    depth: int | None = dataclasses.field(metadata=_OUTER)
+    include: str | None = dataclasses.field(metadata=_OUTER)
+    exclude: str | None = dataclasses.field(metadata=_OUTER)
+    nvtx: bool = dataclasses.field(metadata=_OUTER)
+    report: bool
+    journal: bool = dataclasses.field(metadata=_OUTER)
+    backend: Backend | None = dataclasses.field(metadata=_OUTER)
+    clock: Clock = dataclasses.field(metadata=_OUTER)
 
 
-def _rescue_path(target: Path) -> Path:
-    """A new file in the temp directory for a trace that could not be written at ``target``."""
-    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".gz") else target.suffix
-    stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
-    directory, n = Path(tempfile.gettempdir()), 0
-    while True:
-        path = directory / f"{stem}-{os.getpid()}{f'-{n}' if n else ''}{suffix}"
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return path
-        except FileExistsError:
-            n += 1
-
-
-def _numbered(stem: str, n: int) -> Path:
-    return rank_path(Path(f"{stem}-{n}.json.gz" if n else f"{stem}.json.gz"))
-
-
-def _claim(stem: str, first: Path) -> Path:
-    """Create the first free default name in ``first``'s directory, exclusively (O_EXCL: two processes
-    never get the same one); the write then replaces this empty file."""
-    directory, n = first.parent, 0
-    while True:
-        path = directory / _numbered(stem, n).name
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            return path
-        except FileExistsError:
-            n += 1
-
-
-def rank_path(path: Path) -> Path:
-    """Under torchrun each rank writes its own file: ``name-rank3.json.gz``."""
-    from .meta import rank
-
-    rw = rank()
-    if rw is None:
-        return path
-    stem, suffix = formats.split_suffix(path.name)
-    return path.with_name(f"{stem}-rank{rw[0]}{suffix}")
-
-
-def _can_create_in(directory: Path) -> bool:
-    """Really try (permissions alone miss read-only mounts, and root passes every access check)."""
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            return True
-    except OSError:
-        return False
-
-
-def output_problem(path: Path, trace: bool = True) -> str | None:
-    """Why ``path`` cannot be written (a trace by default: a suffix of ``formats.TABLE``), or None."""
-    if path.is_dir():
-        return f"output path {path} is a directory"
-    if trace and formats.suffix_problem(path):
-        return f"output path {formats.suffix_problem(path)}"
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        return f"output directory {parent} does not exist"
-    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
-        return f"output directory {parent} is not writable"
-    if path.exists() and not os.access(path, os.W_OK):
-        return f"output file {path} is not writable"
-    return None
+#: the options only the recording session uses, in signature order
+_OUTER_ONLY = tuple(f.name for f in dataclasses.fields(Options) if f.metadata.get("outer_only"))
 
 
 class record:
@@ -148,9 +94,6 @@ class record:
     the process as SIGTERM would. Ctrl-C raises KeyboardInterrupt as usual, through ``__exit__``.
     """
 
-    session: Session | None
-    path: Path | None
-
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -173,8 +116,9 @@ class record:
         backend: Backend | None = None,
         clock: Clock = time.perf_counter_ns,
     ) -> None:
+
         self._path = Path(path) if path is not None else None
-        self._opts: dict[str, Any] = dict(
+        self._options = Options(
             device=device,
             anchor_interval=anchor_interval,
             pool_size=pool_size,
@@ -192,38 +136,37 @@ class record:
             backend=backend,
             clock=clock,
         )
-        self.quiet, self.open, self.report, self.redact_argv = quiet, open, report, redact_argv
+        self._profiler = profiler
+        self._out = Output(quiet=quiet, open=open, report=report, redact_argv=redact_argv)
         self._hooks: Any = None
         self._old_ending: dict[int, Any] = {}  # handlers replaced for SIGTERM and SIGHUP
-        self.session = None
-        self.path = None
         self._recorder: _rec.Recorder | None = None
-        self._profiler = profiler
         self._pid = 0
-        self._target = Path()
-        self._stem: str | None = None
         self._outer: record | None = None  # the session this one is a view of
         self._span = (0, 0)  # a view's span, on the outer recorder's clock
         self._origin = 0  # a view's: the outer recorder's origin
-        #: False once the trace could not be written at ``path`` as asked (it may be in the temp directory)
-        self.written_where_asked = True
         self._views: list[record] = []  # views exited inside this session
+
+    @property
+    def session(self) -> Session | None:
+        """The finished :class:`Session`, once written (None before)."""
+        return self._out.session
+
+    @property
+    def path(self) -> Path | None:
+        """Where the trace is written (fixed on entry; the temp directory's file if it had to be)."""
+        return self._out.path
+
+    @property
+    def written_where_asked(self) -> bool:
+        """False once the trace could not be written at ``path`` as asked (it may be in the temp
+        directory)."""
+        return self._out.written_where_asked
 
     def __enter__(self) -> record:
         global _active
         self._pid = os.getpid()  # only this process writes: a forked child's copy never does
-        if self._path is None:
-            self.path = default_path()
-        elif self._path.absolute() in _defaults:  # the CLI's default: ranked already
-            self.path = self._path
-        else:
-            self.path = rank_path(self._path)
-        # where it is written, fixed now: a script may change directory before the end (Hydra)
-        self._target = self.path.absolute()
-        self._stem = _defaults.get(self._target)
-        problem = output_problem(self.path)
-        if problem:
-            raise ValueError(f"evtrace: {problem}")
+        self._out.aim(self._path)
         if recorder_current() is not None and _active is not None and _active._pid == self._pid:
             self._view_of(_active)
             return self
@@ -259,13 +202,13 @@ class record:
         self._outer = outer
         self._span = (outer._recorder.clock(), 0)
         self._origin = outer._recorder.origin_ns
-        if self._target == outer._target:  # the same file (a decorated function called recursively)
+        if self._out.target == outer._out.target:  # the same file (a decorated function called recursively)
             self._outer = None  # is that session's: nothing of its own to write
             return
-        ignored = [k for k in _OUTER_ONLY if self._opts[k] != outer._opts[k]]
+        ignored = [k for k in _OUTER_ONLY if getattr(self._options, k) != getattr(outer._options, k)]
         if self._profiler is not None:
             ignored.append("profiler")
-        if ignored and not self.quiet:
+        if ignored and not self._options.quiet:
             print(
                 f"evtrace: inside another session, which records with its own options: "
                 f"{', '.join(ignored)} ignored",
@@ -281,37 +224,37 @@ class record:
 
     def _start(self) -> None:
         global _said_no_cuda
-        o = self._opts
-        backend: Backend | None = o["backend"]
-        if backend is None and o["device"] is not False:
+        o = self._options
+        backend = o.backend
+        if backend is None and o.device is not False:
             backend = cuda_backend()
-            if backend is None and not _said_no_cuda and not self.quiet:
+            if backend is None and not _said_no_cuda and not o.quiet:
                 _said_no_cuda = True
                 print("evtrace: no CUDA device; recording host lanes only", file=sys.stderr)
         self._recorder = _rec.Recorder(
             backend,
-            o["clock"],
-            anchor_interval_s=o["anchor_interval"],
-            pool_size=o["pool_size"],
-            max_regions=o["max_regions"],
-            nvtx=o["nvtx"] and backend is not None,
+            o.clock,
+            anchor_interval_s=o.anchor_interval,
+            pool_size=o.pool_size,
+            max_regions=o.max_regions,
+            nvtx=o.nvtx and backend is not None,
         )
         self._recorder.start()
-        self._recorder.argv = redacted_argv(self._recorder.argv, only_name=self.redact_argv)
+        self._recorder.argv = redacted_argv(self._recorder.argv, only_name=o.redact_argv)
         try:  # on disk as it runs: a kill, os._exit or a crash leaves `evtrace recover` something
-            if o["journal"]:
-                self._recorder.start_journal(self._target)
+            if o.journal:
+                self._recorder.start_journal(self._out.target)
         except OSError as e:
-            if not self.quiet:
+            if not o.quiet:
                 print(
                     f"evtrace: no journal beside {self.path} ({e.strerror or e}): "
                     "a crash would lose this recording",
                     file=sys.stderr,
                 )
-        if o["hooks"]:
+        if o.hooks:
             from .autohooks import Hooks
 
-            self._hooks = Hooks(o["depth"], o["include"], o["exclude"])
+            self._hooks = Hooks(o.depth, o.include, o.exclude)
 
     def __exit__(self, exc_type: Any = None, exc: Any = None, tb: Any = None) -> None:
         try:
@@ -329,25 +272,9 @@ class record:
         if os.getpid() != self._pid:  # a forked child's copy: its parent writes the trace
             return
         if self._recorder is None:  # a view of another session (or one of its own file)
-            outer, self._outer = self._outer, None
-            if outer is None:
-                return
-            if outer._recorder is not None:
-                self._span = (self._span[0], outer._recorder.clock())
-                outer._views.append(self)
-                if not self.quiet:
-                    print(f"evtrace: {self.path} is written when the enclosing session ends", file=sys.stderr)
-            elif outer.session is not None:  # that session ended first: written now, up to its end
-                end = self._origin + int(outer.session.meta.get("duration_ns", 0))
-                self._span = (self._span[0], end)
-                outer._write_views(self._origin, [self])
-            else:
-                print(
-                    f"evtrace: {self.path} was not written: its enclosing session wrote nothing",
-                    file=sys.stderr,
-                )
+            self._end_view()
             return
-        assert self._recorder is not None and self.path is not None
+        assert self.path is not None
         atexit.unregister(self._at_exit)
         with Finishing(self.path) as fin:  # from here on a signal waits until the trace is written
             if self._hooks is not None:  # first: nothing evtrace does from here on is traced
@@ -361,145 +288,50 @@ class record:
                 _active = None
             rec = self._recorder
             fin.journal = rec.journal
-            self.session = rec.stop()
+            session = rec.stop()
             self._recorder = None
-            fin.written = self._write(self.session)
-            self._close_journal(rec, fin.written)
-            if fin.written:
-                ending = exc_type is Terminated
-                if self._profiler is not None and not ending:
-                    self._with_profiler(self._profiler)
-                if not self.quiet:
-                    sys.stdout.flush()  # keep the script's own output first
-                    print(describe(self.session, self.path), file=sys.stderr)
-                if self.report and not ending:
-                    self._write_report()
+            ending = exc_type is Terminated
+            self._out.finish(session, rec, fin, ending=ending, profiler=self._profiler)
             self._write_views(origin, self._views)  # their files, whether this one was written or not
             self._views = []
-            if exc_type is Terminated:
+            if ending:
                 die_by(signum_of(exc) if isinstance(exc, BaseException) else signal.SIGTERM)
             if not fin.written:
                 return
-        if self.open:
-            from .view import OPEN_TIMEOUT_S, serve
+        self._out.serve()
 
-            try:
-                serve(self.path, timeout=OPEN_TIMEOUT_S)
-            except OSError as e:
-                print(
-                    f"evtrace: could not serve {self.path} on 127.0.0.1:9001: {e.strerror or e}",
-                    file=sys.stderr,
-                )
-
-    def _close_journal(self, rec: _rec.Recorder, written: bool) -> None:
-        """The trace is written: its journal goes. Not written anywhere: the journal stays, named."""
-        folder = rec.journal
-        err = rec.close_journal(self.path.absolute() if written and self.path else None)
-        if folder is None:
+    def _end_view(self) -> None:
+        """A view's end: its file is written once the enclosing session has stopped (now, if it has)."""
+        outer, self._outer = self._outer, None
+        if outer is None:
             return
-        if err is not None and not self.quiet:
-            print(f"evtrace: the journal {folder} stopped early: {err}", file=sys.stderr)
-        if not written:
-            print(f"evtrace: the recording is kept in {folder}: {recover_hint(folder)}", file=sys.stderr)
+        if outer._recorder is not None:
+            self._span = (self._span[0], outer._recorder.clock())
+            outer._views.append(self)
+            if not self._options.quiet:
+                print(f"evtrace: {self.path} is written when the enclosing session ends", file=sys.stderr)
+        elif outer.session is not None:  # that session ended first: written now, up to its end
+            end = self._origin + int(outer.session.meta.get("duration_ns", 0))
+            self._span = (self._span[0], end)
+            outer._write_views(self._origin, [self])
+        else:
+            print(
+                f"evtrace: {self.path} was not written: its enclosing session wrote nothing",
+                file=sys.stderr,
+            )
 
     def _write_views(self, origin: int, views: list[record]) -> None:
         """The files of record()s entered inside this session (``origin``: its clock's origin)."""
         assert self.session is not None
         for v in views:
-            v.session = _within(self.session, v._span[0] - origin, v._span[1] - origin)
-            if v.redact_argv:
-                v.session.meta["argv"] = redacted_argv(v.session.meta["argv"], only_name=True)
-            if v._write(v.session) and not v.quiet:
-                assert v.path is not None
-                print(describe(v.session, v.path), file=sys.stderr)
-
-    def _write(self, s: Session) -> bool:
-        """Save ``s`` where this session said it would (a default name: the first free one), and
-        name it so from the current directory too; False, having said why, if it could not."""
-        assert self.path is not None
-        target = self._target
-        try:
-            if self._stem is not None:
-                target = _claim(self._stem, target)
-            s.save(target)
-        except OSError as e:  # a full disk, a quota: the temp directory may still have room
-            if target != self._target:
-                target.unlink(missing_ok=True)
-            self.written_where_asked = False
-            why = f"evtrace: could not write {self.path}: {e.strerror or e}"
-            try:
-                rescue = _rescue_path(target)
-                s.save(rescue)
-            except OSError as e2:  # the session is still in memory: .session.save(elsewhere)
-                print(f"{why}; nor in the temp directory: {e2.strerror or e2}", file=sys.stderr)
-                return False
-            print(f"{why}; wrote {rescue} instead", file=sys.stderr)
-            self.path = rescue
-            return True
-        if Path(os.path.abspath(self.path)) != target:  # moved on, or the script left its directory
-            self.path = target if self.path.absolute() != self._target else self.path.with_name(target.name)
-        return True
-
-    def _with_profiler(self, prof: Any) -> None:
-        """Merge torch.profiler's trace into the written one: now if it has stopped, else right
-        after it stops (``with profile() as prof, record(profiler=prof)`` exits us first)."""
-        if getattr(getattr(prof, "profiler", None), "kineto_results", None) is not None:
-            self._merge_profiler(prof)
-            return
-        stop = prof.stop
-
-        def stop_then_merge() -> None:
-            del prof.stop  # the profiler's own method again
-            stop()
-            self._merge_profiler(prof)
-
-        prof.stop = stop_then_merge
-
-    def _merge_profiler(self, prof: Any) -> None:
-        import tempfile
-
-        from .export.kineto import attach
-        from .files import read_json
-
-        assert self.session is not None and self.path is not None
-        with tempfile.TemporaryDirectory(prefix="evtrace-") as tmp:
-            kineto = Path(tmp) / "torch_profiler.json"
-            try:
-                prof.export_chrome_trace(str(kineto))
-                self.session = attach(self.session, read_json(kineto), "torch.profiler")
-                self.session.save(self.path)
-            except Exception as e:  # the evtrace trace is written already: keep it, say why
-                print(f"evtrace: could not merge the torch.profiler trace: {e}", file=sys.stderr)
-                return
-        if not self.quiet:
-            fit = self.session.meta["profiler"][str(len(self.session.meta["profiler"]) - 1)]
-            print(
-                f"evtrace: merged torch.profiler's trace into {self.path} ({fit['events_placed']} events; "
-                f"{fit['kernels_inside']}/{fit['kernels_placed']} kernels inside their region's span)",
-                file=sys.stderr,
-            )
-
-    def _write_report(self) -> None:
-        """The markdown report and the SVG timeline, beside the trace."""
-        from .export.render import render
-        from .export.report import report
-
-        assert self.session is not None and self.path is not None
-        stem = formats.split_suffix(self.path.name)[0]
-        md, svg = self.path.with_name(stem + ".md"), self.path.with_name(stem + ".svg")
-        try:
-            md.write_text(report(self.session, self.path), encoding="utf-8")
-            svg.write_text(render(self.session), encoding="utf-8")
-        except (OSError, ValueError) as e:
-            print(f"evtrace: could not write the report: {e}", file=sys.stderr)
-            return
-        if not self.quiet:
-            print(f"evtrace: wrote {md} and {svg}", file=sys.stderr)
+            v._out.finish_view(_within(self.session, v._span[0] - origin, v._span[1] - origin))
 
     def __call__(self, fn: F) -> F:
+        path, options = self._path, self._options
+
         @functools.wraps(fn)
         def wrapper(*a: Any, **k: Any) -> Any:
-            with record(self._path, **self._opts):
+            with record(path, **vars(options)):
                 return fn(*a, **k)
 
         return wrapper  # type: ignore[return-value]
@@ -508,22 +340,6 @@ class record:
 def recorder_current() -> _rec.Recorder | None:
     return _rec.current
 
-
-#: the options only the recording session uses: a view is told they are ignored
-_OUTER_ONLY = (
-    "device",
-    "anchor_interval",
-    "pool_size",
-    "max_regions",
-    "hooks",
-    "depth",
-    "include",
-    "exclude",
-    "nvtx",
-    "journal",
-    "backend",
-    "clock",
-)
 
 #: counts of the enclosing session as a whole, which a view's span does not share
 _SESSION_WIDE = (*COUNTS, "lost_device_spans", "device_fault")
@@ -560,32 +376,4 @@ def _within(s: Session, start: int, end: int) -> Session:
         meta=meta,
         wall_origin_ns=s.wall_origin_ns + start,
         profiler=[],
-    )
-
-
-def describe(s: Session, path: Path) -> str:
-    """The one line printed after a session: where, how much, how to open it."""
-    extra = ""
-    lost = lost_device_spans(s.meta)
-    if lost:
-        extra += f", {lost} device spans lost"
-    for key, what in (
-        ("dropped_regions", "oldest regions dropped (max_regions)"),
-        ("unfinished_regions", "unfinished"),
-    ):
-        if int(s.meta.get(key, 0)):
-            extra += f", {s.meta[key]} {what}"
-    clamped = int(s.meta.get("clamped_device_spans", 0))
-    if clamped:
-        extra += f", {clamped} clamped to their launch"
-    said = "".join(f"\nevtrace: warning: {w}" for w in alignment_warnings(s.meta))
-    if s.meta.get("device_fault"):
-        said += (
-            f"\nevtrace: the device faulted ({s.meta['device_fault']}): every region kept its host span; "
-            "device spans resolved before the fault are kept, later ones are counted as lost"
-        )
-    counts = f"{plural(len(s), 'region')}, {plural(s.device_spans, 'device span')}"
-    return (
-        f"evtrace: wrote {path} ({counts}{extra}); "
-        f"open it in https://ui.perfetto.dev or run: evtrace summary {shlex.quote(str(path))}{said}"
     )

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from . import __version__, defaults, formats
 from .analysis import plural
-from .api import default_path, output_problem, record
+from .api import record
 from .export.diff import DiffError, DiffMarkdown, DiffText
 from .export.kineto import is_kineto
 from .export.merge import merge
@@ -40,6 +40,7 @@ from .export.report import Report
 from .export.summary import FORMATS, SORT_KEYS, Summary, collectives, ranks
 from .files import TraceError, read_json, write_bytes
 from .finish import Terminated, die_by, signum_of, take_ending
+from .paths import default_path, output_problem
 from .session import Session, rank_labels
 
 

@@ -184,7 +184,8 @@ def flat(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def from_flat(meta: dict[str, Any]) -> dict[str, Any]:
     """The typed metadata of a trace written before the nested form: ``alignment.<gpu>.<key>``
-    strings become one :class:`DeviceAlignment` per GPU; the other keys stay as they are."""
+    strings become one :class:`DeviceAlignment` per GPU; the other keys stay as they are.
+    The README's H100 example (docs/example-two_models-h100.json.gz) is such a trace."""
     out: dict[str, Any] = {}
     found: dict[str, dict[str, Any]] = {}
     clock: dict[str, Any] = {}

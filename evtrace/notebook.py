@@ -29,9 +29,10 @@ from IPython.display import display
 
 from . import defaults, view
 from .analysis import COLUMNS, cells, rows
-from .api import default_path, output_problem, record
+from .api import record
 from .export.render import Timeline
 from .files import TraceError
+from .paths import default_path, output_problem
 from .session import Session
 
 SERVE_TIMEOUT_S = 600.0  # a link left unclicked stops serving after this

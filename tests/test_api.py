@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import re
 import threading
 from pathlib import Path
@@ -11,6 +13,8 @@ import pytest
 
 import evtrace
 from evtrace import recorder
+
+from .simdevice import FakeClock, SimBackend
 
 
 def test_the_version_and_the_typing_marker() -> None:  # the names themselves: tests/test_public_api.py
@@ -85,6 +89,37 @@ def test_record_as_decorator_and_prints_one_line(tmp_path: Path, capsys: pytest.
     assert err[-1].startswith(f"evtrace: wrote {out} (1 region, 0 device spans)")
     assert "ui.perfetto.dev" in err[-1] and "evtrace summary" in err[-1]
     assert evtrace.load(out).names == ["work"]
+
+
+def test_each_option_of_record_reaches_the_session_it_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """record()'s parameters are its options once: each but the path and the profiler is an
+    Options field (mypy checks that record passes every field on), and a decorated function's
+    session records with them."""
+    from evtrace.api import Options
+
+    given = set(inspect.signature(evtrace.record).parameters) - {"path", "profiler"}
+    assert given == {f.name for f in dataclasses.fields(Options)}
+    out = tmp_path / "o.json"
+
+    clk = FakeClock(step=10**6)  # 1 ms a read: no real clock times an empty region so
+    sim = SimBackend(clk)
+
+    @evtrace.record(out, backend=sim, clock=clk, redact_argv=True, quiet=True)
+    def job() -> None:
+        for i in range(3):
+            with evtrace.region("r", i=i):
+                sim.launch(40_000)
+
+    job()
+    s = evtrace.load(out)
+    assert len(s) == s.device_spans == 3  # on the backend given
+    host = s.regions["host_end"] - s.regions["host_start"]
+    assert (host >= 10**6).all()  # on the clock given, not the real one
+    name, *rest = s.meta["argv"]
+    assert "/" not in name and rest in ([], ["<redacted>"])  # the script's name only
+    assert capsys.readouterr().err == ""  # quiet
 
 
 def test_default_path_is_timestamped_in_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
