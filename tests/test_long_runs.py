@@ -133,7 +133,9 @@ def test_two_threads_on_one_stream_sharing_an_older_mark_lose_nothing() -> None:
     assert b["dev_end"] - b["dev_start"] >= 100_000_000
 
 
-def test_a_thread_leaving_a_region_it_entered_before_the_start_closes_nothing_of_others() -> None:
+def test_a_thread_leaving_a_region_it_entered_before_the_start_closes_nothing_of_others(
+    tmp_path: Path,
+) -> None:
     """A shared Region object: thread B entered it before the session started, thread A inside
     the session. B's exit used to close A's span (50 ms recorded as 0.1 ms)."""
     r = evtrace.region("shared")
@@ -148,7 +150,7 @@ def test_a_thread_leaving_a_region_it_entered_before_the_start_closes_nothing_of
     t = threading.Thread(target=thread_b)
     t.start()
     b_in.wait()
-    with evtrace.record(device=False, quiet=True) as rec:
+    with evtrace.record(tmp_path / "t.json", device=False, quiet=True) as rec:
         with r:
             a_in.set()
             b_out.wait()
