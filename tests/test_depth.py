@@ -4,12 +4,9 @@
 
 from __future__ import annotations
 
-import gzip
-import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +23,8 @@ from evtrace.files import read_json
 from evtrace.lanes import DEPTH_LIMIT, DEVICE_PID, nesting
 
 from .checker import problems
+from .perfetto import ERRORS, Query
 from .test_trace_writer import nested_spans, session_of
-
-TP_GZ = Path(
-    os.environ.get("EVTRACE_TRACE_PROCESSOR")
-    or Path(__file__).parents[2] / "shared/tools/trace_processor_shell.gz"
-)
-ERRORS = "select name, value from stats where value > 0 and severity != 'info'"
-
-Query = Callable[[Path, str], list[list[str]]]
-
-
-@pytest.fixture(scope="module")
-def perfetto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Query]:
-    """Runs SQL on a trace with Perfetto's own importer (trace_processor), where it is present."""
-    if not TP_GZ.exists():
-        pytest.skip("no trace_processor")
-    d = tmp_path_factory.mktemp("tp")
-    tp = d / "tp"
-    tp.write_bytes(gzip.decompress(TP_GZ.read_bytes()) if TP_GZ.suffix == ".gz" else TP_GZ.read_bytes())
-    tp.chmod(0o755)
-
-    def query(trace: Path, sql: str) -> list[list[str]]:
-        (d / "q.sql").write_text(sql)
-        try:
-            res = subprocess.run(
-                [str(tp), "-q", str(d / "q.sql"), str(trace)], capture_output=True, text=True, timeout=300
-            )
-        except OSError:
-            pytest.skip("trace_processor cannot run here")
-        assert res.returncode == 0, res.stderr
-        return [[c.strip('"') for c in line.split(",")] for line in res.stdout.strip().splitlines()[1:]]
-
-    yield query
 
 
 def recursion(path: Path, depth: int) -> evtrace.Session:

@@ -24,7 +24,7 @@ from evtrace import hostclock
 from evtrace.export import merge
 from evtrace.metadata import CLOCK_PAIR, RANK_CLOCK, RankClock
 
-from .test_depth import ERRORS, Query, perfetto  # noqa: F401  # the fixture, by its name
+from .perfetto import ERRORS, Query
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFSETS_S = (0, 37, 1000, 250_000)  # each rank's time namespace: CLOCK_MONOTONIC moved this much
@@ -130,7 +130,7 @@ def _merged(job: Path) -> tuple[evtrace.Session, str]:
     return evtrace.load(job / "all.json.gz"), m.stderr
 
 
-def test_ranks_in_separate_clocks_merge_within_20us(job: Path, perfetto: Query) -> None:  # noqa: F811
+def test_ranks_in_separate_clocks_merge_within_20us(job: Path, perfetto: Query) -> None:
     s, said = _merged(job)
     assert "measured through the process group's store" in said
     # the test's own truth: each rank's region starts against CLOCK_REALTIME, the same on every rank

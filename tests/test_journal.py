@@ -24,9 +24,9 @@ from evtrace.session import Session
 
 from .checker import problems
 from .children import sigint_default
+from .perfetto import ERRORS, Query
 from .simdevice import FakeClock, SimBackend
 from .test_cuda_backend import FakeStream, backend  # noqa: F401  (backend: a fixture)
-from .test_depth import ERRORS, Query, perfetto  # noqa: F401  (perfetto: a fixture)
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 EVTRACE = [sys.executable, "-m", "evtrace"]
@@ -83,7 +83,7 @@ def start(tmp_path: Path, seconds: float, end: str) -> subprocess.Popen[str]:
 
 def test_sigkill_leaves_a_journal_that_recovers_every_region_finished_before_it(
     tmp_path: Path,
-    perfetto: Query,  # noqa: F811
+    perfetto: Query,
 ) -> None:
     p = start(tmp_path, 60, "")
     assert p.stdout is not None

@@ -4,9 +4,7 @@ reading the same slices, nesting, flows and counters from it as from the JSON of
 from __future__ import annotations
 
 import gzip
-import os
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,47 +18,17 @@ from evtrace.export.kineto import attach
 from evtrace.export.merge import merge
 from evtrace.session import REGION_DTYPE, Stream, Thread
 
+from .perfetto import ERRORS, Query
 from .test_session import differences, host_only, two_devices
 from .test_trace_writer import nested_spans, session_of
 
 SUFFIXES = [".pftrace", ".pftrace.gz"]
-TP_GZ = Path(
-    os.environ.get("EVTRACE_TRACE_PROCESSOR")
-    or Path(__file__).parents[2] / "shared/tools/trace_processor_shell.gz"
-)
-ERRORS = "select name, value from stats where value > 0 and severity in ('error', 'data_losses')"
 #: what a slice is, as the importer saw it: the same from either format (the metadata instant aside)
 SLICES = (
     "select s.ts, s.dur, s.name, s.depth, coalesce(thread.name, t.name) from slice s join track t"
     " on s.track_id = t.id left join thread_track tt on tt.id = t.id left join thread using (utid)"
     " where s.name != 'evtrace' order by 1, 2, 3, 4, 5"
 )
-
-Query = Callable[[Path, str], list[list[str]]]
-
-
-@pytest.fixture(scope="module")
-def perfetto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Query]:
-    """Runs SQL on a trace with Perfetto's own importer (trace_processor), where it is present."""
-    if not TP_GZ.exists():
-        pytest.skip("no trace_processor")
-    d = tmp_path_factory.mktemp("tp")
-    tp = d / "tp"
-    tp.write_bytes(gzip.decompress(TP_GZ.read_bytes()) if TP_GZ.suffix == ".gz" else TP_GZ.read_bytes())
-    tp.chmod(0o755)
-
-    def query(trace: Path, sql: str) -> list[list[str]]:
-        (d / "q.sql").write_text(sql)
-        try:
-            res = subprocess.run(
-                [str(tp), "-q", str(d / "q.sql"), str(trace)], capture_output=True, text=True, timeout=300
-            )
-        except OSError:
-            pytest.skip("trace_processor cannot run here")
-        assert res.returncode == 0, res.stderr
-        return [[c.strip('"') for c in line.split(",")] for line in res.stdout.strip().splitlines()[1:]]
-
-    yield query
 
 
 def with_profiler() -> Session:

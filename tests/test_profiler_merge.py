@@ -19,13 +19,13 @@ from evtrace.device import DeviceInfo
 from evtrace.export.kineto import attach, is_kineto
 from evtrace.session import REGION_DTYPE, Session, Stream, Thread
 from tests.checker import problems
+from tests.perfetto import ERRORS, Query
 
 torch = pytest.importorskip("torch")
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-TP = os.environ.get("EVTRACE_TRACE_PROCESSOR") or str(ROOT.parent / "shared/tools/trace_processor_shell.gz")
 
 
 def work() -> None:
@@ -102,7 +102,9 @@ def test_record_with_a_profiler_stopped_first(tmp_path: Path) -> None:
     check_ops_inside(out)
 
 
-def test_cli_merges_a_kineto_trace_and_refuses_other_json(tmp_path: Path) -> None:
+def test_cli_merges_a_kineto_trace_and_refuses_other_json(
+    tmp_path: Path, maybe_perfetto: Query | None
+) -> None:
     run, kineto, both = (
         tmp_path / "a.json.gz",
         tmp_path / "kineto.trace",
@@ -136,22 +138,8 @@ def test_cli_merges_a_kineto_trace_and_refuses_other_json(tmp_path: Path) -> Non
     r = cli("merge", run, bad, "-o", tmp_path / "x.json.gz")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nor a torch.profiler" in r.stderr
     assert cli("merge", kineto, "-o", tmp_path / "y.json.gz").returncode == 2
-    if Path(TP).exists():
-        tp = tmp_path / "tp"
-        if TP.endswith(".gz"):
-            tp.write_bytes(gzip.open(TP).read())
-        else:
-            tp.write_bytes(Path(TP).read_bytes())
-        tp.chmod(0o755)
-        q = tmp_path / "q.sql"
-        q.write_text("select name, value from stats where value > 0 and severity != 'info'")
-        try:
-            res = subprocess.run(
-                [str(tp), "-q", str(q), str(both)], capture_output=True, text=True, timeout=120
-            )
-        except OSError:
-            return  # cannot run here (e.g. an older glibc)
-        assert res.returncode == 0 and res.stdout.strip().splitlines() == ['"name","value"'], res.stdout
+    if maybe_perfetto is not None:
+        assert maybe_perfetto(both, ERRORS) == []
 
 
 def test_device_offset_fit_and_flows() -> None:

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import gzip
-import os
-import subprocess
 import threading
 import zlib
 from pathlib import Path
@@ -26,6 +24,7 @@ from evtrace.formats.chrome import trace_bytes
 from evtrace.session import REGION_DTYPE, Session, Stream, Thread
 
 from .checker import problems
+from .perfetto import ERRORS, Query
 
 # the writer before the speed-up, one % format per event: what the bytes must stay
 _SLICE = '{"ph":"X","cat":"%s","name":%%s,"pid":%%d,"tid":%%d,"ts":%%.3f,"dur":%%.3f,'
@@ -229,15 +228,9 @@ def test_gzip_workers_stop_with_a_failed_write(monkeypatch: pytest.MonkeyPatch) 
     assert not [t for t in threading.enumerate() if t.name.startswith("evtrace-gzip")]
 
 
-def test_a_big_trace_imports_into_perfetto_without_errors(tmp_path: Path) -> None:
+def test_a_big_trace_imports_into_perfetto_without_errors(tmp_path: Path, perfetto: Query) -> None:
     """Many gzip pieces, host and device lanes, overlap lanes, args: Perfetto's own importer reads
     every slice and flow with no import error (where trace_processor is present)."""
-    tp_gz = Path(
-        os.environ.get("EVTRACE_TRACE_PROCESSOR")
-        or Path(__file__).parents[2] / "shared/tools/trace_processor_shell.gz"
-    )
-    if not tp_gz.exists():
-        pytest.skip("no trace_processor")
     n = 20_000
     rng = np.random.default_rng(3)
     h0 = np.cumsum(rng.integers(1, 50_000, n))
@@ -259,20 +252,11 @@ def test_a_big_trace_imports_into_perfetto_without_errors(tmp_path: Path) -> Non
     assert evtrace.load(path) == s
     doc = orjson.loads(gzip.decompress(path.read_bytes()))
     assert problems(doc) == []
-    tp = tmp_path / "tp"
-    tp.write_bytes(gzip.decompress(tp_gz.read_bytes()) if tp_gz.suffix == ".gz" else tp_gz.read_bytes())
-    tp.chmod(0o755)
-    q = tmp_path / "q.sql"
-    q.write_text(
-        "select 'error', name, value from stats where value > 0 and severity != 'info' "
-        "union all select 'slices', '', count(*) from slice union all select 'flows', '', count(*) from flow"
+    rows = perfetto(
+        path,
+        f"select 'error', * from ({ERRORS}) union all select 'slices', '', count(*) from slice "
+        "union all select 'flows', '', count(*) from flow",
     )
-    try:
-        res = subprocess.run([str(tp), "-q", str(q), str(path)], capture_output=True, text=True, timeout=300)
-    except OSError:
-        pytest.skip("trace_processor cannot run here")
-    assert res.returncode == 0, res.stderr
-    rows = [line.split(",") for line in res.stdout.strip().splitlines()[1:]]
     xs = sum(1 for e in doc["traceEvents"] if e["ph"] == "X")
     flows = sum(1 for e in doc["traceEvents"] if e.get("flow_in"))
-    assert rows == [['"slices"', '""', str(xs)], ['"flows"', '""', str(flows)]], res.stdout
+    assert rows == [["slices", "", str(xs)], ["flows", "", str(flows)]]
