@@ -394,11 +394,11 @@ VIEWS = [Summary(), Report(), Timeline()]
 
 @pytest.mark.parametrize("view", VIEWS, ids=lambda v: f"{type(v).__name__}{v.suffix}")
 def test_every_view_renders_a_session_and_the_empty_one(tmp_path: Path, view: View) -> None:
-    """One shape for every view: its suffix, bytes or text as it declares; an empty session gives
+    """One shape for every view: its suffix and its text; an empty session gives
     output or, where there is nothing to show, a clear ValueError (the CLI's one-line exit 2)."""
     s, _ = sim_session(tmp_path / "v.json")
     out = view.render(s)
-    assert isinstance(out, bytes if view.binary else str) and len(out) > 0
+    assert isinstance(out, str) and len(out) > 0
     assert view.suffix.startswith(".")
     with evtrace.record(tmp_path / "empty.json", device=False, quiet=True) as r:
         pass
@@ -408,4 +408,4 @@ def test_every_view_renders_a_session_and_the_empty_one(tmp_path: Path, view: Vi
     except ValueError as e:
         assert "nothing" in str(e)
     else:
-        assert isinstance(empty, bytes if view.binary else str)
+        assert isinstance(empty, str)

@@ -1,6 +1,6 @@
 """Views of a finished Session, one per file, each with the same shape (as pyinstrument's
-renderers): constructed with its options, it declares the file ``suffix`` it writes and whether
-its output is ``binary``, and ``render(session)`` returns the text or bytes.
+renderers): constructed with its options, it declares the file ``suffix`` it writes, and
+``render(session)`` returns its text.
 
     summary.Summary      the text table per region name (.txt)
     report.Report        one screen of GitHub markdown (.md)
@@ -9,7 +9,7 @@ its output is ``binary``, and ``render(session)`` returns the text or bytes.
     merge.merge          several sessions onto one clock: a Session, not a view
 
 The trace itself is no view: its formats own their files (``evtrace.formats``). The CLI picks a
-view by its subcommand, or by an output path's suffix (:func:`suffix_of`).
+view by its subcommand, and refuses an output path without the view's suffix.
 """
 
 from __future__ import annotations
@@ -23,14 +23,5 @@ class View(Protocol):
     """What every single-session view has."""
 
     suffix: ClassVar[str]  # the file suffix it writes, e.g. ".md"
-    binary: ClassVar[bool]  # render() returns bytes (True) or str
 
-    def render(self, s: Session) -> str | bytes: ...
-
-
-def suffix_of(name: str) -> str:
-    """ ".json.gz" for a gzipped trace, else the last suffix, lower case."""
-    lower = name.lower()
-    return (
-        ".json.gz" if lower.endswith(".json.gz") else ("." + lower.rsplit(".", 1)[1] if "." in lower else "")
-    )
+    def render(self, s: Session) -> str: ...

@@ -342,7 +342,6 @@ class DiffText:
     """``compare(before, after, ...)`` as a table for the terminal; the labels name the inputs."""
 
     suffix: ClassVar[str] = ".txt"
-    binary: ClassVar[bool] = False
 
     def __init__(
         self,

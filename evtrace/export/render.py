@@ -186,7 +186,6 @@ class Timeline:
     NothingToDraw instead of an SVG that shows nothing."""
 
     suffix: ClassVar[str] = ".svg"
-    binary: ClassVar[bool] = False
 
     def __init__(
         self, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = False

@@ -73,7 +73,6 @@ class Report:
     """The report of a session saved as ``trace_name`` (``trace_size`` bytes, when known)."""
 
     suffix: ClassVar[str] = ".md"
-    binary: ClassVar[bool] = False
 
     def __init__(self, trace_name: str = "trace.json.gz", trace_size: int | None = None) -> None:
         self.trace_name = trace_name

@@ -66,7 +66,6 @@ class Summary:
     keeps the first N. ``format``: "text" (the table), "csv" or "json" (``FIELDS``)."""
 
     suffix: ClassVar[str] = ".txt"
-    binary: ClassVar[bool] = False
 
     def __init__(
         self,
