@@ -15,9 +15,18 @@ import io
 import json
 from typing import Any, ClassVar
 
-import numpy as np
-
-from ..analysis import COLUMNS, SORT_KEYS, Row, aligned, busy_ns, fmt_ns, plural, rows, selected, summary_text
+from ..analysis import (
+    COLUMNS,
+    SORT_KEYS,
+    Row,
+    aligned,
+    device_busy_ns,
+    fmt_ns,
+    plural,
+    rows,
+    selected,
+    summary_text,
+)
 from ..collectives import stragglers, stragglers_text
 from ..session import Session, rank_labels
 
@@ -115,8 +124,7 @@ def ranks(sessions: list[Session], labels: list[str]) -> str:
     for label, s in zip(labels, sessions):
         r = s.regions
         dur = s.meta.get("duration_ns") or int(r["host_end"].max(initial=0))
-        devices = np.unique(r["device"][r["device"] >= 0])
-        busy = sum(busy_ns(r["dev_start"][r["device"] == d], r["dev_end"][r["device"] == d]) for d in devices)
+        busy = device_busy_ns(r)
         rank = s.meta.get("rank")
         share = f"{100 * busy / dur:.0f}%" if busy and dur else "-"
         table.append(
