@@ -13,7 +13,7 @@ Imports: session (the data model) and metadata's ``text``; never a format.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -164,9 +164,7 @@ class Lanes:
                 k, b = divmod(kb, bands)
                 tid = tid if tid.flags.writeable else tid.copy()
                 orig = int(tid_of[lane])
-                suffix = ("" if k == 0 else " (overlap)" if k == 1 else f" (overlap {k})") + (
-                    f" (depth {b * DEPTH_LIMIT}+)" if b else ""
-                )
+                suffix = overlap_suffix(k) + (f" (depth {b * DEPTH_LIMIT}+)" if b else "")
                 extras.setdefault(orig, []).append((self._next, suffix))
                 self.overlap.append([self._next, orig])
                 moved = np.flatnonzero(key == kb)
@@ -222,3 +220,18 @@ def lane_list(s: Session, lanes: Lanes, where: Place) -> Iterator[Lane]:
         yield from lane(
             pid, j + 1, pname, where.sort + 1 + st.device, text(st.label), rank * 100, lanes.dev_extra
         )
+
+
+def overlap_suffix(k: int) -> str:
+    """The name suffix of a lane's k-th extra lane for spans that would cross (0: the lane itself)."""
+    return "" if k == 0 else " (overlap)" if k == 1 else f" (overlap {k})"
+
+
+def lane_meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: int) -> list[dict[str, Any]]:
+    """The four M events that name and order one lane (TRACE_FORMAT.md: every lane gets all four)."""
+    return [
+        {"ph": "M", "name": "process_name", "pid": pid, "tid": tid, "args": {"name": pname}},
+        {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": psort}},
+        {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": tname}},
+        {"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tsort}},
+    ]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..lanes import OVERLAP_TID, PROFILER_PID, sublanes
+from ..lanes import OVERLAP_TID, PROFILER_PID, lane_meta, overlap_suffix, sublanes
 from ..metadata import json_value, text
 from ..session import Session
 
@@ -349,12 +349,10 @@ def _lanes(
             pname += f" {p - base}"
         tname = names[(p, t)] or (f"stream {t}" if gpu else f"thread {t}")
         psort = 1 + p - base - GPU_PID if gpu else 0
-        out += _meta(p, t, pname, psort, tname, n * 100)
+        out += lane_meta(p, t, pname, psort, text(tname), n * 100)
         for (p2, t2, m), tid in extra.items():
             if (p2, t2) == (p, t):
-                out += _meta(
-                    p, tid, pname, psort, f"{tname} (overlap{'' if m == 1 else f' {m}'})", n * 100 + m
-                )
+                out += lane_meta(p, tid, pname, psort, text(tname + overlap_suffix(m)), n * 100 + m)
     # v2 flows from each launch to its first kernel, where the launch starts strictly first
     launch: dict[Any, int] = {}
     sink: dict[Any, int] = {}
@@ -403,15 +401,6 @@ def _lanes(
         "flows": flows,
         "flows_dropped": len(sink) + len(launch) - 2 * flows,
     }
-
-
-def _meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: int) -> list[dict[str, Any]]:
-    return [
-        {"ph": "M", "name": "process_name", "pid": pid, "tid": tid, "args": {"name": pname}},
-        {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": psort}},
-        {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": text(tname)}},
-        {"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tsort}},
-    ]
 
 
 def relabel(events: Sequence[dict[str, Any]], shift_ns: int, index: dict[int, int]) -> list[dict[str, Any]]:

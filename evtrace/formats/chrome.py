@@ -22,7 +22,7 @@ from .. import metadata
 from ..analysis import outermost
 from ..device import DeviceInfo
 from ..files import TraceError, read_json, write_bytes
-from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, PROFILER_PID, Lanes, Place, lane_list, place
+from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, PROFILER_PID, Lanes, Place, lane_list, lane_meta, place
 from ..metadata import json_value, text
 from ..session import REGION_DTYPE, Session, Stream, Thread, rank_labels
 
@@ -36,18 +36,9 @@ def save(s: Session, path: Path) -> Path:
     return write_bytes(trace_chunks(s), path)
 
 
-def _lane_meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: int) -> list[dict[str, Any]]:
-    return [
-        {"ph": "M", "name": "process_name", "pid": pid, "tid": tid, "args": {"name": pname}},
-        {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": psort}},
-        {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": tname}},
-        {"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tsort}},
-    ]
-
-
 def _meta_events(s: Session, lanes: Lanes, where: Place) -> list[dict[str, Any]]:
     """All four M events for every lane: host first, then GPU 0, 1, ...; extra lanes after theirs."""
-    return [ev for lane in lane_list(s, lanes, where) for ev in _lane_meta(*lane)]
+    return [ev for lane in lane_list(s, lanes, where) for ev in lane_meta(*lane)]
 
 
 # ---- the X and C events: many at once ----
