@@ -65,6 +65,11 @@ typedef struct {
     double t0, t1;
 } Row;
 #pragma pack(pop)
+/* Row's fields under recorder.LIVE_DTYPE's names: row_layout() gives their offsets, sizes and
+ * kinds, which recorder.py checks against the dtype at import. */
+#define ROW_FIELDS(X)                                                                                  \
+    X(name, name) X(thread, thread) X(host_start, h0) X(host_end, h1) X(device, device) X(stream, stream) \
+    X(dev_start, t0) X(dev_end, t1)
 
 /* Region args travel as JSON object text, encoded on entry (a copy: the trace keeps what they
  * were then): plain bytes that need no GIL to move, drop or write out. */
@@ -260,14 +265,18 @@ typedef struct {
     int capturing;          /* CUDA graph captures in progress (changed under calls) */
     pthread_mutex_t calls;  /* held by a resolver pass's CUDA calls */
     pthread_mutex_t errors; /* a core's errors: the hot path's and the resolver's */
-    /* bind(), at `import evtrace` (regions.py): the name table, args' slow path, decorators */
+    /* bound by bind() (module.c) at `import evtrace` (regions.py): recorder's name table and
+     * name_key(), values.encode (args' slow path) and MAX_STR, regions.py's decorator and
+     * region()'s slow path */
     PyObject *name_keys, *name_key, *encode, *decorate, *region_slow;
     Py_ssize_t max_str;
-    /* bind(), once torch is imported (instrumentation.bind_torch): forward()'s torch parts.
-     * torch.compiler's globals (its "is compiling" flag), torch.is_grad_enabled, the Python that
-     * watches a module's backward, the instrumented forward's type, torch's global module hooks,
-     * and forward()'s Python frame for torch.compile. */
-    PyObject *compiler_globals, *compiling_flag, *grad_enabled, *watch, *forward_type, *global_hooks, *frame;
+    /* bound by bind() once torch is imported (instrumentation.bind_torch), for forward() and
+     * sequential(): torch.compiler's globals (its "is compiling" flag, key compiling_flag) or,
+     * where that private flag is missing, torch.compiler.is_compiling (evtrace.private decides);
+     * torch.is_grad_enabled; the Python that watches a module's backward; the instrumented
+     * forward's type; torch's global module hooks; forward()'s Python frame for torch.compile */
+    PyObject *compiler_globals, *compiling_flag, *is_compiling, *grad_enabled, *watch, *forward_type,
+        *global_hooks, *frame;
 } Globals;
 
 extern Globals et_g;
@@ -316,7 +325,6 @@ PyObject *et_region_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyObjec
 PyObject *et_forward_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyObject *kwnames);
 PyObject *et_forward_here_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyObject *kwnames);
 PyObject *et_sequential_fn(PyObject *mod, PyObject *const *a, Py_ssize_t n);
-PyObject *et_bind_forward(PyObject *mod, PyObject *args);
 /* module.c */
 void et_core_free_state(Core *c);
 /* Core's methods that live with their job (hot.c, pool.c, resolver.c, journal.c), tabled in module.c */

@@ -13,6 +13,7 @@ typedef struct {
 
 static int region_key(PyObject *name, int32_t *key) {
     if (name == Py_None) return *key = -1, 0;
+    if (!et_g.name_keys) return PyErr_SetString(PyExc_RuntimeError, "evtrace._core is not bound: import evtrace"), -1;
     PyObject *k = PyDict_GetItemWithError(et_g.name_keys, name);
     if (!k) {
         if (PyErr_Occurred()) return -1;
@@ -167,13 +168,22 @@ PyObject *et_region_fn(PyObject *mod, PyObject *const *a, size_t nargsf, PyObjec
 
 /* ---- forward ----------------------------------------------------------------------------- */
 
-/* Whether torch is tracing Python for a graph (export, AOT): torch.compiler's own flag. Dynamo
- * never runs forward() while it traces: it inlines forward()'s Python twin instead. */
+/* Whether torch is tracing Python for a graph (export, AOT). Dynamo never runs forward() while it
+ * traces: it inlines forward()'s Python twin instead. torch.compiler's own flag (a dict lookup)
+ * where evtrace.private found it, else its public is_compiling() (a call); never an assumed "no". */
 static int compiling(void) {
-    if (!et_g.compiler_globals) return 0;
-    PyObject *v = PyDict_GetItemWithError(et_g.compiler_globals, et_g.compiling_flag);
-    if (!v) return PyErr_Occurred() ? -1 : 0;
-    return PyObject_IsTrue(v);
+    if (et_g.compiler_globals) {
+        PyObject *v = PyDict_GetItemWithError(et_g.compiler_globals, et_g.compiling_flag);
+        if (v) return PyObject_IsTrue(v);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "torch.compiler._is_compiling_flag is gone since evtrace bound it");
+        return -1;
+    }
+    if (!et_g.is_compiling) return 0; /* torch not bound: no module is instrumented */
+    PyObject *r = PyObject_CallNoArgs(et_g.is_compiling);
+    int on = r ? PyObject_IsTrue(r) : -1;
+    Py_XDECREF(r);
+    return on;
 }
 
 /* Whether a frame evaluator (PEP 523) is installed: torch.compile's, while a compiled call runs on
@@ -328,21 +338,4 @@ PyObject *et_sequential_fn(PyObject *mod, PyObject *const *a, Py_ssize_t n) {
     if (share) Py_DECREF(c);
     Py_DECREF(it);
     return x;
-}
-
-/* bind_forward(compiler_globals, grad_enabled, watch, forward_type, global_hooks, frame):
- * instrumentation.py's parts, once torch is imported */
-PyObject *et_bind_forward(PyObject *mod, PyObject *args) {
-    PyObject *g, *grad, *watch, *ftype, *hooks, *frame;
-    if (!PyArg_ParseTuple(args, "O!OOO!O!O", &PyDict_Type, &g, &grad, &watch, &PyType_Type, &ftype, &PyTuple_Type,
-                          &hooks, &frame))
-        return NULL;
-    if (!et_g.compiling_flag && !(et_g.compiling_flag = PyUnicode_InternFromString("_is_compiling_flag"))) return NULL;
-    Py_XSETREF(et_g.compiler_globals, (Py_INCREF(g), g));
-    Py_XSETREF(et_g.grad_enabled, (Py_INCREF(grad), grad));
-    Py_XSETREF(et_g.watch, (Py_INCREF(watch), watch));
-    Py_XSETREF(et_g.forward_type, (Py_INCREF(ftype), ftype));
-    Py_XSETREF(et_g.global_hooks, (Py_INCREF(hooks), hooks));
-    Py_XSETREF(et_g.frame, (Py_INCREF(frame), frame));
-    Py_RETURN_NONE;
 }

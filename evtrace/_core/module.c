@@ -393,24 +393,52 @@ PyTypeObject et_CoreType = {
 
 /* ---- module functions -------------------------------------------------------------------- */
 
-/* bind(**parts): the Python parts the core calls (names from recorder.py, the rest from regions.py) */
+/* bind(**parts): the Python parts the core calls, into et_g (core.h says which is which). Two
+ * calls, each at its first moment: regions.py's at `import evtrace` (the name table, args' slow
+ * path, the decorator); instrumentation.bind_torch's once torch is imported, which `import
+ * evtrace` never does (it costs seconds). A part not given keeps what it was. */
 static PyObject *bind(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kws[] = {"name_keys", "name_key", "encode", "decorate", "region_slow", "max_str", NULL};
-    PyObject *nk = NULL, *nkf = NULL, *snap = NULL, *dec = NULL, *slow = NULL;
+    static char *kws[] = {"name_keys",    "name_key",     "encode", "decorate",     "region_slow",
+                          "max_str",      "compiler_globals", "is_compiling", "grad_enabled", "watch",
+                          "forward_type", "global_hooks", "frame",  NULL};
+    PyObject *v[13] = {NULL};
     Py_ssize_t max_str = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$O!OOOOn", kws, &PyDict_Type, &nk, &nkf, &snap, &dec, &slow,
-                                     &max_str))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$O!OOOOnO!OOOO!O!O", kws, &PyDict_Type, &v[0], &v[1], &v[2],
+                                     &v[3], &v[4], &max_str, &PyDict_Type, &v[6], &v[7], &v[8], &v[9],
+                                     &PyType_Type, &v[10], &PyTuple_Type, &v[11], &v[12]))
         return NULL;
-#define SET(g, v) \
-    if (v) Py_XSETREF(g, (Py_INCREF(v), v))
-    SET(et_g.name_keys, nk);
-    SET(et_g.name_key, nkf);
-    SET(et_g.encode, snap);
-    SET(et_g.decorate, dec);
-    SET(et_g.region_slow, slow);
-#undef SET
+    if (v[6] && !et_g.compiling_flag && !(et_g.compiling_flag = PyUnicode_InternFromString("_is_compiling_flag")))
+        return NULL;
+    PyObject **slot[13] = {&et_g.name_keys,    &et_g.name_key,     &et_g.encode,           &et_g.decorate,
+                           &et_g.region_slow,  NULL,               &et_g.compiler_globals, &et_g.is_compiling,
+                           &et_g.grad_enabled, &et_g.watch,        &et_g.forward_type,     &et_g.global_hooks,
+                           &et_g.frame};
+    for (int i = 0; i < 13; i++)
+        if (v[i] && slot[i]) Py_XSETREF(*slot[i], (Py_INCREF(v[i]), v[i]));
     if (max_str >= 0) et_g.max_str = max_str;
     Py_RETURN_NONE;
+}
+
+/* row_layout() -> (size, [(name, offset, size, kind)]): Row as recorder.LIVE_DTYPE names it, kind
+ * "i" (signed integer) or "f" (float) */
+static PyObject *row_layout(PyObject *mod, PyObject *unused) {
+    static const struct {
+        const char *name, *kind;
+        size_t off, size;
+    } fields[] = {
+#define FIELD(py, f) {#py, _Generic(((Row *)0)->f, double: "f", default: "i"), offsetof(Row, f), sizeof(((Row *)0)->f)},
+        ROW_FIELDS(FIELD)
+#undef FIELD
+    };
+    size_t n = sizeof fields / sizeof fields[0];
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; out && i < n; i++) {
+        PyObject *x = Py_BuildValue("(snns)", fields[i].name, (Py_ssize_t)fields[i].off, (Py_ssize_t)fields[i].size,
+                                    fields[i].kind);
+        if (!x) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, (Py_ssize_t)i, x);
+    }
+    return out ? Py_BuildValue("(nN)", (Py_ssize_t)sizeof(Row), out) : NULL;
 }
 
 static PyObject *capture_began(PyObject *mod, PyObject *unused) {
@@ -487,14 +515,15 @@ static PyMethodDef module_methods[] = {
      "``@region(\"load\")``. Keyword args become slice args in the trace.\n\n"
      "``host_only=True`` records no device span: for host work such as a CPU task, whose\n"
      "event pair would only show the stream idling (or waiting behind earlier work)."},
-    {"bind", (PyCFunction)(void (*)(void))bind, METH_VARARGS | METH_KEYWORDS, "regions.py's Python parts"},
+    {"bind", (PyCFunction)(void (*)(void))bind, METH_VARARGS | METH_KEYWORDS,
+     "bind(**parts): the Python parts the core calls (regions.py's at import, torch's once imported)"},
     {"forward", (PyCFunction)(void (*)(void))et_forward_fn, METH_FASTCALL | METH_KEYWORDS,
      "forward(fn, key, bkey, /, *args, **kwargs): an instrumented module's forward as a region"},
     {"forward_here", (PyCFunction)(void (*)(void))et_forward_here_fn, METH_FASTCALL | METH_KEYWORDS,
      "forward(), never through instrumentation.py's Python frame"},
     {"sequential", (PyCFunction)(void (*)(void))et_sequential_fn, METH_FASTCALL,
      "sequential(seq, input): nn.Sequential.forward, its adjacent boundaries sharing events"},
-    {"bind_forward", et_bind_forward, METH_VARARGS, "instrumentation.py's parts, once torch is imported"},
+    {"row_layout", row_layout, METH_NOARGS, "row_layout() -> (size, [(name, offset, size, kind)]): the C Row"},
     {"capture_began", capture_began, METH_NOARGS, "a CUDA graph capture begins (waits for the resolver)"},
     {"capture_ended", capture_ended, METH_NOARGS, "a CUDA graph capture ended"},
     {"after_fork_in_child", after_fork_in_child, METH_NOARGS, "fresh locks, no session"},
