@@ -45,6 +45,11 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Everything declared here is the module's own: hidden, so that -O2 reaches et_g and the et_tls
+ * pair PC-relative (one TLS lookup a function for both, as with statics) rather than through the
+ * GOT, and calls across files are direct. Only PyInit__core is exported (PyMODINIT_FUNC). */
+#pragma GCC visibility push(hidden)
+
 #define NEVER (-(INT64_C(1) << 62))
 #define ALWAYS (INT64_C(1) << 62)
 #define MAX_ERRORS 10
@@ -280,8 +285,10 @@ typedef struct {
 } Globals;
 
 extern Globals et_g;
-extern __thread TState *et_tls;     /* this thread's state in session et_tls_gen (freed once that ends) */
-extern __thread uint64_t et_tls_gen;
+/* local-dynamic: one TLS lookup a function for both, as when they were statics of one file */
+#define ET_TLS __attribute__((tls_model("local-dynamic")))
+extern __thread TState *et_tls ET_TLS;     /* this thread's state in session et_tls_gen (freed once that ends) */
+extern __thread uint64_t et_tls_gen ET_TLS;
 extern PyTypeObject et_CoreType, et_RegionType;
 
 /* ---- what crosses files ------------------------------------------------------------------- */
@@ -454,5 +461,7 @@ static inline int put(Buf *b, const char *s, Py_ssize_t n) {
     b->n += n;
     return 0;
 }
+
+#pragma GCC visibility pop
 
 #endif

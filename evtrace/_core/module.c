@@ -3,8 +3,8 @@
 #include "core.h"
 
 Globals et_g = {.calls = PTHREAD_MUTEX_INITIALIZER, .errors = PTHREAD_MUTEX_INITIALIZER, .max_str = 1000};
-__thread TState *et_tls;
-__thread uint64_t et_tls_gen;
+__thread TState *et_tls ET_TLS;
+__thread uint64_t et_tls_gen ET_TLS;
 
 const char *const et_why_names[NWHY] = {
     "event_pool_exhausted", "record_refused", "graph_capture", "device_call_failed",
