@@ -49,20 +49,13 @@ def bind_torch() -> None:
     """Import torch only when instrumenting, so that `evtrace summary` starts fast."""
     global _is_compiling, _Tensor, _queue_callback, _graph_task_id, _sequential_forward, _global_hooks
     import torch
-    import torch.nn.modules.module as tm
 
     _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _is_compiling)
     _Tensor = torch.Tensor
-    _queue_callback = getattr(torch.autograd.Variable._execution_engine, "queue_callback", None)
+    _queue_callback = private.queue_callback(torch)
     _graph_task_id = private.graph_task_id(torch)
     _sequential_forward = torch.nn.Sequential.forward
-    names = (
-        "_global_forward_pre_hooks",
-        "_global_forward_hooks",
-        "_global_backward_pre_hooks",
-        "_global_backward_hooks",
-    )
-    _global_hooks = tuple(getattr(tm, n, {}) for n in names)
+    _global_hooks = private.global_hooks(torch)
     _core.bind(  # the core's torch parts: `import evtrace` never imports torch, so bound here
         **private.compiler_parts(torch),
         grad_enabled=torch.is_grad_enabled,

@@ -18,6 +18,14 @@ with several devices)
 events without a loadable libcudart)                      frame more)
 ``torch._C._current_graph_task_id`` (instrumentation.py:  ``threading.get_ident``: backward passes told
 which backward pass runs)                                 apart by thread, not by pass
+``torch.nn.modules.module._global_forward_pre_hooks``,    sequential() never shares a child's boundary
+``_global_forward_hooks``, ``_global_backward_pre_hooks``, with the one before: correct, one event pair
+``_global_backward_hooks``; a module's ``_forward_hooks``, a child more (``global_hooks``)
+``_forward_pre_hooks``, ``_backward_hooks``,
+``_backward_pre_hooks``, ``_compiled_call_impl`` (the
+core's sequential(): is a child plain, hook-free)
+``Variable._execution_engine.queue_callback``             a backward span ends when its last gradient
+(instrumentation.py: ends a backward pass's spans)        comes, or at the session's end
 ``torch._dynamo`` (instrumentation.py: the module whose   nothing to do: torch.compile is not in use
 import is watched, to register forward()'s twins)
 ``torch._C._current_autograd_node`` (recorder.py: names   the thread's Python name ("Dummy-N")
@@ -61,6 +69,42 @@ def compiler_parts(torch: Any) -> dict[str, Any]:
             "nor torch.compiler.is_compiling: evtrace cannot tell whether torch.compile is tracing"
         )
     return {"is_compiling": public}
+
+
+#: torch's global module hooks (torch.nn.modules.module) and a module's own (read by _core/forward.c)
+GLOBAL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+MODULE_ATTRS = (
+    "_compiled_call_impl",
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+#: stands for a hook evtrace cannot see: never empty, so the core never takes a child as plain
+UNKNOWN_HOOKS = {"evtrace: torch's module hooks are not where evtrace reads them": None}
+
+
+def global_hooks(torch: Any) -> tuple[dict[Any, Any], ...]:
+    """torch's global module hooks, for the core's sequential(); where they or a module's own hook
+    tables are not where the core reads them, UNKNOWN_HOOKS (each child then gets its own events)."""
+    tm = torch.nn.modules.module
+    found = [getattr(tm, n, None) for n in GLOBAL_HOOKS]
+    # a module's own tables, and _compiled_call_impl: a class default until compile() sets it
+    own = set(vars(torch.nn.Module())) | {n for n in MODULE_ATTRS if hasattr(torch.nn.Module, n)}
+    if any(not isinstance(h, dict) for h in found) or not set(MODULE_ATTRS) <= own:
+        return (UNKNOWN_HOOKS,)
+    return tuple(found)  # type: ignore[arg-type]
+
+
+def queue_callback(torch: Any) -> Callable[[Callable[[], None]], None] | None:
+    """Run a callable when the current backward pass ends, or None."""
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    return getattr(engine, "queue_callback", None)
 
 
 def raw_stream(torch: Any) -> Callable[[int], int]:
