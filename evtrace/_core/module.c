@@ -413,6 +413,8 @@ static PyObject *bind(PyObject *mod, PyObject *args, PyObject *kw) {
                            &et_g.region_slow,  NULL,               &et_g.compiler_globals, &et_g.is_compiling,
                            &et_g.grad_enabled, &et_g.watch,        &et_g.forward_type,     &et_g.global_hooks,
                            &et_g.frame};
+    if (v[6]) Py_CLEAR(et_g.is_compiling); /* two ways to one answer: the last bound is the one */
+    if (v[7]) Py_CLEAR(et_g.compiler_globals);
     for (int i = 0; i < 13; i++)
         if (v[i] && slot[i]) Py_XSETREF(*slot[i], (Py_INCREF(v[i]), v[i]));
     if (max_str >= 0) et_g.max_str = max_str;
