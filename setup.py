@@ -1,5 +1,7 @@
-"""The native core (evtrace/_core.c): plain C against the CPython API. The CUDA runtime is found
-by soname at run time, so it builds with no GPU, CUDA headers or toolkit."""
+"""The native core (evtrace/_core/, its files by job: see core.h): plain C against the CPython API.
+The CUDA runtime is found by soname at run time, so it builds with no GPU, CUDA headers or toolkit."""
+
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -7,9 +9,11 @@ setup(
     ext_modules=[
         Extension(
             "evtrace._core",
-            ["evtrace/_core.c"],
+            sorted(str(p) for p in Path("evtrace/_core").glob("*.c")),
+            depends=["evtrace/_core/core.h"],
             extra_compile_args=[
                 "-O2",
+                "-fvisibility=hidden",  # the files' shared et_ functions stay inside the module
                 "-std=c11",
                 "-Wall",
                 "-Wextra",

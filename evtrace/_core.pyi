@@ -1,4 +1,4 @@
-"""evtrace's native core (evtrace/_core.c): the region hot path, the event pool, the resolver."""
+"""evtrace's native core (evtrace/_core/): the region hot path, the event pool, the resolver."""
 
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
@@ -74,19 +74,18 @@ def bind(
     decorate: Callable[[Region, Any], Any] = ...,
     region_slow: Callable[..., Any] = ...,
     max_str: int = ...,
+    compiler_globals: dict[str, Any] = ...,
+    is_compiling: Callable[[], bool] = ...,
+    grad_enabled: Callable[[], bool] = ...,
+    watch: Callable[[int, tuple[Any, ...], dict[str, Any], Any], None] = ...,
+    forward_type: type = ...,
+    global_hooks: tuple[dict[Any, Any], ...] = ...,
+    frame: Callable[..., Any] = ...,
 ) -> None: ...
+def row_layout() -> tuple[int, list[tuple[str, int, int, str]]]: ...
 def forward(fn: Callable[..., Any], key: int, bkey: int, /, *args: Any, **kwargs: Any) -> Any: ...
 def forward_here(fn: Callable[..., Any], key: int, bkey: int, /, *args: Any, **kwargs: Any) -> Any: ...
 def sequential(seq: Any, input: Any, /) -> Any: ...
-def bind_forward(
-    compiler_globals: dict[str, Any],
-    grad_enabled: Callable[[], bool],
-    watch: Callable[[int, tuple[Any, ...], dict[str, Any], Any], None],
-    forward_type: type,
-    global_hooks: tuple[dict[Any, Any], ...],
-    frame: Callable[..., Any],
-    /,
-) -> None: ...
 def capture_began() -> None: ...
 def capture_ended() -> None: ...
 def after_fork_in_child() -> None: ...

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from . import defaults
+from . import defaults, private
 from . import recorder as _rec
 from .collectives import COLLECTIVES, OPS, PREFIX
 from .instrumentation import Instrumentation, bind_torch, compiling, instrument
@@ -324,11 +324,7 @@ class _Shared:
         """A group's name, size and sequence counter (torch's, private: None where it has none)."""
         got = self._groups.get(g)
         if got is None:
-            counter = getattr(g, "_get_sequence_number_for_group", None)
-            try:
-                counter = counter if counter is not None and counter() is not None else None
-            except RuntimeError:  # "ProcessGroup custom does not yet support sequence numbers."
-                counter = None
+            counter = private.group_sequence(g)
             got = self._groups[g] = (g.group_name, g.size(), counter)
         return got
 

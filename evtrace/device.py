@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from . import private
+
 Event = Any  # an opaque, reusable event handle owned by a backend
 
 
@@ -121,8 +123,8 @@ class CudaBackend:
         torch.cuda.init()
         n = torch.cuda.device_count()
         self.devices = [DeviceInfo(i, torch.cuda.get_device_name(i)) for i in range(n)]
-        self._raw_stream = torch._C._cuda_getCurrentRawStream
-        self._get_device = torch._C._cuda_getDevice
+        self._raw_stream = private.raw_stream(torch)
+        self._get_device = private.get_device(torch)
         self._labels: dict[Any, str] = {}  # raw stream handle -> lane name
         self._streams: dict[int, Any] = {}  # raw handle -> torch Stream (for torch events)
         self._rt = _Cudart.load(torch.version.cuda) if raw else None
@@ -138,7 +140,7 @@ class CudaBackend:
         if self._rt is not None:
             self._record = self._rt.record  # the C function itself: no Python frame on the hot path
         else:
-            self._base_record = torch._C._CudaEventBase.record
+            self._base_record = private.event_record(torch)
             self._record = self._record_torch
         self.raw_events = self._rt is not None
 

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from . import private
 from .metadata import CLOCK_PAIR, RANK_CLOCK, RankClock
 
 Clock = Callable[[], int]
@@ -75,9 +76,6 @@ IDLE_S = 0.001
 CLOSED = 1 << 40
 PREFIX = "evtrace/clock"
 
-#: private torch names used, in one place: the store of the default process group. There is no
-#: public way to reach it; without it nothing is measured, loudly (``_say_once``)
-_PRIVATE_STORE = "_get_default_store"
 _said: set[str] = set()
 #: exchanges made in this process: the n-th exchange of every rank uses the same keys
 _exchanges = 0
@@ -102,10 +100,10 @@ def _dist() -> Any:
 def _default_store(dist: Any) -> Any:
     """The default process group's store, or None (said once) where this torch has no way to it."""
     c10d = sys.modules.get("torch.distributed.distributed_c10d")
-    get = getattr(c10d, _PRIVATE_STORE, None)
+    get = private.default_store(c10d)  # no public way to it: absent, nothing is measured, loudly
     if get is None:
         _say_once(
-            f"torch.distributed.distributed_c10d.{_PRIVATE_STORE} is missing in this torch: "
+            f"torch.distributed.distributed_c10d.{private.DEFAULT_STORE} is missing in this torch: "
             "rank clock offsets are not measured; merge falls back to wall clocks"
         )
         return None

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import _core
+from . import _core, private
 from . import recorder as _rec
 
 if TYPE_CHECKING:
@@ -49,25 +49,22 @@ def bind_torch() -> None:
     """Import torch only when instrumenting, so that `evtrace summary` starts fast."""
     global _is_compiling, _Tensor, _queue_callback, _graph_task_id, _sequential_forward, _global_hooks
     import torch
-    import torch.nn.modules.module as tm
 
     _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _is_compiling)
     _Tensor = torch.Tensor
-    _queue_callback = getattr(torch.autograd.Variable._execution_engine, "queue_callback", None)
-    _graph_task_id = getattr(torch._C, "_current_graph_task_id", _graph_task_id)
+    _queue_callback = private.queue_callback(torch)
+    _graph_task_id = private.graph_task_id(torch)
     _sequential_forward = torch.nn.Sequential.forward
-    names = (
-        "_global_forward_pre_hooks",
-        "_global_forward_hooks",
-        "_global_backward_pre_hooks",
-        "_global_backward_hooks",
+    _global_hooks = private.global_hooks(torch)
+    _core.bind(  # the core's torch parts: `import evtrace` never imports torch, so bound here
+        **private.compiler_parts(torch),
+        grad_enabled=torch.is_grad_enabled,
+        watch=_watched,
+        forward_type=_Forward,
+        global_hooks=_global_hooks,
+        frame=_frame,
     )
-    _global_hooks = tuple(getattr(tm, n, {}) for n in names)
-    compiler = getattr(torch, "compiler", None)
-    _core.bind_forward(
-        vars(compiler) if compiler else {}, torch.is_grad_enabled, _watched, _Forward, _global_hooks, _frame
-    )
-    if "torch._dynamo" in sys.modules:
+    if private.DYNAMO in sys.modules:
         _polyfill()
     elif not any(isinstance(f, _OnDynamoImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _OnDynamoImport())  # importing dynamo costs ~1 s: only once it is in use
@@ -102,7 +99,7 @@ class _OnDynamoImport(importlib.abc.MetaPathFinder):
     dynamo can trace anything: the import itself is left to torch's own finder."""
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name != "torch._dynamo":
+        if name != private.DYNAMO:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -1,6 +1,6 @@
 """The journal: a recording on disk while it runs, so that a run that ends badly keeps it.
 
-While a session records to PATH, the core's writer thread (``evtrace/_core.c``, "the journal")
+While a session records to PATH, the core's writer thread (``evtrace/_core/journal.c``)
 appends to the folder ``PATH.journal`` at least every ``FLUSH_S``: the rows finished since the
 last flush, the anchors and streams the alignment needs, and a snapshot of the regions open on
 each thread and of those waiting for the device. Names, thread names and stream labels come

@@ -1,6 +1,6 @@
 """The live session around the native core: start, storage, stop. ``stop()`` returns a Session.
 
-The hot path, the event pool and the resolver are C (``evtrace/_core.c``): per region boundary
+The hot path, the event pool and the resolver are C (``evtrace/_core/``): per region boundary
 a host stamp, at most one pooled event recorded on the current stream, and a raw record
 appended. Events are resolved with queries by the resolver, never with a synchronize: a device
 synchronize stalls the host until the device drains, which destroys the very overlap being
@@ -31,14 +31,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
 
-from . import _core, defaults, metadata
+from . import _core, defaults, metadata, private
 from . import clock as _clock
 from . import hostclock as _hostclock
 from . import journal as _journal
@@ -51,7 +51,21 @@ from .session import REGION_DTYPE, Session, Thread
 LIVE_DTYPE = np.dtype(
     [(n, np.float64 if n.startswith("dev_") else REGION_DTYPE[n]) for n in REGION_DTYPE.names or ()]
 )
-assert LIVE_DTYPE.itemsize == 46  # the core's packed row
+
+
+def _check_row_layout(dtype: np.dtype[Any]) -> None:
+    """ImportError unless the core's C ``Row`` is ``dtype`` field by field (name, offset, size, kind):
+    the core's rows are read as this dtype, so a field moved on one side would misread them all."""
+    size, fields = _core.row_layout()
+    named: Mapping[str, Any] = dtype.fields or {}
+    ours = [(n, named[n][1], named[n][0].itemsize, named[n][0].kind) for n in dtype.names or ()]
+    if size != dtype.itemsize or [tuple(f) for f in fields] != ours:
+        raise ImportError(
+            f"evtrace's core has rows of {size} bytes {fields}; the recorder reads {dtype.itemsize} {ours}"
+        )
+
+
+_check_row_layout(LIVE_DTYPE)
 
 #: the recorder regions report to; None when no session is active. Public, read-only outside
 #: this module (a module attribute, not a function: it is read once per region)
@@ -81,12 +95,15 @@ def name_key(name: str) -> int:
     return k
 
 
+def core_parts() -> dict[str, Any]:
+    """The name table's parts for ``_core.bind`` (regions.py binds the core once, at import):
+    Region interns its name through them."""
+    return {"name_keys": _NAME_KEYS, "name_key": name_key}
+
+
 def name_of(key: int) -> str:
     """The region name interned as ``key``."""
     return _NAMES[key]
-
-
-_core.bind(name_keys=_NAME_KEYS, name_key=name_key)  # Region interns its name through these
 
 
 #: finished regions are packed into numpy chunks of at least this many (a long run keeps few chunks)
@@ -458,11 +475,8 @@ def _thread_name() -> str:
     th = threading.current_thread()
     torch = sys.modules.get("torch")
     if isinstance(th, threading._DummyThread) and torch is not None:  # started outside Python
-        try:
-            if torch._C._current_autograd_node() is not None:
-                return f"autograd thread {threading.get_native_id()}"
-        except (AttributeError, RuntimeError):
-            pass
+        if private.in_autograd(torch):
+            return f"autograd thread {threading.get_native_id()}"
     return th.name
 
 

@@ -73,7 +73,10 @@ def _region_slow(name_or_fn: Any = None, /, *, host_only: bool = False, **args: 
     )
 
 
+# The core's Python parts, bound once at `import evtrace` (torch's, which that never imports, are
+# bound by instrumentation.bind_torch): Region interns its name through the recorder's table.
 _core.bind(
+    **_rec.core_parts(),
     encode=encode,
     decorate=_decorate,
     region_slow=_region_slow,

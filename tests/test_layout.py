@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "evtrace"
-#: the native core (evtrace/_core.c) is private to the modules that are its Python faces
+#: the native core (evtrace/_core/) is private to the modules that are its Python faces
 NATIVE_FACES = {"recorder.py", "regions.py", "instrumentation.py", "journal.py"}
 
 
