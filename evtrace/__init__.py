@@ -18,7 +18,7 @@ from .session import Session
 
 load = Session.load
 
-# the API README.md documents, and no more: tests/test_public_api.py pins it
+# the API docs/api.md documents, and no more: tests/test_public_api.py pins it
 __all__ = [
     "DeviceAlignment",
     "Session",

@@ -23,7 +23,7 @@ The exchange (one at the start, one at the end: the drift comes from the two):
 
 Rank 0's ticks serve every rank at once, so the ranks read in parallel; their bursts are
 spread over ``world * SAMPLES / READ_RATE`` seconds so that the store is not swamped (the
-README has the budget at 1,024 ranks). Every wait is bounded (``TIMEOUT_S``): a rank that
+docs/how-it-works.md has the budget at 1,024 ranks). Every wait is bounded (``TIMEOUT_S``): a rank that
 never comes costs rank 0 at most that, a rank 0 that never comes costs a rank at most that,
 and what could not be measured is said in the metadata (``RankClock.note``) and in one line.
 """
