@@ -170,6 +170,8 @@ typedef struct {
     int (*last_error)(void);
 } Cudart;
 
+typedef struct Batch Batch; /* one flush's worth (journal.c) */
+
 /* The journal's writer (see "the journal" below); its fields are the writer's, or under mu. */
 typedef struct {
     char *dir;
@@ -187,6 +189,9 @@ typedef struct {
     pthread_t thread;
     int running, stopping;
     pthread_cond_t wake;
+    Batch *last;             /* the last flush, written on last_thread; its rows lent to take() */
+    pthread_t last_thread;
+    int last_running, lent;
 } Journal;
 
 typedef struct Core {
@@ -299,6 +304,7 @@ void et_lock_gil_free(pthread_mutex_t *mu);
 void et_add_error(Core *c, const char *msg);
 int et_rows_push(Rows *r, const Row *row, const Args *a);
 void et_rows_free(Rows *r);
+int et_journal_lent(Core *c, Rows *hr, Rows *dr);
 int et_start_thread(pthread_t *t, void *(*fn)(void *), void *arg, const char *name);
 void et_rows_append(Rows *dst, const Rows *src);
 int et_reserve(Buf *b, Py_ssize_t more);

@@ -16,13 +16,15 @@ const char *const et_why_names[NWHY] = {
  * (JSON text) in blob, both int64. Those the journal wrote first, then the hot path's, then the
  * resolver's. */
 static PyObject *Core_take(Core *c, PyObject *unused) {
-    Rows part[3];
+    enum { NPART = 5, LENT = 3 }; /* parts from LENT on are the journal's last flush: copied, not freed */
+    Rows part[NPART];
     memset(part, 0, sizeof part);
     if (c->j) pthread_mutex_lock(&c->j->mu);
     part[0] = c->jrows;
     memset(&c->jrows, 0, sizeof c->jrows);
     __atomic_store_n(&c->njrows, 0, __ATOMIC_RELAXED);
     if (c->j) pthread_mutex_unlock(&c->j->mu);
+    et_journal_lent(c, &part[LENT], &part[LENT + 1]);
     if (!c->jon) { /* journaled, rows come through the journal's flushes only */
         part[1] = c->hrows;
         memset(&c->hrows, 0, sizeof c->hrows);
@@ -32,7 +34,7 @@ static PyObject *Core_take(Core *c, PyObject *unused) {
         pthread_mutex_unlock(&c->rmu);
     }
     Py_ssize_t n = 0, nat = 0, nblob = 0;
-    for (int k = 0; k < 3; k++) n += part[k].n, nat += part[k].nat, nblob += part[k].nblob;
+    for (int k = 0; k < NPART; k++) n += part[k].n, nat += part[k].nat, nblob += part[k].nblob;
     PyObject *rows = PyBytes_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(Row));
     PyObject *at = PyBytes_FromStringAndSize(NULL, nat * 8), *end = PyBytes_FromStringAndSize(NULL, nat * 8);
     PyObject *blob = PyBytes_FromStringAndSize(NULL, nblob);
@@ -41,7 +43,7 @@ static PyObject *Core_take(Core *c, PyObject *unused) {
         char *r = PyBytes_AS_STRING(rows), *bl = PyBytes_AS_STRING(blob);
         int64_t *a = (int64_t *)PyBytes_AS_STRING(at), *e = (int64_t *)PyBytes_AS_STRING(end);
         Py_ssize_t n0 = 0, at0 = 0, b0 = 0;
-        for (int k = 0; k < 3; k++) {
+        for (int k = 0; k < NPART; k++) {
             Rows *p = &part[k];
             if (p->n) memcpy(r + n0 * (Py_ssize_t)sizeof(Row), p->v, (size_t)p->n * sizeof(Row));
             if (p->nblob) memcpy(bl + b0, p->blob, (size_t)p->nblob);
@@ -53,8 +55,7 @@ static PyObject *Core_take(Core *c, PyObject *unused) {
     Py_XDECREF(rows), Py_XDECREF(at), Py_XDECREF(end), Py_XDECREF(blob);
     if (!out) { /* out of memory: the rows stay (as the resolver's), older ones first */
         pthread_mutex_lock(&c->rmu);
-        et_rows_append(&part[0], &part[1]);
-        et_rows_append(&part[0], &part[2]);
+        for (int k = 1; k < NPART; k++) et_rows_append(&part[0], &part[k]);
         et_rows_append(&part[0], &c->drows);
         et_rows_free(&c->drows);
         c->drows = part[0];
@@ -62,7 +63,7 @@ static PyObject *Core_take(Core *c, PyObject *unused) {
         et_rows_free(&part[1]), et_rows_free(&part[2]);
         return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     }
-    for (int k = 0; k < 3; k++) et_rows_free(&part[k]);
+    for (int k = 0; k < LENT; k++) et_rows_free(&part[k]);
     return out;
 }
 
@@ -477,7 +478,7 @@ static PyObject *after_fork_in_child(PyObject *mod, PyObject *unused) {
         if (c->j) { /* nor its journal's writer: the journal is the parent's, never written here */
             pthread_mutex_init(&c->j->mu, NULL);
             pthread_cond_init(&c->j->wake, NULL);
-            c->j->running = 0;
+            c->j->running = c->j->last_running = 0;
             et_journal_free(c);
         }
         c->hlk = 0;
