@@ -36,7 +36,7 @@ Clock = Callable[[], int]  # host clock in integer ns (time.perf_counter_ns by d
 #: stamps are first reduced to the least-delayed one per bin of this much device time
 BIN_MS = 25.0
 #: the drift is searched within this much (ppm, i.e. ns per device ms off 1e6). GPU clocks
-#: measured against perf_counter drift 0.7 to 22.7 ppm (H100, H200: BENCHMARKS.md); 200 is
+#: measured against perf_counter drift 0.7 to 22.7 ppm (H100, H200: benchmarks/results/HISTORY.md); 200 is
 #: eight times the most seen, and no more than a short run's noise reaches: two stamps 25 ms
 #: apart whose delays differ by 5 µs make a line 200 ppm off (the old bound, 1000 ppm, was
 #: reached, and put the ends of a 30 ms run 25 µs off)
