@@ -68,10 +68,11 @@ with evtrace.region("outer"):
 """
 
 
-def start(tmp_path: Path, seconds: float, end: str) -> subprocess.Popen[str]:
-    (tmp_path / "loop.py").write_text(LOOP)
+def launch(tmp_path: Path, code: str, *args: str, options: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    """``evtrace run`` (host lanes, no hooks) of a script, writing t.json.gz, left running."""
+    (tmp_path / "job.py").write_text(code)
     return subprocess.Popen(
-        [*EVTRACE, "--no-cuda", "--no-hooks", "-o", "t.json.gz", "loop.py", str(seconds), end],
+        [*EVTRACE, "--no-cuda", "--no-hooks", *options, "-o", "t.json.gz", "job.py", *args],
         cwd=tmp_path,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -79,6 +80,18 @@ def start(tmp_path: Path, seconds: float, end: str) -> subprocess.Popen[str]:
         text=True,
         preexec_fn=sigint_default,
     )
+
+
+def run_job(tmp_path: Path, code: str, *options: str) -> Path:
+    """The same, run to its end (successful); the journal it left."""
+    p = launch(tmp_path, code, options=options)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    return tmp_path / "t.json.gz.journal"
+
+
+def start(tmp_path: Path, seconds: float, end: str) -> subprocess.Popen[str]:
+    return launch(tmp_path, LOOP, str(seconds), end)
 
 
 def test_sigkill_leaves_a_journal_that_recovers_every_region_finished_before_it(
@@ -110,22 +123,15 @@ def test_sigkill_leaves_a_journal_that_recovers_every_region_finished_before_it(
 
 
 def test_a_hung_process_is_recovered_while_it_runs_and_left_running(tmp_path: Path) -> None:
-    (tmp_path / "hang.py").write_text(
+    p = launch(
+        tmp_path,
         "import time, evtrace\n"
         "for i in range(2000):\n"
         "    with evtrace.region('step', i=i):\n"
         "        pass\n"
         "with evtrace.region('stuck'):\n"
         "    print('stuck', flush=True)\n"
-        "    time.sleep(600)\n"
-    )
-    p = subprocess.Popen(
-        [*EVTRACE, "--no-cuda", "--no-hooks", "-o", "t.json.gz", "hang.py"],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        "    time.sleep(600)\n",
     )
     try:
         assert p.stdout is not None and p.stdout.readline() == "stuck\n"
@@ -241,25 +247,16 @@ def test_a_finished_journal_says_where_its_trace_is(tmp_path: Path, monkeypatch:
 
 def _killed_journal(tmp_path: Path, regions: int = 500) -> Path:
     """A journal left by a process that ended without a word (os._exit), after a few flushes."""
-    (tmp_path / "job.py").write_text(
+    return run_job(
+        tmp_path,
         "import os, time, evtrace\n"
         f"for i in range({regions}):\n"
         "    with evtrace.region('step', i=i):\n"
         "        pass\n"
         "    if i % 100 == 99:\n"
         "        time.sleep(0.6)\n"
-        "os._exit(0)\n"
+        "os._exit(0)\n",
     )
-    p = subprocess.run(
-        [*EVTRACE, "--no-cuda", "--no-hooks", "-o", "t.json.gz", "job.py"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    return tmp_path / "t.json.gz.journal"
 
 
 def test_a_torn_tail_recovers_every_complete_record_and_says_how_many_bytes_were_skipped(
@@ -318,24 +315,18 @@ def test_what_is_not_a_journal_is_one_line(tmp_path: Path, what: str) -> None:
 
 
 def test_the_ring_bounds_the_journal_and_counts_what_it_dropped(tmp_path: Path) -> None:
-    (tmp_path / "job.py").write_text(
+    run_job(
+        tmp_path,
         "import os, time, evtrace\n"
         "for i in range(40000):\n"
         "    with evtrace.region('step', i=i):\n"
         "        pass\n"
         "    if i % 4000 == 3999:\n"
         "        time.sleep(0.55)\n"
-        "os._exit(0)\n"
+        "os._exit(0)\n",
+        "--max-regions",
+        "8000",
     )
-    p = subprocess.run(
-        [*EVTRACE, "--no-cuda", "--no-hooks", "--max-regions", "8000", "-o", "t.json.gz", "job.py"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
     segments = list((tmp_path / "t.json.gz.journal").glob("rows-*"))
     s = journal.recover_session(journal.read(tmp_path / "t.json.gz.journal"))
     ids = ids_of(s)
