@@ -1,4 +1,5 @@
-"""The native core (evtrace/_core.c): plain C against the CPython API. The CUDA runtime is found
+"""The native core (evtrace/_core.c) and the JSON reader's scanner (evtrace/_scan.c): plain C
+against the CPython API. The CUDA runtime is found
 by soname at run time, so it builds with no GPU, CUDA headers or toolkit."""
 
 from setuptools import Extension, setup
@@ -18,6 +19,10 @@ setup(
                 "-Wno-cast-function-type",
             ],
             libraries=["dl", "pthread"],
-        )
+        ),
+        # the Chrome JSON reader's scanner (evtrace/formats/chrome_read.py): plain C, no libraries
+        Extension(
+            "evtrace._scan", ["evtrace/_scan.c"], extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"]
+        ),
     ]
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +37,18 @@ from .chrome import FORMAT, OWN_ARGS
 from .chrome import read_slow as _read_slow
 
 __all__ = ["read"]
+
+# The scanner in C (evtrace/_scan.c) checks and parses the layout in one pass over the text; the
+# numpy path below does the same in bulk, slower, where a build lacks it (the same Session either
+# way: tests/test_read_fast.py reads through both).
+_Scan = Callable[[bytes, int, int], tuple[bytes, bytes, bytes, bytes, bytes]]
+_scan: _Scan | None
+try:
+    from .._scan import scan as _native_scan
+
+    _scan = _native_scan
+except ImportError:  # pragma: no cover  (a build without the extension)
+    _scan = None
 
 #: inflated text parsed at once: 16 MB of host events is ~130k, whose columns and temporaries fit
 #: in a few tens of MB; larger blocks measured no faster (fewer numpy calls, more cache misses)
@@ -323,16 +335,50 @@ class _Reader:
         tail: Any = None
         for t in _blocks(self.path, progress):
             tail = t.tail
-            if t.hi > t.lo + 1:  # (none: an empty trace)
-                try:
-                    self._block(_Block(t))
-                except IndexError:  # a field's end read past the block: not the writer's layout
-                    raise _Fallback from None
+            if t.hi <= t.lo + 1:  # (none: an empty trace)
+                continue
+            if _scan is not None:
+                self._scanned(t, _scan)
+                continue
+            try:
+                self._block(_Block(t))
+            except IndexError:  # a field's end read past the block: not the writer's layout
+                raise _Fallback from None
         s = self._build(tail)
         progress.done(f"{len(s.regions)} regions")
         return s
 
-    # -- one block --
+    # -- one block, through the C scanner --
+
+    def _scanned(self, t: _Text, scan: _Scan) -> None:
+        """The block's events as the C scanner checked and parsed them; then the parts it leaves
+        to orjson: the distinct names, the user args, and the pieces off the layout."""
+        out = [np.frombuffer(x, np.int64) for x in scan(t.data, t.lo, t.hi)]
+        pieces, host, dev = out[0].reshape(-1, 2), out[1].reshape(-1, 9), out[2].reshape(-1, 8)
+        names = out[4].reshape(-1, 2)
+        fast = pieces[:, 1] != 0
+        keys = np.array([self._name_key(t.data[s : s + n]) for s, n in names.tolist()] or [0], np.int64)
+        name = keys[host[:, 1]]
+        ok = name >= 0  # a name that is not a JSON string: the event goes to orjson
+        for i in np.flatnonzero(ok & (host[:, 7] >= 0)).tolist():
+            user = self._user(t.data, int(host[i, 7]), int(host[i, 8]))
+            ok[i] = user is not None
+            if user:
+                self.args.append((int(host[i, 2]), int(host[i, 0]), user))
+        dok = np.ones(len(dev), bool)
+        for i in np.flatnonzero(dev[:, 6] >= 0).tolist():  # checked, not kept (the host's)
+            dok[i] = self._user(t.data, int(dev[i, 6]), int(dev[i, 7])) is not None
+        fast[host[~ok, 6]] = False
+        fast[dev[~dok, 5]] = False
+        self.host.add(
+            **{k: host[ok, j] for j, k in ((0, "region"), (2, "pid"), (3, "tid"), (4, "ts"), (5, "dur"))}
+        )
+        self.host.add(name=name[ok])
+        self.dev.add(**{k: dev[dok, j] for j, k in enumerate(("region", "pid", "tid", "ts", "dur"))})
+        self.counter_pids.update(np.unique(out[3]).tolist())
+        self._slow_runs(t.data, t.hi, pieces[:, 0], fast)
+
+    # -- one block, through numpy --
 
     def _block(self, b: _Block) -> None:
         c = b.c
@@ -354,7 +400,7 @@ class _Reader:
         ):
             if len(sel):
                 fast[sel] = f(b, js[sel], je[sel])
-        self._slow_runs(b, seps, fast)
+        self._slow_runs(b.data, int(c[-1]), seps, fast)
 
     def _x(
         self, b: _Block, js: np.ndarray, je: np.ndarray, cat: bytes
@@ -425,7 +471,7 @@ class _Reader:
         ok &= good
         users = []
         for i in np.flatnonzero(ok & ~plain).tolist():  # after "args":{ to the comma before "region"
-            parsed = self._user(b, int(c[a[i]]) + 9, int(c[rf[i]]))
+            parsed = self._user(b.data, int(c[a[i]]) + 9, int(c[rf[i]]))
             if parsed is None:
                 ok[i] = False
             else:
@@ -498,42 +544,47 @@ class _Reader:
             left = np.clip(n - 8 * k, 0, 8)
             at, same = np.minimum(start + 8 * k, len(b.w) - 1), np.minimum(rep + 8 * k, len(b.w) - 1)
             ok &= (b.w[at] & _KEEP8[left]) == (b.w[same] & _KEEP8[left])
-        keys = np.empty(len(uniq), np.int64)
-        for u, i in enumerate(first.tolist()):
-            try:
-                name = orjson.loads(b.data[start[i] : start[i] + n[i]])
-            except orjson.JSONDecodeError:
-                name = None
-            if not isinstance(name, str):
-                keys[u] = -1
-                continue
-            keys[u] = self.name_ids.setdefault(name, len(self.name_ids))
-            if keys[u] == len(self.names):
-                self.names.append(name)
+        keys = np.array(
+            [self._name_key(b.data[start[i] : start[i] + n[i]]) for i in first.tolist()], np.int64
+        )
         key = keys[inverse]
         return ok & (key >= 0), key
 
-    def _user(self, b: _Block, start: int, end: int) -> dict[str, Any] | None:
+    def _name_key(self, text: bytes) -> int:
+        """A name's key into self.names, from its JSON text; -1 where it is not a JSON string."""
+        try:
+            name = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return -1
+        if not isinstance(name, str):
+            return -1
+        key = self.name_ids.setdefault(name, len(self.name_ids))
+        if key == len(self.names):
+            self.names.append(name)
+        return key
+
+    def _user(self, data: bytes, start: int, end: int) -> dict[str, Any] | None:
         """A region's user args (text ``"k":v,...`` in [start, end)), without evtrace's own keys
         (as a JSON reader keeps them: the last of a key); None where not a JSON object's."""
         try:
-            args = orjson.loads(b"{" + b.data[start:end] + b"}") if end > start else None
+            args = orjson.loads(b"{" + data[start:end] + b"}") if end > start else None
         except orjson.JSONDecodeError:
             return None
         if not isinstance(args, dict):
             return None
         return {k: v for k, v in args.items() if k not in OWN_ARGS}
 
-    def _slow_runs(self, b: _Block, seps: np.ndarray, fast: np.ndarray) -> None:
-        """The events not of the fast layout, each run of adjacent ones read by orjson at once
-        (so that pieces cut inside one event, where its args hold ``,{"ph":"``, come together)."""
+    def _slow_runs(self, data: bytes, hi: int, seps: np.ndarray, fast: np.ndarray) -> None:
+        """The events not of the fast layout (``seps``: each one's leading comma, the last one's
+        end at ``hi``), each run of adjacent ones read by orjson at once (so that pieces cut
+        inside one event, where its args hold ``,{"ph":"``, come together)."""
         if fast.all():
             return
-        ends = np.r_[seps[1:], b.c[-1]]
+        ends = np.r_[seps[1:], hi]
         slow = ~fast
         edge = np.diff(np.r_[0, slow.astype(np.int8), 0])
         for i, j in zip(np.flatnonzero(edge == 1).tolist(), np.flatnonzero(edge == -1).tolist()):
-            text = b.data[seps[i] + 1 : ends[j - 1]]
+            text = data[seps[i] + 1 : ends[j - 1]]
             if not text:  # an empty piece: ",," is not JSON
                 raise _Fallback
             try:
