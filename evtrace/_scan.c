@@ -12,10 +12,11 @@
  * Returns (pieces, host, device, counter_pids, names), each bytes of native int64 rows:
  *   pieces  [start, kind]        kind: 0 off the layout, 1 host X, 2 device X, 3 C
  *   host    [region, name, pid, tid, ts, dur, piece, args_start, args_end]
- *   device  [region, pid, tid, ts, dur, piece, args_start, args_end]
+ *   device  the same
  *   names   [start, length]      the distinct name texts (quotes included), first seen first
  * name is an index into names; args_start = args_end = -1 where a region has no user args.
- * The GIL is released while scanning: the inflating thread runs meanwhile.
+ * The GIL is released while scanning: the inflating thread runs meanwhile. Memory comes from
+ * PyMem_Raw* (callable without the GIL), so that tracemalloc counts it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,7 +38,7 @@ static int64_t *vec_row(Vec *a, size_t width) {
         size_t cap = a->cap ? a->cap * 2 : 4096;
         while (cap < a->n + width)
             cap *= 2;
-        int64_t *v = realloc(a->v, cap * sizeof(int64_t));
+        int64_t *v = PyMem_RawRealloc(a->v, cap * sizeof(int64_t));
         if (!v) {
             a->failed = 1;
             return NULL;
@@ -70,11 +71,11 @@ static uint64_t hash_bytes(const char *p, size_t n) {
 
 static int names_grow(Names *t) {
     size_t size = t->mask ? (t->mask + 1) * 2 : 256;
-    int64_t *slots = calloc(size, sizeof(int64_t));
-    uint64_t *hashes = calloc(size, sizeof(uint64_t));
+    int64_t *slots = PyMem_RawCalloc(size, sizeof(int64_t));
+    uint64_t *hashes = PyMem_RawCalloc(size, sizeof(uint64_t));
     if (!slots || !hashes) {
-        free(slots);
-        free(hashes);
+        PyMem_RawFree(slots);
+        PyMem_RawFree(hashes);
         return -1;
     }
     for (size_t i = 0; t->mask && i <= t->mask; i++) {
@@ -86,8 +87,8 @@ static int names_grow(Names *t) {
         slots[j] = t->slots[i];
         hashes[j] = t->hashes[i];
     }
-    free(t->slots);
-    free(t->hashes);
+    PyMem_RawFree(t->slots);
+    PyMem_RawFree(t->hashes);
     t->slots = slots;
     t->hashes = hashes;
     t->mask = size - 1;
@@ -313,10 +314,7 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             int device = p[18] == 'd'; /* ,{"ph":"X","cat":"r... or "d... */
             if (x_event(&c, device, &names, &e)) {
                 kind = device ? 2 : 1;
-                if (device && (row = vec_row(&dev, 8))) {
-                    int64_t v[8] = {e.region, e.pid, e.tid, e.ts, e.dur, piece, e.astart, e.aend};
-                    memcpy(row, v, sizeof v);
-                } else if (!device && (row = vec_row(&host, 9))) {
+                if ((row = vec_row(device ? &dev : &host, 9))) {
                     int64_t v[9] = {e.region, e.name, e.pid, e.tid, e.ts, e.dur, piece, e.astart, e.aend};
                     memcpy(row, v, sizeof v);
                 }
@@ -345,13 +343,13 @@ static PyObject *scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     else
         out = Py_BuildValue("(NNNNN)", as_bytes(&pieces), as_bytes(&host), as_bytes(&dev),
                             as_bytes(&counters), as_bytes(&names.spans));
-    free(pieces.v);
-    free(host.v);
-    free(dev.v);
-    free(counters.v);
-    free(names.spans.v);
-    free(names.slots);
-    free(names.hashes);
+    PyMem_RawFree(pieces.v);
+    PyMem_RawFree(host.v);
+    PyMem_RawFree(dev.v);
+    PyMem_RawFree(counters.v);
+    PyMem_RawFree(names.spans.v);
+    PyMem_RawFree(names.slots);
+    PyMem_RawFree(names.hashes);
     PyBuffer_Release(&buf);
     return out;
 }

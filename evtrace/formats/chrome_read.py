@@ -354,7 +354,7 @@ class _Reader:
         """The block's events as the C scanner checked and parsed them; then the parts it leaves
         to orjson: the distinct names, the user args, and the pieces off the layout."""
         out = [np.frombuffer(x, np.int64) for x in scan(t.data, t.lo, t.hi)]
-        pieces, host, dev = out[0].reshape(-1, 2), out[1].reshape(-1, 9), out[2].reshape(-1, 8)
+        pieces, host, dev = out[0].reshape(-1, 2), out[1].reshape(-1, 9), out[2].reshape(-1, 9)
         names = out[4].reshape(-1, 2)
         fast = pieces[:, 1] != 0
         keys = np.array([self._name_key(t.data[s : s + n]) for s, n in names.tolist()] or [0], np.int64)
@@ -365,16 +365,18 @@ class _Reader:
             ok[i] = user is not None
             if user:
                 self.args.append((int(host[i, 2]), int(host[i, 0]), user))
-        dok = np.ones(len(dev), bool)
-        for i in np.flatnonzero(dev[:, 6] >= 0).tolist():  # checked, not kept (the host's)
-            dok[i] = self._user(t.data, int(dev[i, 6]), int(dev[i, 7])) is not None
+        dok = keys[dev[:, 1]] >= 0  # (a device slice's name and user args: checked, not kept)
+        for i in np.flatnonzero(dok & (dev[:, 7] >= 0)).tolist():
+            dok[i] = self._user(t.data, int(dev[i, 7]), int(dev[i, 8])) is not None
         fast[host[~ok, 6]] = False
-        fast[dev[~dok, 5]] = False
+        fast[dev[~dok, 6]] = False
         self.host.add(
             **{k: host[ok, j] for j, k in ((0, "region"), (2, "pid"), (3, "tid"), (4, "ts"), (5, "dur"))}
         )
         self.host.add(name=name[ok])
-        self.dev.add(**{k: dev[dok, j] for j, k in enumerate(("region", "pid", "tid", "ts", "dur"))})
+        self.dev.add(
+            **{k: dev[dok, j] for j, k in ((0, "region"), (2, "pid"), (3, "tid"), (4, "ts"), (5, "dur"))}
+        )
         self.counter_pids.update(np.unique(out[3]).tolist())
         self._slow_runs(t.data, t.hi, pieces[:, 0], fast)
 
