@@ -2,9 +2,10 @@
 on 2M-region traces, each command a fresh process as a user runs it (``/usr/bin/time -v``),
 median of ``--trials``.
 
-    python benchmarks/read_speed.py [--trials 3] [--tree DIR] [--dir DIR]
+    python benchmarks/read_speed.py [--trials 3] [--tree DIR ...] [--dir DIR] [--only CASES]
 
-``--tree`` runs another checkout's evtrace (the before figures); the traces are made once in
+``--tree`` runs another checkout's evtrace (the before figures); given twice or more, the trees'
+trials alternate, so that a shared machine's load weighs on each alike. The traces are made once in
 ``--dir`` with this tree: 2M host-only regions (two, for diff and merge) and 2M device regions
 from the simulated device, a loop of ``step`` with ``forward`` inside, as a user records them.
 """
@@ -91,7 +92,7 @@ def timed(tree: str, args: list[str]) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--tree", default=os.path.join(os.path.dirname(__file__), ".."))
+    ap.add_argument("--tree", action="append", help="a checkout to run (repeatable); default: this one")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--regions", type=int, default=2_000_000)
     ap.add_argument("--only", default="", help="comma-separated subset of the cases")
@@ -115,27 +116,31 @@ def main() -> None:
     if not only or "summary_ranks" in only:
         ranks = make_ranks(os.path.join(a.dir, "read_rank_100000.json.gz"), 100_000, a.ranks)
         cases["summary_ranks"] = ["summary", *ranks]
-    tree = os.path.abspath(a.tree)
+    trees = [os.path.abspath(t) for t in a.tree or [os.path.join(os.path.dirname(__file__), "..")]]
     for name, args in cases.items():
         if only and name not in only:
             continue
-        runs = [timed(tree, args) for _ in range(a.trials)]
-        walls, peaks, cpus = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]
-        emit(
-            f"read_{name}",
-            {
-                "regions": n if name != "summary_ranks" else f"{a.ranks} x 100000",
-                "tree": tree,
-                "wall_s_median": statistics.median(walls),
-                "wall_s": walls,
-                "peak_mb_median": statistics.median(peaks),
-                "peak_mb": peaks,
-                "cpu_s_median": statistics.median(cpus),
-                "cpu_s": cpus,
-                "load_avg_1min": os.getloadavg()[0],
-                **machine(),
-            },
-        )
+        runs: dict[str, list[tuple[float, float, float]]] = {t: [] for t in trees}
+        for _ in range(a.trials):
+            for tree in trees:
+                runs[tree].append(timed(tree, args))
+        for tree, got in runs.items():
+            walls, peaks, cpus = [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
+            emit(
+                f"read_{name}",
+                {
+                    "regions": n if name != "summary_ranks" else f"{a.ranks} x 100000",
+                    "tree": tree,
+                    "wall_s_median": statistics.median(walls),
+                    "wall_s": walls,
+                    "peak_mb_median": statistics.median(peaks),
+                    "peak_mb": peaks,
+                    "cpu_s_median": statistics.median(cpus),
+                    "cpu_s": cpus,
+                    "load_avg_1min": os.getloadavg()[0],
+                    **machine(),
+                },
+            )
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ _SIXES = np.uint64(0x0606060606060606)
 _KEEP = np.array([0] + [(~0 << (8 * (8 - n))) & (2**64 - 1) for n in range(1, 9)], np.uint64)
 _FILL = np.array([0x3030303030303030 & ~int(k) for k in _KEEP], np.uint64)
 _ALL = np.uint64(2**64 - 1)
+_SCANNED = ((0, "region"), (2, "pid"), (3, "tid"), (4, "ts"), (5, "dur"))  # the scanner's row, kept
 
 
 _Fields = dict[str, np.ndarray]
@@ -370,13 +371,10 @@ class _Reader:
             dok[i] = self._user(t.data, int(dev[i, 7]), int(dev[i, 8])) is not None
         fast[host[~ok, 6]] = False
         fast[dev[~dok, 6]] = False
-        self.host.add(
-            **{k: host[ok, j] for j, k in ((0, "region"), (2, "pid"), (3, "tid"), (4, "ts"), (5, "dur"))}
-        )
+        for cols, rows, keep in ((self.host, host, ok), (self.dev, dev, dok)):
+            rows = rows if keep.all() else rows[keep]  # (a copy of a column: twice as fast as a mask's)
+            cols.add(**{k: rows[:, j].copy() for j, k in _SCANNED})
         self.host.add(name=name[ok])
-        self.dev.add(
-            **{k: dev[dok, j] for j, k in ((0, "region"), (2, "pid"), (3, "tid"), (4, "ts"), (5, "dur"))}
-        )
         self.counter_pids.update(np.unique(out[3]).tolist())
         self._slow_runs(t.data, t.hi, pieces[:, 0], fast)
 
