@@ -466,3 +466,30 @@ def test_random_damage_reads_as_the_general_path_reads(tmp_path: Path) -> None:
             assert differences(got, want) == [] and got == want, trial
         else:
             assert got == want, trial
+
+
+def test_users_args_read_together_are_each_what_it_reads_alone(tmp_path: Path) -> None:
+    """Many regions' args are read by one orjson call: texts that only parse when joined (a quote
+    that the next text closes, a text that closes its object and opens another) are caught, and
+    read alone as before."""
+    texts = [
+        b'"i":1,"f":0.5,"s":"q\\"uo,te","l":[1,{"k":"X"}],"n":null',
+        b'"a":"',
+        b'"',
+        b'"b":1},{"c":2',
+        b'"region":"mine","ok":true',  # evtrace's own key: dropped
+        b'"f":1e5,"g":1.0',  # not as orjson writes it: read alone, the same
+        b'"d":1,"d":2',
+        b'"big":123456789012345678901234567890',
+        b"",
+        b'"x":1',
+    ]
+    data = b"".join(texts)
+    ends = np.cumsum([len(t) for t in texts]).tolist()
+    starts = [0, *ends[:-1]]
+    r = _Reader(tmp_path / "none.json")
+    want = [r._user(data, s, e) for s, e in zip(starts, ends)]
+    assert r._users(data, starts, ends) == want
+    assert want[1:4] == [None, None, None] and want[4] == {"ok": True} and want[-1] == {"x": 1}
+    good = [0, 4, 5, 6, 9]  # the ones that parse: read together in one call, then checked
+    assert r._users(data, [starts[i] for i in good], [ends[i] for i in good]) == [want[i] for i in good]
