@@ -6,8 +6,9 @@ median of ``--trials``.
 
 ``--tree`` runs another checkout's evtrace (the before figures); given twice or more, the trees'
 trials alternate, so that a shared machine's load weighs on each alike. The traces are made once in
-``--dir`` with this tree: 2M host-only regions (two, for diff and merge) and 2M device regions
-from the simulated device, a loop of ``step`` with ``forward`` inside, as a user records them.
+``--dir`` with this tree: 2M host-only regions (two, for diff and merge), 2M device regions
+from the simulated device, and (``summary_args``) 2M host-only regions each with a user arg; a
+loop of ``step`` with ``forward`` inside, as a user records them.
 """
 
 from __future__ import annotations
@@ -33,17 +34,17 @@ backend = SimBackend(clk) if {device!r} else None
 with evtrace.record({path!r}, backend=backend, clock=clk, device={device!r}, quiet=True,
                     max_regions=4_000_000):
     for i in range({n} // 2):
-        with evtrace.region("step"):
-            with evtrace.region("forward"):
+        with evtrace.region("step", step=i) if {args!r} else evtrace.region("step"):
+            with evtrace.region("forward", layer="x") if {args!r} else evtrace.region("forward"):
                 if backend:
                     backend.launch(10_000)
 """
 
 
-def make(path: str, n: int, device: bool) -> None:
+def make(path: str, n: int, device: bool, args: bool = False) -> None:
     if not os.path.exists(path):
         root = os.path.join(os.path.dirname(__file__), "..")
-        code = MAKE.format(root=os.path.abspath(root), path=path, n=n, device=device)
+        code = MAKE.format(root=os.path.abspath(root), path=path, n=n, device=device, args=args)
         subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -102,12 +103,16 @@ def main() -> None:
     only = [c for c in a.only.split(",") if c]
     host, host2, dev = (os.path.join(a.dir, f"read_{k}_{n}.json.gz") for k in ("host", "host2", "device"))
     cases: dict[str, list[str]] = {}
-    if not only or set(only) - {"summary_ranks"}:
+    if not only or "summary_args" in only:
+        with_args = os.path.join(a.dir, f"read_args_{n}.json.gz")
+        make(with_args, n, False, args=True)
+        cases["summary_args"] = ["summary", with_args]
+    if not only or set(only) - {"summary_ranks", "summary_args"}:
         make(host, n, False)
         make(host2, n, False)
         make(dev, n, True)
         out = os.path.join(a.dir, "read_merged.json.gz")
-        cases = {
+        cases |= {
             "summary_host": ["summary", host],
             "summary_device": ["summary", dev],
             "diff_host": ["diff", host, host2],
