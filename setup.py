@@ -1,5 +1,6 @@
-"""The native core (evtrace/_core/, its files by job: see core.h): plain C against the CPython API.
-The CUDA runtime is found by soname at run time, so it builds with no GPU, CUDA headers or toolkit."""
+"""The native core (evtrace/_core/, its files by job: see core.h) and the JSON reader's scanner
+(evtrace/_scan.c): plain C against the CPython API. The CUDA runtime is found by soname at run
+time, so it builds with no GPU, CUDA headers or toolkit."""
 
 from pathlib import Path
 
@@ -22,6 +23,10 @@ setup(
                 "-Wno-cast-function-type",
             ],
             libraries=["dl", "pthread"],
-        )
+        ),
+        # the Chrome JSON reader's scanner (evtrace/formats/chrome_read.py): plain C, no libraries
+        Extension(
+            "evtrace._scan", ["evtrace/_scan.c"], extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"]
+        ),
     ]
 )

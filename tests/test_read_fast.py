@@ -8,6 +8,7 @@ import gzip
 import re
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -274,3 +275,221 @@ def test_a_long_read_says_so(
     monkeypatch.setattr(files, "PROGRESS_AFTER_S", 60.0)
     evtrace.load(path)
     assert capsys.readouterr().err == ""
+
+
+# ---- the C scanner (evtrace/_scan.c), and the numpy path a build without it takes ----
+
+
+@pytest.fixture(autouse=True, params=["scanner", "numpy"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here reads through the C scanner, and again through the numpy path (but those
+    marked SCANNER, which call the scanner itself)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(chrome_read, "_scan", None)
+    elif chrome_read._scan is None:
+        pytest.fail("evtrace._scan is not built: setup.py build_ext --inplace")
+    return str(request.param)
+
+
+SCANNER = pytest.mark.parametrize("read_path", ["scanner"])
+HOST = (
+    b'{"ph":"X","cat":"region","name":%s,"pid":%s,"tid":%s,"ts":%s,"dur":%s,'
+    b'"args":{%s"region":%s,"host_dur_us":%s}}'
+)
+DEVICE_ARGS = b',"device_dur_us":1.000,"launch_delay_us":-2.500}}'
+
+
+def scanned(*events: bytes) -> dict[str, np.ndarray]:
+    """The scanner's columns for a block holding ``events`` (as the reader hands it one)."""
+    from evtrace._scan import scan
+
+    pad = bytes(chrome_read.PAD)
+    data = pad + b"[" + b",".join(events) + b"]" + pad
+    pieces, host, dev, pids, names = (
+        np.frombuffer(x, np.int64) for x in scan(data, len(pad), len(data) - len(pad) - 1)
+    )
+    spans = names.reshape(-1, 2)
+    return {
+        "kind": pieces.reshape(-1, 2)[:, 1],
+        "host": host.reshape(-1, 9),
+        "device": dev.reshape(-1, 9),
+        "pids": pids,
+        "names": np.array([data[s : s + n] for s, n in spans.tolist()], object),
+        "data": np.frombuffer(data, np.uint8),
+    }
+
+
+def host_event(
+    name: bytes = b'"n"', ts: bytes = b"1.000", dur: bytes = b"2.000", pid: bytes = b"7", args: bytes = b""
+) -> bytes:
+    return HOST % (name, pid, b"3", ts, dur, args, b"5", dur)
+
+
+@SCANNER
+def test_scanner_reads_times_of_every_digit_count_exactly() -> None:
+    """µs with three decimals, 1 to 15 digits before the point, either sign: integer ns, with no
+    float rounding (15 digits is 999999999999999.999 µs, near 32 years: a float would round it)."""
+    rng = np.random.default_rng(7)
+    texts, want = [], []
+    for n in range(1, 16):
+        for whole in {10 ** (n - 1) if n > 1 else 0, 10**n - 1, int(rng.integers(10 ** (n - 1), 10**n))}:
+            for sign in (1, -1):
+                frac = 999 if whole == 10**n - 1 else int(rng.integers(0, 1000))
+                texts.append(b"%s%d.%03d" % (b"-" if sign < 0 else b"", whole, frac))
+                want.append(sign * (whole * 1000 + frac))
+    got = scanned(*(host_event(ts=t, dur=t, pid=t.split(b".")[0]) for t in texts))
+    assert (got["kind"] == 1).all()
+    h = got["host"]
+    assert h[:, 4].tolist() == want and h[:, 5].tolist() == want
+    assert h[:, 2].tolist() == [int(t.split(b".")[0]) for t in texts]  # pid: an int of as many digits
+    assert max(want) == 999_999_999_999_999_999
+
+
+@SCANNER
+@pytest.mark.parametrize(
+    "ts",
+    [
+        b"1234567890123456.000",
+        b"01.000",
+        b"-01.000",
+        b"1.5",
+        b"1.50",
+        b"1.5000",
+        b"1",
+        b"1e3",
+        b"+1.000",
+        b".500",
+        b"1.",
+        b"--1.000",
+        b"1.00a",
+        b" 1.000",
+        b"1 .000",
+        b"-",
+        b"-.000",
+        b"0x1.000",
+        b"1.000 ",
+    ],
+)
+def test_scanner_leaves_numbers_off_the_writers_form_to_orjson(ts: bytes) -> None:
+    got = scanned(host_event(), host_event(ts=ts), host_event(dur=ts))
+    assert got["kind"].tolist() == [1, 0, 0]
+    assert len(got["host"]) == 1
+
+
+@SCANNER
+@pytest.mark.parametrize(
+    "pid", [b"01", b"-01", b"1.000", b"1234567890123456", b"", b"-", b"+1", b"1e3", b"1 "]
+)
+def test_scanner_leaves_ints_off_the_writers_form_to_orjson(pid: bytes) -> None:
+    got = scanned(host_event(pid=b"-123456789012345"), host_event(pid=pid))
+    assert got["kind"].tolist() == [1, 0] and got["host"][0, 2] == -123456789012345
+
+
+@SCANNER
+def test_scanner_reads_every_layout_the_writer_writes() -> None:
+    plain = host_event(b'"step"')
+    args = host_event(b'"say \\"hi\\", then, go"', args=b'"s":"}},\\"region\\":1,","l":[1,{"k":2}],')
+    with_dev = HOST.replace(b',"args"', b',"bind_id":9,"flow_out":true,"args"').replace(b"}}", DEVICE_ARGS)
+    with_dev %= (b'"a\\\\"', b"7", b"3", b"-0.001", b"0.000", b"", b"6", b"0.000")
+    device = with_dev.replace(b'"cat":"region"', b'"cat":"device"').replace(b"flow_out", b"flow_in")
+    flight = b'{"ph":"C","name":"regions in flight","pid":101,"tid":1,"ts":5.000,"args":{"regions":2}}'
+    lead = b'{"ph":"C","name":"host lead","pid":102,"tid":1,"ts":-5.000,"args":{"us":12.345}}'
+    meta = b'{"ph":"M","name":"thread_name","pid":7,"tid":3,"args":{"name":"main"}}'
+    got = scanned(meta, plain, args, with_dev, device, flight, lead, plain)
+    assert got["kind"].tolist() == [0, 1, 1, 1, 2, 3, 3, 1]
+    h, d = got["host"], got["device"]
+    assert got["names"].tolist() == [b'"step"', b'"say \\"hi\\", then, go"', b'"a\\\\"']
+    assert h[:, 1].tolist() == [0, 1, 2, 0]  # each name's index, the same for the same text
+    assert h[:, 6].tolist() == [1, 2, 3, 7] and d[:, 6].tolist() == [4]  # their pieces
+    assert h[:, 0].tolist() == [5, 5, 6, 5] and d[:, 0].tolist() == [6]
+    assert (h[2, 4], h[2, 5], d[0, 4]) == (-1, 0, -1)
+    assert d[0, 1] == 2  # a device slice's name: in the same table
+    a = got["data"]
+    s, e = h[1, 7:9]
+    assert a[s:e].tobytes() == b'"s":"}},\\"region\\":1,","l":[1,{"k":2}]'  # up to the comma before "region"
+    assert (h[[0, 2, 3], 7] == -1).all() and d[0, 7] == -1
+    assert got["pids"].tolist() == [101, 102]
+
+
+@SCANNER
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda e: e[:-1],  # "}" missing
+        lambda e: e + b" ",  # a byte after "}}"
+        lambda e: e.replace(b'"name":"n"', b'"name":"n'),  # a name with no end
+        lambda e: e.replace(b'"name":"n"', b'"name":n'),  # not a string
+        lambda e: e.replace(b'"pid"', b'"pid" '),
+        lambda e: e.replace(b'"region":5', b'"region":5,'),
+        lambda e: e.replace(b'{"region"', b'{,"region"'),  # empty user args
+        lambda e: e.replace(b'"cat":"region"', b'"cat":"regions"'),
+        lambda e: e.replace(b',"args"', b',"bind_id":1,"flow_out":true,"args"'),  # no device args
+    ],
+)
+def test_scanner_leaves_damaged_events_to_orjson(edit: Any) -> None:
+    got = scanned(host_event(), edit(host_event()), host_event())
+    assert got["kind"].tolist() == [1, 0, 1]
+
+
+def test_random_damage_reads_as_the_general_path_reads(tmp_path: Path) -> None:
+    """Bytes changed, dropped or added anywhere in a trace: the fast read gives what the general
+    path gives (the same Session, or the same TraceError), whichever part read each event."""
+    rng = np.random.default_rng(11)
+    s = odd_session()
+    s.regions = s.regions[:200]
+    s.args = {k: v for k, v in s.args.items() if k < 200}
+    text = s.save(tmp_path / "odd.json").read_bytes()
+    body = text.index(b'{"ph":"X"')  # damage among the X and C events (the M events: orjson's anyway)
+    alphabet = np.frombuffer(b'0123456789.,-:"{}[]\\ XCMa', np.uint8)
+    path = tmp_path / "bad_damaged.json"  # (conftest checks the traces, but these)
+    for trial in range(150):
+        t = bytearray(text)
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(body, len(t) - 200))
+            what = int(rng.integers(0, 3))
+            if what == 0:
+                t[at] = int(rng.choice(alphabet))
+            elif what == 1:
+                del t[at]
+            else:
+                t.insert(at, int(rng.choice(alphabet)))
+        path.write_bytes(bytes(t))
+        try:
+            want: Session | str = _read_slow(path)
+        except TraceError as e:
+            want = str(e)
+        try:
+            got: Session | str = chrome_read.read(path)
+        except TraceError as e:
+            got = str(e)
+        if isinstance(want, Session) and isinstance(got, Session):
+            assert differences(got, want) == [] and got == want, trial
+        else:
+            assert got == want, trial
+
+
+def test_users_args_read_together_are_each_what_it_reads_alone(tmp_path: Path) -> None:
+    """Many regions' args are read by one orjson call: texts that only parse when joined (a quote
+    that the next text closes, a text that closes its object and opens another) are caught, and
+    read alone as before."""
+    texts = [
+        b'"i":1,"f":0.5,"s":"q\\"uo,te","l":[1,{"k":"X"}],"n":null',
+        b'"a":"',
+        b'"',
+        b'"b":1},{"c":2',
+        b'"region":"mine","ok":true',  # evtrace's own key: dropped
+        b'"f":1e5,"g":1.0',  # not as orjson writes it: read alone, the same
+        b'"d":1,"d":2',
+        b'"big":123456789012345678901234567890',
+        b"",
+        b'"x":1',
+    ]
+    data = b"".join(texts)
+    ends = np.cumsum([len(t) for t in texts]).tolist()
+    starts = [0, *ends[:-1]]
+    r = _Reader(tmp_path / "none.json")
+    want = [r._user(data, s, e) for s, e in zip(starts, ends)]
+    assert r._users(data, starts, ends) == want
+    assert want[1:4] == [None, None, None] and want[4] == {"ok": True} and want[-1] == {"x": 1}
+    good = [0, 4, 5, 6, 9]  # the ones that parse: read together in one call, then checked
+    assert r._users(data, [starts[i] for i in good], [ends[i] for i in good]) == [want[i] for i in good]
