@@ -24,8 +24,8 @@ from .clock import Clock
 from .device import Backend, cuda_backend
 from .finish import Finishing, Terminated, die_by, settle, signum_of, take_ending
 from .journal import remove as remove_journal
-from .meta import redacted_argv
 from .output import Output
+from .provenance import redacted_argv
 from .session import COUNTS, Session
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -34,12 +34,12 @@ from .analysis import plural
 from .api import record
 from .export.diff import DiffError, DiffMarkdown, DiffText
 from .export.kineto import is_kineto
-from .export.merge import merge
 from .export.render import NothingToDraw, Timeline
 from .export.report import Report
 from .export.summary import FORMATS, SORT_KEYS, Summary, collectives, ranks
 from .files import TraceError, read_json, write_bytes
 from .finish import Terminated, die_by, signum_of, take_ending
+from .merge import merge
 from .paths import default_path, output_problem
 from .session import Session, rank_labels
 
@@ -590,7 +590,7 @@ def _convert(ns: argparse.Namespace) -> int:
 def _view(ns: argparse.Namespace) -> int:
     import tempfile
 
-    from .view import port_from_env, servable, serve
+    from .serve import port_from_env, servable, serve
 
     window = _window(ns.window)
     s = _load(ns.trace)  # refuse a corrupt or truncated file before serving it

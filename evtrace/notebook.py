@@ -27,7 +27,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from . import defaults, view
+from . import defaults, serve
 from .analysis import COLUMNS, cells, rows
 from .api import record
 from .export.render import Timeline
@@ -43,7 +43,7 @@ _serving: tuple[threading.Thread, str] | None = None  # the server thread and th
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as view's server binds
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as serve.py's server binds
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -53,7 +53,7 @@ def _port_free(port: int) -> bool:
 
 def _quiet_serve(path: Path, port: int) -> None:
     try:
-        view.serve(path, port, open_browser=False, timeout=SERVE_TIMEOUT_S)
+        serve.serve(path, port, open_browser=False, timeout=SERVE_TIMEOUT_S)
     except OSError:  # the port was taken between the check and the bind: the link just fails
         pass
 
@@ -62,10 +62,10 @@ def serve_once(path: Path) -> tuple[str | None, str]:
     """Serve ``path`` once in the background: (the ui.perfetto.dev URL or None, a note to show).
 
     One file is served at a time: a server still waiting from an earlier cell is released by
-    fetching its file (``view.serve`` stops after one fetch), since the UI only fetches from 9001."""
+    fetching its file (``serve.serve`` stops after one fetch), since the UI only fetches from 9001."""
     global _serving
     try:
-        port = view.port_from_env()
+        port = serve.port_from_env()
     except ValueError as e:
         return None, str(e)
     with _lock:
@@ -85,7 +85,7 @@ def serve_once(path: Path) -> tuple[str | None, str]:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = int(s.getsockname()[1])
-        url = view.url_for(path.name, port)
+        url = serve.url_for(path.name, port)
         t = threading.Thread(target=_quiet_serve, args=(path, port), name="evtrace view", daemon=True)
         t.start()
         _serving = (t, f"http://127.0.0.1:{port}/{quote(path.name)}")
@@ -93,8 +93,8 @@ def serve_once(path: Path) -> tuple[str | None, str]:
         f"served once from 127.0.0.1:{port} for {SERVE_TIMEOUT_S / 60:.0f} min; "
         f"from a remote kernel, forward the port (ssh -L {port}:127.0.0.1:{port})"
     )
-    if port != view.PORT:
-        note += f"; ui.perfetto.dev only fetches from port {view.PORT}"
+    if port != serve.PORT:
+        note += f"; ui.perfetto.dev only fetches from port {serve.PORT}"
     return url, note
 
 

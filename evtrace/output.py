@@ -16,8 +16,8 @@ from .analysis import lost_device_spans, plural
 from .clock import alignment_warnings
 from .finish import Finishing
 from .journal import recover_hint
-from .meta import redacted_argv
 from .paths import claim, default_path, default_stem, output_problem, rank_path, rescue_path
+from .provenance import redacted_argv
 from .recorder import Recorder
 from .session import Session
 
@@ -83,7 +83,7 @@ class Output:
         """With ``open``: the written trace to ui.perfetto.dev, until it has been fetched."""
         if not self.open or self.path is None:
             return
-        from .view import OPEN_TIMEOUT_S, serve
+        from .serve import OPEN_TIMEOUT_S, serve
 
         try:
             serve(self.path, timeout=OPEN_TIMEOUT_S)

@@ -34,7 +34,7 @@ def default_stem(path: Path) -> str | None:
 
 def rank_path(path: Path) -> Path:
     """Under torchrun each rank writes its own file: ``name-rank3.json.gz``."""
-    from .meta import rank
+    from .provenance import rank
 
     rw = rank()
     if rw is None:

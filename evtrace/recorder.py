@@ -44,7 +44,7 @@ from . import hostclock as _hostclock
 from . import journal as _journal
 from .build import session
 from .device import Backend, DeviceInfo
-from .meta import environment
+from .provenance import environment
 from .session import REGION_DTYPE, Session, Thread
 
 # while recording, device times are float64 ms since the device's first anchor

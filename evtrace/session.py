@@ -138,7 +138,7 @@ class Session:
         """One Session holding every rank's regions (threads, devices and streams one after
         another), with ``ranks`` kept. Its metadata: ``meta``, the counts summed, every GPU, the
         longest duration, and the first rank's versions and command. The ranks must already be
-        on one clock (``export.merge`` shifts them)."""
+        on one clock (``evtrace.merge`` shifts them)."""
         names: dict[str, int] = {}
         parts: list[np.ndarray] = []
         args: dict[int, dict[str, Any]] = {}

@@ -20,8 +20,7 @@ import orjson
 import pytest
 
 import evtrace
-from evtrace import hostclock
-from evtrace.export import merge
+from evtrace import hostclock, merge
 from evtrace.metadata import CLOCK_PAIR, RANK_CLOCK, RankClock
 
 from .perfetto import ERRORS, Query

@@ -355,7 +355,7 @@ def test_the_ring_drops_chunks_with_their_args_without_stalling_the_thread() -> 
 
 
 def test_lost_device_spans_add_up_over_merged_ranks(tmp_path: Path) -> None:
-    from evtrace.export.merge import merge
+    from evtrace.merge import merge
     from evtrace.session import Session
 
     def one(refused: int) -> Session:

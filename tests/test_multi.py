@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 import evtrace
-from evtrace.export import merge
+from evtrace import merge
 from evtrace.files import read_json as load_json
 from evtrace.formats.chrome import trace_bytes as dumps
 

@@ -15,7 +15,7 @@ import evtrace
 from evtrace import Session, TraceError, formats
 from evtrace.device import DeviceInfo
 from evtrace.export.kineto import attach
-from evtrace.export.merge import merge
+from evtrace.merge import merge
 from evtrace.session import REGION_DTYPE, Stream, Thread
 
 from .perfetto import ERRORS, Query
@@ -198,7 +198,7 @@ def test_convert_between_the_formats(tmp_path: Path) -> None:
 def test_a_trace_too_big_for_the_ui_says_so_and_view_serves_a_window(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from evtrace.view import servable
+    from evtrace.serve import servable
 
     s = two_devices(tmp_path / "t.json")
     capsys.readouterr()

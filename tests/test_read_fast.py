@@ -16,10 +16,10 @@ import pytest
 import evtrace
 from evtrace import Session, TraceError, files
 from evtrace.device import DeviceInfo
-from evtrace.export.merge import merge
 from evtrace.formats import chrome_read
 from evtrace.formats.chrome import read_slow as _read_slow
 from evtrace.formats.chrome_read import _Reader
+from evtrace.merge import merge
 from evtrace.session import REGION_DTYPE, Stream, Thread
 
 from .simdevice import FakeClock, SimBackend

@@ -12,8 +12,8 @@ import pytest
 import evtrace
 from evtrace import Session, TraceError
 from evtrace.clock import alignment_warnings, per_gpu
-from evtrace.export.merge import merge
 from evtrace.files import read_json
+from evtrace.merge import merge
 from evtrace.metadata import DeviceAlignment
 
 from .simdevice import FakeClock, SimBackend

@@ -215,7 +215,7 @@ def test_open_with_no_browser_says_what_it_waits_for_and_gives_up(
 ) -> None:
     import webbrowser
 
-    from evtrace import view
+    from evtrace import serve as view
 
     monkeypatch.setattr(webbrowser, "open", lambda url: False)  # a headless machine
     monkeypatch.setattr(view, "OPEN_TIMEOUT_S", 0.3)

@@ -6,9 +6,9 @@ renderers): constructed with its options, it declares the file ``suffix`` it wri
     report.Report        one screen of GitHub markdown (.md)
     render.Timeline      a static SVG timeline (.svg)
     diff.DiffText        two sessions compared (.txt; DiffMarkdown: .md)
-    merge.merge          several sessions onto one clock: a Session, not a view
 
-The trace itself is no view: its formats own their files (``evtrace.formats``). The CLI picks a
+The trace itself is no view: its formats own their files (``evtrace.formats``); nor is merging
+sessions onto one clock (``evtrace.merge``), which makes a Session. The CLI picks a
 view by its subcommand, and refuses an output path without the view's suffix.
 """
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..metadata import CLOCK_PAIR, RANK_CLOCK, RankClock
-from ..session import COUNTS, Session, rank_labels
-from .kineto import attach, relabel
+from . import __version__
+from .export.kineto import attach, relabel
+from .metadata import CLOCK_PAIR, RANK_CLOCK, RankClock
+from .session import COUNTS, Session, rank_labels
 
 __all__ = ["COUNTS", "merge"]
 
