@@ -374,12 +374,23 @@ def _rebuild_merged(events: list[Any], meta: dict[str, Any]) -> Session:
         per_rank[index[base]].append(ev)
     ranks = []
     for info, evs in zip(infos, per_rank):
-        label = str(info["label"]) + "."
-        own = {f"evtrace.{k}": v for k, v in info.items() if k not in ("label", "pid_base")}
-        rank_meta = {k[len(label) :]: v for k, v in meta.items() if k.startswith(label)}
-        s = _rebuild(evs, {**rank_meta, **own, "evtrace.pid": info["pid_base"]})
+        s = _rebuild(evs, rank_meta(info, meta))
         s.pid = int(info["pid"])
         ranks.append(s)
+    return combined(ranks, meta)
+
+
+def rank_meta(info: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """A merged trace's metadata for one rank (``info``: its entry in ``evtrace.ranks``), as a
+    single recording's trace has it: the keys under its label, and its own ``evtrace.*``."""
+    label = str(info["label"]) + "."
+    own = {f"evtrace.{k}": v for k, v in info.items() if k not in ("label", "pid_base")}
+    mine = {k[len(label) :]: v for k, v in meta.items() if k.startswith(label)}
+    return {**mine, **own, "evtrace.pid": info["pid_base"]}
+
+
+def combined(ranks: list[Session], meta: dict[str, Any]) -> Session:
+    """A merged trace's ranks as one Session again, with the merge's own metadata."""
     merged = Session.combine(
         ranks, {k: v for k, v in meta.items() if k == "evtrace" or k.startswith("merge.")}
     )

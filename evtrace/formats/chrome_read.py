@@ -33,7 +33,7 @@ from ..device import DeviceInfo
 from ..files import Progress
 from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, PROFILER_PID
 from ..session import REGION_DTYPE, Session, Stream, Thread
-from .chrome import FORMAT, OWN_ARGS
+from .chrome import FORMAT, OWN_ARGS, combined, rank_meta
 from .chrome import read_slow as _read_slow
 
 __all__ = ["read"]
@@ -673,12 +673,9 @@ class _Reader:
         arg_rank = rank_of(np.array([a[0] for a in self.args], np.int64))
         ranks = []
         for k, info in enumerate(infos):
-            label = str(info["label"]) + "."
-            own = {f"evtrace.{key}": v for key, v in info.items() if key not in ("label", "pid_base")}
-            rank_meta = {key[len(label) :]: v for key, v in meta.items() if key.startswith(label)}
             mine = [a for a, r in zip(self.args, arg_rank.tolist()) if r == k]
             s = self._one(
-                {**rank_meta, **own, "evtrace.pid": info["pid_base"]},
+                rank_meta(info, meta),
                 {c: v[hr == k] for c, v in host.items()},
                 {c: v[dr == k] for c, v in dev.items()},
                 mine,
@@ -686,12 +683,7 @@ class _Reader:
             )
             s.pid = int(info["pid"])
             ranks.append(s)
-        merged = Session.combine(
-            ranks, {key: v for key, v in meta.items() if key == "evtrace" or key.startswith("merge.")}
-        )
-        if isinstance(meta.get("evtrace.meta"), dict):
-            merged.meta = metadata.from_json(meta["evtrace.meta"])
-        return merged
+        return combined(ranks, meta)
 
     def _one(
         self,
