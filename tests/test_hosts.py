@@ -129,7 +129,7 @@ def _merged(job: Path) -> tuple[evtrace.Session, str]:
     return evtrace.load(job / "all.json.gz"), m.stderr
 
 
-def test_ranks_in_separate_clocks_merge_within_20us(job: Path, perfetto: Query) -> None:
+def test_ranks_in_separate_clocks_merge_within_20us(job: Path, maybe_perfetto: Query | None) -> None:
     s, said = _merged(job)
     assert "measured through the process group's store" in said
     # the test's own truth: each rank's region starts against CLOCK_REALTIME, the same on every rank
@@ -154,8 +154,9 @@ def test_ranks_in_separate_clocks_merge_within_20us(job: Path, perfetto: Query) 
         if r:
             assert abs(c.start_offset_ns + OFFSETS_S[r] * 10**9) <= c.start_bound_us * 1e3
             assert s.meta["merge.ranks"][r].startswith(f"rank {r}: offset to rank 0 measured")
-    assert perfetto(job / "all.json.gz", ERRORS) == []
-    assert perfetto(job / "all.json.gz", "select count(*) from slice") == [[str(len(s))]]
+    if maybe_perfetto is not None:  # Perfetto's own importer, where it is present
+        assert maybe_perfetto(job / "all.json.gz", ERRORS) == []
+        assert maybe_perfetto(job / "all.json.gz", "select count(*) from slice") == [[str(len(s))]]
 
 
 def test_no_hang_when_a_rank_ends_early(job: Path) -> None:

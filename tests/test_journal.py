@@ -96,7 +96,7 @@ def start(tmp_path: Path, seconds: float, end: str) -> subprocess.Popen[str]:
 
 def test_sigkill_leaves_a_journal_that_recovers_every_region_finished_before_it(
     tmp_path: Path,
-    perfetto: Query,
+    maybe_perfetto: Query | None,
 ) -> None:
     p = start(tmp_path, 60, "")
     assert p.stdout is not None
@@ -118,8 +118,9 @@ def test_sigkill_leaves_a_journal_that_recovers_every_region_finished_before_it(
     assert len(s) > 1000 and problems(evtrace.files.read_json(tmp_path / "t.json.gz")) == []
     outer = [k for k in range(len(s)) if s.names[s.regions["name"][k]] == "outer"]
     assert len(outer) == 1 and s.args[outer[0]] == {"unfinished": True}
-    assert perfetto(tmp_path / "t.json.gz", ERRORS) == []
-    assert perfetto(tmp_path / "t.json.gz", "select count(*) from slice") == [[str(len(s))]]
+    if maybe_perfetto is not None:  # Perfetto's own importer, where it is present
+        assert maybe_perfetto(tmp_path / "t.json.gz", ERRORS) == []
+        assert maybe_perfetto(tmp_path / "t.json.gz", "select count(*) from slice") == [[str(len(s))]]
 
 
 def test_a_hung_process_is_recovered_while_it_runs_and_left_running(tmp_path: Path) -> None:
