@@ -27,7 +27,7 @@ class Regions(Protocol):
     def meta(self) -> dict[str, Any]: ...
 
 
-class Row(NamedTuple):
+class NameStats(NamedTuple):
     """One region name's summary: durations in ns, NaN where nothing was measured."""
 
     name: str
@@ -74,8 +74,8 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def cells(row: Row) -> list[str]:
-    """A Row as the text cells of a table under COLUMNS."""
+def cells(row: NameStats) -> list[str]:
+    """A NameStats as the text cells of a table under COLUMNS."""
     return [
         row.name,
         str(row.n),
@@ -158,8 +158,8 @@ def by_name(r: np.ndarray, names: int, skip: int = 0) -> Iterator[tuple[int, np.
         yield ix, r[at[skip:]]
 
 
-def rows(s: Regions, skip: int = 0) -> list[Row]:
-    """One Row per name, the first ``skip`` of each name dropped (warm-up); by device busy time,
+def rows(s: Regions, skip: int = 0) -> list[NameStats]:
+    """One NameStats per name, the first ``skip`` of each name dropped (warm-up); by device busy time,
     then host time, then name."""
     r = s.regions
     out = []
@@ -176,7 +176,7 @@ def rows(s: Regions, skip: int = 0) -> list[Row]:
         dv = g[g["device"] >= 0]
         dev = dv["dev_end"] - dv["dev_start"]
         lead = dv["dev_start"] - dv["host_start"]
-        row = Row(
+        row = NameStats(
             name,
             len(g),
             pct(host, 50),
@@ -235,7 +235,7 @@ def gaps(s: Regions, top: int = 3) -> tuple[float, list[Gap]]:
 
 
 #: ``--sort`` keys: what each orders the rows by, largest first (name: alphabetical)
-SORT_KEYS: dict[str, Callable[[Row], tuple[Any, ...]]] = {
+SORT_KEYS: dict[str, Callable[[NameStats], tuple[Any, ...]]] = {
     "busy": lambda t: (-t.device_busy, t.name),
     "count": lambda t: (-t.n, t.name),
     "host": lambda t: (-_or0(t.host_p50), t.name),
@@ -255,7 +255,7 @@ def _or0(x: float) -> float:
 
 def selected(
     s: Regions, skip: int = 0, top: int | None = None, sort: str | None = None, match: str | None = None
-) -> tuple[list[Row], int]:
+) -> tuple[list[NameStats], int]:
     """The rows a summary shows: names matching the regular expression ``match`` (searched),
     ordered by ``SORT_KEYS[sort]`` (default: ``rows``' order), the first ``top``; and how many
     matched in all."""

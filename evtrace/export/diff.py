@@ -55,7 +55,9 @@ class Side:
 
 
 @dataclass(frozen=True)
-class Row:
+class Change:
+    """One region name, before and after: its test, and what the diff calls it."""
+
     name: str
     before: Side
     after: Side
@@ -88,7 +90,7 @@ class Row:
 
 @dataclass(frozen=True)
 class Diff:
-    rows: list[Row]  # by the change in device busy time, largest increase first; host-only rows last
+    rows: list[Change]  # by the change in device busy time, largest increase first; host-only rows last
     only_before: list[str]
     only_after: list[str]
     scope: tuple[str, str]  # what each side pooled: "1 recording", "2 ranks pooled", "rank 1"
@@ -96,7 +98,7 @@ class Diff:
     min_change: float
     skip: int
 
-    def regressions(self, above: float) -> list[Row]:
+    def regressions(self, above: float) -> list[Change]:
         """Significantly slower rows whose change exceeds ``above`` % (also below ``min_change``:
         a gate asked for explicitly wins)."""
         return [
@@ -206,11 +208,11 @@ def compare(
             tests.append((kind, *mann_whitney(xs, ys)))
     adjusted = holm([t[1] for t in tests])
     rows = [
-        Row(n, a[n], b[n], kind, p, d, alpha, min_change)
+        Change(n, a[n], b[n], kind, p, d, alpha, min_change)
         for n, (kind, _, d), p in zip(common, tests, adjusted)
     ]
 
-    def order(r: Row) -> tuple[bool, int, str]:
+    def order(r: Change) -> tuple[bool, int, str]:
         if len(r.before.dev) or len(r.after.dev):
             return False, -(r.after.busy - r.before.busy), r.name
         return True, -int(r.after.host.sum() - r.before.host.sum()), r.name  # host only: by total host time
@@ -265,7 +267,7 @@ def _p(p: float) -> str:
     return "<0.0001" if p < 1e-4 else f"{p:.2g}"
 
 
-def _cells(r: Row) -> list[str]:
+def _cells(r: Change) -> list[str]:
     a, b = r.before, r.after
     has_dev = len(a.dev) or len(b.dev)
     busy = _cell(a.busy, b.busy) if has_dev else "-"

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from ..analysis import (
     COLUMNS,
     SORT_KEYS,
-    Row,
+    NameStats,
     aligned,
     device_busy_ns,
     fmt_ns,
@@ -60,7 +60,7 @@ FIELDS = (
 )
 
 
-def _record(trace: str, r: Row) -> dict[str, Any]:
+def _record(trace: str, r: NameStats) -> dict[str, Any]:
     def ns(x: float) -> int | None:  # a percentile between two stamps: the half ns is noise
         return round(x) if x == x else None
 
