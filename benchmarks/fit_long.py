@@ -50,7 +50,7 @@ def child(folder: str, variant: str, how: str) -> None:
     if variant == "before":
         from tests.fit_reference import old_fit as fit
     else:
-        from evtrace.clock import fit
+        from evtrace.align import fit
     out: dict[str, float] = {}
     if how == "trace":
         tracemalloc.start()

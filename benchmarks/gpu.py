@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "samples"))
 from common import alternate, emit, machine, ratio_stats, stat  # noqa: E402
 
 import evtrace  # noqa: E402
-from evtrace import clock as evclock  # noqa: E402
+from evtrace import align as evalign  # noqa: E402
 from evtrace import recorder  # noqa: E402
 from evtrace.device import CudaBackend  # noqa: E402
 from evtrace.instrumentation import Instrumentation, select  # noqa: E402
@@ -519,7 +519,7 @@ def p4(seconds: float) -> dict[str, Any]:
     )
     # a single anchor (the first), as a one-shot calibration would do
     anc = [np.array(c, dtype=float) for c in zip(*r.rec.anchors(0))]
-    single = evclock.fit(anc[0][:1], anc[1][:1], anc[2][:1])
+    single = evalign.fit(anc[0][:1], anc[1][:1], anc[2][:1])
     d_single = single.to_host(r.rec.raw_regions()["dev_end"][order]) - r.rec.origin_ns
     ref = unix if err_unix is not None else k_end
     err_single = (d_single[:n] - ref[:n]) / 1000
@@ -631,7 +631,7 @@ def anchors() -> dict[str, Any]:
     rec.poll()
     lo, hi, ms = (np.array(c, dtype=float) for c in zip(*rec.anchors(0)))
     idle = np.r_[np.arange(n_idle, n_idle + 1), np.arange(len(ms) - 1, len(ms))]
-    fit = evclock.fit(lo[idle], hi[idle], ms[idle])
+    fit = evalign.fit(lo[idle], hi[idle], ms[idle])
     busy = np.arange(busy_from, busy_from + 10)
     err = (fit.to_host(ms[busy]) - (lo[busy] + hi[busy]) / 2) / 1000
     rec.stop()

@@ -463,7 +463,7 @@ def phase_of(turns: np.ndarray, host_ns: np.ndarray) -> np.ndarray:
 
 
 def alignment_by_phase(cap: dict[str, Any], turns: np.ndarray, n_phases: int) -> list[dict[str, Any]]:
-    """The metadata's stamp delay and bound, split by phase: the same formulas as ``clock.fit``
+    """The metadata's stamp delay and bound, split by phase: the same formulas as ``align.fit``
     applied to the stamps the session's own fit saw (``captured_fits``), each assigned to the
     phase it was taken in. Stamp delay: how far each anchor was stamped after the map (us, p50 and
     p99); bound: per 1 s window of device time, how far the map lies above its tightest stamp (p99
@@ -499,13 +499,13 @@ def alignment_by_phase(cap: dict[str, Any], turns: np.ndarray, n_phases: int) ->
 
 @contextlib.contextmanager
 def captured_fits() -> Iterator[list[dict[str, Any]]]:
-    """While open, each ``evtrace.clock.fit`` call (one per GPU at ``stop()``) also keeps its
+    """While open, each ``evtrace.align.fit`` call (one per GPU at ``stop()``) also keeps its
     stamps and the fitted map, for ``alignment_by_phase``. Diagnostics only: if the fit's
     signature changes, nothing is kept and the run goes on."""
-    from evtrace import clock
+    from evtrace import align
 
     caps: list[dict[str, Any]] = []
-    orig = clock.fit
+    orig = align.fit
 
     def fit(*a: Any, **k: Any) -> Any:
         res = orig(*a, **k)
@@ -519,18 +519,18 @@ def captured_fits() -> Iterator[list[dict[str, Any]]]:
                     "dev_ms": got["dev_ms"],
                     "mark_host": got.get("mark_host_ns") if got.get("mark_host_ns") is not None else [],
                     "mark_ms": got.get("mark_ms") if got.get("mark_ms") is not None else [],
-                    "window_ms": float(getattr(clock, "BOUND_WINDOW_MS", 1000.0)),
+                    "window_ms": float(getattr(align, "BOUND_WINDOW_MS", 1000.0)),
                 }
             )
         except Exception as e:  # a diagnosis must not lose the run
             print(f"truth: could not keep the fit's stamps ({type(e).__name__}: {e})", file=sys.stderr)
         return res
 
-    clock.fit = fit  # type: ignore[assignment]
+    align.fit = fit  # type: ignore[assignment]
     try:
         yield caps
     finally:
-        clock.fit = orig  # type: ignore[assignment]
+        align.fit = orig  # type: ignore[assignment]
 
 
 # ---- one session: phases in turn, truth samples throughout ------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import defaults
 from . import recorder as _rec
-from .clock import Clock
+from .align import Clock
 from .device import Backend, cuda_backend
 from .finish import Finishing, Terminated, die_by, settle, signum_of, take_ending
 from .journal import remove as remove_journal

@@ -1,7 +1,7 @@
 """Session building: a stopped recorder's rows become a Session, device times on the host clock.
 
 Runs once, at ``stop()``: sorts the rows, aligns each device's stamps through its anchors and
-region marks (``evtrace.clock``), clamps what the constraints forbid, and gathers the metadata.
+region marks (``evtrace.align``), clamps what the constraints forbid, and gathers the metadata.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import clock as _clock
+from . import align as _align
 from .device import DeviceInfo
 from .metadata import DeviceAlignment
 from .session import REGION_DTYPE, Session, Stream, Thread
@@ -50,7 +50,7 @@ class Stopped(Protocol):
 
 def session(rec: Stopped, end_ns: int) -> Session:
     """The Session of a stopped recorder (or of a journal read back, ``evtrace.journal``): its rows
-    in the order they began, device times aligned to the host clock (``evtrace.clock``), and what
+    in the order they began, device times aligned to the host clock (``evtrace.align``), and what
     the recording counted."""
     counts = rec.counts()
     live, args = rec.finished()
@@ -85,7 +85,7 @@ def session(rec: Stopped, end_ns: int) -> Session:
         stamps, first, where = _first_boundaries(live["dev_start"][rows], live["dev_end"][rows], h0, h1)
         # a prompt stamp sits the shortest anchor bracket (record call) after its boundary's host
         # time; the share window (when boundaries share a mark) must not move device times
-        fit = _clock.fit(lo, hi, ms, first, stamps)
+        fit = _align.fit(lo, hi, ms, first, stamps)
         t0 = fit.to_host(live["dev_start"][rows]) - o
         t1 = fit.to_host(live["dev_end"][rows]) - o
         s0, s1 = np.rint(t0).astype(np.int64), np.rint(t1).astype(np.int64)
@@ -96,7 +96,7 @@ def session(rec: Stopped, end_ns: int) -> Session:
         made = first[where[: len(h0)]] - o
         early = s0 < np.rint(made)
         clamped_d = int(early.sum())
-        poor = _clock.poor_stretches(fit, live["dev_start"][rows], early, o)
+        poor = _align.poor_stretches(fit, live["dev_start"][rows], early, o)
         h0 = regions["host_start"][rows]
         s0 = np.where(s0 <= h0, h0 + 1, s0)
         s1 = np.maximum(s1, s0)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from . import formats
+from .align import alignment_warnings
 from .analysis import lost_device_spans, plural
-from .clock import alignment_warnings
 from .finish import Finishing
 from .journal import recover_hint
 from .paths import claim, default_path, default_stem, output_problem, rank_path, rescue_path

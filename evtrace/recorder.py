@@ -39,7 +39,7 @@ import numpy as np
 import orjson
 
 from . import _core, defaults, metadata, private
-from . import clock as _clock
+from . import align as _align
 from . import hostclock as _hostclock
 from . import journal as _journal
 from .build import session
@@ -121,7 +121,7 @@ class Recorder:
     def __init__(
         self,
         backend: Backend | None,
-        clock: _clock.Clock = time.perf_counter_ns,
+        clock: _align.Clock = time.perf_counter_ns,
         *,
         anchor_interval_s: float = defaults.ANCHOR_INTERVAL_S,
         poll_s: float = 0.01,

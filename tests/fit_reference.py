@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from evtrace.clock import (
+from evtrace.align import (
     BIN_MS,
     BOUND_WINDOW_MS,
     DELAY_NS,

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 import evtrace
-from evtrace import clock
+from evtrace import align
 from evtrace.metadata import DeviceAlignment
 from evtrace.recorder import Recorder, name_key
 
@@ -27,7 +27,7 @@ def anchors(n: int, drift_ppm: float, jitter_ns: float = 0.0, seed: int = 1):
 @pytest.mark.parametrize("drift", [-25.0, 0.0, 18.0, 25.0])
 def test_fit_recovers_drift(drift: float) -> None:
     lo, hi, ms, host = anchors(60, drift)
-    fit = clock.fit(lo, hi, ms)
+    fit = align.fit(lo, hi, ms)
     assert fit.drift_ppm == pytest.approx(drift, abs=0.01)
     probe = (ms[:-1] + ms[1:]) / 2  # halfway between anchors
     truth = (host[:-1] + host[1:]) / 2
@@ -36,7 +36,7 @@ def test_fit_recovers_drift(drift: float) -> None:
 
 def test_extrapolates_with_the_fitted_drift() -> None:
     lo, hi, ms, host = anchors(10, 20.0)
-    fit = clock.fit(lo, hi, ms)
+    fit = align.fit(lo, hi, ms)
     later = ms[-1] + 5000.0  # 5 s after the last anchor
     assert fit.to_host(np.array([later]))[0] == pytest.approx(host[-1] + 5e9 / (1 + 20e-6), abs=2.0)
 
@@ -44,9 +44,9 @@ def test_extrapolates_with_the_fitted_drift() -> None:
 def test_one_anchor_drifts_two_anchors_do_not() -> None:
     """The reason for periodic anchors: a single anchor is ~400 µs off after 20 s at 20 ppm."""
     lo, hi, ms, host = anchors(21, 20.0)
-    single = clock.fit(lo[:1], hi[:1], ms[:1])
+    single = align.fit(lo[:1], hi[:1], ms[:1])
     assert abs(single.to_host(ms[-1:])[0] - host[-1]) > 300_000
-    both = clock.fit(lo[[0, -1]], hi[[0, -1]], ms[[0, -1]])
+    both = align.fit(lo[[0, -1]], hi[[0, -1]], ms[[0, -1]])
     assert abs(both.to_host(ms[-1:])[0] - host[-1]) < 1.0
 
 
@@ -58,7 +58,7 @@ def test_late_and_preempted_anchors_do_not_pull_the_map() -> None:
     late = (np.arange(60) // 4) % 2 == 1  # half the run, in stretches of 4 anchors
     ms = ms + np.where(late, rng.uniform(8_000, 20_000, 60), 0.0) * (1 + 21e-6) / 1e6
     lo[7] -= 500_000  # preempted between the first stamp and the record
-    fit = clock.fit(lo, hi, ms)
+    fit = align.fit(lo, hi, ms)
     assert fit.drift_ppm == pytest.approx(21.0, abs=0.01)
     assert fit.anchors_late == late.sum()
     prompt = ~late
@@ -67,13 +67,13 @@ def test_late_and_preempted_anchors_do_not_pull_the_map() -> None:
 
 def test_bound_is_small_when_prompt_stamps_support_the_map() -> None:
     lo, hi, ms, _ = anchors(30, 5.0, jitter_ns=0)
-    fit = clock.fit(lo, hi, ms)
+    fit = align.fit(lo, hi, ms)
     assert fit.bound_us[1] < 0.05
 
 
 def test_no_anchor_is_an_error() -> None:
     with pytest.raises(ValueError, match="at least one anchor"):
-        clock.fit(np.array([]), np.array([]), np.array([]))
+        align.fit(np.array([]), np.array([]), np.array([]))
 
 
 def run_sim(seconds: int, drift_ppm: float, offset_ns: int = 987_654_321, anchor_s: float = 1.0):
@@ -196,22 +196,22 @@ def test_poor_alignment_is_said_in_words_live_and_after_loading(tmp_path) -> Non
         lambda stream, t: float(rng.uniform(10_000, 20_000)) if 15e9 <= t < 45e9 else 0.0,
         period_ns=20_000_000,
     )
-    said = clock.alignment_warnings(s.meta)
+    said = align.alignment_warnings(s.meta)
     assert any("may sit up to" in w for w in said) and any("stamped events up to" in w for w in said)
     path = s.save(tmp_path / "late.json")
     loaded = evtrace.load(path)
-    assert clock.alignment_warnings(loaded.meta) == said
+    assert align.alignment_warnings(loaded.meta) == said
     from evtrace.export.report import report
 
     assert report(loaded, path).count("> **Warning:**") == len(said)
     fine, _ = loaded_run(10, lambda stream, t: 0.0)
-    assert clock.alignment_warnings(fine.meta) == []
+    assert align.alignment_warnings(fine.meta) == []
 
 
 def test_many_clamped_spans_are_warned_about() -> None:
     meta = {"device_spans": 1000, "clamped_device_spans": 6}
-    assert "clamped" in clock.alignment_warnings(meta)[0]
-    assert clock.alignment_warnings({"device_spans": 1000, "clamped_device_spans": 5}) == []
+    assert "clamped" in align.alignment_warnings(meta)[0]
+    assert align.alignment_warnings({"device_spans": 1000, "clamped_device_spans": 5}) == []
 
 
 def short_session(ms: int, drift_ppm: float, seed: int) -> tuple[evtrace.Session, np.ndarray]:
@@ -254,8 +254,8 @@ def test_a_short_session_keeps_a_plausible_drift_and_exact_device_ends(ms: int) 
         assert s.meta["clamped_device_spans"] == 0
 
 
-def short_fit(ms: float, drift_ppm: float, seed: int, period_ms: float) -> tuple[clock.Alignment, np.ndarray]:
-    """``clock.fit`` of a short run: anchors at its ends, a mark every ``period_ms``, each stamped
+def short_fit(ms: float, drift_ppm: float, seed: int, period_ms: float) -> tuple[align.Alignment, np.ndarray]:
+    """``align.fit`` of a short run: anchors at its ends, a mark every ``period_ms``, each stamped
     0-5 µs after its record call (5 % of them 10-20 µs), half of them queued behind a kernel.
     Returns the fit and, per stamp, its host time minus the truth (ns)."""
     rng = np.random.default_rng(seed)
@@ -270,7 +270,7 @@ def short_fit(ms: float, drift_ppm: float, seed: int, period_ms: float) -> tuple
     stamped[2:][queued] += rng.uniform(20_000, 2_000_000, queued.sum())
     stamped[2:] = np.minimum(stamped[2:], lo[1] - 1_000)  # the last anchor follows a synchronize
     dev = (stamped - stamped[0]) * (1 + drift_ppm * 1e-6) / 1e6
-    fit = clock.fit(lo, hi, dev[:2], marks, dev[2:])
+    fit = align.fit(lo, hi, dev[:2], marks, dev[2:])
     return fit, fit.to_host(dev) - stamped
 
 
@@ -298,9 +298,9 @@ def test_the_prior_leaves_a_long_run_alone(monkeypatch: pytest.MonkeyPatch) -> N
     rng = np.random.default_rng(3)
     late = (np.arange(60) // 4) % 2 == 1
     ms = ms + np.where(late, rng.uniform(8_000, 20_000, 60), 0.0) * (1 + 21e-6) / 1e6
-    with_prior = clock.fit(lo, hi, ms)
-    monkeypatch.setattr(clock, "DELAY_NS", 0.0)
-    without = clock.fit(lo, hi, ms)
+    with_prior = align.fit(lo, hi, ms)
+    monkeypatch.setattr(align, "DELAY_NS", 0.0)
+    without = align.fit(lo, hi, ms)
     assert with_prior.drift_ppm == pytest.approx(without.drift_ppm, abs=1e-6)
     probe = np.linspace(ms[0], ms[-1], 1000)
     assert np.abs(with_prior.to_host(probe) - without.to_host(probe)).max() < 0.01  # ns
@@ -315,7 +315,7 @@ def test_two_close_stamps_say_nothing_about_the_drift() -> None:
     truth = t0 + at + 2000 + np.array([1000.0, 0.0, 5000.0, 6000.0])  # stamped this late
     ms = (truth - truth[0]) / 1e6  # the clocks agree
     lo = t0 + at[[0, 3]]
-    fit = clock.fit(lo, lo + 2000, ms[[0, 3]], t0 + at[1:3], ms[1:3])
+    fit = align.fit(lo, lo + 2000, ms[[0, 3]], t0 + at[1:3], ms[1:3])
     assert abs(fit.drift_ppm) < 1
     assert np.abs(fit.to_host(ms) - truth).max() < 10  # ns
 
@@ -341,12 +341,12 @@ def test_a_short_stretch_of_late_stamps_is_named_with_its_time() -> None:
 
     s, _ = loaded_run(400, late, period_ns=20_000_000)
     a = s.meta["alignment"]["0"]
-    assert a["bound_us_p99"] < clock.WARN_US
+    assert a["bound_us_p99"] < align.WARN_US
     assert a["poor_stretches"] == 1 and 3 <= a["poor_windows"] <= 4
     ((start, end, bound, clamped),) = a["worst_stretches"]
     assert 199 <= start <= 200.1 and 202.9 <= end <= 204  # windows of device time from the first stamp
     assert bound == pytest.approx(20, abs=1) and clamped == 0
-    said = clock.alignment_warnings(s.meta)
+    said = align.alignment_warnings(s.meta)
     assert len(said) == 1
     assert f"{start:.1f}-{end:.1f} s" in said[0] and "may sit up to 20" in said[0]
 
@@ -355,23 +355,23 @@ def test_a_clean_long_run_has_no_poor_window() -> None:
     s, _ = loaded_run(60, lambda stream, t: 0.0, period_ns=20_000_000)
     a = s.meta["alignment"]["0"]
     assert (a["poor_windows"], a["poor_stretches"], a["worst_stretches"]) == (0, 0, ())
-    assert clock.alignment_warnings(s.meta) == []
+    assert align.alignment_warnings(s.meta) == []
 
 
 def test_windows_with_clamped_spans_are_poor_and_the_worst_are_kept() -> None:
     """Over 0.5 % of a window's spans clamped makes it poor, as a bound over 5 µs does; runs of
     poor windows merge, and the metadata keeps the worst WORST_KEPT of them, in time order."""
     lo, hi, ms, host = anchors(60, 0.0)
-    fit = clock.fit(lo, hi, ms)
+    fit = align.fit(lo, hi, ms)
     spans = np.arange(0, 59_000, 5.0)  # a span every 5 ms: 200 a window
     clamped = np.zeros(len(spans), bool)
     for second, n in ((3, 1), (10, 2), (11, 2), (20, 3), (30, 5), (45, 3)):  # 1 of 200 is 0.5 %: fine
         clamped[second * 200 : second * 200 + n] = True
-    windows, stretches, worst = clock.poor_stretches(fit, spans, clamped, lo[0])
+    windows, stretches, worst = align.poor_stretches(fit, spans, clamped, lo[0])
     assert (windows, stretches) == (5, 4)
     assert [(round(a), round(b)) for a, b, _, _ in worst] == [(20, 21), (30, 31), (45, 46)]
     assert [c for *_, c in worst] == pytest.approx([1.5, 2.5, 1.5])
-    said = clock.alignment_warnings(
+    said = align.alignment_warnings(
         {
             "alignment": {
                 "0": DeviceAlignment.from_mapping(
@@ -404,7 +404,7 @@ def test_the_stamping_delay_is_in_the_metadata_and_the_report(tmp_path) -> None:
     text = report(evtrace.load(path), path)
     assert f"{a['stamp_delay_us_p50']:.1f} µs late (p50), {a['stamp_delay_us_p99']:.1f} µs (p99)" in text
     meaning = "no map onto the host clock can move a stamp earlier than the GPU wrote it"
-    assert meaning in text and any(meaning in w for w in clock.alignment_warnings(s.meta))
+    assert meaning in text and any(meaning in w for w in align.alignment_warnings(s.meta))
     fine, _ = loaded_run(10, lambda stream, t: 0.0)
     path = fine.save(tmp_path / "fine.json")
     text = report(evtrace.load(path), path)
@@ -419,7 +419,7 @@ def test_traces_written_before_poor_windows_were_kept_load_with_none() -> None:
     old = {"anchors": 3, "bound_us_p99": 7.5, "drift_ppm": "1.5"}
     a = DeviceAlignment.from_mapping(old)
     assert (a.poor_windows, a.poor_stretches, a.worst_stretches, a.drift_ppm) == (0, 0, (), 1.5)
-    assert "may sit up to 7.5 µs off" in clock.alignment_warnings({"alignment": {"0": a}})[0]
+    assert "may sit up to 7.5 µs off" in align.alignment_warnings({"alignment": {"0": a}})[0]
     stretches = [[1.0, 2.0, 9.5, 0.0], [7.0, 10.0, 6.0, 1.25]]
     new = DeviceAlignment.from_mapping(
         {"anchors": 9, "poor_windows": 4, "poor_stretches": 2, "worst_stretches": stretches}

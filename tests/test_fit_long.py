@@ -8,12 +8,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from evtrace import clock
+from evtrace import align
 
 from .fit_reference import old_fit, synthetic
 
 
-def same_map(new: clock.Alignment, old: object) -> None:
+def same_map(new: align.Alignment, old: object) -> None:
     from .fit_reference import OldFit
 
     assert isinstance(old, OldFit)
@@ -32,11 +32,11 @@ def test_a_few_minutes_give_the_old_map(blocks: str, seed: int, monkeypatch: pyt
     host times within 1 ns, the same drift, bound and stamp delays, whether the stamps are read
     in blocks of 2^18 or of 997 (bins and windows then straddle blocks) and the knots 3 at a time."""
     if blocks == "tiny":
-        monkeypatch.setattr(clock, "STAMP_BLOCK", 997)
-        monkeypatch.setattr(clock, "CELLS", 3 * 801)
+        monkeypatch.setattr(align, "STAMP_BLOCK", 997)
+        monkeypatch.setattr(align, "CELLS", 3 * 801)
     d = synthetic(4 / 60, seed)
     args = (d["lo"], d["hi"], d["ms"], d["first"], d["stamps"])
-    same_map(clock.fit(*args), old_fit(*args))
+    same_map(align.fit(*args), old_fit(*args))
 
 
 def test_marks_out_of_order_or_missing_give_the_old_map() -> None:
@@ -47,7 +47,7 @@ def test_marks_out_of_order_or_missing_give_the_old_map() -> None:
     ms, first = d["stamps"][order].copy(), d["first"][order]
     ms[rng.random(len(ms)) < 0.01] = np.nan
     args = (d["lo"], d["hi"], d["ms"], first, ms)
-    same_map(clock.fit(*args), old_fit(*args))
+    same_map(align.fit(*args), old_fit(*args))
 
 
 def test_a_long_run_fits_in_bounded_memory() -> None:
@@ -57,7 +57,7 @@ def test_a_long_run_fits_in_bounded_memory() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        clock.fit(d["lo"], d["hi"], d["ms"], d["first"], d["stamps"])
+        align.fit(d["lo"], d["hi"], d["ms"], d["first"], d["stamps"])
         peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
@@ -69,7 +69,7 @@ def test_no_stamp_for_longer_than_the_window_keeps_the_map_finite() -> None:
     and the map there was -inf; the map is now the line between the stamps around them."""
     host = 1e12 + np.arange(4) * 30e9
     ms = (host - host[0]) * (1 + 10e-6) / 1e6
-    fit = clock.fit(host - 2000, host, ms)
+    fit = align.fit(host - 2000, host, ms)
     probe = np.linspace(ms[0], ms[-1], 301)
     truth = np.interp(probe, ms, host)
     assert np.isfinite(fit.host_ns).all()

@@ -11,7 +11,7 @@ import pytest
 
 import evtrace
 from evtrace import Session, TraceError
-from evtrace.clock import alignment_warnings, per_gpu
+from evtrace.align import alignment_warnings, per_gpu
 from evtrace.files import read_json
 from evtrace.merge import merge
 from evtrace.metadata import DeviceAlignment

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from evtrace import clock
+from evtrace import align
 from evtrace.recorder import Recorder, name_key
 
 from .simdevice import FakeClock, SimBackend
@@ -146,8 +146,8 @@ def anchors_with_late_stretches(n: int = 120, late_us: float = 12.0):
 def test_the_alignment_split_by_phase_is_the_metadata_figure_for_one_phase() -> None:
     lo, hi, ms, late = anchors_with_late_stretches()
     with truth.captured_fits() as caps:
-        f = clock.fit(lo, hi, ms)  # what build.session calls, one per GPU
-    assert clock.fit is not caps and len(caps) == 1 and caps[0]["fit"] is f
+        f = align.fit(lo, hi, ms)  # what build.session calls, one per GPU
+    assert align.fit is not caps and len(caps) == 1 and caps[0]["fit"] is f
     whole = np.array([[0, int(lo[0]), int(hi[-1]) + 1]])
     (one,) = truth.alignment_by_phase(caps[0], whole, 1)
     assert one["anchors"] == len(lo)

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import ClassVar
 
+from ..align import alignment_warnings, per_gpu, stamp_delay
 from ..analysis import COLUMNS, fmt_ns, gaps, host_waits, plural, rows
-from ..clock import alignment_warnings, per_gpu, stamp_delay
 from ..collectives import stragglers, stragglers_markdown
 from ..session import Session, rank_labels
 from .markdown import code, escape
