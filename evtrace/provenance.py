@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -13,6 +14,7 @@ from typing import Any
 from .device import DeviceInfo
 
 
+@functools.cache  # one process, one driver: asked once (NVML's init costs), not at each start and stop
 def _driver_version() -> str | None:
     """The NVIDIA driver version through NVML, if it is there (no extra dependency)."""
     try:

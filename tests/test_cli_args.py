@@ -15,7 +15,7 @@ import pytest
 
 import evtrace
 
-from .children import sigint_default
+from .children import sigint_default, started
 
 CLI = [sys.executable, "-m", "evtrace"]
 ENV = {
@@ -172,16 +172,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path: Path) -> None:
         "import time\nprint('ready', flush=True)\ntime.sleep(60)\n"
     )
     (tmp_path / "job.py").write_text("print('ran')\n")
-    with subprocess.Popen(
-        [*CLI, "-o", "t.json", "job.py"],
-        cwd=tmp_path,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=sigint_default,
-    ) as p:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    with started([*CLI, "-o", "t.json", "job.py"], tmp_path, ENV) as p:
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     assert p.returncode == -signal.SIGINT  # 130 from a shell
@@ -193,16 +184,7 @@ def test_ctrl_c_while_finding_the_module_is_one_line(tmp_path: Path, pkg: dict[s
     """``-m pkg.mod`` imports ``pkg`` to find the module (torch.distributed.run imports torch)."""
     lib = tmp_path / "lib" / "pkg"
     (lib / "__init__.py").write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
-    with subprocess.Popen(
-        [*CLI, "-o", "t.json", "-m", "pkg.show"],
-        cwd=tmp_path / "work",
-        env=pkg,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=sigint_default,
-    ) as p:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    with started([*CLI, "-o", "t.json", "-m", "pkg.show"], tmp_path / "work", pkg) as p:
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     assert p.returncode == -signal.SIGINT  # 130 from a shell
