@@ -1,5 +1,5 @@
 """The cost of the device clock's fit at ``stop()`` for long runs (issue #23): time and peak memory
-of ``clock.fit`` on synthetic stamps of a 1 h and an 8 h run, fed as ``build.py`` feeds them.
+of ``align.fit`` on synthetic stamps of a 1 h and an 8 h run, fed as ``build.py`` feeds them.
 
     python benchmarks/fit_long.py            # 1 h and 8 h, the current fit
     python benchmarks/fit_long.py --before   # the same, and the fit as it was (tests/fit_reference.py)

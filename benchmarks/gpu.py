@@ -563,8 +563,8 @@ def p4(seconds: float) -> dict[str, Any]:
         "anchors": al["anchors"],
         "drift_ppm": al["drift_ppm"],
         "anchors_late": al["anchors_late"],
-        "bound_us_p99": al["bound_us_p99"],
-        "bound_us_max": al["bound_us_max"],
+        "slack_us_p99": al["slack_us_p99"],
+        "slack_us_max": al["slack_us_max"],
         "clamped": s.meta["clamped_device_spans"],
         "over_100us": int((np.abs(err_us) > 100).sum()),
         # the worst few: where in the run, and how long evtrace's span and CUPTI's kernel were

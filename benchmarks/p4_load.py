@@ -107,8 +107,8 @@ def table(results: list[dict[str, Any]]) -> str:
     lines.append(
         f"(window: [t_set - {WINDOW_SLACK_NS / 1000:g}, t_ack + move_on + {WINDOW_SLACK_NS / 1000:g}] us,"
         " move_on = the next kernel's start - the kernel's end on the GPU clock; outside: how far the"
-        " misses lie outside it. stamp delay, bound: the session's alignment figures (its metadata's"
-        " stamp_delay_us, bound_us) recomputed over the stamps of each phase; 'session' = the metadata's)"
+        " misses lie outside it. stamp delay, slack: the session's alignment figures (its metadata's"
+        " stamp_delay_us, slack_us) recomputed over the stamps of each phase; 'session' = the metadata's)"
     )
     return "\n".join(lines)
 
@@ -119,7 +119,7 @@ def _share(w: dict[str, Any]) -> str:
 
 def window_table(res: dict[str, Any]) -> list[str]:
     """Per phase: the share of device ends inside the window, the misses, the GPU's move-on time,
-    and the stamp delay and bound the alignment reports, per GPU; then the session's own."""
+    and the stamp delay and slack the alignment reports, per GPU; then the session's own."""
 
     def f(d: dict[str, Any] | None, k: str, fmt: str = ".2f") -> str:
         v = (d or {}).get(k)
@@ -128,7 +128,7 @@ def window_table(res: dict[str, Any]) -> list[str]:
     lines = [
         f"  {'window':8s} {'s':>5s} {'judged':>7s} {'inside':>8s} {'early':>5s} {'late':>5s}"
         f" {'outside p50':>11s} {'p99':>6s} {'max':>6s} | {'move_on p50':>11s} {'p99':>6s}"
-        f" | {'GPU':>3s} {'stamp delay p50':>15s} {'p99':>6s} {'bound p99':>9s} {'anchors':>7s}"
+        f" | {'GPU':>3s} {'stamp delay p50':>15s} {'p99':>6s} {'slack p99':>10s} {'anchors':>7s}"
     ]
     for ph, d in res["phases"].items():
         w = d["window"]
@@ -144,13 +144,13 @@ def window_table(res: dict[str, Any]) -> list[str]:
             lines.append(
                 (head if i == 0 else " " * len(head))
                 + f" | {g:>3s} {f(a, 'stamp_delay_us_p50'):>15s} {f(a, 'stamp_delay_us_p99'):>6s}"
-                f" {f(a, 'bound_us_p99'):>9s} {f(a, 'anchors', 'd'):>7s}"
+                f" {f(a, 'slack_us_p99'):>9s} {f(a, 'anchors', 'd'):>7s}"
             )
     for g, a in (res["meta"].get("alignment") or {}).items():
         lines.append(
             f"  session, GPU {g}: stamp_delay_us p50 {f(a, 'stamp_delay_us_p50')} p99"
-            f" {f(a, 'stamp_delay_us_p99')} max {f(a, 'stamp_delay_us_max')}, bound_us p99"
-            f" {f(a, 'bound_us_p99')} max {f(a, 'bound_us_max')}, {a.get('anchors')} anchors"
+            f" {f(a, 'stamp_delay_us_p99')} max {f(a, 'stamp_delay_us_max')}, slack_us p99"
+            f" {f(a, 'slack_us_p99')} max {f(a, 'slack_us_max')}, {a.get('anchors')} anchors"
             f" ({a.get('anchors_late')} late), drift {f(a, 'drift_ppm')} ppm,"
             f" {a.get('clamped_spans')} clamped"
         )

@@ -463,10 +463,10 @@ def phase_of(turns: np.ndarray, host_ns: np.ndarray) -> np.ndarray:
 
 
 def alignment_by_phase(cap: dict[str, Any], turns: np.ndarray, n_phases: int) -> list[dict[str, Any]]:
-    """The metadata's stamp delay and bound, split by phase: the same formulas as ``align.fit``
+    """The metadata's stamp delay and slack, split by phase: the same formulas as ``align.fit``
     applied to the stamps the session's own fit saw (``captured_fits``), each assigned to the
     phase it was taken in. Stamp delay: how far each anchor was stamped after the map (us, p50 and
-    p99); bound: per 1 s window of device time, how far the map lies above its tightest stamp (p99
+    p99); slack: per 1 s window of device time, how far the map lies above its tightest stamp (p99
     over the windows, each assigned by its first stamp's host time)."""
     f = cap["fit"]
     lat = float(f.latency_ns)
@@ -491,7 +491,7 @@ def alignment_by_phase(cap: dict[str, Any], turns: np.ndarray, n_phases: int) ->
                 "anchors": int(len(dp)),
                 "stamp_delay_us_p50": round(float(np.median(dp)), 3) if len(dp) else None,
                 "stamp_delay_us_p99": round(float(np.percentile(dp, 99)), 3) if len(dp) else None,
-                "bound_us_p99": round(float(np.percentile(bp, 99)), 3) if len(bp) else None,
+                "slack_us_p99": round(float(np.percentile(bp, 99)), 3) if len(bp) else None,
             }
         )
     return out
@@ -519,7 +519,7 @@ def captured_fits() -> Iterator[list[dict[str, Any]]]:
                     "dev_ms": got["dev_ms"],
                     "mark_host": got.get("mark_host_ns") if got.get("mark_host_ns") is not None else [],
                     "mark_ms": got.get("mark_ms") if got.get("mark_ms") is not None else [],
-                    "window_ms": float(getattr(align, "BOUND_WINDOW_MS", 1000.0)),
+                    "window_ms": float(getattr(align, "SLACK_WINDOW_MS", 1000.0)),
                 }
             )
         except Exception as e:  # a diagnosis must not lose the run
@@ -635,7 +635,7 @@ def analyse(
 
     ``window``: each short sample's device end against its physically possible window
     (``outside_window``, with ``move_on`` from ``gts``). ``alignment``: the session's stamp delay
-    and bound split by phase (``turns``: phase, start, end of each turn; ``caps``: from
+    and slack split by phase (``turns``: phase, start, end of each turn; ``caps``: from
     ``captured_fits``), by GPU.
 
     ``gts`` (GPU clock per sample: flag seen, kernel end, next kernel's start) gives a diagnosis
@@ -710,7 +710,7 @@ def analyse(
         k: meta[k]
         for k in meta
         if k in ("clamped_device_spans", "device_spans", "dropped_device_spans", "regions")
-        or any(w in k for w in ("align", "bound", "clamp", "warn"))
+        or any(w in k for w in ("align", "slack", "clamp", "warn"))
     }
     if isinstance(keep.get("alignment"), dict):  # typed per device: as plain JSON for RESULT lines
         keep["alignment"] = {d: dataclasses.asdict(a) for d, a in keep["alignment"].items()}

@@ -53,8 +53,8 @@ KNOT_MS = 500.0
 WINDOW_S = 10.0
 #: the local envelope may tilt at most this much from the run's drift (ns per ms, i.e. ppm)
 TILT = 2.0
-#: the bound is reported over windows of this much device time
-BOUND_WINDOW_MS = 1000.0
+#: the slack is reported over windows of this much device time
+SLACK_WINDOW_MS = 1000.0
 #: an anchor stamped this much later than the map allows counts as late. Anchors are probes of
 #: the stamping delay: an event on an idle stream is stamped late while other traffic (pinned
 #: host<->device copies above all) is in flight, and so are the region marks around it.
@@ -87,10 +87,10 @@ class Alignment:
     anchors_late: int  # anchors stamped more than LATE_NS after the map: taken under load
     stamps: int  # region marks used as constraints
     latency_ns: float  # shortest record call seen: the envelope's offset to a prompt stamp
-    bound_us: tuple[float, float]  # p99 and max over 1 s windows of how much earlier the data allow
+    slack_us: tuple[float, float]  # p99 and max over 1 s windows of how much earlier the data allow
     anchor_delay_us: tuple[float, float, float]  # p50, p99, max: how late anchors were stamped
-    origin_ms: float  # device ms of the first stamp: window i of the bound starts i s after it
-    window_bound_us: np.ndarray  # the bound of each BOUND_WINDOW_MS window; NaN where no stamp
+    origin_ms: float  # device ms of the first stamp: window i of the slack starts i s after it
+    window_slack_us: np.ndarray  # the slack of each SLACK_WINDOW_MS window; NaN where no stamp
 
     @property
     def drift_ppm(self) -> float:
@@ -353,11 +353,11 @@ def fit(
     )
 
     # what the data allow: in each second, how far the map lies above its tightest stamp
-    least = np.full(int(np.floor(st.span / BOUND_WINDOW_MS)) + 1, np.inf)
+    least = np.full(int(np.floor(st.span / SLACK_WINDOW_MS)) + 1, np.inf)
     delays = []
     for x, y, anchor in st.blocks():
         gap = fitted.to_host(x + x0) - latency_ns - (y + st.y0)
-        b = np.floor(x / BOUND_WINDOW_MS).astype(np.int64)
+        b = np.floor(x / SLACK_WINDOW_MS).astype(np.int64)
         starts = np.r_[0, np.flatnonzero(b[1:] != b[:-1]) + 1]
         least[b[starts]] = np.minimum(least[b[starts]], np.minimum.reduceat(gap, starts))
         if anchor:
@@ -366,10 +366,10 @@ def fit(
     per = windows[np.isfinite(least)]
     delay = np.concatenate(delays)
     late = int((delay > LATE_NS / 1e3).sum())
-    bound = (float(np.percentile(per, 99)), float(per.max()))
+    slack = (float(np.percentile(per, 99)), float(per.max()))
     spread = (float(np.median(delay)), float(np.percentile(delay, 99)), float(delay.max()))
     return Alignment(
-        fitted.dev_ms, host, slope, len(ax), late, st.marks, float(latency_ns), bound, spread, x0, windows
+        fitted.dev_ms, host, slope, len(ax), late, st.marks, float(latency_ns), slack, spread, x0, windows
     )
 
 
@@ -386,27 +386,27 @@ WORST_KEPT = 3
 def poor_stretches(
     fit: Alignment, span_ms: np.ndarray, clamped: np.ndarray, origin_ns: float
 ) -> tuple[int, int, tuple[tuple[float, float, float, float], ...]]:
-    """The 1 s windows (BOUND_WINDOW_MS of device time) whose bound is over WARN_US, or whose device
+    """The 1 s windows (SLACK_WINDOW_MS of device time) whose slack is over WARN_US, or whose device
     spans (by their start ``span_ms``) are over WARN_CLAMPED ``clamped``: how many, how many runs of
     consecutive ones, and the WORST_KEPT worst runs in time order as (start, end) in s since
-    ``origin_ns`` on the host clock, the largest bound there (µs) and the % of its spans clamped."""
-    bound = np.nan_to_num(fit.window_bound_us, nan=0.0)
-    n = len(bound)
-    w = np.floor((np.asarray(span_ms, dtype=np.float64) - fit.origin_ms) / BOUND_WINDOW_MS)
+    ``origin_ns`` on the host clock, the largest slack there (µs) and the % of its spans clamped."""
+    slack = np.nan_to_num(fit.window_slack_us, nan=0.0)
+    n = len(slack)
+    w = np.floor((np.asarray(span_ms, dtype=np.float64) - fit.origin_ms) / SLACK_WINDOW_MS)
     inside = np.isfinite(w) & (w >= 0) & (w < n)
     w = w[inside].astype(np.int64)
     spans = np.bincount(w, minlength=n)
     bad = np.bincount(w, weights=np.asarray(clamped, dtype=np.float64)[inside], minlength=n)
-    poor = np.flatnonzero((bound > WARN_US) | (bad > WARN_CLAMPED * spans))
+    poor = np.flatnonzero((slack > WARN_US) | (bad > WARN_CLAMPED * spans))
     if not len(poor):
         return 0, 0, ()
     starts = np.r_[0, np.flatnonzero(np.diff(poor) > 1) + 1]
     first, last = poor[starts], poor[np.r_[starts[1:], len(poor)] - 1]
-    worst = np.maximum.reduceat(bound[poor], starts)
+    worst = np.maximum.reduceat(slack[poor], starts)
     pct = 100 * np.add.reduceat(bad[poor], starts) / np.maximum(np.add.reduceat(spans[poor], starts), 1)
     severity = np.maximum(worst / WARN_US, pct / (100 * WARN_CLAMPED))
     keep = np.sort(np.argsort(-severity, kind="stable")[:WORST_KEPT])
-    edges = fit.origin_ms + BOUND_WINDOW_MS * np.stack([first[keep], last[keep] + 1], 1)
+    edges = fit.origin_ms + SLACK_WINDOW_MS * np.stack([first[keep], last[keep] + 1], 1)
     sec = (fit.to_host(edges.ravel()).reshape(-1, 2) - origin_ns) / 1e9
     kept = tuple(
         (round(float(a), 3), round(float(b), 3), round(float(u), 3), round(float(c), 3))
@@ -423,10 +423,10 @@ def per_gpu(meta: dict[str, Any]) -> dict[str, DeviceAlignment]:
     return {str(d): a for d, a in found.items() if isinstance(a, DeviceAlignment)}
 
 
-def _stretch(start: float, end: float, bound_us: float, clamped_pct: float) -> str:
+def _stretch(start: float, end: float, slack_us: float, clamped_pct: float) -> str:
     why = []
-    if bound_us > WARN_US:
-        why.append(f"every stamp late: the lane may sit up to {bound_us:.1f} µs off")
+    if slack_us > WARN_US:
+        why.append(f"every stamp late: the lane may sit up to {slack_us:.1f} µs off")
     if clamped_pct > 100 * WARN_CLAMPED:
         why.append(f"{clamped_pct:.1f}% of its spans clamped")
     return f"{start:.1f}-{end:.1f} s ({'; '.join(why)})"
@@ -451,10 +451,10 @@ def alignment_warnings(meta: dict[str, Any]) -> list[str]:
                 + f": {shown}"
                 + (f"; and {more} more" if more > 0 else "")
             )
-        elif g.bound_us_p99 > WARN_US:  # a trace written before windows were kept
+        elif g.slack_us_p99 > WARN_US:  # a trace written before windows were kept
             out.append(
                 f"GPU {d}: in some seconds every stamp was late, so the device lane there may sit up to "
-                f"{g.bound_us_p99:.1f} µs off (bound_us_p99)"
+                f"{g.slack_us_p99:.1f} µs off (slack_us_p99)"
             )
         if g.stamp_delay_us_p99 > WARN_US:
             out.append(

@@ -27,29 +27,30 @@ CLOCK_PAIR = "clock_pair"
 
 @dataclass(frozen=True)
 class DeviceAlignment:
-    """How one device's stamps were placed on the host clock (see ``clock.fit``)."""
+    """How one device's stamps were placed on the host clock (see ``align.fit``)."""
 
     anchors: int  # anchor records used
     anchors_late: int  # of them, stamped later than the map allows
     stamps: int  # device stamps (anchors and region marks) that constrained the map
     drift_ppm: float  # device clock rate against the host's, parts per million
     latency_us: float  # the shortest record call seen: a prompt stamp sits this far after its call
-    bound_us_p99: float  # how much earlier each second's stamps would let the lane sit: p99 ...
-    bound_us_max: float  # ... and the largest
+    slack_us_p99: float  # how much earlier each second's stamps would let the lane sit: p99 ...
+    slack_us_max: float  # ... and the largest
     stamp_delay_us_p50: float  # how late anchors were stamped, by their probes
     stamp_delay_us_p99: float
     stamp_delay_us_max: float
     clamped_spans: int  # device spans placed before their launch and moved after it
-    # 1 s windows (of device time) whose bound is over 5 µs or with over 0.5 % of their spans
-    # clamped (``clock.poor_stretches``); traces written before these were kept read as none
+    # 1 s windows (of device time) whose slack is over 5 µs or with over 0.5 % of their spans
+    # clamped (``align.poor_stretches``); traces written before these were kept read as none
     poor_windows: int = 0
     poor_stretches: int = 0  # runs of consecutive poor windows
     # the worst few of them, in time order: (start s, end s since the session's start, the largest
-    # bound there in µs, % of its device spans clamped)
+    # slack there in µs, % of its device spans clamped)
     worst_stretches: tuple[tuple[float, float, float, float], ...] = ()
 
     def __getitem__(self, key: str) -> Any:
         """``a["drift_ppm"]``: the field, as the metadata's nested dicts were read before."""
+        key = _RENAMED.get(key, key)
         if key not in _FIELDS:
             raise KeyError(key)
         return getattr(self, key)
@@ -57,7 +58,9 @@ class DeviceAlignment:
     @classmethod
     def from_mapping(cls, m: dict[str, Any]) -> DeviceAlignment:
         """From a JSON object or flat strings: each field as its type (ints, floats, stretches).
-        Fields a trace lacks are 0 (none); keys this version does not know are ignored."""
+        Fields a trace lacks are 0 (none); a field's former name is read as the field; keys this
+        version does not know are ignored."""
+        m = {_RENAMED.get(k, k): v for k, v in m.items()}
         return cls(**{f: read(m.get(f, 0)) for f, read in _FIELDS.items()})
 
 
@@ -112,6 +115,8 @@ def _reader(f: dataclasses.Field[Any]) -> Callable[[Any], Any]:
 
 
 _FIELDS: dict[str, Callable[[Any], Any]] = {f.name: _reader(f) for f in dataclasses.fields(DeviceAlignment)}
+#: DeviceAlignment's fields under the names trace format 1 gave them
+_RENAMED = {"bound_us_p99": "slack_us_p99", "bound_us_max": "slack_us_max"}
 _CLOCK_FIELDS: dict[str, Callable[[Any], Any]] = {
     f.name: {"str": str, "int": int}.get(str(f.type), float) for f in dataclasses.fields(RankClock)
 }

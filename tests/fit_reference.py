@@ -1,4 +1,4 @@
-"""A frozen copy of ``clock.fit`` as it was before issue #23 (commit 1acef2f): the reference that
+"""A frozen copy of ``align.fit`` as it was before issue #23 (commit 1acef2f): the reference that
 the streaming fit must reproduce. It holds every stamp and a knots × window matrix at once, so
 it is only run on short data (tests) or to time the old cost (``benchmarks/fit_long.py --before``)."""
 
@@ -11,12 +11,12 @@ import numpy as np
 
 from evtrace.align import (
     BIN_MS,
-    BOUND_WINDOW_MS,
     DELAY_NS,
     DRIFT_MAX_PPM,
     DRIFT_PPM,
     KNOT_MS,
     LATE_NS,
+    SLACK_WINDOW_MS,
     TILT,
     WINDOW_S,
 )
@@ -26,7 +26,7 @@ MARK_MS = 5.0
 
 
 def synthetic(hours: float, seed: int = 0) -> dict[str, np.ndarray]:
-    """The arrays ``build.py`` hands ``clock.fit`` for a run of ``hours``: lo, hi, ms, first, stamps.
+    """The arrays ``build.py`` hands ``align.fit`` for a run of ``hours``: lo, hi, ms, first, stamps.
 
     An anchor every 0.1 s (a 2 µs record call, stamped 0-1 µs after it), a region mark every 5 ms
     (stamped after its call, exponentially delayed with a 1 µs scale, a third of them queued
@@ -65,7 +65,7 @@ class OldFit(NamedTuple):
     host_ns: np.ndarray
     slope: float
     anchors_late: int
-    bound_us: tuple[float, float]
+    slack_us: tuple[float, float]
     anchor_delay_us: tuple[float, float, float]
     latency_ns: float
 
@@ -179,7 +179,7 @@ def old_fit(
     host = y0 + base + slope * (knots - mid) + local + latency_ns
 
     gap = _to_host(knots + x0, host, slope, x + x0) - latency_ns - (y + y0)
-    per = np.maximum(np.minimum.reduceat(gap, _segments(x, BOUND_WINDOW_MS)), 0.0) / 1e3
+    per = np.maximum(np.minimum.reduceat(gap, _segments(x, SLACK_WINDOW_MS)), 0.0) / 1e3
     delay = np.maximum(gap[is_anchor], 0.0) / 1e3
     late = int((delay > LATE_NS / 1e3).sum())
     bound = (float(np.percentile(per, 99)), float(per.max()))

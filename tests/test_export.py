@@ -108,7 +108,7 @@ def test_metadata_has_provenance_and_alignment_but_no_environment(tmp_path: Path
         "gpus",
         "alignment.0.anchors",
         "alignment.0.drift_ppm",
-        "alignment.0.bound_us_p99",
+        "alignment.0.slack_us_p99",
         "regions",
         "device_spans",
     ):

@@ -21,7 +21,7 @@ def same_map(new: align.Alignment, old: object) -> None:
     assert np.abs(new.host_ns - old.host_ns).max() < 1.0  # ns
     assert new.slope == old.slope
     assert new.anchors_late == old.anchors_late
-    assert new.bound_us == pytest.approx(old.bound_us, abs=1e-6)
+    assert new.slack_us == pytest.approx(old.slack_us, abs=1e-6)
     assert new.anchor_delay_us == pytest.approx(old.anchor_delay_us, abs=1e-6)
 
 

@@ -205,7 +205,7 @@ def damaged(tmp_path: Path) -> dict[str, Path]:
     put("truncated.json", text[: len(text) // 2].encode())
     put("notjson.json", b"hello")
     put("other.json", b'{"traceEvents":[{"ph":"X","name":"k","pid":1,"tid":1,"ts":1,"dur":1}]}')
-    put("version.json", text.replace('"evtrace.format":1', '"evtrace.format":99').encode())
+    put("version.json", text.replace('"evtrace.format":2', '"evtrace.format":99').encode())
     put("noregion.json", re.sub(r'"region":3,', "", text, count=1).encode())
     put(
         "badlane.json",

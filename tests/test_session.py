@@ -13,6 +13,7 @@ import evtrace
 from evtrace import Session, TraceError
 from evtrace.align import alignment_warnings, per_gpu
 from evtrace.files import read_json
+from evtrace.formats import chrome
 from evtrace.merge import merge
 from evtrace.metadata import DeviceAlignment
 
@@ -139,3 +140,24 @@ def test_trace_error_is_public(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="not an evtrace trace"):
         evtrace.load(bad)
     assert "TraceError" in evtrace.__all__
+
+
+@pytest.mark.parametrize("name", ["format1.json", "format1.pftrace"])
+def test_a_format_1_trace_loads_its_slack_under_the_new_names(tmp_path: Path, name: str) -> None:
+    """Format 1 called the alignment's one-sided slack ``bound_us_*``; written by the evtrace of
+    that format (tests/golden: 3509a23's JSON, e76e57d's .pftrace), such a trace loads with the
+    figures under their new names, and is written again as format 2."""
+    old = Path(__file__).parent / "golden" / name
+    s = evtrace.load(old)
+    g = per_gpu(s.meta)["0"]
+    assert (g.slack_us_p99, g.slack_us_max) == (0.132, 0.136)
+    assert g["bound_us_p99"] == g["slack_us_p99"] == 0.132  # the former key still answers
+    assert len(s) == 6 and s.device_spans == 6 and not alignment_warnings(s.meta)
+    if old.suffix == ".json":  # the general reader too, not only the bulk one
+        assert chrome.read_slow(old) == s
+    again = evtrace.load(s.save(tmp_path / ("new" + old.suffix)))
+    assert again == s and per_gpu(again.meta)["0"] == g
+    doc = read_json(s.save(tmp_path / "new.json"))
+    assert doc["metadata"]["evtrace.format"] == 2
+    assert doc["metadata"]["alignment.0.slack_us_p99"] == "0.132"
+    assert not any("bound_us" in k for k in doc["metadata"])

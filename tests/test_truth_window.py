@@ -118,7 +118,7 @@ def test_goals_name_each_one_missed() -> None:
 def test_the_report_prints_the_share_per_phase_and_the_verdict() -> None:
     r = good_result()
     r["phases"]["copies"]["alignment"] = {"0": {"stamp_delay_us_p50": 9.5, "stamp_delay_us_p99": 22.0}}
-    r["meta"]["alignment"] = {"0": {"stamp_delay_us_p99": 20.4, "bound_us_p99": 1.7, "anchors": 10}}
+    r["meta"]["alignment"] = {"0": {"stamp_delay_us_p99": 20.4, "slack_us_p99": 1.7, "anchors": 10}}
     text = "\n".join(p4_load.window_table(r))
     assert "99.900%" in text and "22.00" in text and "stamp_delay_us p50 - p99 20.40" in text
     lines, missed = p4_load.verdict([r])
@@ -153,7 +153,7 @@ def test_the_alignment_split_by_phase_is_the_metadata_figure_for_one_phase() -> 
     assert one["anchors"] == len(lo)
     assert one["stamp_delay_us_p50"] == pytest.approx(f.anchor_delay_us[0], abs=1e-3)
     assert one["stamp_delay_us_p99"] == pytest.approx(f.anchor_delay_us[1], abs=1e-3)
-    assert one["bound_us_p99"] == pytest.approx(f.bound_us[0], abs=1e-3)
+    assert one["slack_us_p99"] == pytest.approx(f.slack_us[0], abs=1e-3)
     # seconds of late stamps as phase 1, the prompt ones as phase 0
     sec = 10**9
     turns = np.array(
@@ -187,7 +187,7 @@ def test_captured_fits_see_the_sessions_own_fit() -> None:
     meta = s.meta["alignment"]["0"]
     (one,) = truth.alignment_by_phase(caps[0], np.array([[0, 0, 2**62]]), 1)
     assert one["anchors"] == meta.anchors
-    for k in ("stamp_delay_us_p50", "stamp_delay_us_p99", "bound_us_p99"):
+    for k in ("stamp_delay_us_p50", "stamp_delay_us_p99", "slack_us_p99"):
         assert one[k] == pytest.approx(meta[k], abs=2e-3), k
     assert meta.stamp_delay_us_p99 > 10
     sec = 10**9

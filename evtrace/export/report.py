@@ -134,11 +134,11 @@ class Report:
                 + "; ".join(
                     f"GPU {escape(d)}: {g.anchors:.0f} anchors ({g.anchors_late:.0f} stamped late), "
                     f"drift {g.drift_ppm:.3f} ppm, "
-                    f"bound {g.bound_us_p99:.2f} µs (max {g.bound_us_max:.2f}), "
+                    f"slack {g.slack_us_p99:.2f} µs (max {g.slack_us_max:.2f}), "
                     f"{stamp_delay(g)}"
                     for d, g in sorted(gpus.items())
                 )
-                + ". The bound is how much earlier the stamps of each second would let the device lane sit;"
+                + ". The slack is how much earlier the stamps of each second would let the device lane sit;"
                 " the stamping delay, how much later than the least-delayed stamps the GPU stamped anchors."
             )
         lines += [f"> **Warning:** {escape(w)}." for w in alignment_warnings(m)]

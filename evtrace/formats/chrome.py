@@ -27,7 +27,10 @@ from ..metadata import json_value, text
 from ..session import REGION_DTYPE, Session, Stream, Thread, rank_labels
 
 SUFFIXES = (".json", ".json.gz")
-FORMAT = 1
+#: the format written; READ, the formats read (1 named the alignment's slack ``bound_us_*``:
+#: ``metadata.DeviceAlignment.from_mapping`` reads either name)
+FORMAT = 2
+READ = (1, 2)
 OWN_ARGS = ("region", "host_dur_us", "device_dur_us", "launch_delay_us")
 
 
@@ -347,7 +350,7 @@ def read_slow(path: Path) -> Session:
                 "merge its inputs again"
             )
         raise TraceError(f"{path} is not an evtrace trace (no evtrace metadata)")
-    if meta["evtrace.format"] != FORMAT:
+    if meta["evtrace.format"] not in READ:
         raise TraceError(
             f"{path} was written by evtrace {meta.get('evtrace', '(unknown version)')}, "
             "which this evtrace cannot read; upgrade evtrace"

@@ -33,7 +33,7 @@ from ..device import DeviceInfo
 from ..files import Progress
 from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, PROFILER_PID
 from ..session import REGION_DTYPE, Session, Stream, Thread
-from .chrome import FORMAT, OWN_ARGS, combined, rank_meta
+from .chrome import OWN_ARGS, READ, combined, rank_meta
 from .chrome import read_slow as _read_slow
 
 __all__ = ["read"]
@@ -624,7 +624,7 @@ class _Reader:
 
     def _build(self, tail: Any) -> Session:
         meta = tail.get("metadata") if isinstance(tail, dict) else None
-        if not isinstance(meta, dict) or meta.get("evtrace.format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("evtrace.format") not in READ:
             raise _Fallback  # not evtrace's, or another version: the general path says so
         host, dev = self.host.get(), self.dev.get()
         profiler: list[Any] = []

@@ -38,7 +38,10 @@ from ..metadata import text
 from ..session import REGION_DTYPE, Session, Stream, Thread, rank_labels
 
 SUFFIXES = (".pftrace", ".pftrace.gz")
-FORMAT = 1
+#: the format written; READ, the formats read (1 named the alignment's slack ``bound_us_*``:
+#: ``metadata.DeviceAlignment.from_mapping`` reads either name)
+FORMAT = 2
+READ = (1, 2)
 #: the Trace message's field for evtrace's own data; Trace defines only field 1 (packet)
 EVTRACE_FIELD = 2_026_126
 SEQ = 1  # the sequence of evtrace's events
@@ -732,7 +735,7 @@ def read(path: Path) -> Session:
         if first is None:
             raise TraceError(f"{path} is not an evtrace trace (no evtrace data before its first packet)")
         top = orjson.loads(first)
-        if not isinstance(top, dict) or top.get("format") != FORMAT:
+        if not isinstance(top, dict) or top.get("format") not in READ:
             raise TraceError(
                 f"{path} was written by another evtrace, which this evtrace cannot read; upgrade evtrace"
             )

@@ -168,7 +168,7 @@ def test_anchors_drift_and_bound_are_recorded(tmp_path: Path) -> None:
     print("alignment over 3 s:", a)
     assert a["anchors"] >= 10
     assert abs(float(a["drift_ppm"])) < 200
-    assert a["bound_us_p99"] < 5 and a["stamps"] > 100
+    assert a["slack_us_p99"] < 5 and a["stamps"] > 100
 
 
 def test_sample_two_models_on_the_gpu(tmp_path: Path) -> None:
