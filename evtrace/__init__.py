@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 import warnings as _warnings
 
-START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evtrace run` gives a script (cli)
+_START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evtrace run` gives a script (cli)
 
 
 from .api import record

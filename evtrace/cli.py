@@ -768,9 +768,9 @@ def _execute(t: _Target) -> int:
 def _fresh_warnings() -> None:
     """The warning filters the process started with: not those that evtrace's own imports
     (numpy, torch) added, which ``python script.py`` would not have at its start."""
-    from . import START_FILTERS
+    from . import _START_FILTERS
 
-    warnings.filters[:] = START_FILTERS  # type: ignore[index]
+    warnings.filters[:] = _START_FILTERS  # type: ignore[index]
     warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the per-module caches
 
 

@@ -20,8 +20,8 @@ PUBLIC = {
     "record",
     "region",
 }
-# public names that are not API: IPython's `%load_ext evtrace` hook, and what `evtrace run` reads
-NOT_API = {"load_ipython_extension", "START_FILTERS"}
+# public names that are not API: IPython's `%load_ext evtrace` hook
+NOT_API = {"load_ipython_extension"}
 
 
 def test_all_is_the_documented_api() -> None:
