@@ -4,11 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import warnings as _warnings
-
-_START_FILTERS = list(_warnings.filters)  # before numpy's and torch's: what `evtrace run` gives a script (cli)
-
-
+from . import startup  # noqa: F401  (first: it reads the warning filters before numpy and torch add theirs)
 from .api import record
 from .files import TraceError
 from .instrumentation import instrument

@@ -42,6 +42,7 @@ from .finish import Terminated, die_by, signum_of, take_ending
 from .merge import merge
 from .paths import default_path, output_problem
 from .session import Session, rank_labels
+from .startup import WARNING_FILTERS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -768,9 +769,7 @@ def _execute(t: _Target) -> int:
 def _fresh_warnings() -> None:
     """The warning filters the process started with: not those that evtrace's own imports
     (numpy, torch) added, which ``python script.py`` would not have at its start."""
-    from . import _START_FILTERS
-
-    warnings.filters[:] = _START_FILTERS  # type: ignore[index]
+    warnings.filters[:] = WARNING_FILTERS  # type: ignore[index]
     warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the per-module caches
 
 

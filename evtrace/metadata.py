@@ -4,7 +4,7 @@ Owns :class:`DeviceAlignment` (the fit of one device's clock onto the host's, nu
 :class:`RankClock` (this rank's host clock against rank 0's, measured through the job's store), the
 flat dotted keys Perfetto shows under Info & Stats (:func:`flat`), and the nested JSON form a
 trace also carries so that loading gives back exactly what was recorded (:func:`to_json`,
-:func:`from_json`; :func:`from_flat` reads traces written before the nested form existed).
+:func:`from_json`).
 Imports nothing of evtrace: the recorder, the clock and the session all read it.
 """
 
@@ -184,26 +184,4 @@ def flat(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[prefix + text(str(k))] = f"{v:.6g}"
         else:
             out[prefix + text(str(k))] = json_value(v)
-    return out
-
-
-def from_flat(meta: dict[str, Any]) -> dict[str, Any]:
-    """The typed metadata of a trace written before the nested form: ``alignment.<gpu>.<key>``
-    strings become one :class:`DeviceAlignment` per GPU; the other keys stay as they are.
-    The README's H100 example (docs/example-two_models-h100.json.gz) is such a trace."""
-    out: dict[str, Any] = {}
-    found: dict[str, dict[str, Any]] = {}
-    clock: dict[str, Any] = {}
-    for k, v in meta.items():
-        parts = k.split(".", 2)
-        if len(parts) == 2 and parts[0] == RANK_CLOCK:
-            clock[parts[1]] = v
-        elif len(parts) == 3 and parts[0] == ALIGNMENT:
-            found.setdefault(parts[1], {})[parts[2]] = v
-        else:
-            out[k] = v
-    if found:
-        out[ALIGNMENT] = {d: DeviceAlignment.from_mapping(g) for d, g in found.items()}
-    if clock:
-        out[RANK_CLOCK] = RankClock.from_mapping(clock)
     return out

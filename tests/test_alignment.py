@@ -413,7 +413,7 @@ def test_the_stamping_delay_is_in_the_metadata_and_the_report(tmp_path) -> None:
 
 def test_traces_written_before_poor_windows_were_kept_load_with_none() -> None:
     """An older trace's alignment lacks the poor windows: they load as none, and its p99 warning
-    stays; the new fields go through both spellings of the metadata."""
+    stays; the new fields go through the nested metadata."""
     from evtrace import metadata
 
     old = {"anchors": 3, "bound_us_p99": 7.5, "drift_ppm": "1.5"}
@@ -426,4 +426,3 @@ def test_traces_written_before_poor_windows_were_kept_load_with_none() -> None:
     )
     meta = {"alignment": {"0": new}}
     assert metadata.from_json(orjson.loads(orjson.dumps(metadata.to_json(meta)))) == meta
-    assert metadata.from_flat(orjson.loads(orjson.dumps(metadata.flat(meta)))) == meta

@@ -1,8 +1,10 @@
-"""The package's seams: no module reaches into another module's private names."""
+"""The package's seams: no module reaches into another module's private names; the architecture
+table in docs/how-it-works.md matches the tree."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "evtrace"
@@ -43,3 +45,20 @@ def test_every_module_says_what_it_owns() -> None:
     paths = sorted(PACKAGE.rglob("*.py"))
     missing = [p.name for p in paths if ast.get_docstring(ast.parse(p.read_text())) is None]
     assert missing == []
+
+
+def test_the_architecture_table_names_every_file_of_the_package_and_no_other() -> None:
+    """docs/how-it-works.md's table (the README links it) matches the tree: each source file of
+    evtrace/ is named in it, by its path under evtrace/ or, in its folder's row, by its name."""
+    doc = (PACKAGE.parent / "docs" / "how-it-works.md").read_text(encoding="utf-8")
+    table = doc[doc.index("## Architecture") :]
+    named = set(re.findall(r"`([\w/.]+\.(?:py|pyi|c|h))`", table))
+    files = [
+        p.relative_to(PACKAGE).as_posix()
+        for p in PACKAGE.rglob("*")
+        if p.suffix in (".py", ".pyi", ".c", ".h") and "__pycache__" not in p.parts
+    ]
+    missing = [f for f in files if f not in named and f.rsplit("/", 1)[-1] not in named]
+    assert missing == []
+    gone = {n for n in named if not any(f == n or f.endswith("/" + n) for f in files)}
+    assert gone == set()

@@ -116,13 +116,26 @@ def test_the_alignment_metadata_is_typed_live_and_loaded(tmp_path: Path) -> None
     assert flat["alignment.0.drift_ppm"] == f"{a.drift_ppm:.6g}" and "alignment" not in flat
 
 
-def test_a_trace_from_before_the_nested_metadata_loads_typed() -> None:
+def test_the_readmes_h100_example_loads_typed() -> None:
     s = evtrace.load(EXAMPLE)
     gpus = per_gpu(s.meta)
     assert gpus and all(isinstance(g, DeviceAlignment) for g in gpus.values())
-    assert all(g.anchors > 0 and isinstance(g.drift_ppm, float) for g in gpus.values())
+    assert all(g.anchors > 0 and g.stamps > 0 and isinstance(g.drift_ppm, float) for g in gpus.values())
     assert not any(k.startswith("alignment.") for k in s.meta)
     assert len(s) > 0 and s.device_spans > 0
+
+
+def test_a_pre_release_trace_says_it_cannot_be_read(tmp_path: Path) -> None:
+    """Traces from before evtrace kept its metadata whole (only the flat keys Perfetto shows) are
+    refused in one line, by both readers, not read with their metadata missing."""
+    path = two_devices(tmp_path / "t.json").save(tmp_path / "t.json")
+    doc = read_json(path)
+    del doc["metadata"]["evtrace.meta"]
+    old = tmp_path / "pre.json"
+    old.write_bytes(orjson.dumps(doc))
+    for read in (evtrace.load, chrome.read_slow):
+        with pytest.raises(TraceError, match=r"pre\.json was written by a pre-release evtrace, which this"):
+            read(old)
 
 
 def test_equality_compares_the_regions_as_arrays(tmp_path: Path) -> None:

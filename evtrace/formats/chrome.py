@@ -344,17 +344,14 @@ def read_slow(path: Path) -> Session:
         or not isinstance(doc.get("traceEvents"), list)
         or "evtrace.format" not in meta
     ):
-        if isinstance(meta, dict) and "evtrace.merged" in meta:
-            raise TraceError(
-                f"{path} was merged by an older evtrace, which kept too little to read it back; "
-                "merge its inputs again"
-            )
         raise TraceError(f"{path} is not an evtrace trace (no evtrace metadata)")
     if meta["evtrace.format"] not in READ:
         raise TraceError(
             f"{path} was written by evtrace {meta.get('evtrace', '(unknown version)')}, "
             "which this evtrace cannot read; upgrade evtrace"
         )
+    if not isinstance(meta.get("evtrace.meta"), dict):
+        raise TraceError(f"{path} was written by a pre-release evtrace, which this evtrace cannot read")
     try:
         events = [ev for ev in doc["traceEvents"] if int(ev.get("pid", 0)) < PROFILER_PID]
         s = (_rebuild_merged if "evtrace.ranks" in meta else _rebuild)(events, meta)
@@ -449,10 +446,7 @@ def _rebuild(events: list[Any], meta: dict[str, Any]) -> Session:
             row["device"] = streams[tid - 1].device
             row["dev_start"] = ns(d["ts"])
             row["dev_end"] = ns(d["ts"]) + ns(d["dur"])
-    if isinstance(meta.get("evtrace.meta"), dict):
-        typed = metadata.from_json(meta["evtrace.meta"])
-    else:  # written before evtrace kept the nested metadata: the flat keys Perfetto shows
-        typed = metadata.from_flat({k: v for k, v in meta.items() if not k.startswith("evtrace.")})
+    typed = metadata.from_json(meta["evtrace.meta"])
     return Session(
         regions=regions,
         names=list(names),

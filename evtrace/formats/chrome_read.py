@@ -624,7 +624,11 @@ class _Reader:
 
     def _build(self, tail: Any) -> Session:
         meta = tail.get("metadata") if isinstance(tail, dict) else None
-        if not isinstance(meta, dict) or meta.get("evtrace.format") not in READ:
+        if (
+            not isinstance(meta, dict)
+            or meta.get("evtrace.format") not in READ
+            or not isinstance(meta.get("evtrace.meta"), dict)
+        ):
             raise _Fallback  # not evtrace's, or another version: the general path says so
         host, dev = self.host.get(), self.dev.get()
         profiler: list[Any] = []
@@ -786,10 +790,7 @@ class _Reader:
             rows["dev_start"] = dev["ts"]
             rows["dev_end"] = dev["ts"] + dev["dur"]
             regions[dreg] = rows
-        if isinstance(meta.get("evtrace.meta"), dict):
-            typed = metadata.from_json(meta["evtrace.meta"])
-        else:  # written before evtrace kept the nested metadata: the flat keys Perfetto shows
-            typed = metadata.from_flat({k: v for k, v in meta.items() if not k.startswith("evtrace.")})
+        typed = metadata.from_json(meta["evtrace.meta"])
         if any(r < 0 or r >= n for r in args):
             raise _Fallback
         return Session(
