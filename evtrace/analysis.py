@@ -191,9 +191,20 @@ def rows(s: Regions, skip: int = 0) -> list[NameStats]:
     return out
 
 
+#: the names of the regions evtrace's hooks make while the host waits (``autohooks``): WAIT and
+#: what the host waits in (``wait synchronize train.py:12``), and DATA_WAIT for a DataLoader's batch
+WAIT = "wait "
+DATA_WAIT = "data wait"
+
+
+def is_wait(name: str) -> bool:
+    """A region where the host waits (for data, or on the device): never a step."""
+    return name == DATA_WAIT or name.startswith(WAIT)
+
+
 def host_waits(s: Regions) -> tuple[int, int]:
-    """How many "wait ..." regions (the host blocked on the device), and their total host ns."""
-    w = s.regions[np.isin(s.regions["name"], [i for i, n in enumerate(s.names) if n.startswith("wait ")])]
+    """How many WAIT regions (the host blocked on the device), and their total host ns."""
+    w = s.regions[np.isin(s.regions["name"], [i for i, n in enumerate(s.names) if n.startswith(WAIT)])]
     return len(w), int((w["host_end"] - w["host_start"]).sum())
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import defaults, private
 from . import recorder as _rec
+from .analysis import DATA_WAIT, WAIT
 from .collectives import COLLECTIVES, OPS, PREFIX
 from .instrumentation import Instrumentation, bind_torch, compiling, instrument
 from .regions import Region
@@ -172,7 +173,7 @@ class Hooks:
     def _install_data(self, torch: Any) -> None:
         from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-        self._around(_BaseDataLoaderIter, "__next__", "data wait", host_only=True)
+        self._around(_BaseDataLoaderIter, "__next__", DATA_WAIT, host_only=True)
 
     def _install_waits(self, torch: Any) -> None:
         def waiting(owner: Any, name: str, label: str, only_cuda: bool) -> None:
@@ -183,7 +184,7 @@ class Hooks:
                     return fn(*a, **k)
                 if _rec.current is None:
                     return fn(*a, **k)
-                with Region(f"wait {label} {_call_site()}", None, host_only=True):
+                with Region(f"{WAIT}{label} {_call_site()}", None, host_only=True):
                     return fn(*a, **k)
 
             self._patches.set(owner, name, traced)

@@ -32,11 +32,12 @@ from typing import Any, NamedTuple, NoReturn
 from . import __version__, defaults, formats
 from .analysis import plural
 from .api import record
+from .export import View
 from .export.diff import DiffError, DiffMarkdown, DiffText
-from .export.kineto import is_kineto
+from .export.kineto import doubts, is_kineto
 from .export.render import NothingToDraw, Timeline
 from .export.report import Report
-from .export.summary import FORMATS, SORT_KEYS, Summary, collectives, ranks
+from .export.summary import Summary, collectives, ranks
 from .files import TraceError, read_json, write_bytes
 from .finish import Terminated, die_by, signum_of, take_ending
 from .merge import merge
@@ -328,19 +329,10 @@ def _split_target(run: argparse.ArgumentParser, args: list[str]) -> tuple[list[s
 
 
 def _summary(ns: argparse.Namespace) -> int:
-    if ns.skip < 0:
-        raise UsageError("--skip must be 0 or more")
-    if ns.top is not None and ns.top < 1:
-        raise UsageError("--top must be 1 or more")
-    if ns.sort is not None and ns.sort not in SORT_KEYS:
-        raise UsageError(f"--sort {ns.sort!r} is not one of: {', '.join(SORT_KEYS)}")
-    if ns.format not in FORMATS:
-        raise UsageError(f"--format {ns.format!r} is not one of: {', '.join(FORMATS)}")
     try:
-        re.compile(ns.filter or "")
-    except re.error as e:
-        raise UsageError(f"--filter {ns.filter!r} is not a regular expression: {e}") from None
-    view = Summary(skip=ns.skip, top=ns.top, sort=ns.sort, match=ns.filter, format=ns.format)
+        view = Summary(skip=ns.skip, top=ns.top, sort=ns.sort, filter=ns.filter, format=ns.format)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None  # (its message starts with the option's name)
     sessions = [_load(p) for p in ns.trace]
     if ns.format != "text":  # the rows only, of every trace, for a script
         sys.stdout.write(view.dump([(str(p), s) for p, s in zip(ns.trace, sessions)]))
@@ -429,32 +421,38 @@ def _write_text(path: Path, text: str) -> None:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _report(ns: argparse.Namespace) -> int:
-    _writable(ns.output, trace=False, suffix=Report.suffix, inputs=[ns.trace])
-    session = _load(ns.trace)
-    text = Report(ns.trace.name, ns.trace.stat().st_size).render(session)
-    if ns.output:
-        _write_text(ns.output, text)
-        print(f"evtrace: wrote {ns.output}", file=sys.stderr)
-    else:
+def _show(view: View, trace: Path, output: Path | None) -> bool:
+    """``view`` of the trace written to ``output`` (its suffix checked before the trace is read), or
+    onto stdout without one; True when it wrote the file."""
+    _writable(output, trace=False, suffix=view.suffix, inputs=[trace])
+    text = view.render(_load(trace))
+    if output is None:
         sys.stdout.write(text)
+        return False
+    _write_text(output, text)
+    return True
+
+
+def _report(ns: argparse.Namespace) -> int:
+    size = ns.trace.stat().st_size if ns.trace.is_file() else 0  # (_show says what is wrong with it)
+    if _show(Report(ns.trace.name, size), ns.trace, ns.output):
+        print(f"evtrace: wrote {ns.output}", file=sys.stderr)
     return 0
 
 
 def _render(ns: argparse.Namespace) -> int:
-    _writable(ns.output, trace=False, suffix=Timeline.suffix, inputs=[ns.trace])
     window = _window(ns.window)
     if ns.lanes:
         try:
             re.compile(ns.lanes)
         except re.error as e:
             raise UsageError(f"--lanes {ns.lanes!r} is not a regular expression: {e}") from None
+    view = Timeline(window, ns.lanes, strict=True)
     try:
-        drawn = Timeline(window, ns.lanes, strict=True).draw(_load(ns.trace))
+        _show(view, ns.trace, ns.output)
     except NothingToDraw as e:
         raise UsageError(str(e)) from None
-    _write_text(ns.output, drawn.svg)
-    print(f"evtrace: wrote {ns.output} ({drawn})", file=sys.stderr)
+    print(f"evtrace: wrote {ns.output} ({view.drawn})", file=sys.stderr)
     return 0
 
 
@@ -500,26 +498,14 @@ def _merge(ns: argparse.Namespace) -> int:
     fits = s.meta.get("profiler")
     for fit in list(fits.values())[-len(profiles) :] if profiles and isinstance(fits, dict) else []:
         print(
-            f"evtrace: {fit['source']}: {fit['events_placed']} profiler events placed; host clock "
+            f"evtrace: {fit['source']}: {plural(fit['events_placed'], 'profiler event')} placed; host clock "
             f"{fit['host_correction_ns'] / 1000:+.3f} µs from the wall clock's; "
             f"{fit['host_ops_inside_regions']}/{fit['host_ops_on_evtrace_threads']} CPU ops inside evtrace "
             f"regions; {fit['kernels_inside']}/{fit['kernels_placed']} kernels inside their region's span",
             file=sys.stderr,
         )
-        outside = [
-            what
-            for what, inside, placed in (
-                ("kernels", fit["kernels_inside"], fit["kernels_placed"]),
-                ("CPU ops", fit["host_ops_inside_regions"], fit["host_ops_on_evtrace_threads"]),
-            )
-            if placed and inside < 0.5 * placed
-        ]
-        if outside:
-            print(
-                f"evtrace: warning: most of {fit['source']}'s {' and '.join(outside)} fall outside every "
-                "evtrace region: is it a profile of another run?",
-                file=sys.stderr,
-            )
+        for doubt in doubts(fit):
+            print(f"evtrace: warning: {doubt}", file=sys.stderr)
     return 0
 
 

@@ -164,7 +164,8 @@ class Output:
         if not self.quiet:
             fit = self.session.meta["profiler"][str(len(self.session.meta["profiler"]) - 1)]
             print(
-                f"evtrace: merged torch.profiler's trace into {self.path} ({fit['events_placed']} events; "
+                f"evtrace: merged torch.profiler's trace into {self.path} "
+                f"({plural(fit['events_placed'], 'event')}; "
                 f"{fit['kernels_inside']}/{fit['kernels_placed']} kernels inside their region's span)",
                 file=sys.stderr,
             )
@@ -192,13 +193,12 @@ def describe(s: Session, path: Path) -> str:
     extra = ""
     lost = lost_device_spans(s.meta)
     if lost:
-        extra += f", {lost} device spans lost"
-    for key, what in (
-        ("dropped_regions", "oldest regions dropped (max_regions)"),
-        ("unfinished_regions", "unfinished"),
-    ):
-        if int(s.meta.get(key, 0)):
-            extra += f", {s.meta[key]} {what}"
+        extra += f", {plural(lost, 'device span')} lost"
+    dropped, unfinished = int(s.meta.get("dropped_regions", 0)), int(s.meta.get("unfinished_regions", 0))
+    if dropped:
+        extra += f", {plural(dropped, 'oldest region')} dropped (max_regions)"
+    if unfinished:
+        extra += f", {unfinished} unfinished"
     clamped = int(s.meta.get("clamped_device_spans", 0))
     if clamped:
         extra += f", {clamped} clamped to their launch"

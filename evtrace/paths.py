@@ -74,8 +74,7 @@ def claim(stem: str, first: Path) -> Path:
 
 def rescue_path(target: Path) -> Path:
     """A new file in the temp directory for a trace that could not be written at ``target``."""
-    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".gz") else target.suffix
-    stem = target.name[: len(target.name) - len(suffix)] if suffix else target.name
+    stem, suffix = formats.split_suffix(target.name)
     directory, n = Path(tempfile.gettempdir()), 0
     while True:
         path = directory / f"{stem}-{os.getpid()}{f'-{n}' if n else ''}{suffix}"

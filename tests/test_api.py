@@ -174,3 +174,21 @@ def test_the_closing_line_counts_in_words_and_quotes_a_path_with_spaces(
     err = capsys.readouterr().err
     assert "(1 region, 0 device spans)" in err
     assert f"run: evtrace summary '{out}'" in err  # pasted into a shell, it names the file
+
+
+def test_one_of_anything_is_said_in_the_singular(tmp_path: Path) -> None:
+    """The closing line's drops, the SVG's footer and the diff's headline count as words do."""
+    from evtrace.export.diff import DiffMarkdown
+    from evtrace.export.render import Timeline
+    from evtrace.output import describe
+
+    with evtrace.record(tmp_path / "t.json", device=False, quiet=True) as r:
+        with evtrace.region("one"):
+            pass
+    s = r.session
+    assert s is not None
+    s.meta.update(dropped_regions=1, device_spans=1, dropped_device_spans=1)
+    line = describe(s, tmp_path / "t.json")
+    assert "1 oldest region dropped" in line and "1 device span lost" in line
+    assert str(Timeline().draw(s)).startswith("1 slice on 1 lane, ")
+    assert "0 of 1 region significantly slower" in DiffMarkdown().render(s, s)

@@ -89,7 +89,7 @@ def test_render_of_a_deep_recursion_is_bounded_and_says_what_it_cut(tmp_path: Pa
     )
     assert p.returncode == 0, p.stderr
     cut = f"not drawn: {depth - MAX_ROWS} slices deeper than {MAX_ROWS} rows"
-    assert f"({MAX_ROWS} slices on 1 lanes" in p.stderr and cut in p.stderr
+    assert f"({MAX_ROWS} slices on 1 lane," in p.stderr and cut in p.stderr
     root = ET.fromstring(svg.read_text())
     assert int(root.get("height", "0")) <= MAX_HEIGHT
     texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]

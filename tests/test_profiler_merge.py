@@ -124,6 +124,13 @@ def test_cli_merges_a_kineto_trace_and_refuses_other_json(
             pass
     r = cli("merge", other, kineto, "-o", tmp_path / "mixed.json.gz")
     assert r.returncode == 0 and "is it a profile of another run?" in r.stderr, r.stderr
+    # another process: its thread ids are not the profile's, so no op could even be tried for containment
+    code = "import evtrace, sys\nwith evtrace.record(sys.argv[1], device=False, quiet=True):\n    pass"
+    elsewhere = tmp_path / "elsewhere.json.gz"
+    subprocess.run([sys.executable, "-c", code, str(elsewhere)], check=True, timeout=120)
+    r = cli("merge", elsewhere, kineto, "-o", tmp_path / "mixed2.json.gz")
+    assert r.returncode == 0, r.stderr
+    assert "CPU ops ran in the traced process: is it a profile of another run?" in r.stderr, r.stderr
     check_ops_inside(both)
     for cmd in (["summary", both], ["render", both, "-o", tmp_path / "b.svg"]):
         assert cli(*cmd).returncode == 0

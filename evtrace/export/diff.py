@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..analysis import aligned, by_name, device_busy_ns, fmt_ns
+from ..analysis import aligned, by_name, device_busy_ns, fmt_ns, plural
 from ..session import Session
 from .markdown import escape as _md
 
@@ -295,7 +295,7 @@ def _notes(d: Diff) -> list[str]:
         BUSY + ".",
         (
             "test: Mann–Whitney U of the tested durations, Holm-corrected over "
-            f"{sum(1 for r in d.rows if r.tested)} rows; "
+            f"{plural(sum(1 for r in d.rows if r.tested), 'row')}; "
             f"slower/faster: p < {d.alpha:g} and a p50 change of {d.min_change:g}% or more; "
             f"<{d.min_change:g}%: significant but smaller; n.s.: not significant."
         ),
@@ -319,7 +319,7 @@ def text(d: Diff, before: str, after: str) -> str:
 def markdown(d: Diff, before: str, after: str) -> str:
     """GitHub-flavoured markdown, for a pull request."""
     slower = [r for r in d.rows if r.verdict == "slower"]
-    summary = f"{len(slower)} of {len(d.rows)} regions significantly slower" + (
+    summary = f"{len(slower)} of {plural(len(d.rows), 'region')} significantly slower" + (
         ": " + ", ".join(_md(r.name) for r in slower[:5]) if slower else ""
     )
     out = [

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis import plural
 from ..lanes import OVERLAP_TID, PROFILER_PID, lane_meta, overlap_suffix, sublanes
 from ..metadata import json_value, text
 from ..session import Session
@@ -265,6 +266,8 @@ def attach(s: Session, doc: dict[str, Any], source: str) -> Session:
     else:
         device.offset, device.drift, k_in = host.offset, host.drift, 0
         device.t0 = host.t0
+    ours = {p for p in (s.pid, *(r.pid for r in s.ranks)) if p}  # the traced processes, where known
+    host_pids = [ev.get("pid") for ev, d in zip(evs, dev) if not d]
     new_start = np.where(dev, start + device.at(start), hstart)
     new_end = new_start + (end - start)
     events, fit_lanes = _lanes(evs, dev, new_start, new_end, tnames, k)
@@ -277,6 +280,9 @@ def attach(s: Session, doc: dict[str, Any], source: str) -> Session:
         "host_interval_ns": [host.lo - host.offset, host.hi - host.offset],
         "host_drift_ppm": round(host.drift * 1e6, 3),
         "host_drift": host.drift_note,
+        "host_ops": len(host_pids),
+        # CPU ops of the traced processes; -1: the session does not know its pid
+        "host_ops_in_traced_processes": sum(p in ours for p in host_pids) if ours else -1,
         "host_ops_on_evtrace_threads": host_ops,
         "host_ops_inside_regions": inside,
         "host_ops_crossing_regions": max(0, -host.score),
@@ -295,6 +301,29 @@ def attach(s: Session, doc: dict[str, Any], source: str) -> Session:
     meta = dict(s.meta)
     meta["profiler"] = {**(known if isinstance(known, dict) else {}), str(k): fit}
     return dataclasses.replace(s, profiler=[*s.profiler, *events], meta=meta)
+
+
+def doubts(fit: dict[str, Any]) -> list[str]:
+    """Why a profiler trace placed by :func:`attach` may not be of the traced run, in words."""
+    if fit.get("host_ops") and fit.get("host_ops_in_traced_processes") == 0:
+        return [
+            f"none of {fit['source']}'s {plural(fit['host_ops'], 'CPU op')} ran in the traced "
+            "process: is it a profile of another run?"
+        ]
+    outside = [
+        what
+        for what, inside, placed in (
+            ("kernels", fit["kernels_inside"], fit["kernels_placed"]),
+            ("CPU ops", fit["host_ops_inside_regions"], fit["host_ops_on_evtrace_threads"]),
+        )
+        if placed and inside < 0.5 * placed
+    ]
+    if outside:
+        return [
+            f"most of {fit['source']}'s {' and '.join(outside)} fall outside every evtrace region: "
+            "is it a profile of another run?"
+        ]
+    return []
 
 
 def _lanes(

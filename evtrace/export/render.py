@@ -18,7 +18,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from ..analysis import fmt_ns, outermost
+from ..analysis import fmt_ns, is_wait, outermost, plural
 from ..session import Session, rank_labels
 
 WIDTH, LABEL_W, LANE_H, TOP = 1200, 190, 22, 28
@@ -63,16 +63,19 @@ class Drawn(NamedTuple):
     def __str__(self) -> str:
         a, b = _distinct([self.window[0], self.window[1]])
         cap = f", the first {MAX_SLICES} (narrow --window)" if self.capped else ""
-        return f"{self.slices} slices{cap} on {self.lanes} lanes, window {a} – {b}{self.cut()}"
+        drawn = f"{plural(self.slices, 'slice')}{cap} on {plural(self.lanes, 'lane')}"
+        return f"{drawn}, window {a} – {b}{self.cut()}"
 
     def cut(self) -> str:
         """What the height cap left out, as a clause; empty when nothing."""
         out = []
         if self.deeper:
-            out.append(f"{self.deeper} slices deeper than {self.rows} rows")
+            out.append(f"{plural(self.deeper, 'slice')} deeper than {plural(self.rows, 'row')}")
         if self.lanes_cut:
             n, k = self.lanes_cut, self.lanes_cut_slices
-            out.append(f"{n} lanes ({k} slices) past {MAX_HEIGHT} px (choose with --lanes)")
+            out.append(
+                f"{plural(n, 'lane')} ({plural(k, 'slice')}) past {MAX_HEIGHT} px (choose with --lanes)"
+            )
         return f"; not drawn: {', '.join(out)}" if out else ""
 
 
@@ -97,11 +100,6 @@ def _distinct(values: list[int]) -> list[str]:
         if len(set(out)) == len(set(values)):
             break
     return out or [f"{v} ns" for v in values]
-
-
-def is_wait(name: str) -> bool:
-    """A region where the host waits (for data, or on the device): never a step."""
-    return name == "data wait" or name.startswith("wait ")
 
 
 def _device_work(r: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -191,13 +189,15 @@ class Timeline:
         self, window: tuple[int, int] | None = None, lanes: str | None = None, strict: bool = False
     ) -> None:
         self.window, self.lanes, self.strict = window, lanes, strict
+        self.drawn: Drawn | None = None  # what the last render() drew, for a line that says so
 
     def draw(self, s: Session) -> Drawn:
         """The SVG and what it shows."""
         return draw(s, self.window, self.lanes, self.strict)
 
     def render(self, s: Session) -> str:
-        return self.draw(s).svg
+        self.drawn = self.draw(s)
+        return self.drawn.svg
 
 
 def render(s: Session, window: tuple[int, int] | None = None, lanes: str | None = None) -> str:
@@ -318,8 +318,8 @@ def draw(
         out.append(f'<text x="6" y="{y + 15}" fill="#333">{_xml(name[:30])}</text>')
         if deeper_in[k] and rows_in[k] > 1:  # (the footer says it for all lanes)
             out.append(
-                f'<text x="6" y="{y + 29}" fill="#a00">+{deeper_in[k]} deeper than {rows_in[k]} rows, '
-                "not drawn</text>"
+                f'<text x="6" y="{y + 29}" fill="#a00">+{deeper_in[k]} deeper than '
+                f"{plural(rows_in[k], 'row')}, not drawn</text>"
             )
     ticks = _ticks(t0, t1)
     for tick, label in zip(ticks, _distinct(ticks)):

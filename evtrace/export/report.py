@@ -132,7 +132,7 @@ class Report:
             lines.append(
                 "**Alignment:** "
                 + "; ".join(
-                    f"GPU {escape(d)}: {g.anchors:.0f} anchors ({g.anchors_late:.0f} stamped late), "
+                    f"GPU {escape(d)}: {plural(g.anchors, 'anchor')} ({g.anchors_late} stamped late), "
                     f"drift {g.drift_ppm:.3f} ppm, "
                     f"slack {g.slack_us_p99:.2f} µs (max {g.slack_us_max:.2f}), "
                     f"{stamp_delay(g)}"

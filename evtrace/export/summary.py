@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from typing import Any, ClassVar
 
 from ..analysis import (
@@ -70,9 +71,10 @@ def _record(trace: str, r: NameStats) -> dict[str, Any]:
 
 
 class Summary:
-    """One row per region name; ``skip`` drops the first N of each name (warm-up), ``match``
+    """One row per region name; ``skip`` drops the first N of each name (warm-up), ``filter``
     keeps names that a regular expression finds in, ``sort`` orders by ``SORT_KEYS``, ``top``
-    keeps the first N. ``format``: "text" (the table), "csv" or "json" (``FIELDS``)."""
+    keeps the first N. ``format``: "text" (the table), "csv" or "json" (``FIELDS``). A bad
+    value is a ValueError whose message starts with the parameter's name (the CLI's option)."""
 
     suffix: ClassVar[str] = ".txt"
 
@@ -81,14 +83,22 @@ class Summary:
         skip: int = 0,
         top: int | None = None,
         sort: str | None = None,
-        match: str | None = None,
+        filter: str | None = None,
         format: str = "text",
     ) -> None:
-        if format not in FORMATS:
-            raise ValueError(f"format {format!r} is not one of {', '.join(FORMATS)}")
+        if skip < 0:
+            raise ValueError("skip must be 0 or more")
+        if top is not None and top < 1:
+            raise ValueError("top must be 1 or more")
         if sort is not None and sort not in SORT_KEYS:
-            raise ValueError(f"sort key {sort!r} is not one of {', '.join(SORT_KEYS)}")
-        self.skip, self.top, self.sort, self.match, self.format = skip, top, sort, match, format
+            raise ValueError(f"sort {sort!r} is not one of: {', '.join(SORT_KEYS)}")
+        if format not in FORMATS:
+            raise ValueError(f"format {format!r} is not one of: {', '.join(FORMATS)}")
+        try:
+            re.compile(filter or "")
+        except re.error as e:
+            raise ValueError(f"filter {filter!r} is not a regular expression: {e}") from None
+        self.skip, self.top, self.sort, self.match, self.format = skip, top, sort, filter, format
 
     def render(self, s: Session) -> str:
         if self.format == "text":
