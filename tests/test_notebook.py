@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,15 @@ import evtrace
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_imports_this_evtrace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel imports the evtrace under test, not whichever the venv has installed (a checkout
+    beside this one, say): it inherits this process's environment."""
+    here = str(Path(evtrace.__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+
 
 RECORD = """\
 %%evtrace -o {path}
