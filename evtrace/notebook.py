@@ -5,8 +5,9 @@
 
 Each shows the summary table (HTML in Jupyter, text in a terminal: one MIME bundle, the
 frontend picks), the SVG timeline, the saved path, and a link that opens the trace in
-ui.perfetto.dev. The file is served from the kernel, once, as ``evtrace view`` serves it, by a
-background thread that stops after one fetch or ``SERVE_TIMEOUT_S``.
+ui.perfetto.dev. The file is served from the kernel on 127.0.0.1:9001, as ``evtrace view`` serves
+it, for ``SERVE_TIMEOUT_S``: one background server holds every cell's file, each under a name of
+its own and with its own deadline, and stops once none is left.
 
 IPython is imported here only; ``import evtrace`` never imports it. Owns the magics and the
 notebook display of a session (summary as HTML, the SVG timeline, the serving link).
@@ -15,12 +16,11 @@ notebook display of a session (summary as HTML, the SVG timeline, the serving li
 from __future__ import annotations
 
 import html
-import socket
+import secrets
 import threading
-import urllib.request
+import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -35,67 +35,95 @@ from .files import TraceError
 from .paths import default_path, output_problem
 from .session import Session
 
-SERVE_TIMEOUT_S = 600.0  # a link left unclicked stops serving after this
+SERVE_TIMEOUT_S = 600.0  # each cell's link is served this long, then answers 404
+#: how soon after the last link's deadline the server lets the port go: as often as serve.serve polls
+POLL_S = 0.1
+
+
+class _Shelf:
+    """One server in the kernel, on one port: each cell's file under a name of its own, until its
+    own deadline. It stops, freeing the port, once every deadline has passed.
+
+    A file is held as the cell left it, so a later cell that rewrites the same path does not change
+    what an earlier link serves."""
+
+    def __init__(self, port: int) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[str, tuple[bytes, float]] = {}  # name -> (bytes, monotonic deadline)
+        self._open = True
+        self._httpd = serve.Server(("127.0.0.1", port), serve.handler(self._lookup))  # OSError: taken
+        self._httpd.timeout = POLL_S
+        self.port = int(self._httpd.server_address[1])  # the one chosen, for port 0
+        self._thread = threading.Thread(target=self._run, name="evtrace view", daemon=True)
+
+    def add(self, path: Path, data: bytes, ttl_s: float) -> str | None:
+        """The name ``data`` is served under, or None once this server has stopped: ``TOKEN/FILE``,
+        the file's own name last; the token random, so neither a file of the same name nor a
+        restarted kernel's server answers an earlier link with another file."""
+        with self._lock:
+            if not self._open:
+                return None
+            name = f"{secrets.token_hex(4)}/{path.name}"
+            while name in self._files:
+                name = f"{secrets.token_hex(4)}/{path.name}"
+            self._files[name] = (data, time.monotonic() + ttl_s)
+            if not self._thread.is_alive():
+                self._thread.start()
+            return name
+
+    def _lookup(self, name: str) -> bytes | None:
+        with self._lock:
+            got = self._files.get(name)
+        return got[0] if got is not None and time.monotonic() < got[1] else None
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:  # closed under the lock: a cell that finds it closed can bind the port
+                now = time.monotonic()
+                self._files = {k: v for k, v in self._files.items() if v[1] > now}
+                if not self._files:
+                    self._open = False
+                    self._httpd.server_close()
+                    return
+            self._httpd.handle_request()  # one request, or none within POLL_S
+
 
 _lock = threading.Lock()
-_serving: tuple[threading.Thread, str] | None = None  # the server thread and the URL of its file
+_shelves: dict[int, _Shelf] = {}  # by the port asked for (0: any free one)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as serve.py's server binds
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _quiet_serve(path: Path, port: int) -> None:
-    try:
-        serve.serve(path, port, open_browser=False, timeout=SERVE_TIMEOUT_S)
-    except OSError:  # the port was taken between the check and the bind: the link just fails
-        pass
-
-
-def serve_once(path: Path) -> tuple[str | None, str]:
-    """Serve ``path`` once in the background: (the ui.perfetto.dev URL or None, a note to show).
-
-    One file is served at a time: a server still waiting from an earlier cell is released by
-    fetching its file (``serve.serve`` stops after one fetch), since the UI only fetches from 9001."""
-    global _serving
+def serve_link(path: Path, ttl_s: float | None = None) -> tuple[str | None, str]:
+    """Serve ``path`` from the kernel for ``ttl_s`` seconds (default ``SERVE_TIMEOUT_S``), beside
+    the files of earlier cells: (the ui.perfetto.dev URL or None, a note to show)."""
+    ttl = SERVE_TIMEOUT_S if ttl_s is None else ttl_s
     try:
         port = serve.port_from_env()
-    except ValueError as e:
+        data = path.read_bytes()
+    except (ValueError, OSError) as e:
         return None, str(e)
     with _lock:
-        if _serving is not None and _serving[0].is_alive():
+        shelf = _shelves.get(port)
+        name = None if shelf is None else shelf.add(path, data, ttl)
+        if shelf is None or name is None:  # none yet, or it stopped: start one
             try:
-                urllib.request.urlopen(_serving[1], timeout=5).read()
+                shelf = _shelves[port] = _Shelf(port)
             except OSError:
-                pass
-            _serving[0].join(timeout=5)
-        if port != 0 and not _port_free(port):
-            return (
-                None,
-                f"127.0.0.1:{port} is in use (another evtrace view?); "
-                f"when it is free, run: evtrace view {path}",
-            )
-        if port == 0:  # any free port: find it first, for the link
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = int(s.getsockname()[1])
-        url = serve.url_for(path.name, port)
-        t = threading.Thread(target=_quiet_serve, args=(path, port), name="evtrace view", daemon=True)
-        t.start()
-        _serving = (t, f"http://127.0.0.1:{port}/{quote(path.name)}")
+                return (
+                    None,
+                    f"127.0.0.1:{port} is in use (another evtrace view?); "
+                    f"when it is free, run: evtrace view {path}",
+                )
+            name = shelf.add(path, data, ttl)
+            assert name is not None  # a new server is open
+    until = time.strftime("%H:%M", time.localtime(time.time() + ttl))  # minutes cut: never later
+    span = f"{ttl / 60:g} min" if ttl >= 60 else f"{ttl:g} s"
     note = (
-        f"served once from 127.0.0.1:{port} for {SERVE_TIMEOUT_S / 60:.0f} min; "
-        f"from a remote kernel, forward the port (ssh -L {port}:127.0.0.1:{port})"
+        f"served from 127.0.0.1:{shelf.port} for {span} (until {until}); "
+        f"from a remote kernel, forward the port (ssh -L {shelf.port}:127.0.0.1:{shelf.port})"
     )
-    if port != serve.PORT:
+    if shelf.port != serve.PORT:
         note += f"; ui.perfetto.dev only fetches from port {serve.PORT}"
-    return url, note
+    return serve.url_for(name, shelf.port), note
 
 
 def _table_html(s: Session) -> str:
@@ -112,7 +140,7 @@ def _table_html(s: Session) -> str:
 
 def show(s: Session, path: Path, failed: str | None = None) -> None:
     """Display a session: summary, timeline, path, and a link to ui.perfetto.dev."""
-    url, note = serve_once(path)
+    url, note = serve_link(path)
     text = s.summary()
     head = html.escape(text.splitlines()[0]) if text else ""
     saved = f"saved {path}" + (f" ({failed})" if failed else "")

@@ -3,7 +3,8 @@
 The file is served from 127.0.0.1:9001 (the only origin the UI's content-security policy lets
 it fetch from), with CORS for https://ui.perfetto.dev and no caching. Only that one file is
 served; every other path is a 404. HEAD and OPTIONS (CORS and private-network preflights) are
-answered too. The server stops once the file has been sent.
+answered too. The server stops once the file has been sent. The notebook's links (notebook.py)
+are served by the same request handling (``handler``), several files at once.
 
 A trace too big for the UI (``formats.too_big_for_ui``), or any with ``--window``, is served as a
 window of it: its regions within the window, written as .pftrace to a temporary file.
@@ -18,6 +19,7 @@ import socketserver
 import sys
 import threading
 import webbrowser
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -46,26 +48,17 @@ def url_for(name: str, port: int = PORT) -> str:
     return f"{UI}/#!/?url=http://127.0.0.1:{port}/{quote(name)}"
 
 
-class _Server(socketserver.TCPServer):
+class Server(socketserver.TCPServer):
     allow_reuse_address = True
 
 
-#: ``record(open=True)`` / ``run --open`` wait this long for the UI to fetch the file (no browser, a
-#: headless machine): then they say so and the program ends
-OPEN_TIMEOUT_S = 300.0
-
-
-def serve(
-    path: Path, port: int | None = None, open_browser: bool = True, timeout: float | None = None
-) -> bool:
-    """Serve ``path`` once on loopback and point a browser at it. True once the file was sent.
-
-    ``port``: None for $EVTRACE_VIEW_PORT or 9001; 0 for any free port."""
-    if port is None:
-        port = port_from_env()
-    data = path.read_bytes()
-    name = path.name
-    sent = threading.Event()
+def handler(
+    lookup: Callable[[str], bytes | None], fetched: Callable[[], None] = lambda: None
+) -> type[http.server.BaseHTTPRequestHandler]:
+    """The request handling ``serve`` and the notebook's server share: GET ``/NAME`` answers
+    ``lookup(NAME)`` (the decoded path; None: a 404), then calls ``fetched``; HEAD (a probe, not the
+    download) and OPTIONS (a CORS / private-network preflight) are answered; anything else is a 404.
+    Every answer allows the UI's origin and no caching."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _headers(self, code: int, length: int) -> None:
@@ -76,19 +69,22 @@ def serve(
             self.send_header("Content-Length", str(length))
             self.end_headers()
 
-        def _ours(self) -> bool:
-            return unquote(urlsplit(self.path).path) == "/" + name
+        def _data(self) -> bytes | None:
+            path = unquote(urlsplit(self.path).path)
+            return lookup(path[1:]) if path.startswith("/") else None
 
         def do_GET(self) -> None:  # noqa: N802
-            if not self._ours():
+            data = self._data()
+            if data is None:
                 self._headers(404, 0)
                 return
             self._headers(200, len(data))
             self.wfile.write(data)
-            sent.set()
+            fetched()
 
         def do_HEAD(self) -> None:  # noqa: N802  (a probe, not the download: keep serving)
-            self._headers(200 if self._ours() else 404, len(data) if self._ours() else 0)
+            data = self._data()
+            self._headers(404 if data is None else 200, 0 if data is None else len(data))
 
         def do_OPTIONS(self) -> None:  # noqa: N802  (a CORS / private-network preflight)
             self.send_response(204)
@@ -109,7 +105,29 @@ def serve(
         def log_message(self, *a: object) -> None:  # quiet
             pass
 
-    with _Server(("127.0.0.1", port), Handler) as httpd:
+    return Handler
+
+
+#: ``record(open=True)`` / ``run --open`` wait this long for the UI to fetch the file (no browser, a
+#: headless machine): then they say so and the program ends
+OPEN_TIMEOUT_S = 300.0
+
+
+def serve(
+    path: Path, port: int | None = None, open_browser: bool = True, timeout: float | None = None
+) -> bool:
+    """Serve ``path`` once on loopback and point a browser at it. True once the file was sent.
+
+    ``port``: None for $EVTRACE_VIEW_PORT or 9001; 0 for any free port."""
+    if port is None:
+        port = port_from_env()
+    data = path.read_bytes()
+    name = path.name
+    sent = threading.Event()
+
+    with Server(
+        ("127.0.0.1", port), handler(lambda asked: data if asked == name else None, sent.set)
+    ) as httpd:
         port = int(httpd.server_address[1])  # the one chosen, for port 0
         threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         try:
