@@ -44,20 +44,19 @@ class _Shelf:
     """One server in the kernel, on one port: each cell's file under a name of its own, until its
     own deadline. It stops, freeing the port, once every deadline has passed.
 
-    A file is held as the cell left it, so a later cell that rewrites the same path does not change
-    what an earlier link serves."""
+    A file is read when it is fetched, not held in the kernel's memory: a trace can be gigabytes."""
 
     def __init__(self, port: int) -> None:
         self._lock = threading.Lock()
-        self._files: dict[str, tuple[bytes, float]] = {}  # name -> (bytes, monotonic deadline)
+        self._files: dict[str, tuple[Path, float]] = {}  # name -> (file, monotonic deadline)
         self._open = True
         self._httpd = serve.Server(("127.0.0.1", port), serve.handler(self._lookup))  # OSError: taken
         self._httpd.timeout = POLL_S
         self.port = int(self._httpd.server_address[1])  # the one chosen, for port 0
         self._thread = threading.Thread(target=self._run, name="evtrace view", daemon=True)
 
-    def add(self, path: Path, data: bytes, ttl_s: float) -> str | None:
-        """The name ``data`` is served under, or None once this server has stopped: ``TOKEN/FILE``,
+    def add(self, path: Path, ttl_s: float) -> str | None:
+        """The name ``path`` is served under, or None once this server has stopped: ``TOKEN/FILE``,
         the file's own name last; the token random, so neither a file of the same name nor a
         restarted kernel's server answers an earlier link with another file."""
         with self._lock:
@@ -66,7 +65,7 @@ class _Shelf:
             name = f"{secrets.token_hex(4)}/{path.name}"
             while name in self._files:
                 name = f"{secrets.token_hex(4)}/{path.name}"
-            self._files[name] = (data, time.monotonic() + ttl_s)
+            self._files[name] = (path, time.monotonic() + ttl_s)
             if not self._thread.is_alive():
                 self._thread.start()
             return name
@@ -74,7 +73,12 @@ class _Shelf:
     def _lookup(self, name: str) -> bytes | None:
         with self._lock:
             got = self._files.get(name)
-        return got[0] if got is not None and time.monotonic() < got[1] else None
+        if got is None or time.monotonic() >= got[1]:
+            return None
+        try:
+            return got[0].read_bytes()
+        except OSError:  # removed since: the link answers 404
+            return None
 
     def _run(self) -> None:
         while True:
@@ -98,12 +102,11 @@ def serve_link(path: Path, ttl_s: float | None = None) -> tuple[str | None, str]
     ttl = SERVE_TIMEOUT_S if ttl_s is None else ttl_s
     try:
         port = serve.port_from_env()
-        data = path.read_bytes()
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         return None, str(e)
     with _lock:
         shelf = _shelves.get(port)
-        name = None if shelf is None else shelf.add(path, data, ttl)
+        name = None if shelf is None else shelf.add(path.resolve(), ttl)
         if shelf is None or name is None:  # none yet, or it stopped: start one
             try:
                 shelf = _shelves[port] = _Shelf(port)
@@ -113,7 +116,7 @@ def serve_link(path: Path, ttl_s: float | None = None) -> tuple[str | None, str]
                     f"127.0.0.1:{port} is in use (another evtrace view?); "
                     f"when it is free, run: evtrace view {path}",
                 )
-            name = shelf.add(path, data, ttl)
+            name = shelf.add(path.resolve(), ttl)
             assert name is not None  # a new server is open
     until = time.strftime("%H:%M", time.localtime(time.time() + ttl))  # minutes cut: never later
     span = f"{ttl / 60:g} min" if ttl >= 60 else f"{ttl:g} s"

@@ -166,6 +166,8 @@ def test_a_link_past_its_deadline_answers_404_and_the_last_one_frees_the_port(
     time.sleep(max(0.0, start + 2.2 - time.monotonic()))
     assert status(early_at) == 404
     assert urllib.request.urlopen(late_at, timeout=10).read() == b"late"
+    late.unlink()  # read when fetched, not held in memory: a file removed since answers 404
+    assert status(late_at) == 404
     time.sleep(max(0.0, start + 4.2 - time.monotonic()))
     port = int(urlsplit(late_at).port or 0)
     for _ in range(50):  # none is left: the server stops within its poll
