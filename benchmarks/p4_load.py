@@ -128,7 +128,7 @@ def window_table(res: dict[str, Any]) -> list[str]:
     lines = [
         f"  {'window':8s} {'s':>5s} {'judged':>7s} {'inside':>8s} {'early':>5s} {'late':>5s}"
         f" {'outside p50':>11s} {'p99':>6s} {'max':>6s} | {'move_on p50':>11s} {'p99':>6s}"
-        f" | {'GPU':>3s} {'stamp delay p50':>15s} {'p99':>6s} {'slack p99':>10s} {'anchors':>7s}"
+        f" | {'GPU':>3s} {'stamp delay p50':>15s} {'p99':>6s} {'slack p99':>9s} {'anchors':>7s}"
     ]
     for ph, d in res["phases"].items():
         w = d["window"]

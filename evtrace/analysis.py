@@ -333,7 +333,7 @@ def summary_text(
         lines.append(f"({matched - len(chosen)} more not shown)")
     n_waits, waited = host_waits(s)
     if n_waits:
-        lines.append(f"host waits on the device: {n_waits}, {fmt_ns(waited)} in all")
+        lines.append(f"host waits on the device: {plural(n_waits, 'wait')}, {fmt_ns(waited)} in all")
     dropped = drops(s.meta)
     if dropped:
         lines.append(dropped)

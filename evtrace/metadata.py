@@ -5,7 +5,7 @@ Owns :class:`DeviceAlignment` (the fit of one device's clock onto the host's, nu
 flat dotted keys Perfetto shows under Info & Stats (:func:`flat`), and the nested JSON form a
 trace also carries so that loading gives back exactly what was recorded (:func:`to_json`,
 :func:`from_json`).
-Imports nothing of evtrace: the recorder, the clock and the session all read it.
+Imports nothing of evtrace: the recorder, the alignment and the session all read it.
 """
 
 from __future__ import annotations

@@ -44,11 +44,13 @@ class _Shelf:
     """One server in the kernel, on one port: each cell's file under a name of its own, until its
     own deadline. It stops, freeing the port, once every deadline has passed.
 
-    A file is read when it is fetched, not held in the kernel's memory: a trace can be gigabytes."""
+    A file is read when it is fetched, not held in the kernel's memory (a trace can be gigabytes);
+    one rewritten since its cell ran (the same path traced again) answers 404, not the later trace."""
 
     def __init__(self, port: int) -> None:
         self._lock = threading.Lock()
-        self._files: dict[str, tuple[Path, float]] = {}  # name -> (file, monotonic deadline)
+        # name -> (file, its (mtime ns, size) when added, monotonic deadline)
+        self._files: dict[str, tuple[Path, tuple[int, int], float]] = {}
         self._open = True
         self._httpd = serve.Server(("127.0.0.1", port), serve.handler(self._lookup))  # OSError: taken
         self._httpd.timeout = POLL_S
@@ -65,7 +67,7 @@ class _Shelf:
             name = f"{secrets.token_hex(4)}/{path.name}"
             while name in self._files:
                 name = f"{secrets.token_hex(4)}/{path.name}"
-            self._files[name] = (path, time.monotonic() + ttl_s)
+            self._files[name] = (path, _version(path), time.monotonic() + ttl_s)
             if not self._thread.is_alive():
                 self._thread.start()
             return name
@@ -73,10 +75,11 @@ class _Shelf:
     def _lookup(self, name: str) -> bytes | None:
         with self._lock:
             got = self._files.get(name)
-        if got is None or time.monotonic() >= got[1]:
+        if got is None or time.monotonic() >= got[2]:
             return None
         try:
-            return got[0].read_bytes()
+            data = got[0].read_bytes()
+            return data if _version(got[0]) == got[1] else None
         except OSError:  # removed since: the link answers 404
             return None
 
@@ -84,12 +87,21 @@ class _Shelf:
         while True:
             with self._lock:  # closed under the lock: a cell that finds it closed can bind the port
                 now = time.monotonic()
-                self._files = {k: v for k, v in self._files.items() if v[1] > now}
+                self._files = {k: v for k, v in self._files.items() if v[2] > now}
                 if not self._files:
                     self._open = False
                     self._httpd.server_close()
                     return
             self._httpd.handle_request()  # one request, or none within POLL_S
+
+
+def _version(path: Path) -> tuple[int, int]:
+    """What tells the file a cell wrote from a later one at its path; (0, 0) when it is gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return 0, 0
+    return st.st_mtime_ns, st.st_size
 
 
 _lock = threading.Lock()

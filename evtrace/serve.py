@@ -21,6 +21,7 @@ import threading
 import webbrowser
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
@@ -31,6 +32,8 @@ from .session import Session
 UI = "https://ui.perfetto.dev"
 PORT = defaults.VIEW_PORT  # the UI's CSP allows http://127.0.0.1:9001 and nothing else
 PORT_ENV = "EVTRACE_VIEW_PORT"  # another port (0: any free one) for tests and your own tools
+#: a connection that sends no request within this long is dropped; the UI asks at once
+REQUEST_TIMEOUT_S = 5.0
 
 
 def port_from_env() -> int:
@@ -51,6 +54,12 @@ def url_for(name: str, port: int = PORT) -> str:
 class Server(socketserver.TCPServer):
     allow_reuse_address = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client gone mid-answer (the tab closed) is no error of ours: no traceback in the
+        terminal or in whichever notebook cell runs; anything else is reported as usual."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
 
 def handler(
     lookup: Callable[[str], bytes | None], fetched: Callable[[], None] = lambda: None
@@ -61,6 +70,10 @@ def handler(
     Every answer allows the UI's origin and no caching."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        # a client that connects and sends nothing (a browser's preconnect) must not hold the one
+        # request the server handles at a time: it is dropped after this many seconds
+        timeout = REQUEST_TIMEOUT_S
+
         def _headers(self, code: int, length: int) -> None:
             self.send_response(code)
             self.send_header("Access-Control-Allow-Origin", UI)

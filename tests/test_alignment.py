@@ -65,7 +65,7 @@ def test_late_and_preempted_anchors_do_not_pull_the_map() -> None:
     assert np.abs(fit.to_host(ms[prompt]) - host[prompt]).max() < 50  # ns
 
 
-def test_bound_is_small_when_prompt_stamps_support_the_map() -> None:
+def test_slack_is_small_when_prompt_stamps_support_the_map() -> None:
     lo, hi, ms, _ = anchors(30, 5.0, jitter_ns=0)
     fit = align.fit(lo, hi, ms)
     assert fit.slack_us[1] < 0.05
@@ -172,12 +172,14 @@ def test_stamps_late_during_half_a_minute_leave_device_ends_exact() -> None:
     assert s.meta["clamped_device_spans"] <= 0.005 * s.device_spans
     a = s.meta["alignment"]["0"]
     assert a["anchors_late"] >= 20
-    assert a["slack_us_p99"] >= np.percentile(np.abs(err), 99) / 1e3  # the bound covers the error
+    assert (
+        a["slack_us_p99"] >= np.percentile(np.abs(err), 99) / 1e3
+    )  # the slack is at least the error: the data allow the lane that much earlier
 
 
 def test_a_long_stretch_with_every_stamp_late_is_reported() -> None:
     """30 s in which every stamp is 10-20 µs late: nothing in the data says where the clock was,
-    and the bound says so."""
+    and the slack says so."""
     rng = np.random.default_rng(8)
 
     def late(stream: int, t: int) -> float:
@@ -343,9 +345,9 @@ def test_a_short_stretch_of_late_stamps_is_named_with_its_time() -> None:
     a = s.meta["alignment"]["0"]
     assert a["slack_us_p99"] < align.WARN_US
     assert a["poor_stretches"] == 1 and 3 <= a["poor_windows"] <= 4
-    ((start, end, bound, clamped),) = a["worst_stretches"]
+    ((start, end, slack, clamped),) = a["worst_stretches"]
     assert 199 <= start <= 200.1 and 202.9 <= end <= 204  # windows of device time from the first stamp
-    assert bound == pytest.approx(20, abs=1) and clamped == 0
+    assert slack == pytest.approx(20, abs=1) and clamped == 0
     said = align.alignment_warnings(s.meta)
     assert len(said) == 1
     assert f"{start:.1f}-{end:.1f} s" in said[0] and "may sit up to 20" in said[0]
@@ -359,7 +361,7 @@ def test_a_clean_long_run_has_no_poor_window() -> None:
 
 
 def test_windows_with_clamped_spans_are_poor_and_the_worst_are_kept() -> None:
-    """Over 0.5 % of a window's spans clamped makes it poor, as a bound over 5 µs does; runs of
+    """Over 0.5 % of a window's spans clamped makes it poor, as a slack over 5 µs does; runs of
     poor windows merge, and the metadata keeps the worst WORST_KEPT of them, in time order."""
     lo, hi, ms, host = anchors(60, 0.0)
     fit = align.fit(lo, hi, ms)

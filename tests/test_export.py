@@ -332,7 +332,7 @@ def test_summary_counts_host_waits(tmp_path: Path) -> None:
             with evtrace.region("wait .item() train.py:9", host_only=True):
                 clk.advance(2_000_000)
     assert r.session is not None
-    assert r.session.summary().splitlines()[-1] == "host waits on the device: 3, 6 ms in all"
+    assert r.session.summary().splitlines()[-1] == "host waits on the device: 3 waits, 6 ms in all"
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, GeneratorExit, OSError])

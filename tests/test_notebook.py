@@ -179,6 +179,36 @@ def test_a_link_past_its_deadline_answers_404_and_the_last_one_frees_the_port(
         raise AssertionError(f"still listening on {port}")
 
 
+def test_an_idle_connection_holds_no_link_and_a_rewritten_file_is_not_served_as_the_earlier_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A browser's preconnect (a connection that never asks) is dropped after the request timeout
+    instead of holding the server; a link whose file a later cell wrote again answers 404."""
+    from evtrace import notebook, serve
+
+    monkeypatch.setenv("EVTRACE_VIEW_PORT", "0")
+    monkeypatch.setattr(serve, "REQUEST_TIMEOUT_S", 0.5)
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"first")
+    url, _ = notebook.serve_link(path, 30.0)
+    assert url
+    at = unquote(url.split("url=", 1)[1])
+    idle = socket.create_connection(("127.0.0.1", int(urlsplit(at).port or 0)))
+    try:
+        time.sleep(0.2)  # the server is now reading the idle connection's request line
+        assert urllib.request.urlopen(at, timeout=10).read() == b"first"
+    finally:
+        idle.close()
+    time.sleep(0.01)
+    path.write_bytes(b"second, by a later cell")
+    assert status(at) == 404
+    again, _ = notebook.serve_link(path, 30.0)
+    assert (
+        again
+        and urllib.request.urlopen(unquote(again.split("url=", 1)[1]), timeout=10).read() == path.read_bytes()
+    )
+
+
 def test_a_port_taken_by_something_else_is_said_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -63,7 +63,7 @@ def test_report_structure_golden(tmp_path: Path, request: pytest.FixtureRequest)
     assert md == GOLDEN.read_text(encoding="utf-8")
     lines = md.splitlines()
     assert len(lines) <= 40  # one screen
-    assert "**Host waits on the device:** 4," in md
+    assert "**Host waits on the device:** 4 waits," in md
     assert "host in `cpu_task`" in md  # the idle GPU is explained by the host's CPU task
 
 

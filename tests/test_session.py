@@ -133,9 +133,16 @@ def test_a_pre_release_trace_says_it_cannot_be_read(tmp_path: Path) -> None:
     del doc["metadata"]["evtrace.meta"]
     old = tmp_path / "pre.json"
     old.write_bytes(orjson.dumps(doc))
+    merged = tmp_path / "merged.json"  # merged by a pre-release evtrace: a version, no format
+    merged.write_bytes(
+        orjson.dumps({"traceEvents": [], "metadata": {"evtrace": "0.1.0", "evtrace.merged": 2}})
+    )
     for read in (evtrace.load, chrome.read_slow):
-        with pytest.raises(TraceError, match=r"pre\.json was written by a pre-release evtrace, which this"):
-            read(old)
+        for path in (old, merged):
+            with pytest.raises(
+                TraceError, match=rf"{path.name} was written by a pre-release evtrace, which this"
+            ):
+                read(path)
 
 
 def test_equality_compares_the_regions_as_arrays(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ class Report:
         else:
             lines.append("**GPU:** no device spans (no CUDA, or regions were host-only).")
         n_waits, waited = host_waits(s)
-        waits = f"{n_waits}, {fmt_ns(waited)} in all" if n_waits else "none recorded"
+        waits = f"{plural(n_waits, 'wait')}, {fmt_ns(waited)} in all" if n_waits else "none recorded"
         lines.append(f"**Host waits on the device:** {waits}.")
         if s.ranks:
             lines += stragglers_markdown(stragglers(s.ranks, rank_labels(s.ranks)), code)

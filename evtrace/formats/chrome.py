@@ -344,6 +344,8 @@ def read_slow(path: Path) -> Session:
         or not isinstance(doc.get("traceEvents"), list)
         or "evtrace.format" not in meta
     ):
+        if isinstance(meta, dict) and "evtrace" in meta:  # evtrace's version, but no format yet
+            raise TraceError(f"{path} was written by a pre-release evtrace, which this evtrace cannot read")
         raise TraceError(f"{path} is not an evtrace trace (no evtrace metadata)")
     if meta["evtrace.format"] not in READ:
         raise TraceError(

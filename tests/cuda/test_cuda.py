@@ -155,7 +155,7 @@ def test_the_pool_recycles_events(tmp_path: Path) -> None:
     assert s.meta["dropped_device_spans"] == 0
 
 
-def test_anchors_drift_and_bound_are_recorded(tmp_path: Path) -> None:
+def test_anchors_drift_and_slack_are_recorded(tmp_path: Path) -> None:
     import time
 
     with evtrace.record(tmp_path / "long.json", quiet=True, anchor_interval=0.2) as r:
