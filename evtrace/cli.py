@@ -413,6 +413,14 @@ def _writable(
             raise UsageError(f"output path {path} is the input {src}; writing it would destroy the input")
 
 
+def _save(s: Session, path: Path) -> None:
+    """Write a trace (atomically, as ``Session.save`` does); a failure is one line."""
+    try:
+        s.save(path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write atomically, as traces are: an interrupted write never leaves half a file."""
     try:
@@ -486,10 +494,7 @@ def _merge(ns: argparse.Namespace) -> int:
     for r in sorted({r for r in ranks if isinstance(r, int) and ranks.count(r) > 1}):
         print(f"evtrace: warning: {ranks.count(r)} traces are rank {r}: two runs mixed?", file=sys.stderr)
     s = merge(sessions, list(inputs.values()), profiles)
-    try:
-        s.save(ns.output)
-    except OSError as e:
-        raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
+    _save(s, ns.output)
     print(
         f"evtrace: merged {plural(len(inputs), 'trace')} ({plural(len(s), 'region')}, "
         f"{plural(len(s.ranks), 'rank')}) into {ns.output}; {s.meta['merge.method']}",
@@ -534,10 +539,7 @@ def _recover(ns: argparse.Namespace) -> int:
             out = out.relative_to(Path.cwd())
     _writable(out)
     s = journal.recover_session(j)
-    try:
-        s.save(out)
-    except OSError as e:
-        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    _save(s, out)
     unresolved = s.meta["recovered"]["unresolved_device_spans"]
     waiting = f", {unresolved} waiting for the device" if unresolved else ""
     print(
@@ -562,10 +564,7 @@ def _recover(ns: argparse.Namespace) -> int:
 def _convert(ns: argparse.Namespace) -> int:
     _writable(ns.output, inputs=[ns.trace])
     s = _load(ns.trace)
-    try:
-        s.save(ns.output)
-    except OSError as e:
-        raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
+    _save(s, ns.output)
     print(
         f"evtrace: wrote {ns.output} ({formats.format_of(ns.output).name}, {plural(len(s), 'region')}, "
         f"{ns.output.stat().st_size / 1e6:.1f} MB) from {ns.trace}",

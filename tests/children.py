@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -29,3 +30,18 @@ def started(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[
     )
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     return p
+
+
+def killed_after(p: subprocess.Popen[str], seconds: float) -> tuple[list[tuple[int, float]], float]:
+    """Read a child's "started" line, then its "REGION_INDEX WALL_TIME" lines (a region finished)
+    for ``seconds``, and SIGKILL it: the regions it said were done, and the wall time of the kill."""
+    assert p.stdout is not None and p.stdout.readline() == "started\n"
+    done: list[tuple[int, float]] = []
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        i, t = p.stdout.readline().split()
+        done.append((int(i), float(t)))
+    p.kill()
+    killed = time.time()
+    p.communicate()
+    return done, killed

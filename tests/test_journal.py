@@ -23,7 +23,7 @@ from evtrace import journal
 from evtrace.session import Session
 
 from .checker import problems
-from .children import sigint_default
+from .children import killed_after, sigint_default
 from .perfetto import ERRORS, Query
 from .simdevice import FakeClock, SimBackend
 from .test_cuda_backend import FakeStream, backend  # noqa: F401  (backend: a fixture)
@@ -98,17 +98,7 @@ def test_sigkill_leaves_a_journal_that_recovers_every_region_finished_before_it(
     tmp_path: Path,
     maybe_perfetto: Query | None,
 ) -> None:
-    p = start(tmp_path, 60, "")
-    assert p.stdout is not None
-    assert p.stdout.readline() == "started\n"
-    done: list[tuple[int, float]] = []
-    t0 = time.time()
-    while time.time() - t0 < 6:
-        i, t = p.stdout.readline().split()
-        done.append((int(i), float(t)))
-    p.kill()
-    killed = time.time()
-    p.communicate()
+    done, killed = killed_after(start(tmp_path, 60, ""), 6)
     r = recover(tmp_path, "t.json.gz.journal")
     assert r.returncode == 0, r.stderr
     assert "wrote t.json.gz" in r.stderr and "unfinished" in r.stderr

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -401,11 +401,26 @@ def combined(ranks: list[Session], meta: dict[str, Any]) -> Session:
     return merged
 
 
+class Header(NamedTuple):
+    """What a recording's metadata says of its lanes, as both readers need it."""
+
+    pid: int  # its host lanes' pid
+    parent: dict[int, int]  # an extra (overlap or depth) lane's tid -> its thread's tid
+    streams: list[Stream]
+    devices: list[DeviceInfo]
+
+
+def header(meta: dict[str, Any]) -> Header:
+    return Header(
+        int(meta["evtrace.pid"]),
+        {int(a): int(b) for a, b in meta.get("evtrace.overlap_lanes", [])},
+        [Stream(int(d), str(label)) for d, label in meta.get("evtrace.streams", [])],
+        [DeviceInfo(int(i), str(n)) for i, n in meta.get("evtrace.devices", [])],
+    )
+
+
 def _rebuild(events: list[Any], meta: dict[str, Any]) -> Session:
-    pid = int(meta["evtrace.pid"])
-    parent = {int(a): int(b) for a, b in meta.get("evtrace.overlap_lanes", [])}
-    streams = [Stream(int(d), str(label)) for d, label in meta.get("evtrace.streams", [])]
-    devices = [DeviceInfo(int(i), str(n)) for i, n in meta.get("evtrace.devices", [])]
+    pid, parent, streams, devices = header(meta)
     threads: list[Thread] = []
     thread_ix: dict[int, int] = {}
     hosts: dict[int, dict[str, Any]] = {}

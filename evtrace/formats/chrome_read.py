@@ -29,11 +29,10 @@ import numpy as np
 import orjson
 
 from .. import metadata
-from ..device import DeviceInfo
 from ..files import Progress
 from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, PROFILER_PID
-from ..session import REGION_DTYPE, Session, Stream, Thread
-from .chrome import OWN_ARGS, READ, combined, rank_meta
+from ..session import REGION_DTYPE, Session, Thread
+from .chrome import OWN_ARGS, READ, combined, header, rank_meta
 from .chrome import read_slow as _read_slow
 
 __all__ = ["read"]
@@ -698,10 +697,7 @@ class _Reader:
         slow: list[Any],
     ) -> Session:
         """One recording's Session from its columns and its events orjson read, as ``_rebuild``."""
-        pid = int(meta["evtrace.pid"])
-        parent = {int(a): int(b) for a, b in meta.get("evtrace.overlap_lanes", [])}
-        streams = [Stream(int(d), str(label)) for d, label in meta.get("evtrace.streams", [])]
-        devices = [DeviceInfo(int(i), str(n)) for i, n in meta.get("evtrace.devices", [])]
+        pid, parent, streams, devices = header(meta)
         threads: list[Thread] = []
         thread_ix: dict[int, int] = {}
         host = dict(host)

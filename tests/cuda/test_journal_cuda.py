@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import evtrace
 from evtrace.files import read_json
 
 from ..checker import problems
+from ..children import killed_after
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,15 +47,7 @@ def test_sigkill_with_a_device_recovers_aligned_device_spans(tmp_path: Path) -> 
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert p.stdout is not None and p.stdout.readline() == "started\n"
-    done: list[tuple[int, float]] = []
-    t0 = time.time()
-    while time.time() - t0 < 6:
-        i, t = p.stdout.readline().split()
-        done.append((int(i), float(t)))
-    p.kill()
-    killed = time.time()
-    p.communicate()
+    done, killed = killed_after(p, 6)
     folder = tmp_path / "t.json.gz.journal"
     journal_bytes = sum(f.stat().st_size for f in folder.iterdir())
     r = subprocess.run(
