@@ -47,8 +47,9 @@ def output_problem(path: Path, trace: bool = True) -> str | None:
     """Why ``path`` cannot be written (a trace by default: a suffix of ``formats.TABLE``), or None."""
     if path.is_dir():
         return f"output path {path} is a directory"
-    if trace and formats.suffix_problem(path):
-        return f"output path {formats.suffix_problem(path)}"
+    bad = formats.suffix_problem(path) if trace else None
+    if bad:
+        return f"output path {bad}"
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         return f"output directory {parent} does not exist"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "evtrace"
@@ -69,3 +71,11 @@ def test_the_architecture_table_names_every_file_of_the_package_and_no_other() -
     mentioned = {n for row in rows for n in row if not n.endswith("/")}
     gone = {n for n in mentioned if not any(f == n or f.endswith("/" + n) for f in files)}
     assert gone == set()
+
+
+def test_import_evtrace_loads_no_trace_writer() -> None:
+    """The formats' writers and readers (tens of ms on a small CPU) load on the first save or load,
+    not with ``import evtrace``."""
+    code = "import sys, evtrace; print(sorted(m for m in sys.modules if m.startswith('evtrace.formats.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -9,24 +9,34 @@ through one table:
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from ..files import TraceError
 from ..session import Session
-from . import chrome, chrome_read, pftrace
 
 
 class Format(NamedTuple):
+    """A format, by the modules of this package that write and read it: imported on first use,
+    so that ``import evtrace`` (the table: paths, suffixes) does not load the writers."""
+
     name: str  # as a user reads it
-    save: Callable[[Session, Path], Path]
-    read: Callable[[Path], Session]
+    writer: str  # evtrace.formats.<writer>.save(session, path) -> path
+    reader: str  # evtrace.formats.<reader>.read(path) -> Session
+
+    def save(self, s: Session, path: Path) -> Path:
+        out: Path = importlib.import_module(f"{__name__}.{self.writer}").save(s, path)
+        return out
+
+    def read(self, path: Path) -> Session:
+        s: Session = importlib.import_module(f"{__name__}.{self.reader}").read(path)
+        return s
 
 
-CHROME = Format("Chrome JSON", chrome.save, chrome_read.read)
-PERFETTO = Format("Perfetto protobuf", pftrace.save, pftrace.read)
+CHROME = Format("Chrome JSON", "chrome", "chrome_read")
+PERFETTO = Format("Perfetto protobuf", "pftrace", "pftrace")
 
 #: the one suffix table; the longest suffix that a name ends in wins
 TABLE: dict[str, Format] = {

@@ -26,7 +26,6 @@ from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, PROFILER_PID, Lanes, Place, l
 from ..metadata import json_value, text
 from ..session import REGION_DTYPE, Session, Stream, Thread, rank_labels
 
-SUFFIXES = (".json", ".json.gz")
 #: the format written; READ, the formats read (1 named the alignment's slack ``bound_us_*``:
 #: ``metadata.DeviceAlignment.from_mapping`` reads either name)
 FORMAT = 2
@@ -36,7 +35,7 @@ OWN_ARGS = ("region", "host_dur_us", "device_dur_us", "launch_delay_us")
 
 def save(s: Session, path: Path) -> Path:
     """Write ``s`` as JSON, gzipped when ``path`` ends in ``.gz``; atomic (``files.write_bytes``)."""
-    return write_bytes(trace_chunks(s), path)
+    return write_bytes(_chunks(s), path)
 
 
 def _meta_events(s: Session, lanes: Lanes, where: Place) -> list[dict[str, Any]]:
@@ -321,12 +320,6 @@ def _profiler_events(s: Session, sep: bytes) -> Iterator[bytes]:
         yield sep + orjson.dumps(s.profiler)[1:-1]
 
 
-def trace_chunks(s: Session) -> Iterator[bytes | bytearray]:
-    """The trace document of ``s`` as JSON text in chunks, streamed: M events, X events, then the
-    metadata. What :meth:`Session.save` writes; the Chrome view's output."""
-    return _chunks(s)
-
-
 def trace_bytes(s: Session) -> bytes:
     """The whole trace document of ``s`` (uncompressed JSON)."""
     return b"".join(_chunks(s))
@@ -392,12 +385,10 @@ def rank_meta(info: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def combined(ranks: list[Session], meta: dict[str, Any]) -> Session:
-    """A merged trace's ranks as one Session again, with the merge's own metadata."""
-    merged = Session.combine(
-        ranks, {k: v for k, v in meta.items() if k == "evtrace" or k.startswith("merge.")}
-    )
-    if isinstance(meta.get("evtrace.meta"), dict):
-        merged.meta = metadata.from_json(meta["evtrace.meta"])
+    """A merged trace's ranks as one Session again, with the merge's own metadata (both readers
+    refuse a trace without ``evtrace.meta``)."""
+    merged = Session.combine(ranks, {})
+    merged.meta = metadata.from_json(meta["evtrace.meta"])
     return merged
 
 

@@ -37,7 +37,6 @@ from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, Lanes, Place, lane_list, plac
 from ..metadata import text
 from ..session import REGION_DTYPE, Session, Stream, Thread, rank_labels
 
-SUFFIXES = (".pftrace", ".pftrace.gz")
 #: the format written; READ, the formats read (1 named the alignment's slack ``bound_us_*``:
 #: ``metadata.DeviceAlignment.from_mapping`` reads either name)
 FORMAT = 2
@@ -375,7 +374,7 @@ def _session_events(
     args: _Args,
     doubles: set[int],
     uuid0: int,
-) -> tuple[int, Lanes]:
+) -> int:
     """One session's tracks (into ``tracks``) and events (into ``ev``); returns the next free uuid."""
     lanes = Lanes(s, where.dev_pid)
     uuid = uuid0
@@ -398,7 +397,7 @@ def _session_events(
         uuid += 1
     r = s.regions
     if not len(r):
-        return uuid, lanes
+        return uuid
     name_iid = np.array([names.setdefault(text(n), len(names) + 1) for n in s.names] or [0], np.int64)[
         r["name"]
     ]
@@ -428,7 +427,7 @@ def _session_events(
         )
         for g in np.unique(d["device"]).tolist():
             uuid = _counters(s, g, where, ev, tracks, proc_uuid, doubles, uuid)
-    return uuid, lanes
+    return uuid
 
 
 def _counters(
@@ -604,7 +603,7 @@ def _chunks(s: Session) -> Iterator[bytes]:
             where = Place(base, base + 1, label + " · ", i * 100, flow)
         else:
             where = place(r)
-        uuid, _ = _session_events(r, where, ev, tracks, names, argnames, args, doubles, uuid)
+        uuid = _session_events(r, where, ev, tracks, names, argnames, args, doubles, uuid)
         flow += len(r)
     meta_uuid = uuid
     tracks.append(_track(meta_uuid, _m(2, b"evtrace metadata")))
