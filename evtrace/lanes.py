@@ -6,8 +6,9 @@ Lanes: the host process (real pid) with one lane per thread, then one process pe
 extra "(overlap)" lane, and spans DEPTH_LIMIT or more deep to "(depth 512+)", "(depth 1024+)", ...
 lanes after theirs, so nothing is dropped on import (Chrome JSON and TrackEvent alike).
 A merged session (``Session.ranks``) is laid out rank after rank, each under its own pids.
+Also the per-GPU counters both writers put beside the stream lanes (``in_flight``).
 
-Imports: session (the data model) and metadata's ``text``; never a format.
+Imports: session (the data model), analysis's ``outermost`` and metadata's ``text``; never a format.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .analysis import outermost
 from .metadata import text
 from .session import Session
 
@@ -235,3 +237,17 @@ def lane_meta(pid: int, tid: int, pname: str, psort: int, tname: str, tsort: int
         {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": tname}},
         {"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tsort}},
     ]
+
+
+def in_flight(s: Session, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPU ``d``'s counters, as both formats write them: its outermost regions (among those with a
+    span on it), and the instants at which the number of them launched but not finished on the
+    device changes, with that number (one value an instant, the last: a finish counts first)."""
+    g = s.regions[s.regions["device"] == d]
+    g = g[outermost(g)]
+    t = np.r_[g["host_start"], g["dev_end"]]
+    step = np.r_[np.ones(len(g), np.int64), -np.ones(len(g), np.int64)]
+    o = np.lexsort((step, t))
+    t, depth = t[o], np.cumsum(step[o])
+    last = np.r_[t[1:] != t[:-1], True]
+    return g, t[last], depth[last]

@@ -19,10 +19,19 @@ import numpy as np
 import orjson
 
 from .. import metadata
-from ..analysis import outermost
 from ..device import DeviceInfo
 from ..files import TraceError, read_json, write_bytes
-from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, PROFILER_PID, Lanes, Place, lane_list, lane_meta, place
+from ..lanes import (
+    HOST_PID_BASE,
+    PIDS_PER_INPUT,
+    PROFILER_PID,
+    Lanes,
+    Place,
+    in_flight,
+    lane_list,
+    lane_meta,
+    place,
+)
 from ..metadata import json_value, text
 from ..session import REGION_DTYPE, Session, Stream, Thread, rank_labels
 
@@ -229,15 +238,8 @@ def _counters(s: Session, where: Place) -> Iterator[bytearray]:
     ahead, as a queue depth), and each one's host lead (device start - host launch)."""
     matrix = _Matrix()
     for d in np.unique(s.regions["device"][s.regions["device"] >= 0]).tolist():
-        g = s.regions[s.regions["device"] == d]
-        g = g[outermost(g)]  # outermost among the regions with a span on this GPU
+        g, t, depth = in_flight(s, d)
         pid = where.dev_pid + d
-        t = np.r_[g["host_start"], g["dev_end"]]
-        step = np.r_[np.ones(len(g), np.int64), -np.ones(len(g), np.int64)]
-        o = np.lexsort((step, t))  # at one instant the finish counts first
-        t, depth = t[o], np.cumsum(step[o])
-        last = np.r_[t[1:] != t[:-1], True]  # one value per instant: the last
-        t, depth = t[last], depth[last]
         head = b'{"ph":"C","name":"%s","pid":%d,"tid":1,"ts":'
         for lo, hi in _blocks(len(t), 100):
             parts: list[_Part] = [_us(t[lo:hi]), b',"args":{"regions":', _int(depth[lo:hi]), b"}}"]

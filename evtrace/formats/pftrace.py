@@ -30,10 +30,9 @@ import numpy as np
 import orjson
 
 from .. import metadata
-from ..analysis import outermost
 from ..device import DeviceInfo
 from ..files import TraceError, write_bytes
-from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, Lanes, Place, lane_list, place
+from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, Lanes, Place, in_flight, lane_list, place
 from ..metadata import text
 from ..session import REGION_DTYPE, Session, Stream, Thread, rank_labels
 
@@ -442,14 +441,7 @@ def _counters(
 ) -> int:
     """As the JSON's: per GPU, outermost regions launched but not finished on the device, and each
     one's host lead (device start - host launch, µs); a sample only where the value changes."""
-    g = s.regions[s.regions["device"] == d]
-    g = g[outermost(g)]
-    t = np.r_[g["host_start"], g["dev_end"]]
-    step = np.r_[np.ones(len(g), np.int64), -np.ones(len(g), np.int64)]
-    o = np.lexsort((step, t))
-    t, depth = t[o], np.cumsum(step[o])
-    last = np.r_[t[1:] != t[:-1], True]
-    t, depth = t[last], depth[last]
+    g, t, depth = in_flight(s, d)
     lead_t, lead = g["host_start"], (g["dev_start"] - g["host_start"]) / 1000.0
     parent = proc_uuid[where.dev_pid + d]
     for name, ts, vals, dbl in (("regions in flight", t, depth, False), ("host lead", lead_t, lead, True)):
