@@ -394,6 +394,11 @@ def combined(ranks: list[Session], meta: dict[str, Any]) -> Session:
     return merged
 
 
+def us_ns(us: Any) -> int:
+    """A trace's µs (a JSON number) as integer ns."""
+    return int(round(float(us) * 1000))
+
+
 class Header(NamedTuple):
     """What a recording's metadata says of its lanes, as both readers need it."""
 
@@ -434,16 +439,13 @@ def _rebuild(events: list[Any], meta: dict[str, Any]) -> Session:
     names: dict[str, int] = {str(name): k for k, name in enumerate(meta.get("evtrace.names", []))}
     args: dict[int, dict[str, Any]] = {}
 
-    def ns(us: Any) -> int:
-        return int(round(float(us) * 1000))
-
     for i in range(n):
         h = hosts[i]
         row = regions[i]
         row["name"] = names.setdefault(h["name"], len(names))
         row["thread"] = thread_ix[parent.get(h["tid"], h["tid"])]
-        row["host_start"] = ns(h["ts"])
-        row["host_end"] = ns(h["ts"]) + ns(h["dur"])
+        row["host_start"] = us_ns(h["ts"])
+        row["host_end"] = us_ns(h["ts"]) + us_ns(h["dur"])
         user = {k: v for k, v in h["args"].items() if k not in OWN_ARGS}
         if user:
             args[i] = user
@@ -454,8 +456,8 @@ def _rebuild(events: list[Any], meta: dict[str, Any]) -> Session:
             tid = parent.get(d["tid"], d["tid"])
             row["stream"] = tid - 1
             row["device"] = streams[tid - 1].device
-            row["dev_start"] = ns(d["ts"])
-            row["dev_end"] = ns(d["ts"]) + ns(d["dur"])
+            row["dev_start"] = us_ns(d["ts"])
+            row["dev_end"] = us_ns(d["ts"]) + us_ns(d["dur"])
     typed = metadata.from_json(meta["evtrace.meta"])
     return Session(
         regions=regions,

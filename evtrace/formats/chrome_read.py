@@ -32,7 +32,7 @@ from .. import metadata
 from ..files import Progress
 from ..lanes import HOST_PID_BASE, PIDS_PER_INPUT, PROFILER_PID
 from ..session import REGION_DTYPE, Session, Thread
-from .chrome import OWN_ARGS, READ, combined, header, rank_meta
+from .chrome import OWN_ARGS, READ, combined, header, rank_meta, us_ns
 from .chrome import read_slow as _read_slow
 
 __all__ = ["read"]
@@ -722,7 +722,7 @@ class _Reader:
                 if type(tid) is not int:
                     raise _Fallback
                 if ev["cat"] == "device":
-                    extra_d.append((region, tid, _ns(ev["ts"]), _ns(ev["dur"])))
+                    extra_d.append((region, tid, us_ns(ev["ts"]), us_ns(ev["dur"])))
                     continue
                 name = ev["name"]
                 if type(name) is not str:
@@ -730,7 +730,7 @@ class _Reader:
                 key = self.name_ids.setdefault(name, len(self.name_ids))
                 if key == len(self.names):
                     self.names.append(name)
-                extra_h.append((region, key, tid, _ns(ev["ts"]), _ns(ev["dur"])))
+                extra_h.append((region, key, tid, us_ns(ev["ts"]), us_ns(ev["dur"])))
                 user = {k: v for k, v in ev["args"].items() if k not in OWN_ARGS}
                 if user:
                     args[region] = user
@@ -803,10 +803,6 @@ class _Reader:
 
 
 _KEEP8 = np.array([(1 << (8 * n)) - 1 for n in range(9)], np.uint64)  # the low n bytes of a word
-
-
-def _ns(us: Any) -> int:
-    return int(round(float(us) * 1000))
 
 
 def _lanes(tid: np.ndarray, parent: dict[int, int]) -> np.ndarray:
