@@ -140,10 +140,16 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
         with reg:
             x.add_(1)
 
-    def in_session(share: bool = True, raw_events: bool = True) -> Callable[[], float]:
+    def body_new() -> None:  # as users write it: a region made each iteration
+        with evtrace.region("tiny"):
+            x.add_(1)
+
+    def in_session(
+        share: bool = True, raw_events: bool = True, each: Callable[[], None] = body
+    ) -> Callable[[], float]:
         def run() -> float:
             with live(share, raw_events):
-                return per_iter(n, body)
+                return per_iter(n, each)
 
         return run
 
@@ -158,6 +164,7 @@ def p1(n: int = 20000, trials: int = 9) -> dict[str, Any]:
     variants = {
         "bare": bare,
         "region": in_session(),
+        "region, a new one each iteration": in_session(each=body_new),
         "region, no sharing": in_session(share=False),
         "region, torch events": in_session(raw_events=False),
         "region, resolver off (hot path only)": no_resolver,
